@@ -1,0 +1,155 @@
+"""Artifact <-> bytes: a safetensors file whose header metadata holds the artifact's JSON description.
+
+Layout: tensors "kv" (L, 2, H_kv, P, D) or "soft_prompt" (P, hidden), optionally "head.weight" (C, hidden) and
+"head.bias" (C,); `__metadata__["prefix_serve"]` is the JSON of `PrefixArtifact.summary()` plus a format
+version and a sha256 checksum of the tensor bytes. Decoding never unpickles: uploaded bytes are parsed as a
+safetensors header first and everything is checked before an artifact is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .artifact import BackboneFingerprint, ClassificationHead, PrefixArtifact
+from .errors import ArtifactFormatError, ArtifactTooLarge, ChecksumMismatch
+
+FORMAT = "prefix-serve/1"
+METADATA_KEY = "prefix_serve"
+DEFAULT_MAX_BYTES = 256 * 1024**2
+_MAX_HEADER_BYTES = 1024**2
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def encode(artifact: PrefixArtifact) -> bytes:
+    tensors = _tensors_of(artifact)
+    meta = artifact.summary()
+    meta.update(format=FORMAT, checksum=checksum(tensors))
+    return st_save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixArtifact:
+    """Parses and validates bytes into an artifact, raising a specific ArtifactError for each kind of fault."""
+    header = read_safetensors_header(data, max_bytes=max_bytes)
+    raw_meta = header.pop("__metadata__", None) or {}
+    if METADATA_KEY not in raw_meta:
+        raise ArtifactFormatError(
+            f"safetensors file has no '{METADATA_KEY}' metadata: expected a prefix-serve artifact "
+            "(a PEFT adapter must be uploaded as adapter_config + adapter_model)"
+        )
+    try:
+        meta = json.loads(raw_meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ArtifactFormatError(f"artifact metadata is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ArtifactFormatError(f"artifact format: expected {FORMAT!r}, got {got!r}")
+    tensors = load_tensors(data)
+    if meta.get("checksum") != checksum(tensors):
+        raise ChecksumMismatch(f"tensor checksum: metadata says {meta.get('checksum')}, bytes give {checksum(tensors)}")
+    artifact = _artifact_from(meta, tensors)
+    _check_summary(meta, artifact)
+    return artifact
+
+
+def read_safetensors_header(data: bytes, *, max_bytes: int) -> dict[str, Any]:
+    """The parsed JSON header of a safetensors blob, after size, magic and dtype checks."""
+    if len(data) > max_bytes:
+        raise ArtifactTooLarge(f"artifact is {len(data)} bytes: the limit is {max_bytes}")
+    if data[:1] == b"\x80" or data[:2] == b"PK":
+        kind = "a pickle" if data[:1] == b"\x80" else "a zip archive (torch.save)"
+        raise ArtifactFormatError(f"expected a safetensors file, got {kind}: pickled tensors are never loaded")
+    if len(data) < 8:
+        raise ArtifactFormatError(f"expected a safetensors file, got {len(data)} bytes (too short for a header)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise ArtifactFormatError(f"safetensors header length {n} is impossible for a {len(data)}-byte file")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactFormatError(f"expected a safetensors file, header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ArtifactFormatError("expected a safetensors file, header is not a JSON object")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
+            dt = info.get("dtype") if isinstance(info, dict) else info
+            raise ArtifactFormatError(f"tensor {name!r} dtype: expected one of {sorted(_ST_DTYPES)}, got {dt!r}")
+    return header
+
+
+def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """Tensors of a blob whose header `read_safetensors_header` has already accepted."""
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ArtifactFormatError(f"corrupt safetensors data: {e}") from None
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over name, dtype, shape and raw bytes of each tensor, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _tensors_of(artifact: PrefixArtifact) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    if artifact.kv is not None:
+        tensors["kv"] = artifact.kv.detach().cpu().contiguous()
+    if artifact.soft_prompt is not None:
+        tensors["soft_prompt"] = artifact.soft_prompt.detach().cpu().contiguous()
+    if artifact.head is not None:
+        tensors["head.weight"] = artifact.head.weight.detach().cpu().contiguous()
+        if artifact.head.bias is not None:
+            tensors["head.bias"] = artifact.head.bias.detach().cpu().contiguous()
+    return tensors
+
+
+def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PrefixArtifact:
+    head_meta = meta.get("head")
+    expected = {"kv" if "kv" in tensors else "soft_prompt"}
+    if head_meta:
+        expected |= {"head.weight"} | ({"head.bias"} if head_meta.get("bias") else set())
+    if set(tensors) != expected:
+        raise ArtifactFormatError(f"tensors: expected {sorted(expected)}, got {sorted(tensors)}")
+    try:
+        head = None
+        if head_meta:
+            head = ClassificationHead(
+                weight=tensors["head.weight"],
+                bias=tensors.get("head.bias"),
+                labels=list(head_meta["labels"]),
+                pooling=head_meta["pooling"],
+            )
+        return PrefixArtifact(
+            task=meta["task"],
+            version=meta["version"],
+            method=meta["method"],
+            fingerprint=BackboneFingerprint.from_dict(meta["backbone"]),
+            kv=tensors.get("kv"),
+            soft_prompt=tensors.get("soft_prompt"),
+            head=head,
+            training=meta.get("training") or {},
+            created_at=meta.get("created_at") or "",
+        )
+    except (KeyError, TypeError) as e:
+        raise ArtifactFormatError(f"artifact metadata is missing or mistypes field {e}") from None
+
+
+def _check_summary(meta: dict[str, Any], artifact: PrefixArtifact) -> None:
+    """The metadata restates P and dtype; a disagreement means the record was edited or mis-built."""
+    for key, actual in (("num_virtual_tokens", artifact.num_virtual_tokens), ("dtype", artifact.dtype_name)):
+        if meta.get(key) != actual:
+            raise ArtifactFormatError(f"metadata {key}: says {meta.get(key)!r}, tensors have {actual!r}")

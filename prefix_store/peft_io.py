@@ -1,0 +1,224 @@
+"""Interchange with Hugging Face PEFT adapter directories (adapter_config.json + adapter_model.safetensors).
+
+PEFT saves one tensor, `prompt_embeddings`:
+  PREFIX_TUNING  (P, 2·L·H_kv·D): layer l's keys are columns [2l·td, (2l+1)·td), values the next td, td = H_kv·D
+                 (already the MLP output when prefix_projection was on; PEFT sizes it with H_kv under GQA).
+  PROMPT_TUNING / P_TUNING  (P, hidden): the soft prompt (P-Tuning's encoder output, not its weights).
+SEQ_CLS adapters add their task head: `base_model.classifier.{weight,bias}` (BERT-style, over the pooler output)
+or `base_model.score.weight` (decoder models, over the last real token, no bias).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from .artifact import KV_METHODS, SOFT_PROMPT_METHODS, BackboneFingerprint, ClassificationHead, PrefixArtifact
+from .codec import DEFAULT_MAX_BYTES, load_tensors, read_safetensors_header
+from .errors import ArtifactFormatError, ArtifactShapeError, UnsupportedAdapter
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_TYPE_OF = {
+    "prefix_tuning": "PREFIX_TUNING",
+    "p_tuning_v2": "PREFIX_TUNING",
+    "prompt_tuning": "PROMPT_TUNING",
+    "p_tuning": "P_TUNING",
+}
+_HEAD_KEYS = {"classifier": "pooler", "score": "last_token"}  # PEFT module name -> pooling it implies
+
+
+def import_peft_adapter(
+    config: dict[str, Any] | bytes | str,
+    weights: bytes,
+    *,
+    task: str,
+    backbone: BackboneFingerprint,
+    labels: list[str] | None = None,
+    method: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> PrefixArtifact:
+    """Builds an artifact for `backbone` from a PEFT adapter's config and safetensors bytes.
+
+    `method` overrides the method name PEFT cannot tell apart (prefix_tuning vs p_tuning_v2 are both
+    PREFIX_TUNING; the default follows `prefix_projection`).
+    """
+    cfg = _parse_config(config)
+    peft_type, task_type = cfg.get("peft_type"), cfg.get("task_type")
+    if peft_type not in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
+        raise UnsupportedAdapter(f"peft_type: expected PREFIX_TUNING, PROMPT_TUNING or P_TUNING, got {peft_type!r}")
+    if task_type not in ("CAUSAL_LM", "SEQ_CLS"):
+        raise UnsupportedAdapter(f"task_type: expected CAUSAL_LM or SEQ_CLS, got {task_type!r}")
+    if cfg.get("num_transformer_submodules", 1) != 1:
+        got = cfg.get("num_transformer_submodules")
+        raise UnsupportedAdapter(f"num_transformer_submodules: expected 1 (decoder-only or encoder), got {got}")
+    if cfg.get("num_layers", backbone.num_layers) != backbone.num_layers:
+        raise ArtifactShapeError(f"num_layers: adapter has {cfg['num_layers']}, backbone has {backbone.num_layers}")
+
+    tensors = load_tensors(_checked(weights, max_bytes))
+    if "prompt_embeddings" not in tensors:
+        raise ArtifactFormatError(f"{WEIGHTS_NAME}: expected a 'prompt_embeddings' tensor, got {sorted(tensors)}")
+    flat = tensors.pop("prompt_embeddings")  # (P, 2·L·td) or (P, hidden)
+    num_virtual = cfg.get("num_virtual_tokens")
+    if flat.ndim != 2 or flat.shape[0] != num_virtual:
+        raise ArtifactShapeError(
+            f"prompt_embeddings: expected (num_virtual_tokens={num_virtual}, ...), got {tuple(flat.shape)}"
+        )
+    head = _import_head(tensors, task_type, labels, flat.dtype)
+
+    if peft_type == "PREFIX_TUNING":
+        kind = method or ("prefix_tuning" if cfg.get("prefix_projection") else "p_tuning_v2")
+        allowed, kv, soft = KV_METHODS, _kv_from_flat(flat, cfg, backbone), None
+    else:
+        kind = method or ("prompt_tuning" if peft_type == "PROMPT_TUNING" else "p_tuning")
+        allowed, kv, soft = SOFT_PROMPT_METHODS, None, flat
+    if kind not in allowed:
+        raise UnsupportedAdapter(f"method {kind!r} cannot come from a {peft_type} adapter: expected one of {allowed}")
+    source = {k: cfg.get(k) for k in ("peft_type", "task_type", "peft_version", "base_model_name_or_path")}
+    return PrefixArtifact(
+        task=task,
+        method=kind,
+        fingerprint=backbone,
+        kv=kv,
+        soft_prompt=soft,
+        head=head,
+        training={"source": {"format": "peft", **source}},
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def import_peft_dir(path: str | Path, **kwargs: Any) -> PrefixArtifact:
+    path = Path(path)
+    return import_peft_adapter((path / CONFIG_NAME).read_bytes(), (path / WEIGHTS_NAME).read_bytes(), **kwargs)
+
+
+def export_peft_adapter(
+    artifact: PrefixArtifact, out_dir: str | Path, *, base_model_name_or_path: str | None = None
+) -> Path:
+    """Writes a directory that `PeftModel.from_pretrained(base_model, out_dir)` loads (in inference mode)."""
+    fp, out = artifact.fingerprint, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_type = _PEFT_TYPE_OF[artifact.method]
+    cfg: dict[str, Any] = {
+        "peft_type": peft_type,
+        "task_type": "SEQ_CLS" if artifact.head is not None else "CAUSAL_LM",
+        "num_virtual_tokens": artifact.num_virtual_tokens,
+        "num_layers": fp.num_layers,
+        "num_transformer_submodules": 1,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "modules_to_save": ["classifier", "score"] if artifact.head is not None else None,
+    }
+    if peft_type == "PREFIX_TUNING":
+        td = fp.num_kv_heads * fp.head_dim
+        # The stored tensor is already the final key/values, so PEFT must not put an MLP in front of it.
+        cfg.update(token_dim=td, num_attention_heads=fp.num_kv_heads, encoder_hidden_size=td, prefix_projection=False)
+        kv = artifact.kv  # (L, 2, H_kv, P, D)
+        flat = kv.permute(3, 0, 1, 2, 4).reshape(artifact.num_virtual_tokens, -1)  # (P, 2·L·td)
+    else:
+        cfg.update(token_dim=fp.hidden_size, num_attention_heads=fp.num_attention_heads)
+        if peft_type == "PROMPT_TUNING":
+            cfg.update(prompt_tuning_init="RANDOM")
+        else:
+            cfg.update(
+                encoder_reparameterization_type="MLP",
+                encoder_hidden_size=fp.hidden_size,
+                encoder_num_layers=2,
+                encoder_dropout=0.0,
+            )
+        flat = artifact.soft_prompt  # (P, hidden)
+    tensors = {"prompt_embeddings": flat.float().contiguous()}  # PEFT saves fp32; lossless from fp16/bf16
+    tensors.update(_export_head(artifact))
+    (out / WEIGHTS_NAME).write_bytes(st_save(tensors))
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return out
+
+
+def _parse_config(config: dict[str, Any] | bytes | str) -> dict[str, Any]:
+    if isinstance(config, dict):
+        return config
+    try:
+        parsed = json.loads(config)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactFormatError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise ArtifactFormatError(f"{CONFIG_NAME}: expected a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def _checked(weights: bytes, max_bytes: int) -> bytes:
+    read_safetensors_header(weights, max_bytes=max_bytes)  # size cap, pickle refusal, dtype whitelist
+    return weights
+
+
+def _kv_from_flat(flat: torch.Tensor, cfg: dict[str, Any], fp: BackboneFingerprint) -> torch.Tensor:
+    td, heads = cfg.get("token_dim"), cfg.get("num_attention_heads")
+    want_td = fp.num_kv_heads * fp.head_dim
+    if td != want_td or heads != fp.num_kv_heads:
+        raise ArtifactShapeError(
+            f"prefix geometry: adapter has token_dim={td}, num_attention_heads={heads}; backbone needs "
+            f"token_dim=H_kv·D={want_td}, num_attention_heads=H_kv={fp.num_kv_heads} (adapters from PEFT < 0.12 "
+            "size grouped-query prefixes with all heads)"
+        )
+    P, L = flat.shape[0], fp.num_layers
+    if flat.shape[1] != 2 * L * td:
+        raise ArtifactShapeError(
+            f"prompt_embeddings: expected (P, 2·L·td) = ({P}, {2 * L * td}), got {tuple(flat.shape)}"
+        )
+    x = flat.reshape(P, L, 2, fp.num_kv_heads, fp.head_dim)  # (P, L, 2, H_kv, D)
+    return x.permute(1, 2, 3, 0, 4).contiguous()  # (L, 2, H_kv, P, D)
+
+
+def _import_head(
+    tensors: dict[str, torch.Tensor], task_type: str, labels: list[str] | None, dtype: torch.dtype
+) -> ClassificationHead | None:
+    if task_type == "CAUSAL_LM":
+        if tensors:
+            raise UnsupportedAdapter(
+                f"a CAUSAL_LM prompt-learning adapter has only prompt_embeddings, got also {sorted(tensors)}"
+            )
+        return None
+    for module in _HEAD_KEYS:
+        weight = tensors.pop(f"base_model.{module}.weight", None)
+        if weight is not None:
+            bias = tensors.pop(f"base_model.{module}.bias", None)
+            break
+    else:
+        raise UnsupportedAdapter(
+            "SEQ_CLS adapter has no linear head: expected base_model.classifier.weight or "
+            f"base_model.score.weight, got {sorted(tensors)}"
+        )
+    if tensors:
+        raise UnsupportedAdapter(f"only a linear classification head is supported; unexpected {sorted(tensors)}")
+    if weight.ndim != 2:
+        raise ArtifactShapeError(f"base_model.{module}.weight: expected (C, hidden), got {tuple(weight.shape)}")
+    names = labels if labels is not None else [f"LABEL_{i}" for i in range(weight.shape[0])]
+    if len(names) != weight.shape[0]:
+        raise ArtifactShapeError(f"labels: head has {weight.shape[0]} classes, got {len(names)} names")
+    return ClassificationHead(
+        weight=weight.to(dtype),
+        bias=None if bias is None else bias.to(dtype),
+        labels=list(names),
+        pooling=_HEAD_KEYS[module],
+    )
+
+
+def _export_head(artifact: PrefixArtifact) -> dict[str, torch.Tensor]:
+    head = artifact.head
+    if head is None:
+        return {}
+    if head.pooling not in _HEAD_KEYS.values():
+        raise UnsupportedAdapter(f"PEFT heads pool with 'pooler' or 'last_token'; this head uses {head.pooling!r}")
+    module = "classifier" if head.pooling == "pooler" else "score"
+    out = {f"base_model.{module}.weight": head.weight.float().contiguous()}
+    if head.bias is not None:
+        if module == "score":
+            raise UnsupportedAdapter("decoder SEQ_CLS heads ('score') have no bias in transformers; this head has one")
+        out[f"base_model.{module}.bias"] = head.bias.float().contiguous()
+    return out
