@@ -1,0 +1,49 @@
+"""Builders of valid test objects, with random (never zero-ish) tensors so layout bugs cannot hide."""
+
+from __future__ import annotations
+
+import torch
+
+from prefix_store import BackboneFingerprint, ClassificationHead, PrefixArtifact
+
+TINY_LLAMA = BackboneFingerprint(
+    model_type="llama", num_layers=3, hidden_size=64, num_attention_heads=8, num_kv_heads=2, head_dim=8, vocab_size=100
+)
+
+
+def make_artifact(
+    task: str = "demo",
+    method: str = "prefix_tuning",
+    *,
+    P: int = 5,
+    dtype: torch.dtype = torch.float32,
+    fp: BackboneFingerprint = TINY_LLAMA,
+    labels: list[str] | None = None,
+    fill: float | None = None,
+    seed: int = 0,
+) -> PrefixArtifact:
+    """`fill` makes every prefix value equal to it, so a reader can check a tensor belongs to its version."""
+    g = torch.Generator().manual_seed(seed)
+    if method in ("prefix_tuning", "p_tuning_v2"):
+        shape = (fp.num_layers, 2, fp.num_kv_heads, P, fp.head_dim)
+    else:
+        shape = (P, fp.hidden_size)
+    t = torch.full(shape, fill) if fill is not None else torch.randn(shape, generator=g)
+    head = None
+    if labels is not None:
+        head = ClassificationHead(
+            weight=torch.randn(len(labels), fp.hidden_size, generator=g).to(dtype),
+            bias=torch.randn(len(labels), generator=g).to(dtype),
+            labels=labels,
+            pooling="pooler",
+        )
+    kv_method = method in ("prefix_tuning", "p_tuning_v2")
+    return PrefixArtifact(
+        task=task,
+        method=method,
+        fingerprint=fp,
+        kv=t.to(dtype) if kv_method else None,
+        soft_prompt=None if kv_method else t.to(dtype),
+        head=head,
+        training={"dataset": "unit-test", "metrics": {"accuracy": 0.5}},
+    )

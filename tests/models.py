@@ -1,0 +1,80 @@
+"""Tiny random-initialised backbones built from transformers configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+
+
+def _llama_config(**kw) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_hidden_layers=3,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        **kw,
+    )
+
+
+BUILDERS = {
+    "gpt2": lambda: GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    ),
+    "llama": lambda: LlamaForCausalLM(_llama_config()),
+    "qwen2": lambda: Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=256,
+            pad_token_id=0,
+        )
+    ),
+    "llama-cls": lambda: LlamaForSequenceClassification(_llama_config(num_labels=3)),
+    "bert-cls": lambda: BertForSequenceClassification(
+        BertConfig(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+            num_labels=3,
+        )
+    ),
+}
+
+
+def tiny_model(kind: str, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = BUILDERS[kind]()
+    model.config._attn_implementation = attn
+    return model.eval()

@@ -1,0 +1,145 @@
+import io
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from prefix_store import (
+    ArtifactFormatError,
+    ArtifactShapeError,
+    ArtifactTooLarge,
+    ChecksumMismatch,
+    NonFiniteTensorError,
+    decode,
+    encode,
+)
+from prefix_store.codec import checksum
+from tests.factories import make_artifact
+
+METHODS = ["prefix_tuning", "p_tuning_v2", "prompt_tuning", "p_tuning"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_same(a, b):
+    assert (a.task, a.method, a.version, a.fingerprint, a.training) == (
+        b.task,
+        b.method,
+        b.version,
+        b.fingerprint,
+        b.training,
+    )
+    assert a.prefix_tensor.dtype == b.prefix_tensor.dtype and torch.equal(a.prefix_tensor, b.prefix_tensor)
+    assert (a.head is None) == (b.head is None)
+    if a.head is not None:
+        assert torch.equal(a.head.weight, b.head.weight) and torch.equal(a.head.bias, b.head.bias)
+        assert a.head.labels == b.head.labels and a.head.pooling == b.head.pooling
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("labels", [None, ["neg", "pos"]])
+def test_round_trip(method, dtype, labels):
+    art = make_artifact(method=method, dtype=dtype, labels=labels)
+    assert_same(decode(encode(art)), art)
+
+
+def _rewrite(blob: bytes, *, meta_edit=None, tensor_edit=None, fix_checksum=False) -> bytes:
+    """Re-encodes a blob after editing its metadata and/or tensors, bypassing the artifact's own validation."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    meta = json.loads(json.loads(blob[8 : 8 + n])["__metadata__"]["prefix_serve"])
+    from safetensors.torch import load
+
+    tensors = load(blob)
+    if tensor_edit:
+        tensor_edit(tensors)
+    if meta_edit:
+        meta_edit(meta)
+    if fix_checksum:
+        meta["checksum"] = checksum(tensors)
+    return st_save(tensors, metadata={"prefix_serve": json.dumps(meta)})
+
+
+def test_corrupted_tensor_bytes_fail_the_checksum():
+    blob = bytearray(encode(make_artifact()))
+    blob[-3] ^= 0xFF
+    with pytest.raises(ChecksumMismatch, match="tensor checksum: metadata says sha256:"):
+        decode(bytes(blob))
+
+
+def test_wrong_checksum():
+    blob = _rewrite(encode(make_artifact()), meta_edit=lambda m: m.update(checksum="sha256:" + "0" * 64))
+    with pytest.raises(ChecksumMismatch):
+        decode(blob)
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 100, -1])
+def test_truncated_or_garbage_bytes(cut):
+    blob = encode(make_artifact())
+    with pytest.raises(ArtifactFormatError):
+        decode(blob[:cut] if cut else b"not a tensor file at all")
+
+
+def test_header_length_larger_than_file():
+    with pytest.raises(ArtifactFormatError, match="header length"):
+        decode(struct.pack("<Q", 10**9) + b"{}")
+
+
+def test_pickle_and_torch_save_are_refused():
+    with pytest.raises(ArtifactFormatError, match="got a pickle"):
+        decode(pickle.dumps({"kv": torch.zeros(2)}))
+    buf = io.BytesIO()
+    torch.save({"kv": torch.zeros(2)}, buf)
+    with pytest.raises(ArtifactFormatError, match="zip archive"):
+        decode(buf.getvalue())
+
+
+def test_non_finite_values_in_bytes():
+    def poison(t):
+        t["kv"][0, 0, 0, 0, 0] = float("nan")
+
+    blob = _rewrite(encode(make_artifact()), tensor_edit=poison, fix_checksum=True)
+    with pytest.raises(NonFiniteTensorError):
+        decode(blob)
+
+
+def test_shape_disagreeing_with_backbone():
+    def widen(t):
+        t["kv"] = torch.randn(3, 2, 4, 5, 8)  # H_kv = 4, the fingerprint says 2
+
+    blob = _rewrite(encode(make_artifact()), tensor_edit=widen, fix_checksum=True)
+    with pytest.raises(ArtifactShapeError, match="H_kv"):
+        decode(blob)
+
+
+def test_metadata_disagreeing_with_tensors():
+    blob = _rewrite(encode(make_artifact()), meta_edit=lambda m: m.update(num_virtual_tokens=7))
+    with pytest.raises(ArtifactFormatError, match="num_virtual_tokens: says 7, tensors have 5"):
+        decode(blob)
+
+
+def test_unexpected_tensor_and_dtype():
+    def extra(t):
+        t["evil"] = torch.zeros(1)
+
+    with pytest.raises(ArtifactFormatError, match="tensors: expected"):
+        decode(_rewrite(encode(make_artifact()), tensor_edit=extra, fix_checksum=True))
+
+    def ints(t):
+        t["kv"] = t["kv"].to(torch.int64)
+
+    with pytest.raises(ArtifactFormatError, match="dtype"):
+        decode(_rewrite(encode(make_artifact()), tensor_edit=ints, fix_checksum=True))
+
+
+def test_oversized_blob():
+    blob = encode(make_artifact(P=50))
+    with pytest.raises(ArtifactTooLarge, match=f"artifact is {len(blob)} bytes: the limit is 1000"):
+        decode(blob, max_bytes=1000)
+
+
+def test_plain_safetensors_without_metadata_names_the_peft_route():
+    with pytest.raises(ArtifactFormatError, match="adapter_config"):
+        decode(st_save({"prompt_embeddings": torch.zeros(2, 3)}))
