@@ -229,6 +229,9 @@ class PrefixArtifact:
             tensors += [t for t in (self.head.weight, self.head.bias) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def with_task(self, task: str) -> PrefixArtifact:
+        return self if task == self.task else dataclasses.replace(self, task=validate_task_name(task))
+
     def to(self, dtype: torch.dtype) -> PrefixArtifact:
         """A copy with every tensor cast to `dtype` (e.g. fp32 PEFT import served in bf16)."""
         head = self.head

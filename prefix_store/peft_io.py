@@ -20,7 +20,7 @@ from safetensors.torch import save as st_save
 
 from .artifact import KV_METHODS, SOFT_PROMPT_METHODS, BackboneFingerprint, ClassificationHead, PrefixArtifact
 from .codec import DEFAULT_MAX_BYTES, load_tensors, read_safetensors_header
-from .errors import ArtifactFormatError, ArtifactShapeError, UnsupportedAdapter
+from .errors import ArtifactFormatError, ArtifactShapeError, BackboneMismatch, UnsupportedAdapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -58,7 +58,7 @@ def import_peft_adapter(
         got = cfg.get("num_transformer_submodules")
         raise UnsupportedAdapter(f"num_transformer_submodules: expected 1 (decoder-only or encoder), got {got}")
     if cfg.get("num_layers", backbone.num_layers) != backbone.num_layers:
-        raise ArtifactShapeError(f"num_layers: adapter has {cfg['num_layers']}, backbone has {backbone.num_layers}")
+        raise BackboneMismatch(f"num_layers: adapter has {cfg['num_layers']}, backbone has {backbone.num_layers}")
 
     tensors = load_tensors(_checked(weights, max_bytes))
     if "prompt_embeddings" not in tensors:
@@ -75,6 +75,10 @@ def import_peft_adapter(
         kind = method or ("prefix_tuning" if cfg.get("prefix_projection") else "p_tuning_v2")
         allowed, kv, soft = KV_METHODS, _kv_from_flat(flat, cfg, backbone), None
     else:
+        if flat.shape[1] != backbone.hidden_size:
+            raise BackboneMismatch(
+                f"soft prompt width: adapter has {flat.shape[1]}, backbone hidden size is {backbone.hidden_size}"
+            )
         kind = method or ("prompt_tuning" if peft_type == "PROMPT_TUNING" else "p_tuning")
         allowed, kv, soft = SOFT_PROMPT_METHODS, None, flat
     if kind not in allowed:
@@ -161,7 +165,7 @@ def _kv_from_flat(flat: torch.Tensor, cfg: dict[str, Any], fp: BackboneFingerpri
     td, heads = cfg.get("token_dim"), cfg.get("num_attention_heads")
     want_td = fp.num_kv_heads * fp.head_dim
     if td != want_td or heads != fp.num_kv_heads:
-        raise ArtifactShapeError(
+        raise BackboneMismatch(
             f"prefix geometry: adapter has token_dim={td}, num_attention_heads={heads}; backbone needs "
             f"token_dim=H_kv·D={want_td}, num_attention_heads=H_kv={fp.num_kv_heads} (adapters from PEFT < 0.12 "
             "size grouped-query prefixes with all heads)"

@@ -190,9 +190,7 @@ class PrefixStore:
     async def put_bytes(self, data: bytes, *, task: str | None = None) -> PrefixArtifact:
         """Decodes (and so fully validates) an encoded artifact, then publishes it, optionally under another name."""
         artifact = decode(data, max_bytes=self.max_artifact_bytes)
-        if task is not None:
-            artifact = dataclasses.replace(artifact, task=validate_task_name(task))
-        return await self.put(artifact)
+        return await self.put(artifact if task is None else artifact.with_task(task))
 
     async def delete(self, task: str, version: int | None = None) -> None:
         """Deletes a whole task, or one version of it that is not the current one."""

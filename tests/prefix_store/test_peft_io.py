@@ -13,6 +13,7 @@ from prefix_store import (
     ArtifactFormatError,
     ArtifactShapeError,
     BackboneFingerprint,
+    BackboneMismatch,
     UnsupportedAdapter,
     export_peft_adapter,
     import_peft_adapter,
@@ -113,7 +114,7 @@ def _adapter_bytes(tmp_path, kind="llama", **kw):
 def test_rejects_other_backbone(tmp_path):
     fp, cfg, weights = _adapter_bytes(tmp_path)
     deeper = BackboneFingerprint(**{**fp.__dict__, "num_layers": 4})
-    with pytest.raises(ArtifactShapeError, match="num_layers: adapter has 3, backbone has 4"):
+    with pytest.raises(BackboneMismatch, match="num_layers: adapter has 3, backbone has 4"):
         import_peft_adapter(cfg, weights, task="t", backbone=deeper)
 
 
@@ -121,7 +122,7 @@ def test_rejects_pre_gqa_prefix(tmp_path):
     fp, cfg, _ = _adapter_bytes(tmp_path)
     cfg.update(token_dim=64, num_attention_heads=8)  # what PEFT < 0.12 wrote for this GQA model
     weights = st_save({"prompt_embeddings": torch.randn(4, 2 * 3 * 64)})
-    with pytest.raises(ArtifactShapeError, match="token_dim=H_kv·D=16"):
+    with pytest.raises(BackboneMismatch, match="token_dim=H_kv·D=16"):
         import_peft_adapter(cfg, weights, task="t", backbone=fp)
 
 
@@ -144,6 +145,13 @@ def test_rejects_unsupported_types_and_files(tmp_path):
     extra = st_save({"prompt_embeddings": torch.randn(4, 96), "base_model.lm_head.weight": torch.randn(2, 2)})
     with pytest.raises(UnsupportedAdapter, match="lm_head"):
         import_peft_adapter(cfg, extra, task="t", backbone=fp)
+
+
+def test_rejects_soft_prompt_of_other_width(tmp_path):
+    base, _ = _trained_adapter("llama", PromptTuningConfig, dict(task_type="CAUSAL_LM", num_virtual_tokens=2), tmp_path)
+    narrow = BackboneFingerprint(**{**BackboneFingerprint.from_config(base.config).__dict__, "hidden_size": 32})
+    with pytest.raises(BackboneMismatch, match="adapter has 64, backbone hidden size is 32"):
+        import_peft_dir(tmp_path, task="t", backbone=narrow)
 
 
 def test_seq_cls_label_count_must_match(tmp_path):

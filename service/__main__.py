@@ -1,0 +1,48 @@
+"""`python -m service [--host H] [--port P]`: run the API server; everything else comes from PREFIXSERVE_*."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+import uvicorn
+
+from .app import create_app
+from .settings import ServiceSettings
+
+log = logging.getLogger("service")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = ServiceSettings()
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("--host", default=settings.host)
+    parser.add_argument("--port", type=int, default=settings.port)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.auth_enabled:
+        if not is_loopback(args.host):
+            log.error(
+                "refusing to bind %s without keys: set PREFIXSERVE_API_KEYS / PREFIXSERVE_ADMIN_KEYS, or bind "
+                "a loopback address",
+                args.host,
+            )
+            return 2
+        log.warning("no API keys configured: the service is open to anyone who can reach %s", args.host)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

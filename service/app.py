@@ -1,0 +1,75 @@
+"""The FastAPI application: `create_app(settings)` wires the lifespan (Redis, backbone) and the routers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from prefix_store import EmbeddedRedis, PrefixStore, connect
+
+from .backbone import Backbone, load_backbone
+from .errors import error_response, install_error_handlers
+from .routes import health, tasks
+from .settings import ServiceSettings
+from .state import Services
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Serve many prompt-learning tasks (Prefix-Tuning, P-Tuning v2, prompt tuning, P-Tuning) on one frozen
+backbone. Admin routes manage the per-task prefixes stored in Redis."""
+
+
+def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | None = None) -> FastAPI:
+    """Args:
+    settings: the process settings (read from the environment when omitted).
+    backbone: an already-loaded backbone (tests pass tiny ones); loaded from `settings.backbone` when omitted.
+    """
+    settings = settings or ServiceSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        embedded = None
+        url = settings.redis_url
+        if url is None:
+            # Started on the event-loop thread on purpose: the child's death signal follows the starting thread.
+            embedded = EmbeddedRedis(settings.data_dir)
+            url = embedded.start()
+        store = PrefixStore(connect(url), namespace=settings.namespace, max_artifact_bytes=settings.max_artifact_bytes)
+        try:
+            bb = backbone or await asyncio.to_thread(
+                load_backbone,
+                settings.backbone,
+                dtype=settings.dtype,
+                device=settings.device,
+                local_files_only=settings.local_files_only,
+            )
+            app.state.services = Services(settings=settings, store=store, backbone=bb, embedded_redis=embedded)
+            log.info("prefix-serve ready: backbone %s, store %s", bb.name, "embedded" if embedded else url)
+            yield
+        finally:
+            await store.aclose()
+            if embedded is not None:
+                embedded.stop()
+
+    app = FastAPI(title="prefix-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    _limit_body_size(app, settings.max_artifact_bytes + 1024**2)
+    app.include_router(health.router)
+    app.include_router(tasks.router)
+    return app
+
+
+def _limit_body_size(app: FastAPI, limit: int) -> None:
+    """Refuses a declared body over the limit before anything reads it (uploads are the only large bodies)."""
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return error_response(413, f"request body is {declared} bytes: the limit is {limit}", "PayloadTooLarge")
+        return await call_next(request)

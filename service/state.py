@@ -1,0 +1,28 @@
+"""What the lifespan builds and the routes use, kept on app.state and reached through typed dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from prefix_store import EmbeddedRedis, PrefixStore
+
+from .backbone import Backbone
+from .settings import ServiceSettings
+
+
+@dataclass
+class Services:
+    settings: ServiceSettings
+    store: PrefixStore
+    backbone: Backbone
+    embedded_redis: EmbeddedRedis | None = None
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -1,0 +1,40 @@
+"""The `make serve` path: settings from the environment, the bundled default backbone, the loopback rule."""
+
+import pytest
+
+from service.__main__ import is_loopback, main
+from service.backbone import load_backbone
+from service.settings import DEFAULT_BACKBONE, ServiceSettings
+
+
+@pytest.mark.parametrize(
+    "host, loop",
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("10.1.2.3", False),
+        ("example.org", False),
+    ],
+)
+def test_is_loopback(host, loop):
+    assert is_loopback(host) is loop
+
+
+def test_refuses_open_service_off_loopback(monkeypatch, caplog):
+    monkeypatch.delenv("PREFIXSERVE_API_KEYS", raising=False)
+    monkeypatch.delenv("PREFIXSERVE_ADMIN_KEYS", raising=False)
+    assert main(["--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "refusing to bind 0.0.0.0 without keys" in caplog.text
+
+
+@pytest.mark.slow
+def test_default_backbone_is_the_bundled_minilm_offline():
+    assert ServiceSettings().backbone == DEFAULT_BACKBONE
+    bb = load_backbone(DEFAULT_BACKBONE, local_files_only=True)
+    assert bb.is_encoder and bb.fingerprint.model_type == "bert" and bb.fingerprint.num_layers == 6
+    assert bb.fingerprint.hidden_size == 384 and bb.max_positions == 512
+    assert bb.poolings == ("pooler", "cls", "mean")
+    assert not any(p.requires_grad for p in bb.model.parameters()) and not bb.model.training
+    assert bb.tokenizer("a great film")["input_ids"][0] == 101
