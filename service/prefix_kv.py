@@ -1,0 +1,78 @@
+"""Pure tensor math for mixed-prefix batches: no I/O, no model, no state.
+
+Letters: B rows, L layers, H_kv key/value heads, P prefix length (Pmax the batch's longest), T tokens (Tmax the
+longest), D head dim, S cache columns.
+
+The layout follows prefix-mechanics.md §3.4. Row i's prefix keys sit in a zone of Pmax columns (right-aligned;
+unused slots masked), then its tokens, right-padded to Tmax. Prefix keys carry no position, so their slot order
+does not matter; what matters is that row i's j-th token gets position P_i + j, exactly as PEFT gives it when the
+row runs alone (PEFT's cache makes the model start counting at P). Right padding means every query sees at least
+one real key, so no attention row is ever fully masked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prefix_zone(
+    prefixes: list[torch.Tensor | None], *, num_layers: int, num_kv_heads: int, head_dim: int,
+    dtype: torch.dtype, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Stacks per-row prefixes into one padded zone.
+
+    Args:
+        prefixes: per row, (L, 2, H_kv, P_i, D) or None (no prefix).
+    Returns:
+        zone: (L, 2, B, H_kv, Pmax, D); zone[l, 0] are layer l's keys, contiguous.
+        mask: (B, Pmax) bool, True where a prefix slot holds a real key.
+    """
+    lengths = [0 if p is None else p.shape[3] for p in prefixes]
+    B, Pmax = len(prefixes), max(lengths, default=0)
+    zone = torch.zeros(num_layers, 2, B, num_kv_heads, Pmax, head_dim, dtype=dtype, device=device)
+    mask = torch.zeros(B, Pmax, dtype=torch.bool, device=device)
+    for i, (p, n) in enumerate(zip(prefixes, lengths, strict=True)):
+        if n:
+            zone[:, :, i, :, Pmax - n :] = p
+            mask[i, Pmax - n :] = True
+    return zone, mask
+
+
+def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ids (B, Tmax) and mask (B, Tmax) bool for right-padded token lists."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), T, dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = True
+    return ids.to(device), mask.to(device)
+
+
+def token_positions(starts: list[int], lengths: list[int], T: int, device: torch.device) -> torch.Tensor:
+    """Position ids (B, T): row i's j-th real token gets starts[i] + j; padding gets 0 (always a valid index)."""
+    j = torch.arange(T)  # (T,)
+    pos = torch.tensor(starts)[:, None] + j[None, :]  # (B, T)
+    pos = torch.where(j[None, :] < torch.tensor(lengths)[:, None], pos, torch.zeros_like(pos))
+    return pos.to(device)
+
+
+def pad_columns(x: torch.Tensor, S: int, dim: int) -> torch.Tensor:
+    """Left-pads `x` with zeros along `dim` up to size S (extra columns are masked out by the caller)."""
+    missing = S - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def compaction_index(mask: torch.Tensor) -> torch.Tensor:
+    """For a (B, S) key mask, the (B, S') column index that right-aligns each row's real keys, S' = max real count.
+
+    Real keys keep their relative order; the leading columns of shorter rows point at masked columns.
+    """
+    S_new = int(mask.sum(1).max())
+    # A stable sort on the mask puts masked columns first and real ones after, each group in column order.
+    order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices  # (B, S)
+    return order[:, mask.shape[1] - S_new :]

@@ -1,0 +1,198 @@
+"""Runs the frozen backbone on mixed-prefix batches: prefill, decode, classification, soft-prompt materialisation.
+
+Everything here executes on the engine's one worker thread and works on tensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from prefix_store import PrefixArtifact
+
+from .backbone import Backbone
+from .batch import DecodeBatch, cache_from
+from .prefix_kv import prefix_zone, right_pad, token_positions
+
+
+@dataclass
+class Head:
+    weight: torch.Tensor  # (C, hidden)
+    bias: torch.Tensor | None  # (C,)
+    labels: list[str]
+    pooling: str
+
+
+@dataclass
+class DevicePrefix:
+    """A task version ready to run: tensors on the backbone's device, in its dtype.
+
+    kv: (L, 2, H_kv, P, D) for key/value methods, and for soft prompts on causal LMs (computed once at load: under
+        causal attention the soft prompt's keys/values do not depend on what follows it).
+    soft_prompt: (P, hidden) for soft prompts on encoders, where attention is bidirectional; fed as embeddings.
+    """
+
+    task: str
+    version: int
+    method: str
+    kv: torch.Tensor | None
+    soft_prompt: torch.Tensor | None
+    head: Head | None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        t = self.kv if self.kv is not None else self.soft_prompt
+        return 0 if t is None else (t.shape[3] if t.ndim == 5 else t.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.kv, self.soft_prompt] + ([self.head.weight, self.head.bias] if self.head else [])
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@dataclass
+class PrefillItem:
+    prefix: DevicePrefix | None  # None: the bare backbone
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None  # encoders, sentence pairs
+    generate: bool = True  # False: a classification row, dropped after the forward
+
+
+@dataclass
+class PrefillOutput:
+    logits: torch.Tensor | None  # (B_gen, V) fp32: next-token logits of the generation items, in item order
+    probs: dict[int, torch.Tensor]  # item index -> (C,) fp32 label probabilities, for classification items
+    batch: DecodeBatch | None  # the generation items' cache (rows payload left as None for the caller)
+
+
+class ModelRunner:
+    def __init__(self, backbone: Backbone) -> None:
+        self.bb = backbone
+        self.fp = backbone.fingerprint
+        model = backbone.model
+        self.body = model if backbone.is_encoder else model.base_model  # the transformer without its LM head
+        self.lm_head = None if backbone.is_encoder else model.get_output_embeddings()
+        self.embed = self.body.get_input_embeddings()
+        self.pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer is not None else 0
+        self.pad_id = self.pad_id or 0
+
+    # -- loading ----------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def materialize(self, artifact: PrefixArtifact) -> DevicePrefix:
+        """Checks an artifact against the backbone and turns it into a DevicePrefix."""
+        self.bb.check(artifact)
+        art = artifact.to(self.bb.dtype)
+        dev = self.bb.device
+        kv = art.kv.to(dev) if art.kv is not None else None
+        soft = art.soft_prompt.to(dev) if art.soft_prompt is not None else None
+        if soft is not None and not self.bb.is_encoder:
+            kv, soft = self._soft_prompt_kv(soft), None
+        head = None
+        if art.head is not None:
+            bias = art.head.bias.to(dev) if art.head.bias is not None else None
+            head = Head(art.head.weight.to(dev), bias, list(art.head.labels), art.head.pooling)
+        assert art.version is not None, "only stored versions are served"
+        return DevicePrefix(art.task, art.version, art.method, kv, soft, head)
+
+    def _soft_prompt_kv(self, soft: torch.Tensor) -> torch.Tensor:
+        """Keys/values of a soft prompt at positions 0..P-1: (P, hidden) -> (L, 2, H_kv, P, D)."""
+        P = soft.shape[0]
+        cache = DynamicCache()
+        pos = torch.arange(P, device=soft.device)[None]  # (1, P)
+        self.body(inputs_embeds=soft[None], position_ids=pos, past_key_values=cache, use_cache=True)
+        layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each (2, H_kv, P, D)
+        return torch.stack(layers)
+
+    # -- causal LM --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, items: list[PrefillItem]) -> PrefillOutput:
+        """One forward over new rows of any mix of tasks; returns next-token logits, label probabilities, and the
+        generation rows' cache, ready to join the running batch."""
+        prefixes = [it.prefix.kv if it.prefix is not None else None for it in items]
+        zone, pmask = self._zone(prefixes)  # (L, 2, B, H_kv, Pmax, D), (B, Pmax)
+        lengths = [len(it.input_ids) for it in items]
+        P = [0 if kv is None else kv.shape[3] for kv in prefixes]
+        ids, tmask = right_pad([it.input_ids for it in items], self.pad_id, self.bb.device)  # (B, Tmax)
+        pos = token_positions(P, lengths, ids.shape[1], self.bb.device)  # (B, Tmax)
+        mask = torch.cat([pmask, tmask], dim=1)  # (B, Pmax + Tmax)
+        cache = cache_from(list(zone[:, 0]), list(zone[:, 1]))
+        out = self.body(input_ids=ids, attention_mask=mask.long(), position_ids=pos, past_key_values=cache,
+                        use_cache=True)  # fmt: skip
+        h = out.last_hidden_state  # (B, Tmax, hidden)
+        rows = torch.arange(len(items), device=h.device)
+        last = h[rows, torch.tensor(lengths, device=h.device) - 1]  # (B, hidden): each row's last real token
+        gen = [i for i, it in enumerate(items) if it.generate]
+        logits = self.lm_head(last[gen]).float() if gen else None  # (B_gen, V)
+        probs = {i: self._head_probs(it.prefix, h[i, : lengths[i]], last[i]) for i, it in enumerate(items)
+                 if not it.generate}  # fmt: skip
+        next_pos = torch.tensor([p + n for p, n in zip(P, lengths, strict=True)], device=h.device)
+        batch = DecodeBatch([None] * len(items), cache, mask, next_pos).filter(gen)
+        return PrefillOutput(logits, probs, batch)
+
+    @torch.inference_mode()
+    def decode(self, batch: DecodeBatch, tokens: torch.Tensor) -> torch.Tensor:
+        """Feeds one token per row (B,), extends the batch's cache, returns next-token logits (B, V) fp32."""
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)  # (B, S + 1)
+        out = self.body(input_ids=tokens[:, None], attention_mask=mask.long(), position_ids=batch.next_pos[:, None],
+                        past_key_values=batch.cache, use_cache=True)  # fmt: skip
+        batch.append_step()
+        return self.lm_head(out.last_hidden_state[:, -1]).float()
+
+    # -- encoder ----------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def classify_encoder(self, items: list[PrefillItem]) -> dict[int, torch.Tensor]:
+        """Label probabilities per item for a BERT-family backbone. Key/value prefixes enter as the cache; soft
+        prompts as input embeddings in front of the tokens (positions from 0, as PEFT feeds them)."""
+        dev = self.bb.device
+        kv = [it.prefix.kv if it.prefix is not None else None for it in items]
+        soft = [it.prefix.soft_prompt if it.prefix is not None else None for it in items]
+        zone, pmask = self._zone(kv)
+        n_soft = [0 if s is None else s.shape[0] for s in soft]
+        lengths = [ns + len(it.input_ids) for ns, it in zip(n_soft, items, strict=True)]
+        starts = [0 if k is None else k.shape[3] for k in kv]  # soft rows start at 0: the soft tokens are inputs
+        ids, tmask = right_pad([[self.pad_id] * ns + it.input_ids for ns, it in zip(n_soft, items, strict=True)],
+                               self.pad_id, dev)  # fmt: skip
+        types, _ = right_pad([[0] * ns + (it.token_type_ids or [0] * len(it.input_ids))
+                              for ns, it in zip(n_soft, items, strict=True)], 0, dev)  # fmt: skip
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+        if any(n_soft):
+            embeds = self.embed(ids)  # (B, Tmax, hidden)
+            for i, s in enumerate(soft):
+                if s is not None:
+                    embeds[i, : s.shape[0]] = s
+            inputs = {"inputs_embeds": embeds}
+        out = self.body(**inputs, token_type_ids=types, attention_mask=torch.cat([pmask, tmask], 1).long(),
+                        position_ids=token_positions(starts, lengths, ids.shape[1], dev),
+                        past_key_values=cache_from(list(zone[:, 0]), list(zone[:, 1])))  # fmt: skip
+        h = out.last_hidden_state  # (B, Tmax, hidden)
+        pooled = out.pooler_output  # (B, hidden) or None
+        return {i: self._head_probs(it.prefix, h[i, n_soft[i] : lengths[i]], h[i, 0],
+                                    pooled[i] if pooled is not None else None)
+                for i, it in enumerate(items)}  # fmt: skip
+
+    # -- shared -----------------------------------------------------------------------------------------------------
+    def _zone(self, prefixes: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        fp = self.fp
+        return prefix_zone(prefixes, num_layers=fp.num_layers, num_kv_heads=fp.num_kv_heads, head_dim=fp.head_dim,
+                           dtype=self.bb.dtype, device=self.bb.device)  # fmt: skip
+
+    @staticmethod
+    def _head_probs(prefix: DevicePrefix | None, tokens: torch.Tensor, first_or_last: torch.Tensor,
+                    pooler: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Pools one row's hidden states as its head asks and returns label probabilities (C,).
+
+        tokens: (n, hidden) the row's input tokens; first_or_last: the [CLS] state (encoders) or the last real
+        token's state (causal LMs); pooler: the encoder's pooler output for the row.
+        """
+        assert prefix is not None and prefix.head is not None, "classification rows are checked for a head"
+        head = prefix.head
+        if head.pooling == "pooler":
+            x = pooler
+        elif head.pooling == "mean":
+            x = tokens.mean(0)
+        else:  # "cls" on encoders, "last_token" on causal LMs
+            x = first_or_last
+        logits = x @ head.weight.T + (head.bias if head.bias is not None else 0)  # (C,)
+        return torch.softmax(logits.float(), dim=-1)
