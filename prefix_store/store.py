@@ -291,12 +291,15 @@ class PrefixStore:
     async def ping(self) -> None:
         await self._read(self.client.ping)
 
-    async def events(self) -> AsyncIterator[StoreEvent]:
-        """Yields change events until cancelled. Raises StoreUnavailable when the subscription drops: pub/sub does
-        not replay, so a subscriber should treat that as "everything may have changed"."""
+    async def events(self, on_subscribed: Callable[[], None] | None = None) -> AsyncIterator[StoreEvent]:
+        """Yields change events until cancelled; `on_subscribed` runs once the subscription is live. Raises
+        StoreUnavailable when the subscription drops: pub/sub does not replay, so a subscriber should treat that
+        as "everything may have changed"."""
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
+            if on_subscribed is not None:
+                on_subscribed()
             while True:
                 msg = await pubsub.get_message(timeout=1.0)
                 if msg is None or msg.get("type") != "message":

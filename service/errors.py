@@ -40,6 +40,36 @@ class PayloadTooLarge(ServiceError):
     status = 413
 
 
+class InputTooLong(ServiceError):
+    """Prefix + prompt + max new tokens do not fit the context window (or the server's token budget)."""
+
+    status = 400
+
+
+class Unsupported(ServiceError):
+    """A request the backbone or the task cannot serve: generation on an encoder, classification without a head."""
+
+    status = 400
+
+
+class QueueFull(ServiceError):
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class RequestTimeout(ServiceError):
+    status = 504
+
+
+class EngineFailure(ServiceError):
+    """The model step itself failed (e.g. out of device memory); the requests in it are failed, not retried."""
+
+    status = 500
+
+
 # Most specific first: the first matching class decides the status.
 _STATUS: list[tuple[type[Exception], int]] = [
     (TaskNotFound, 404),

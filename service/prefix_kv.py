@@ -16,9 +16,14 @@ import torch
 
 
 def prefix_zone(
-    prefixes: list[torch.Tensor | None], *, num_layers: int, num_kv_heads: int, head_dim: int,
-    dtype: torch.dtype, device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    prefixes: list[torch.Tensor | None],
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stacks per-row prefixes into one padded zone.
 
     Args:

@@ -118,15 +118,17 @@ class ModelRunner:
         pos = token_positions(P, lengths, ids.shape[1], self.bb.device)  # (B, Tmax)
         mask = torch.cat([pmask, tmask], dim=1)  # (B, Pmax + Tmax)
         cache = cache_from(list(zone[:, 0]), list(zone[:, 1]))
-        out = self.body(input_ids=ids, attention_mask=mask.long(), position_ids=pos, past_key_values=cache,
-                        use_cache=True)  # fmt: skip
+        out = self.body(
+            input_ids=ids, attention_mask=mask.long(), position_ids=pos, past_key_values=cache, use_cache=True
+        )
         h = out.last_hidden_state  # (B, Tmax, hidden)
         rows = torch.arange(len(items), device=h.device)
         last = h[rows, torch.tensor(lengths, device=h.device) - 1]  # (B, hidden): each row's last real token
         gen = [i for i, it in enumerate(items) if it.generate]
         logits = self.lm_head(last[gen]).float() if gen else None  # (B_gen, V)
-        probs = {i: self._head_probs(it.prefix, h[i, : lengths[i]], last[i]) for i, it in enumerate(items)
-                 if not it.generate}  # fmt: skip
+        probs = {
+            i: self._head_probs(it.prefix, h[i, : lengths[i]], last[i]) for i, it in enumerate(items) if not it.generate
+        }
         next_pos = torch.tensor([p + n for p, n in zip(P, lengths, strict=True)], device=h.device)
         batch = DecodeBatch([None] * len(items), cache, mask, next_pos).filter(gen)
         return PrefillOutput(logits, probs, batch)
@@ -135,8 +137,13 @@ class ModelRunner:
     def decode(self, batch: DecodeBatch, tokens: torch.Tensor) -> torch.Tensor:
         """Feeds one token per row (B,), extends the batch's cache, returns next-token logits (B, V) fp32."""
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)  # (B, S + 1)
-        out = self.body(input_ids=tokens[:, None], attention_mask=mask.long(), position_ids=batch.next_pos[:, None],
-                        past_key_values=batch.cache, use_cache=True)  # fmt: skip
+        out = self.body(
+            input_ids=tokens[:, None],
+            attention_mask=mask.long(),
+            position_ids=batch.next_pos[:, None],
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
         batch.append_step()
         return self.lm_head(out.last_hidden_state[:, -1]).float()
 
@@ -152,10 +159,14 @@ class ModelRunner:
         n_soft = [0 if s is None else s.shape[0] for s in soft]
         lengths = [ns + len(it.input_ids) for ns, it in zip(n_soft, items, strict=True)]
         starts = [0 if k is None else k.shape[3] for k in kv]  # soft rows start at 0: the soft tokens are inputs
-        ids, tmask = right_pad([[self.pad_id] * ns + it.input_ids for ns, it in zip(n_soft, items, strict=True)],
-                               self.pad_id, dev)  # fmt: skip
-        types, _ = right_pad([[0] * ns + (it.token_type_ids or [0] * len(it.input_ids))
-                              for ns, it in zip(n_soft, items, strict=True)], 0, dev)  # fmt: skip
+        ids, tmask = right_pad(
+            [[self.pad_id] * ns + it.input_ids for ns, it in zip(n_soft, items, strict=True)], self.pad_id, dev
+        )
+        types, _ = right_pad(
+            [[0] * ns + (it.token_type_ids or [0] * len(it.input_ids)) for ns, it in zip(n_soft, items, strict=True)],
+            0,
+            dev,
+        )
         inputs: dict[str, torch.Tensor] = {"input_ids": ids}
         if any(n_soft):
             embeds = self.embed(ids)  # (B, Tmax, hidden)
@@ -163,24 +174,41 @@ class ModelRunner:
                 if s is not None:
                     embeds[i, : s.shape[0]] = s
             inputs = {"inputs_embeds": embeds}
-        out = self.body(**inputs, token_type_ids=types, attention_mask=torch.cat([pmask, tmask], 1).long(),
-                        position_ids=token_positions(starts, lengths, ids.shape[1], dev),
-                        past_key_values=cache_from(list(zone[:, 0]), list(zone[:, 1])))  # fmt: skip
+        out = self.body(
+            **inputs,
+            token_type_ids=types,
+            attention_mask=torch.cat([pmask, tmask], 1).long(),
+            position_ids=token_positions(starts, lengths, ids.shape[1], dev),
+            past_key_values=cache_from(list(zone[:, 0]), list(zone[:, 1])),
+        )
         h = out.last_hidden_state  # (B, Tmax, hidden)
         pooled = out.pooler_output  # (B, hidden) or None
-        return {i: self._head_probs(it.prefix, h[i, n_soft[i] : lengths[i]], h[i, 0],
-                                    pooled[i] if pooled is not None else None)
-                for i, it in enumerate(items)}  # fmt: skip
+        return {
+            i: self._head_probs(
+                it.prefix, h[i, n_soft[i] : lengths[i]], h[i, 0], pooled[i] if pooled is not None else None
+            )
+            for i, it in enumerate(items)
+        }
 
     # -- shared -----------------------------------------------------------------------------------------------------
     def _zone(self, prefixes: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
         fp = self.fp
-        return prefix_zone(prefixes, num_layers=fp.num_layers, num_kv_heads=fp.num_kv_heads, head_dim=fp.head_dim,
-                           dtype=self.bb.dtype, device=self.bb.device)  # fmt: skip
+        return prefix_zone(
+            prefixes,
+            num_layers=fp.num_layers,
+            num_kv_heads=fp.num_kv_heads,
+            head_dim=fp.head_dim,
+            dtype=self.bb.dtype,
+            device=self.bb.device,
+        )
 
     @staticmethod
-    def _head_probs(prefix: DevicePrefix | None, tokens: torch.Tensor, first_or_last: torch.Tensor,
-                    pooler: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def _head_probs(
+        prefix: DevicePrefix | None,
+        tokens: torch.Tensor,
+        first_or_last: torch.Tensor,
+        pooler: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Pools one row's hidden states as its head asks and returns label probabilities (C,).
 
         tokens: (n, hidden) the row's input tokens; first_or_last: the [CLS] state (encoders) or the last real

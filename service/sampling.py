@@ -55,8 +55,9 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return x
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-           ) -> torch.Tensor:  # fmt: skip
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
     """Next tokens (B,) for logits (B, V)."""
     out = torch.argmax(logits, dim=-1)  # (B,)
     for i, p in enumerate(params):

@@ -1,0 +1,360 @@
+"""The scheduler: the one owner of queue state, and the loop that feeds the engine.
+
+Routes call `submit`, which checks the queue bound at once (QueueFull past it) and returns a handle. A short task
+per request resolves its prefix through the prefix cache (a Redis miss never blocks the loop), checks the context
+budget, and puts the request in its task's ready queue. The loop then runs forever:
+
+  admit    take ready requests round-robin across tasks (a hot task cannot starve the others), within the free
+           rows (max_batch_size), the key/value token budget (max_batch_tokens) and the prefill budget per step;
+  step     run `engine.step` on the engine's one worker thread, so the event loop stays responsive;
+  deliver  hand each event to its request's queue; finished and cancelled rows have already left the batch.
+
+A request keeps the exact artifact version it was admitted with until it finishes, whatever is published later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prefix_store import PrefixArtifact
+
+from .engine import Engine, EngineRequest, Event
+from .errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, Unsupported
+from .prefix_cache import PrefixCache
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+@dataclass
+class GenerationResult:
+    task: str | None
+    version: int | None
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class ClassificationResult:
+    task: str
+    version: int
+    label: str
+    scores: dict[str, float]
+
+
+@dataclass
+class _Request:
+    id: str
+    task: str | None
+    prompt_ids: list[int]
+    params: SamplingParams | None
+    token_type_ids: list[int] | None
+    deadline: float | None
+    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    artifact: PrefixArtifact | None = None
+    cancelled: bool = False
+    done: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_event_at: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Key/value columns the request can hold at most: prefix + prompt + new tokens."""
+        P = 0 if self.artifact is None else self.artifact.num_virtual_tokens
+        return P + len(self.prompt_ids) + (self.params.max_new_tokens if self.params else 0)
+
+
+class RequestHandle:
+    """What `submit` returns: stream the events, or await the result; `cancel` frees the request's row."""
+
+    def __init__(self, req: _Request, scheduler: Scheduler) -> None:
+        self._req = req
+        self._scheduler = scheduler
+
+    @property
+    def id(self) -> str:
+        return self._req.id
+
+    @property
+    def version(self) -> int | None:
+        return None if self._req.artifact is None else self._req.artifact.version
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events until the request finishes; raises the request's error instead of yielding it."""
+        while True:
+            ev = await self._req.queue.get()
+            if ev.error is not None:
+                raise ev.error
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    async def result(self) -> GenerationResult | ClassificationResult:
+        tokens, texts, logprobs, last = [], [], [], None
+        async for ev in self.events():
+            last = ev
+            if ev.token_id is not None:
+                tokens.append(ev.token_id)
+                logprobs.append(ev.logprob)
+            texts.append(ev.text)
+        assert last is not None
+        req, art = self._req, self._req.artifact
+        if req.params is None:
+            assert art is not None and art.head is not None and last.probs is not None
+            scores = dict(zip(art.head.labels, last.probs, strict=True))
+            return ClassificationResult(art.task, art.version, max(scores, key=scores.__getitem__), scores)  # type: ignore[arg-type]
+        return GenerationResult(
+            task=req.task,
+            version=self.version,
+            token_ids=tokens,
+            text="".join(texts),
+            finish_reason=last.finish_reason or "length",
+            prompt_tokens=len(req.prompt_ids),
+            logprobs=logprobs if req.params.logprobs else None,
+        )
+
+    def cancel(self) -> None:
+        self._scheduler.cancel(self._req)
+
+
+class Scheduler:
+    """Args:
+    engine: runs the steps.
+    prefixes: resolves (task) -> artifact of its current version.
+    max_batch_size: most rows running at once.
+    max_batch_tokens: most key/value columns (prefix + prompt + max new tokens) reserved by running rows.
+    max_prefill_tokens: most prompt tokens prefilled in one step (bounds the pause of running rows).
+    max_queue: most requests waiting (resolving or ready); past it, submit raises QueueFull.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        prefixes: PrefixCache,
+        *,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 65536,
+        max_prefill_tokens: int = 8192,
+        max_queue: int = 1024,
+    ) -> None:
+        self.engine = engine
+        self.prefixes = prefixes
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_queue = max_queue
+        self.max_positions = engine.bb.max_positions
+        self._ready: OrderedDict[str, deque[_Request]] = OrderedDict()  # task ("" = bare) -> FIFO of ready requests
+        self._waiting = 0  # submitted, not yet admitted (resolving or ready)
+        self._running: dict[str, _Request] = {}
+        self._cancel: set[str] = set()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.steps = 0
+        self.last_batch_size = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # -- submission ---------------------------------------------------------------------------------------------
+    def submit(
+        self,
+        task: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        *,
+        token_type_ids: list[int] | None = None,
+        timeout_s: float | None = None,
+    ) -> RequestHandle:
+        """Queues a generation (params given) or classification (params None) request for `task` (None: the bare
+        backbone). Raises QueueFull at once when the queue is at its bound."""
+        if self._waiting >= self.max_queue:
+            raise QueueFull(f"queue full: {self._waiting} requests waiting (limit {self.max_queue}); retry later")
+        if params is not None and self.engine.bb.is_encoder:
+            raise Unsupported(
+                f"generation needs a causal LM backbone; {self.engine.bb.name} is an encoder (classification only)"
+            )
+        if not prompt_ids:
+            raise InputTooLong("the prompt is empty: expected at least one token")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        req = _Request(f"req-{next(_ids)}", task, list(prompt_ids), params, token_type_ids, deadline)
+        self._waiting += 1
+        asyncio.create_task(self._prepare(req))
+        return RequestHandle(req, self)
+
+    async def _prepare(self, req: _Request) -> None:
+        try:
+            if req.task is not None:
+                req.artifact = await self.prefixes.get(req.task)
+            self._check(req)
+        except Exception as e:
+            self._waiting -= 1
+            self._finish(req, Event(req.id, finish_reason="error", error=e))
+            return
+        if req.cancelled:
+            self._waiting -= 1
+            self._finish(req, Event(req.id, finish_reason="cancelled"))
+            return
+        self._ready.setdefault(req.task or "", deque()).append(req)
+        self._wake.set()
+
+    def _check(self, req: _Request) -> None:
+        art = req.artifact
+        if req.params is None and (art is None or art.head is None):
+            what = "the bare backbone" if art is None else f"task {art.task!r} v{art.version}"
+            raise Unsupported(f"{what} has no classification head: classification needs a task trained with one")
+        P = 0 if art is None else art.num_virtual_tokens
+        new = req.params.max_new_tokens if req.params else 0
+        if self.max_positions and req.tokens > self.max_positions:
+            raise InputTooLong(
+                f"prefix ({P}) + prompt ({len(req.prompt_ids)}) + max new tokens ({new}) = "
+                f"{req.tokens} exceeds the context window of {self.max_positions} positions"
+            )
+        if req.tokens > self.max_batch_tokens:
+            raise InputTooLong(
+                f"request needs {req.tokens} key/value tokens; the server's batch budget is {self.max_batch_tokens}"
+            )
+
+    def cancel(self, req: _Request) -> None:
+        if req.done or req.cancelled:
+            return
+        req.cancelled = True
+        if req.id in self._running:
+            self._cancel.add(req.id)
+            self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._ready and not self._running:
+                self._wake.clear()
+                await self._wake.wait()
+            self._expire_running()
+            admit = self._admit()
+            cancel, self._cancel = self._cancel, set()
+            for req in admit:
+                if req.params is not None:
+                    self._running[req.id] = req
+            engine_reqs = [EngineRequest(r.id, r.prompt_ids, r.artifact, r.params, r.token_type_ids) for r in admit]
+            self.last_batch_size = len(self._running)
+            if not engine_reqs and not self.engine.running and not cancel:
+                await asyncio.sleep(0.001)  # nothing admissible yet (budget); let cancellations and finishes land
+                continue
+            try:
+                events = await loop.run_in_executor(self._executor, self.engine.step, engine_reqs, cancel)
+            except Exception as e:  # the step itself failed: fail what it held rather than wedge the loop
+                log.exception("engine step failed")
+                self._fail_all(admit, EngineFailure(f"engine step failed: {type(e).__name__}: {e}"))
+                continue
+            self.steps += 1
+            by_id = {r.id: r for r in admit} | self._running
+            for ev in events:
+                req = by_id.get(ev.request_id)
+                if req is not None:
+                    self._deliver(req, ev)
+
+    def _admit(self) -> list[_Request]:
+        """Round-robin over tasks with ready requests: one request per task per turn, while rows, the key/value
+        budget and the prefill budget allow. A task whose head request does not fit is skipped this turn."""
+        admitted: list[_Request] = []
+        rows = self.max_batch_size - len(self._running)
+        kv_left = self.max_batch_tokens - sum(r.tokens for r in self._running.values())
+        prefill_left = self.max_prefill_tokens
+        progress = True
+        while progress and rows > 0 and self._ready:
+            progress = False
+            for key in list(self._ready):
+                queue = self._ready[key]
+                req = queue[0]
+                if req.cancelled or (req.deadline is not None and time.monotonic() > req.deadline):
+                    queue.popleft()
+                    self._waiting -= 1
+                    self._finish(req, self._expired_or_cancelled(req))
+                elif req.tokens <= kv_left and (not admitted or len(req.prompt_ids) <= prefill_left):
+                    queue.popleft()
+                    self._waiting -= 1
+                    admitted.append(req)
+                    rows -= 1
+                    kv_left -= req.tokens if req.params is not None else 0
+                    prefill_left -= len(req.prompt_ids)
+                    self._ready.move_to_end(key)
+                    progress = True
+                if not queue:
+                    del self._ready[key]
+                if rows == 0:
+                    break
+        return admitted
+
+    def _expire_running(self) -> None:
+        now = time.monotonic()
+        for req in list(self._running.values()):
+            if req.deadline is not None and now > req.deadline and req.id not in self._cancel:
+                self._cancel.add(req.id)
+                self._finish(req, self._expired_or_cancelled(req))
+
+    @staticmethod
+    def _expired_or_cancelled(req: _Request) -> Event:
+        if req.cancelled:
+            return Event(req.id, finish_reason="cancelled")
+        waited = time.monotonic() - req.submitted_at
+        return Event(
+            req.id, finish_reason="error", error=RequestTimeout(f"request exceeded its deadline after {waited:.1f}s")
+        )
+
+    def _deliver(self, req: _Request, ev: Event) -> None:
+        if req.done:
+            return
+        if req.first_event_at is None:
+            req.first_event_at = time.monotonic()
+        if ev.finish_reason is not None or ev.error is not None:
+            self._finish(req, ev)
+        else:
+            req.queue.put_nowait(ev)
+
+    def _finish(self, req: _Request, ev: Event) -> None:
+        if req.done:
+            return
+        req.done = True
+        self._running.pop(req.id, None)
+        req.queue.put_nowait(ev)
+
+    def _fail_all(self, admitted: list[_Request], error: Exception) -> None:
+        for req in admitted + list(self._running.values()):
+            self._finish(req, Event(req.id, finish_reason="error", error=error))
+        self.engine.reset()
