@@ -53,8 +53,9 @@ class Event:
     logprob: float | None = None
     finish_reason: str | None = None  # "length" | "stop" | "cancelled" | "error"
     probs: list[float] | None = None
-    logits: torch.Tensor | None = None  # only with SamplingParams.return_logits
+    logits: torch.Tensor | None = None  # (V,) with SamplingParams.return_logits; (C,) head logits when classifying
     error: Exception | None = None
+    step: int = 0  # the engine step that produced it
 
 
 @dataclass
@@ -64,6 +65,11 @@ class _Row:
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the decoded output already sent
+
+
+def _classified(request_id: str, logits: torch.Tensor, step: int) -> Event:
+    probs = torch.softmax(logits, dim=-1).tolist()
+    return Event(request_id, probs=probs, logits=logits, finish_reason="stop", step=step)
 
 
 class DevicePrefixCache:
@@ -113,6 +119,7 @@ class Engine:
         self.batch: DecodeBatch | None = None
         self._tokens: torch.Tensor | None = None  # (B,) the token each running row feeds next
         self._invalidations: list[Any] = []
+        self.step_count = 0
         self._lock = threading.Lock()
         tok = backbone.tokenizer
         self.eos_ids = set()
@@ -137,6 +144,7 @@ class Engine:
 
     # -- the step -----------------------------------------------------------------------------------------------
     def step(self, admit: list[EngineRequest], cancel: set[str]) -> list[Event]:
+        self.step_count += 1
         with self._lock:
             invalidations, self._invalidations = self._invalidations, []
         for match in invalidations:
@@ -162,19 +170,17 @@ class Engine:
             try:
                 prefix = self._device_prefix(req)
             except Exception as e:  # a prefix the backbone refuses fails its own request, not the step
-                events.append(Event(req.request_id, finish_reason="error", error=e))
+                events.append(Event(req.request_id, finish_reason="error", error=e, step=self.step_count))
                 continue
             items.append(PrefillItem(prefix, req.prompt_ids, req.token_type_ids, generate=req.params is not None))
             reqs.append(req)
         if not items:
             return events
         if self.bb.is_encoder:
-            probs = self.runner.classify_encoder(items)
-            return events + [
-                Event(r.request_id, probs=probs[i].tolist(), finish_reason="stop") for i, r in enumerate(reqs)
-            ]
+            logits = self.runner.classify_encoder(items)
+            return events + [_classified(reqs[i].request_id, x, self.step_count) for i, x in logits.items()]
         out = self.runner.prefill(items)
-        events += [Event(reqs[i].request_id, probs=p.tolist(), finish_reason="stop") for i, p in out.probs.items()]
+        events += [_classified(reqs[i].request_id, x, self.step_count) for i, x in out.class_logits.items()]
         if out.batch is None:
             return events
         new = out.batch
@@ -205,6 +211,7 @@ class Engine:
                 token_id=tok,
                 logprob=lps[i] if row.params.logprobs else None,
                 logits=logits[i].clone() if row.params.return_logits else None,
+                step=self.step_count,
             )
             ev.finish_reason = self._finish_reason(row, tok)
             ev.text = self._text_delta(row, ev)

@@ -63,7 +63,7 @@ class PrefillItem:
 @dataclass
 class PrefillOutput:
     logits: torch.Tensor | None  # (B_gen, V) fp32: next-token logits of the generation items, in item order
-    probs: dict[int, torch.Tensor]  # item index -> (C,) fp32 label probabilities, for classification items
+    class_logits: dict[int, torch.Tensor]  # item index -> (C,) fp32 head logits, for classification items
     batch: DecodeBatch | None  # the generation items' cache (rows payload left as None for the caller)
 
 
@@ -126,12 +126,14 @@ class ModelRunner:
         last = h[rows, torch.tensor(lengths, device=h.device) - 1]  # (B, hidden): each row's last real token
         gen = [i for i, it in enumerate(items) if it.generate]
         logits = self.lm_head(last[gen]).float() if gen else None  # (B_gen, V)
-        probs = {
-            i: self._head_probs(it.prefix, h[i, : lengths[i]], last[i]) for i, it in enumerate(items) if not it.generate
+        cls = {
+            i: self._head_logits(it.prefix, h[i, : lengths[i]], last[i])
+            for i, it in enumerate(items)
+            if not it.generate
         }
         next_pos = torch.tensor([p + n for p, n in zip(P, lengths, strict=True)], device=h.device)
         batch = DecodeBatch([None] * len(items), cache, mask, next_pos).filter(gen)
-        return PrefillOutput(logits, probs, batch)
+        return PrefillOutput(logits, cls, batch)
 
     @torch.inference_mode()
     def decode(self, batch: DecodeBatch, tokens: torch.Tensor) -> torch.Tensor:
@@ -150,7 +152,7 @@ class ModelRunner:
     # -- encoder ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def classify_encoder(self, items: list[PrefillItem]) -> dict[int, torch.Tensor]:
-        """Label probabilities per item for a BERT-family backbone. Key/value prefixes enter as the cache; soft
+        """Head logits (C,) per item for a BERT-family backbone. Key/value prefixes enter as the cache; soft
         prompts as input embeddings in front of the tokens (positions from 0, as PEFT feeds them)."""
         dev = self.bb.device
         kv = [it.prefix.kv if it.prefix is not None else None for it in items]
@@ -184,7 +186,7 @@ class ModelRunner:
         h = out.last_hidden_state  # (B, Tmax, hidden)
         pooled = out.pooler_output  # (B, hidden) or None
         return {
-            i: self._head_probs(
+            i: self._head_logits(
                 it.prefix, h[i, n_soft[i] : lengths[i]], h[i, 0], pooled[i] if pooled is not None else None
             )
             for i, it in enumerate(items)
@@ -203,13 +205,13 @@ class ModelRunner:
         )
 
     @staticmethod
-    def _head_probs(
+    def _head_logits(
         prefix: DevicePrefix | None,
         tokens: torch.Tensor,
         first_or_last: torch.Tensor,
         pooler: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Pools one row's hidden states as its head asks and returns label probabilities (C,).
+        """Pools one row's hidden states as its head asks and returns the head's logits (C,) in fp32.
 
         tokens: (n, hidden) the row's input tokens; first_or_last: the [CLS] state (encoders) or the last real
         token's state (causal LMs); pooler: the encoder's pooler output for the row.
@@ -223,4 +225,4 @@ class ModelRunner:
         else:  # "cls" on encoders, "last_token" on causal LMs
             x = first_or_last
         logits = x @ head.weight.T + (head.bias if head.bias is not None else 0)  # (C,)
-        return torch.softmax(logits.float(), dim=-1)
+        return logits.float()

@@ -1,0 +1,63 @@
+"""Builds the real serving stack (Redis store -> prefix cache -> engine -> scheduler) around a tiny model, and
+PEFT adapters that travel the real path: save_pretrained -> import -> Redis -> engine."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import torch
+from peft import get_peft_model
+
+from prefix_store import BackboneFingerprint, PrefixStore, import_peft_dir
+from service.backbone import wrap_model
+from service.engine import Engine
+from service.prefix_cache import PrefixCache
+from service.scheduler import Scheduler
+
+
+@dataclass
+class Stack:
+    store: PrefixStore
+    cache: PrefixCache
+    engine: Engine
+    scheduler: Scheduler
+
+
+@asynccontextmanager
+async def serving_stack(store: PrefixStore, model, tokenizer=None, name="tiny", **scheduler_kw):
+    backbone = wrap_model(model, tokenizer, name=name)
+    engine = Engine(backbone)
+    cache = PrefixCache(
+        store,
+        on_invalidate=lambda task, version: engine.invalidate(
+            lambda key: key[0] == task and (version is None or key[1] == version)
+        ),
+    )
+    cache.start()
+    await asyncio.wait_for(cache.subscribed.wait(), 10)
+    scheduler = Scheduler(engine, cache, **scheduler_kw)
+    scheduler.start()
+    try:
+        yield Stack(store, cache, engine, scheduler)
+    finally:
+        await scheduler.stop()
+        await cache.stop()
+
+
+def trained_peft(base, config, seed: int):
+    """A PEFT model around a copy of `base` with random (not near-zero) trainable weights, in eval mode."""
+    pm = get_peft_model(copy.deepcopy(base), config)
+    torch.manual_seed(seed)
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.data.normal_()
+    return pm.eval()
+
+
+async def publish_peft(store: PrefixStore, pm, task: str, backbone_config, out_dir, labels=None):
+    pm.save_pretrained(out_dir)
+    art = import_peft_dir(out_dir, task=task, backbone=BackboneFingerprint.from_config(backbone_config), labels=labels)
+    return await store.put(art)
