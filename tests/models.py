@@ -78,3 +78,15 @@ def tiny_model(kind: str, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
     model = BUILDERS[kind]()
     model.config._attn_implementation = attn
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over VOCAB words "w3".."w127" (0 pad, 1 eos, 2 unk), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")

@@ -1,0 +1,246 @@
+"""Scheduler and engine behaviour on a tiny Llama over a real Redis: continuous batching, budgets, fairness,
+cancellation, sampling controls, version pinning and cache invalidation by store events."""
+
+import asyncio
+import copy
+import time
+
+import pytest
+from peft import PrefixTuningConfig, PromptTuningConfig
+
+from prefix_store import BackboneFingerprint, BackboneMismatch, StoreUnavailable, TaskNotFound, connect
+from service.errors import InputTooLong, QueueFull, Unsupported
+from service.sampling import SamplingParams
+from tests.engine_harness import publish_peft, serving_stack, trained_peft
+from tests.factories import make_artifact
+from tests.models import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+async def _publish(store, base, tmp_path, task, P=4, seed=1, cls=PrefixTuningConfig):
+    pm = trained_peft(base, cls(task_type="CAUSAL_LM", num_virtual_tokens=P), seed=seed)
+    return await publish_peft(store, pm, task, base.config, tmp_path / f"{task}-{seed}")
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_new_tokens=n, ignore_eos=True, **kw)
+
+
+async def test_queue_bound_fails_fast(store, llama, tmp_path):
+    await _publish(store, llama, tmp_path, "a")
+    async with serving_stack(store, copy.deepcopy(llama), max_queue=2) as stack:
+        stack.scheduler.submit("a", [5, 6], greedy(2))
+        stack.scheduler.submit("a", [5, 6], greedy(2))
+        with pytest.raises(QueueFull, match=r"2 requests waiting \(limit 2\)") as e:
+            stack.scheduler.submit("a", [5, 6], greedy(2))
+        assert e.value.headers == {"Retry-After": "1"}
+
+
+async def test_cancel_frees_the_row_at_the_next_step(store, llama, tmp_path):
+    await _publish(store, llama, tmp_path, "a")
+    async with serving_stack(store, copy.deepcopy(llama)) as stack:
+        h = stack.scheduler.submit("a", [5, 6, 7], greedy(200))
+        seen = []
+        async for ev in h.events():
+            seen.append(ev)
+            if len(seen) == 3:
+                h.cancel()
+        assert seen[-1].finish_reason == "cancelled" and len(seen) < 10
+        assert stack.engine.running == 0 and stack.scheduler.running == 0
+
+
+async def test_fair_across_tasks(store, llama, tmp_path):
+    await _publish(store, llama, tmp_path, "hot")
+    await _publish(store, llama, tmp_path, "cold", seed=2)
+    async with serving_stack(store, copy.deepcopy(llama), max_batch_size=2) as stack:
+        await stack.scheduler.submit("cold", [3], greedy(1)).result()  # both prefixes cached: no load latency
+        await stack.scheduler.submit("hot", [3], greedy(1)).result()
+        hot = [stack.scheduler.submit("hot", [5, 6], greedy(4)) for _ in range(8)]
+        cold = stack.scheduler.submit("cold", [5, 6], greedy(4))
+        first_step = {}
+        for name, h in [(f"hot{i}", h) for i, h in enumerate(hot)] + [("cold", cold)]:
+            async for ev in h.events():
+                first_step.setdefault(name, ev.step)
+    # With two rows, round-robin admits cold in the first wave next to hot0, not after eight hot requests.
+    assert first_step["cold"] == first_step["hot0"] < first_step["hot2"]
+
+
+async def test_token_budget_bounds_running_rows(store, llama, tmp_path):
+    await _publish(store, llama, tmp_path, "a", P=4)
+    # Each request reserves 4 + 3 + 5 = 12 key/value columns; a budget of 20 fits one row at a time.
+    async with serving_stack(store, copy.deepcopy(llama), max_batch_tokens=20) as stack:
+        peak = 0
+        handles = [stack.scheduler.submit("a", [5, 6, 7], greedy(5)) for _ in range(4)]
+
+        async def watch():
+            nonlocal peak
+            while not all(h._req.done for h in handles):
+                peak = max(peak, stack.engine.running)
+                await asyncio.sleep(0)
+
+        results, _ = await asyncio.gather(asyncio.gather(*(h.result() for h in handles)), watch())
+        assert peak == 1 and all(r.completion_tokens == 5 for r in results)
+        with pytest.raises(InputTooLong, match="batch budget is 20"):
+            await stack.scheduler.submit("a", list(range(3, 20)), greedy(5)).result()
+
+
+async def test_context_window_and_unsupported_requests(store, llama, tmp_path):
+    await _publish(store, llama, tmp_path, "a", P=4)
+    async with serving_stack(store, copy.deepcopy(llama)) as stack:
+        with pytest.raises(
+            InputTooLong,
+            match=r"prefix \(4\) \+ prompt \(200\) \+ max new tokens \(60\) = 264 "
+            r"exceeds the context window of 256",
+        ):
+            await stack.scheduler.submit("a", [5] * 200, greedy(60)).result()
+        with pytest.raises(Unsupported, match="no classification head"):
+            await stack.scheduler.submit("a", [5, 6]).result()
+        with pytest.raises(TaskNotFound):
+            await stack.scheduler.submit("missing", [5, 6], greedy(2)).result()
+        with pytest.raises(InputTooLong, match="empty"):
+            stack.scheduler.submit("a", [], greedy(2))
+        await store.put(make_artifact("alien", fp=BackboneFingerprint("llama", 3, 64, 8, 4, 8, 128)))
+        with pytest.raises(BackboneMismatch, match="num_kv_heads: prefix has 4, backbone has 2"):
+            await stack.scheduler.submit("alien", [5, 6], greedy(2)).result()
+    bert = tiny_model("bert-cls").bert
+    async with serving_stack(store, bert) as stack:
+        with pytest.raises(Unsupported, match="encoder"):
+            stack.scheduler.submit(None, [5, 6], greedy(2))
+
+
+async def test_stops_logprobs_and_streamed_text(store, llama, tmp_path):
+    await _publish(store, llama, tmp_path, "a")
+    tok = tiny_tokenizer()
+    async with serving_stack(store, copy.deepcopy(llama), tokenizer=tok) as stack:
+        s = stack.scheduler
+        free = await s.submit("a", [5, 6, 7], greedy(12, logprobs=True)).result()
+        assert free.finish_reason == "length" and len(free.token_ids) == 12
+        assert len(free.logprobs) == 12 and all(lp <= 0 for lp in free.logprobs)
+        assert free.text == tok.decode(free.token_ids)
+
+        ids = free.token_ids
+        stop_id = ids[2]
+        cut = ids.index(stop_id)
+        by_id = await s.submit("a", [5, 6, 7], greedy(12, stop_token_ids=[stop_id])).result()
+        assert by_id.finish_reason == "stop" and by_id.token_ids == ids[: cut + 1]
+        assert by_id.text == tok.decode(ids[:cut])  # the stop token is not part of the text
+
+        word = tok.decode([ids[4]])
+        handle = s.submit("a", [5, 6, 7], greedy(12, stop=[word]))
+        deltas = [ev.text async for ev in handle.events()]
+        expected = tok.decode(ids)
+        expected = expected[: expected.find(word)]
+        assert "".join(deltas) == expected and word not in "".join(deltas)
+
+        eos = SamplingParams(max_new_tokens=12)  # EOS is honoured unless ignore_eos
+        stack.engine.eos_ids = {ids[1]}
+        stopped = await s.submit("a", [5, 6, 7], eos).result()
+        assert stopped.finish_reason == "stop" and stopped.token_ids == ids[: ids.index(ids[1]) + 1]
+
+
+async def test_requests_finish_on_the_version_they_started_with(store, llama, tmp_path):
+    v1 = await _publish(store, llama, tmp_path, "t", P=3, seed=1)
+    async with serving_stack(store, copy.deepcopy(llama)) as stack:
+        s = stack.scheduler
+        alone_v1 = await s.submit("t", [5, 6, 7], greedy(8)).result()
+        running = s.submit("t", [5, 6, 7], greedy(8))
+        events = [ev async for ev in _take(running, 2)]
+        v2 = await _publish(store, llama, tmp_path, "t", P=5, seed=2)
+        rest = [ev async for ev in running.events()]
+        assert running.version == v1.version == 1
+        assert [e.token_id for e in events + rest] == alone_v1.token_ids  # finished on v1 after v2 was published
+        await _until(lambda: stack.cache.current.get("t") == v2.version)
+        after = await s.submit("t", [5, 6, 7], greedy(8)).result()
+        assert after.version == 2
+
+        await store.rollback("t", 1)
+        await _until(lambda: stack.cache.current.get("t") == 1)
+        assert (await s.submit("t", [5, 6, 7], greedy(8)).result()).token_ids == alone_v1.token_ids
+
+        await store.delete("t")
+        await _until(lambda: "t" not in stack.cache.current)
+        with pytest.raises(TaskNotFound):
+            await s.submit("t", [5, 6, 7], greedy(2)).result()
+        assert not any(k[0] == "t" for k in stack.cache.entries)
+        await s.submit(None, [5], greedy(1)).result()  # the next step applies the device-tier invalidation
+        assert not any(k[0] == "t" for k in stack.engine.prefixes.entries)
+
+
+async def test_a_slow_prefix_load_does_not_stall_running_rows(store, redis_url, llama, tmp_path):
+    await _publish(store, llama, tmp_path, "warm")
+    await _publish(store, llama, tmp_path, "cold", seed=2, cls=PromptTuningConfig)
+    admin = connect(redis_url)
+    async with serving_stack(store, copy.deepcopy(llama)) as stack:
+        s = stack.scheduler
+        await s.submit("warm", [3], greedy(1)).result()
+        running = s.submit("warm", [5, 6], greedy(150))
+        await _take(running, 1).__anext__()
+        blocker = asyncio.create_task(admin.execute_command("DEBUG", "SLEEP", "1.0"))  # Redis stalls for 1 s
+        await asyncio.sleep(0.05)
+        cold = s.submit("cold", [5, 6], greedy(2))
+        t0, during = time.monotonic(), 0
+        async for _ in running.events():
+            if time.monotonic() - t0 < 0.8:
+                during += 1
+        await blocker
+        assert during >= 5, "decode kept going while the store was stalled"
+        assert (await cold.result()).completion_tokens == 2
+    await admin.aclose()
+
+
+async def test_store_down_for_an_uncached_task(llama):
+    from prefix_store import PrefixStore
+
+    dead = PrefixStore(connect("redis://127.0.0.1:1", socket_timeout=0.2), read_retries=1, retry_backoff_s=0.01)
+    backbone_model = copy.deepcopy(llama)
+    from service.backbone import wrap_model
+    from service.engine import Engine
+    from service.prefix_cache import PrefixCache
+    from service.scheduler import Scheduler
+
+    cache = PrefixCache(dead)
+    scheduler = Scheduler(Engine(wrap_model(backbone_model, None, name="t")), cache)
+    scheduler.start()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await scheduler.submit("x", [5], greedy(1)).result()
+        assert (await scheduler.submit(None, [5], greedy(2)).result()).completion_tokens == 2  # bare still serves
+    finally:
+        await scheduler.stop()
+        await dead.aclose()
+
+
+async def test_cache_tiers_count_hits_misses_evictions(store, llama, tmp_path):
+    for i in range(3):
+        await _publish(store, llama, tmp_path, f"t{i}", P=4, seed=i)
+    one_prefix = 3 * 2 * 2 * 4 * 8 * 4  # L * 2 * H_kv * P * D * fp32 bytes
+    async with serving_stack(store, copy.deepcopy(llama)) as stack:
+        stack.engine.prefixes.capacity = 2 * one_prefix
+        for task in ["t0", "t1", "t0", "t2", "t1"]:
+            await stack.scheduler.submit(task, [5], greedy(1)).result()
+        dev = stack.engine.prefixes
+        assert dev.stats == {"hits": 1, "misses": 4, "evictions": 2}
+        assert dev.resident_bytes == 2 * one_prefix and len(dev.entries) == 2
+        assert stack.cache.stats["misses"] == 3 and stack.cache.stats["hits"] == 2
+
+
+async def _take(handle, n):
+    i = 0
+    async for ev in handle.events():
+        yield ev
+        i += 1
+        if i == n:
+            return
+
+
+async def _until(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
