@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -12,8 +13,11 @@ from fastapi import FastAPI, Request, Response
 from prefix_store import EmbeddedRedis, PrefixStore, connect
 
 from .backbone import Backbone, load_backbone
+from .engine import Engine
 from .errors import error_response, install_error_handlers
+from .prefix_cache import PrefixCache
 from .routes import health, tasks
+from .scheduler import Scheduler
 from .settings import ServiceSettings
 from .state import Services
 
@@ -47,9 +51,31 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 device=settings.device,
                 local_files_only=settings.local_files_only,
             )
-            app.state.services = Services(settings=settings, store=store, backbone=bb, embedded_redis=embedded)
+            engine = Engine(bb, device_cache_bytes=settings.device_cache_bytes)
+            prefixes = PrefixCache(
+                store,
+                capacity_bytes=settings.host_cache_bytes,
+                on_invalidate=lambda task, version: engine.invalidate(_matching(task, version)),
+            )
+            scheduler = Scheduler(
+                engine,
+                prefixes,
+                max_batch_size=settings.max_batch_size,
+                max_batch_tokens=settings.max_batch_tokens,
+                max_prefill_tokens=settings.max_prefill_tokens,
+                max_queue=settings.max_queue,
+            )
+            prefixes.start()
+            scheduler.start()
+            with contextlib.suppress(TimeoutError):  # /ready reports it if the subscription is still missing
+                await asyncio.wait_for(prefixes.subscribed.wait(), 5)
+            app.state.services = Services(settings, store, bb, engine, prefixes, scheduler, embedded)
             log.info("prefix-serve ready: backbone %s, store %s", bb.name, "embedded" if embedded else url)
-            yield
+            try:
+                yield
+            finally:
+                await scheduler.stop()
+                await prefixes.stop()
         finally:
             await store.aclose()
             if embedded is not None:
@@ -62,6 +88,10 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     app.include_router(health.router)
     app.include_router(tasks.router)
     return app
+
+
+def _matching(task: str, version: int | None) -> Callable[[tuple[str, int]], bool]:
+    return lambda key: key[0] == task and (version is None or key[1] == version)
 
 
 def _limit_body_size(app: FastAPI, limit: int) -> None:

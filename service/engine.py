@@ -134,6 +134,9 @@ class Engine:
         with self._lock:
             self._invalidations.append(match)
 
+    def is_resident(self, task: str, version: int) -> bool:
+        return (task, version) in self.prefixes.entries
+
     def reset(self) -> None:
         """Forgets the running batch (after a failed step its state cannot be trusted)."""
         self.batch, self._tokens = None, None

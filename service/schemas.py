@@ -58,6 +58,7 @@ class TaskInfo(BaseModel):
     task: str
     current_version: int
     versions: list[int]
+    resident: bool = Field(description="the current version is in this replica's device prefix cache")
     current: VersionSummary
 
 

@@ -32,6 +32,16 @@ class ServiceSettings(BaseSettings):
     namespace: str = Field("prefixserve", description="Redis key prefix")
     max_artifact_bytes: int = Field(256 * 1024**2, gt=0, description="largest prefix or upload accepted")
 
+    max_batch_size: int = Field(32, gt=0, description="most requests decoding together")
+    max_batch_tokens: int = Field(
+        65536, gt=0, description="most key/value tokens (prefix + prompt + max new) reserved by running requests"
+    )
+    max_prefill_tokens: int = Field(8192, gt=0, description="most prompt tokens prefilled in one step")
+    max_queue: int = Field(1024, gt=0, description="most waiting requests; past it, 429")
+    device_cache_bytes: int = Field(1024**3, gt=0, description="device-resident prefix LRU budget")
+    host_cache_bytes: int = Field(4 * 1024**3, gt=0, description="host-memory prefix LRU budget")
+    request_timeout_s: float = Field(300.0, gt=0, description="deadline of a request, queueing included; past it, 504")
+
     host: str = Field("127.0.0.1", description="bind address (the --host flag wins)")
     port: int = Field(8000, ge=0, le=65535, description="bind port (the --port flag wins)")
     api_keys: Annotated[list[str], NoDecode] = Field(

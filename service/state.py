@@ -10,6 +10,9 @@ from fastapi import Depends, Request
 from prefix_store import EmbeddedRedis, PrefixStore
 
 from .backbone import Backbone
+from .engine import Engine
+from .prefix_cache import PrefixCache
+from .scheduler import Scheduler
 from .settings import ServiceSettings
 
 
@@ -18,6 +21,9 @@ class Services:
     settings: ServiceSettings
     store: PrefixStore
     backbone: Backbone
+    engine: Engine
+    prefixes: PrefixCache
+    scheduler: Scheduler
     embedded_redis: EmbeddedRedis | None = None
 
 

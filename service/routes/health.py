@@ -17,11 +17,15 @@ async def health() -> Health:
 @router.get(
     "/ready",
     response_model=Readiness,
-    summary="Readiness: backbone loaded and Redis reachable",
+    summary="Readiness: backbone loaded, engine running, Redis reachable",
     responses={503: {"model": Readiness, "description": "not ready; `checks` says which part failed"}},
 )
 async def ready(services: ServicesDep) -> JSONResponse:
-    checks: dict[str, bool | str] = {"backbone": True}
+    checks: dict[str, bool | str] = {
+        "backbone": True,
+        "engine": services.scheduler.alive or "scheduler loop is not running",
+        "prefix_events": services.prefixes.subscribed.is_set() or "not subscribed to prefix events",
+    }
     try:
         await services.store.ping()
         checks["redis"] = True

@@ -22,7 +22,13 @@ async def list_tasks(services: ServicesDep) -> TaskList:
     infos = await services.store.list_tasks()
     return TaskList(
         tasks=[
-            TaskInfo(task=t.name, current_version=t.current, versions=t.versions, current=VersionSummary(**t.summary))
+            TaskInfo(
+                task=t.name,
+                current_version=t.current,
+                versions=t.versions,
+                resident=services.engine.is_resident(t.name, t.current),
+                current=VersionSummary(**t.summary),
+            )
             for t in infos
         ]
     )
@@ -37,6 +43,7 @@ async def get_task(task: str, services: ServicesDep) -> TaskDetail:
         task=task,
         current_version=current,
         versions=sorted(by_version),
+        resident=services.engine.is_resident(task, current),
         current=VersionSummary(**by_version[current]),
         history=[VersionSummary(**s) for s in history],
     )
