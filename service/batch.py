@@ -17,14 +17,43 @@ from transformers.cache_utils import DynamicLayer
 from .prefix_kv import compaction_index, pad_columns
 
 
-def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
-    """A DynamicCache holding the given per-layer (B, H_kv, S, D) tensors without copying them."""
+class GrowingLayer(DynamicLayer):
+    """A cache layer whose keys/values live in a buffer with spare columns. Appending writes in place; the
+    buffer doubles when full. DynamicLayer instead `torch.cat`s the whole cache at every step, a fresh
+    allocation and a full copy per token that dominated decode time on CPU."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 32) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        B, H, S, D = keys.shape
+        self._k = keys.new_empty(B, H, S + spare, D)
+        self._v = values.new_empty(B, H, S + spare, D)
+        self._k[:, :, :S] = keys
+        self._v[:, :, :S] = values
+        self._set_length(S)
+
+    def _set_length(self, S: int) -> None:
+        self.length = S
+        self.keys, self.values = self._k[:, :, :S], self._v[:, :, :S]  # views: (B, H_kv, S, D)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        S, n = self.length, key_states.shape[-2]
+        if S + n > self._k.shape[2]:
+            grow = max(S + n, 2 * self._k.shape[2]) - self._k.shape[2]
+            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[3])], dim=2)
+            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[3])], dim=2)
+        self._k[:, :, S : S + n] = key_states
+        self._v[:, :, S : S + n] = value_states
+        self._set_length(S + n)
+        return self.keys, self.values
+
+
+def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor], spare: int = 32) -> DynamicCache:
+    """A DynamicCache over per-layer (B, H_kv, S, D) tensors, with room for `spare` more columns per layer."""
     cache = DynamicCache()
-    for k, v in zip(keys, values, strict=True):
-        layer = DynamicLayer()
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-        cache.layers.append(layer)
+    cache.layers.extend(GrowingLayer(k, v, spare) for k, v in zip(keys, values, strict=True))
     return cache
 
 
@@ -32,7 +61,7 @@ def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicC
 class DecodeBatch:
     """Args:
     rows: per-row payload (the engine's request state); row i of every tensor belongs to rows[i].
-    cache: per layer keys/values (B, H_kv, S, D), mutated in place by each decode forward.
+    cache: per layer keys/values (B, H_kv, S, D) in GrowingLayers, appended to in place by each decode forward.
     mask: (B, S) bool, True for real key columns.
     next_pos: (B,) long, the position id of the next token each row feeds.
     """
@@ -61,9 +90,10 @@ class DecodeBatch:
         if keep == list(range(len(self))):
             return self
         idx = torch.tensor(keep, device=self.mask.device)
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-        out = DecodeBatch([self.rows[i] for i in keep], self.cache, self.mask[idx], self.next_pos[idx])
+        cache = cache_from(
+            [layer.keys[idx] for layer in self.cache.layers], [layer.values[idx] for layer in self.cache.layers]
+        )
+        out = DecodeBatch([self.rows[i] for i in keep], cache, self.mask[idx], self.next_pos[idx])
         out.compact()
         return out
 
@@ -74,11 +104,12 @@ class DecodeBatch:
         if real >= self.width * (1 - max_waste):
             return
         idx = compaction_index(self.mask)  # (B, S')
-        gather = idx[:, None, :, None]
-        for layer in self.cache.layers:
-            shape = (-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys = torch.gather(layer.keys, 2, gather.expand(*shape))
-            layer.values = torch.gather(layer.values, 2, gather.expand(*shape))
+        layers = self.cache.layers
+        gather = idx[:, None, :, None].expand(-1, layers[0].keys.shape[1], -1, layers[0].keys.shape[3])
+        self.cache = cache_from(
+            [torch.gather(layer.keys, 2, gather) for layer in layers],
+            [torch.gather(layer.values, 2, gather) for layer in layers],
+        )
         self.mask = torch.gather(self.mask, 1, idx)
 
     @staticmethod
@@ -87,8 +118,10 @@ class DecodeBatch:
         if a is None or b is None:
             return a or b
         S = max(a.width, b.width)
-        for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
-            la.keys = torch.cat([pad_columns(la.keys, S, 2), pad_columns(lb.keys, S, 2)])
-            la.values = torch.cat([pad_columns(la.values, S, 2), pad_columns(lb.values, S, 2)])
+        pairs = list(zip(a.cache.layers, b.cache.layers, strict=True))
+        cache = cache_from(
+            [torch.cat([pad_columns(la.keys, S, 2), pad_columns(lb.keys, S, 2)]) for la, lb in pairs],
+            [torch.cat([pad_columns(la.values, S, 2), pad_columns(lb.values, S, 2)]) for la, lb in pairs],
+        )
         mask = torch.cat([pad_columns(a.mask, S, 1), pad_columns(b.mask, S, 1)])
-        return DecodeBatch(a.rows + b.rows, a.cache, mask, torch.cat([a.next_pos, b.next_pos]))
+        return DecodeBatch(a.rows + b.rows, cache, mask, torch.cat([a.next_pos, b.next_pos]))

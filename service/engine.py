@@ -182,7 +182,8 @@ class Engine:
         if self.bb.is_encoder:
             logits = self.runner.classify_encoder(items)
             return events + [_classified(reqs[i].request_id, x, self.step_count) for i, x in logits.items()]
-        out = self.runner.prefill(items)
+        room = max((r.params.max_new_tokens for r in reqs if r.params is not None), default=0)
+        out = self.runner.prefill(items, decode_room=room)
         events += [_classified(reqs[i].request_id, x, self.step_count) for i, x in out.class_logits.items()]
         if out.batch is None:
             return events

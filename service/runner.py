@@ -107,7 +107,7 @@ class ModelRunner:
 
     # -- causal LM --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, items: list[PrefillItem]) -> PrefillOutput:
+    def prefill(self, items: list[PrefillItem], decode_room: int = 64) -> PrefillOutput:
         """One forward over new rows of any mix of tasks; returns next-token logits, label probabilities, and the
         generation rows' cache, ready to join the running batch."""
         prefixes = [it.prefix.kv if it.prefix is not None else None for it in items]
@@ -117,7 +117,8 @@ class ModelRunner:
         ids, tmask = right_pad([it.input_ids for it in items], self.pad_id, self.bb.device)  # (B, Tmax)
         pos = token_positions(P, lengths, ids.shape[1], self.bb.device)  # (B, Tmax)
         mask = torch.cat([pmask, tmask], dim=1)  # (B, Pmax + Tmax)
-        cache = cache_from(list(zone[:, 0]), list(zone[:, 1]))
+        # Room for the prompt and the expected new tokens, so neither prefill nor decode reallocates.
+        cache = cache_from(list(zone[:, 0]), list(zone[:, 1]), spare=ids.shape[1] + decode_room)
         out = self.body(
             input_ids=ids, attention_mask=mask.long(), position_ids=pos, past_key_values=cache, use_cache=True
         )
@@ -181,7 +182,7 @@ class ModelRunner:
             token_type_ids=types,
             attention_mask=torch.cat([pmask, tmask], 1).long(),
             position_ids=token_positions(starts, lengths, ids.shape[1], dev),
-            past_key_values=cache_from(list(zone[:, 0]), list(zone[:, 1])),
+            past_key_values=cache_from(list(zone[:, 0]), list(zone[:, 1]), spare=ids.shape[1]),
         )
         h = out.last_hidden_state  # (B, Tmax, hidden)
         pooled = out.pooler_output  # (B, hidden) or None
