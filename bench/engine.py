@@ -163,7 +163,8 @@ async def main(args: argparse.Namespace) -> None:
     )
     print(f"{'tasks':>6} {'(a) mixed tok/s':>16} {'(b) same tok/s':>15} {'(c) PEFT tok/s':>15} {'a/b':>6} {'a/c':>7}")
     try:
-        await run_ours(scheduler, names[: args.requests], prompts, args.new)  # warm-up: threads, allocator, caches
+        warm = [names[i % len(names)] for i in range(args.requests)]
+        await run_ours(scheduler, warm, prompts, args.new)  # warm-up: threads, allocator, caches
         for k in args.tasks:
             mixed = [names[i % k] for i in range(args.requests)]
             same = [names[0]] * args.requests

@@ -7,7 +7,7 @@ budget, and puts the request in its task's ready queue. The loop then runs forev
   admit    take ready requests round-robin across tasks (a hot task cannot starve the others), within the free
            rows (max_batch_size), the key/value token budget (max_batch_tokens) and the prefill budget per step;
   step     run `engine.step` on the engine's one worker thread, so the event loop stays responsive;
-  deliver  hand each event to its request's queue; finished and cancelled rows have already left the batch.
+  deliver  append each event to its request's history; finished and cancelled rows have already left the batch.
 
 A request keeps the exact artifact version it was admitted with until it finishes, whatever is published later.
 """
@@ -65,7 +65,11 @@ class _Request:
     params: SamplingParams | None
     token_type_ids: list[int] | None
     deadline: float | None
-    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    # Events are appended to `history`; a streaming reader waits on `signal`, a non-streaming one only on
+    # `finished`, so a request awaiting its result is not woken once per token.
+    history: list[Event] = field(default_factory=list)
+    signal: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
     artifact: PrefixArtifact | None = None
     cancelled: bool = False
     done: bool = False
@@ -85,6 +89,7 @@ class RequestHandle:
     def __init__(self, req: _Request, scheduler: Scheduler) -> None:
         self._req = req
         self._scheduler = scheduler
+        self._cursor = 0
 
     @property
     def id(self) -> str:
@@ -96,17 +101,25 @@ class RequestHandle:
 
     async def events(self) -> AsyncIterator[Event]:
         """Events until the request finishes; raises the request's error instead of yielding it."""
+        req = self._req
         while True:
-            ev = await self._req.queue.get()
-            if ev.error is not None:
-                raise ev.error
-            yield ev
-            if ev.finish_reason is not None:
-                return
+            while self._cursor < len(req.history):  # a later call resumes where an earlier one stopped
+                ev = req.history[self._cursor]
+                self._cursor += 1
+                if ev.error is not None:
+                    raise ev.error
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+            req.signal.clear()
+            await req.signal.wait()
 
     async def result(self) -> GenerationResult | ClassificationResult:
+        await self._req.finished.wait()
         tokens, texts, logprobs, last = [], [], [], None
-        async for ev in self.events():
+        for ev in self._req.history:
+            if ev.error is not None:
+                raise ev.error
             last = ev
             if ev.token_id is not None:
                 tokens.append(ev.token_id)
@@ -345,14 +358,17 @@ class Scheduler:
         if ev.finish_reason is not None or ev.error is not None:
             self._finish(req, ev)
         else:
-            req.queue.put_nowait(ev)
+            req.history.append(ev)
+            req.signal.set()
 
     def _finish(self, req: _Request, ev: Event) -> None:
         if req.done:
             return
         req.done = True
         self._running.pop(req.id, None)
-        req.queue.put_nowait(ev)
+        req.history.append(ev)
+        req.signal.set()
+        req.finished.set()
 
     def _fail_all(self, admitted: list[_Request], error: Exception) -> None:
         for req in admitted + list(self._running.values()):
