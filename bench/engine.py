@@ -165,6 +165,7 @@ async def main(args: argparse.Namespace) -> None:
     try:
         warm = [names[i % len(names)] for i in range(args.requests)]
         await run_ours(scheduler, warm, prompts, args.new)  # warm-up: threads, allocator, caches
+        ours = {}
         for k in args.tasks:
             mixed = [names[i % k] for i in range(args.requests)]
             same = [names[0]] * args.requests
@@ -176,9 +177,12 @@ async def main(args: argparse.Namespace) -> None:
                 )
                 for _ in range(args.repeats)
             ]
-            a = statistics.median(r[0] for r in runs)
-            b = statistics.median(r[1] for r in runs)
-            c = run_peft(peft_model, mixed, prompts, args.new, args.device)
+            ours[k] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+        # PEFT runs after all of ours: its large one-task batches leave the allocator in a state that slowed
+        # whatever ran next in the same process by up to a third (seen on CPU), which would skew a and b.
+        for k in args.tasks:
+            a, b = ours[k]
+            c = run_peft(peft_model, [names[i % k] for i in range(args.requests)], prompts, args.new, args.device)
             print(f"{k:>6} {a:>16.1f} {b:>15.1f} {c:>15.1f} {a / b:>6.2f} {a / c:>7.1f}", flush=True)
     finally:
         await scheduler.stop()

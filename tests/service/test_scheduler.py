@@ -6,6 +6,7 @@ import copy
 import time
 
 import pytest
+import torch
 from peft import PrefixTuningConfig, PromptTuningConfig
 
 from prefix_store import BackboneFingerprint, BackboneMismatch, StoreUnavailable, TaskNotFound, connect
@@ -244,3 +245,16 @@ async def _until(cond, timeout=5.0):
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+async def test_bfloat16_backbone_serves_prefixes(store, llama, tmp_path):
+    """Artifacts are stored in fp32 and cast to the backbone's dtype when they are materialised."""
+    await _publish(store, llama, tmp_path, "a")
+    await _publish(store, llama, tmp_path, "soft", cls=PromptTuningConfig)
+    model = copy.deepcopy(llama).to(torch.bfloat16)
+    async with serving_stack(store, model) as stack:
+        results = await asyncio.gather(
+            *(stack.scheduler.submit(t, [5, 6, 7], greedy(4)).result() for t in ("a", "soft", None))
+        )
+        assert all(r.completion_tokens == 4 for r in results)
+        assert all(p.kv.dtype == torch.bfloat16 for p in stack.engine.prefixes.entries.values())
