@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ from prefix_store import PrefixArtifact
 
 from .backbone import Backbone
 from .batch import DecodeBatch
+from .lru import ByteLRU
 from .runner import DevicePrefix, ModelRunner, PrefillItem
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
 
@@ -72,40 +72,6 @@ def _classified(request_id: str, logits: torch.Tensor, step: int) -> Event:
     return Event(request_id, probs=probs, logits=logits, finish_reason="stop", step=step)
 
 
-class DevicePrefixCache:
-    """Device-resident prefixes by (task, version), least recently used evicted past `capacity_bytes`.
-    Rows hold their own reference, so eviction never pulls tensors from under a running request."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity = capacity_bytes
-        self.entries: OrderedDict[tuple[str, int], DevicePrefix] = OrderedDict()
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
-        self.resident_bytes = 0
-
-    def get(self, key: tuple[str, int]) -> DevicePrefix | None:
-        entry = self.entries.get(key)
-        if entry is None:
-            self.stats["misses"] += 1
-            return None
-        self.stats["hits"] += 1
-        self.entries.move_to_end(key)
-        return entry
-
-    def put(self, entry: DevicePrefix) -> None:
-        key = (entry.task, entry.version)
-        self.drop(lambda k: k == key)
-        self.entries[key] = entry
-        self.resident_bytes += entry.nbytes
-        while self.resident_bytes > self.capacity and len(self.entries) > 1:
-            _, old = self.entries.popitem(last=False)
-            self.resident_bytes -= old.nbytes
-            self.stats["evictions"] += 1
-
-    def drop(self, match: Any) -> None:
-        for key in [k for k in self.entries if match(k)]:
-            self.resident_bytes -= self.entries.pop(key).nbytes
-
-
 class Engine:
     """Args:
     backbone: the frozen model.
@@ -115,7 +81,9 @@ class Engine:
     def __init__(self, backbone: Backbone, *, device_cache_bytes: int = 1024**3) -> None:
         self.bb = backbone
         self.runner = ModelRunner(backbone)
-        self.prefixes = DevicePrefixCache(device_cache_bytes)
+        # Device-resident prefixes by (task, version). Rows hold their own reference, so an eviction never pulls
+        # tensors from under a running request.
+        self.prefixes: ByteLRU[tuple[str, int], DevicePrefix] = ByteLRU(device_cache_bytes, lambda p: p.nbytes)
         self.batch: DecodeBatch | None = None
         self._tokens: torch.Tensor | None = None  # (B,) the token each running row feeds next
         self._invalidations: list[Any] = []
@@ -135,7 +103,7 @@ class Engine:
             self._invalidations.append(match)
 
     def is_resident(self, task: str, version: int) -> bool:
-        return (task, version) in self.prefixes.entries
+        return (task, version) in self.prefixes
 
     def reset(self) -> None:
         """Forgets the running batch (after a failed step its state cannot be trusted)."""
@@ -271,5 +239,5 @@ class Engine:
         entry = self.prefixes.get(key)
         if entry is None:
             entry = self.runner.materialize(req.artifact)  # type: ignore[arg-type]
-            self.prefixes.put(entry)
+            self.prefixes.put(key, entry)
         return entry

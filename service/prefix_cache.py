@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 
 from prefix_store import PrefixArtifact, PrefixStore, StoreEvent, StoreUnavailable
+
+from .lru import ByteLRU
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,9 @@ class PrefixCache:
         on_invalidate: Callable[[str, int | None], None] | None = None,
     ) -> None:
         self.store = store
-        self.capacity = capacity_bytes
         self.on_invalidate = on_invalidate or (lambda task, version: None)
         self.current: dict[str, int] = {}
-        self.entries: OrderedDict[tuple[str, int], PrefixArtifact] = OrderedDict()
-        self.resident_bytes = 0
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self.lru: ByteLRU[tuple[str, int], PrefixArtifact] = ByteLRU(capacity_bytes, lambda a: a.nbytes)
         self._generation: dict[str, int] = {}  # bumped by every event of a task, to discard racing lookups
         self._epoch = 0  # bumped by every (re)subscription
         self._loading: dict[tuple[str, int], asyncio.Future[PrefixArtifact]] = {}
@@ -51,12 +49,9 @@ class PrefixCache:
         if version is None:
             version = await self.current_version(task)
         key = (task, version)
-        hit = self.entries.get(key)
+        hit = self.lru.get(key)
         if hit is not None:
-            self.stats["hits"] += 1
-            self.entries.move_to_end(key)
             return hit
-        self.stats["misses"] += 1
         pending = self._loading.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._load(key))
@@ -76,22 +71,11 @@ class PrefixCache:
 
     async def _load(self, key: tuple[str, int]) -> PrefixArtifact:
         artifact = await self.store.get(*key)
-        self._insert(key, artifact)
+        self.lru.put(key, artifact)
         return artifact
 
-    def _insert(self, key: tuple[str, int], artifact: PrefixArtifact) -> None:
-        if key in self.entries:
-            return
-        self.entries[key] = artifact
-        self.resident_bytes += artifact.nbytes
-        while self.resident_bytes > self.capacity and len(self.entries) > 1:
-            _, old = self.entries.popitem(last=False)
-            self.resident_bytes -= old.nbytes
-            self.stats["evictions"] += 1
-
     def _drop(self, task: str, version: int | None) -> None:
-        for key in [k for k in self.entries if k[0] == task and (version is None or k[1] == version)]:
-            self.resident_bytes -= self.entries.pop(key).nbytes
+        self.lru.drop(lambda k: k[0] == task and (version is None or k[1] == version))
         self.on_invalidate(task, version)
 
     # -- events -------------------------------------------------------------------------------------------------

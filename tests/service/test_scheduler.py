@@ -168,7 +168,7 @@ async def test_requests_finish_on_the_version_they_started_with(store, llama, tm
         await _until(lambda: "t" not in stack.cache.current)
         with pytest.raises(TaskNotFound):
             await s.submit("t", [5, 6, 7], greedy(2)).result()
-        assert not any(k[0] == "t" for k in stack.cache.entries)
+        assert not any(k[0] == "t" for k in stack.cache.lru.entries)
         await s.submit(None, [5], greedy(1)).result()  # the next step applies the device-tier invalidation
         assert not any(k[0] == "t" for k in stack.engine.prefixes.entries)
 
@@ -228,7 +228,7 @@ async def test_cache_tiers_count_hits_misses_evictions(store, llama, tmp_path):
         dev = stack.engine.prefixes
         assert dev.stats == {"hits": 1, "misses": 4, "evictions": 2}
         assert dev.resident_bytes == 2 * one_prefix and len(dev.entries) == 2
-        assert stack.cache.stats["misses"] == 3 and stack.cache.stats["hits"] == 2
+        assert stack.cache.lru.stats["misses"] == 3 and stack.cache.lru.stats["hits"] == 2
 
 
 async def _take(handle, n):
