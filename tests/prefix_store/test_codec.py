@@ -1,5 +1,4 @@
 import io
-import json
 import pickle
 import struct
 
@@ -16,8 +15,7 @@ from prefix_store import (
     decode,
     encode,
 )
-from prefix_store.codec import checksum
-from tests.factories import make_artifact
+from tests.factories import make_artifact, rewrite_blob
 
 METHODS = ["prefix_tuning", "p_tuning_v2", "prompt_tuning", "p_tuning"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -46,22 +44,6 @@ def test_round_trip(method, dtype, labels):
     assert_same(decode(encode(art)), art)
 
 
-def _rewrite(blob: bytes, *, meta_edit=None, tensor_edit=None, fix_checksum=False) -> bytes:
-    """Re-encodes a blob after editing its metadata and/or tensors, bypassing the artifact's own validation."""
-    (n,) = struct.unpack("<Q", blob[:8])
-    meta = json.loads(json.loads(blob[8 : 8 + n])["__metadata__"]["prefix_serve"])
-    from safetensors.torch import load
-
-    tensors = load(blob)
-    if tensor_edit:
-        tensor_edit(tensors)
-    if meta_edit:
-        meta_edit(meta)
-    if fix_checksum:
-        meta["checksum"] = checksum(tensors)
-    return st_save(tensors, metadata={"prefix_serve": json.dumps(meta)})
-
-
 def test_corrupted_tensor_bytes_fail_the_checksum():
     blob = bytearray(encode(make_artifact()))
     blob[-3] ^= 0xFF
@@ -70,7 +52,7 @@ def test_corrupted_tensor_bytes_fail_the_checksum():
 
 
 def test_wrong_checksum():
-    blob = _rewrite(encode(make_artifact()), meta_edit=lambda m: m.update(checksum="sha256:" + "0" * 64))
+    blob = rewrite_blob(encode(make_artifact()), meta_edit=lambda m: m.update(checksum="sha256:" + "0" * 64))
     with pytest.raises(ChecksumMismatch):
         decode(blob)
 
@@ -100,7 +82,7 @@ def test_non_finite_values_in_bytes():
     def poison(t):
         t["kv"][0, 0, 0, 0, 0] = float("nan")
 
-    blob = _rewrite(encode(make_artifact()), tensor_edit=poison, fix_checksum=True)
+    blob = rewrite_blob(encode(make_artifact()), tensor_edit=poison, fix_checksum=True)
     with pytest.raises(NonFiniteTensorError):
         decode(blob)
 
@@ -109,13 +91,13 @@ def test_shape_disagreeing_with_backbone():
     def widen(t):
         t["kv"] = torch.randn(3, 2, 4, 5, 8)  # H_kv = 4, the fingerprint says 2
 
-    blob = _rewrite(encode(make_artifact()), tensor_edit=widen, fix_checksum=True)
+    blob = rewrite_blob(encode(make_artifact()), tensor_edit=widen, fix_checksum=True)
     with pytest.raises(ArtifactShapeError, match="H_kv"):
         decode(blob)
 
 
 def test_metadata_disagreeing_with_tensors():
-    blob = _rewrite(encode(make_artifact()), meta_edit=lambda m: m.update(num_virtual_tokens=7))
+    blob = rewrite_blob(encode(make_artifact()), meta_edit=lambda m: m.update(num_virtual_tokens=7))
     with pytest.raises(ArtifactFormatError, match="num_virtual_tokens: says 7, tensors have 5"):
         decode(blob)
 
@@ -125,13 +107,13 @@ def test_unexpected_tensor_and_dtype():
         t["evil"] = torch.zeros(1)
 
     with pytest.raises(ArtifactFormatError, match="tensors: expected"):
-        decode(_rewrite(encode(make_artifact()), tensor_edit=extra, fix_checksum=True))
+        decode(rewrite_blob(encode(make_artifact()), tensor_edit=extra, fix_checksum=True))
 
     def ints(t):
         t["kv"] = t["kv"].to(torch.int64)
 
     with pytest.raises(ArtifactFormatError, match="dtype"):
-        decode(_rewrite(encode(make_artifact()), tensor_edit=ints, fix_checksum=True))
+        decode(rewrite_blob(encode(make_artifact()), tensor_edit=ints, fix_checksum=True))
 
 
 def test_oversized_blob():

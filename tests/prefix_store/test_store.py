@@ -8,6 +8,7 @@ import torch
 from prefix_store import (
     ArtifactError,
     ArtifactFormatError,
+    ArtifactShapeError,
     ArtifactTooLarge,
     ChecksumMismatch,
     EmbeddedRedis,
@@ -21,7 +22,7 @@ from prefix_store import (
     connect,
     encode,
 )
-from tests.factories import make_artifact
+from tests.factories import make_artifact, rewrite_blob
 
 pytestmark = pytest.mark.redis
 
@@ -169,20 +170,31 @@ async def test_readers_never_see_a_torn_or_mismatched_version(redis_url, store):
             assert fills[version] == value
 
 
+def _widen(tensors):
+    tensors["kv"] = torch.randn(3, 2, 4, 5, 8)  # H_kv = 4 where the fingerprint says 2
+
+
+def _poison(tensors):
+    tensors["kv"][0, 0, 0, 0, 0] = float("inf")
+
+
 @pytest.mark.parametrize(
     "corrupt, error",
     [
         (lambda b: b[:-7], ArtifactFormatError),
         (lambda b: b[:-1] + bytes([b[-1] ^ 1]), ChecksumMismatch),
         (lambda b: b"\x80\x04garbage", ArtifactFormatError),
-        (lambda b: b + b"\0" * 3000, ArtifactTooLarge),
+        (lambda b: b + b"\0" * 6000, ArtifactTooLarge),
+        (lambda b: rewrite_blob(b, tensor_edit=_widen, fix_checksum=True), ArtifactShapeError),
+        (lambda b: rewrite_blob(b, tensor_edit=_poison, fix_checksum=True), NonFiniteTensorError),
+        (lambda b: rewrite_blob(b, meta_edit=lambda m: m.update(task="Bad Name")), InvalidTaskName),
     ],
 )
 async def test_bad_bytes_leave_the_store_unchanged(store, corrupt, error):
     await store.put(make_artifact("keep", fill=7.0))
     before = await store.versions("keep")
     blob = encode(make_artifact("keep", fill=8.0))
-    store.max_artifact_bytes = len(blob) + 1000
+    store.max_artifact_bytes = len(blob) + 4000
     with pytest.raises(error):
         await store.put_bytes(corrupt(blob))
     assert await store.versions("keep") == before
