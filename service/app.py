@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from prefix_store import EmbeddedRedis, PrefixStore, connect
 
 from .backbone import Backbone, load_backbone
 from .engine import Engine
 from .errors import error_response, install_error_handlers
+from .metrics import Metrics
 from .prefix_cache import PrefixCache
-from .routes import health, tasks
+from .routes import health, inference, openai, tasks
 from .scheduler import Scheduler
 from .settings import ServiceSettings
 from .state import Services
@@ -69,7 +71,9 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
             scheduler.start()
             with contextlib.suppress(TimeoutError):  # /ready reports it if the subscription is still missing
                 await asyncio.wait_for(prefixes.subscribed.wait(), 5)
-            app.state.services = Services(settings, store, bb, engine, prefixes, scheduler, embedded)
+            services = Services(settings, store, bb, engine, prefixes, scheduler, metrics, embedded)
+            metrics.watch(services)
+            app.state.services = services
             log.info("prefix-serve ready: backbone %s, store %s", bb.name, "embedded" if embedded else url)
             try:
                 yield
@@ -83,9 +87,13 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
 
     app = FastAPI(title="prefix-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    metrics = Metrics()
     install_error_handlers(app)
-    _limit_body_size(app, settings.max_artifact_bytes + 1024**2)
+    app.add_middleware(_BodyLimit, limit=settings.max_artifact_bytes + 1024**2)
+    metrics.install(app)
     app.include_router(health.router)
+    app.include_router(inference.router)
+    app.include_router(openai.router)
     app.include_router(tasks.router)
     return app
 
@@ -94,12 +102,19 @@ def _matching(task: str, version: int | None) -> Callable[[tuple[str, int]], boo
     return lambda key: key[0] == task and (version is None or key[1] == version)
 
 
-def _limit_body_size(app: FastAPI, limit: int) -> None:
-    """Refuses a declared body over the limit before anything reads it (uploads are the only large bodies)."""
+class _BodyLimit:
+    """Refuses a declared body over the limit before anything reads it (uploads are the only large bodies).
+    Pure ASGI, so routes still see client disconnects."""
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return error_response(413, f"request body is {declared} bytes: the limit is {limit}", "PayloadTooLarge")
-        return await call_next(request)
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.limit:
+                msg = f"request body is {int(declared)} bytes: the limit is {self.limit}"
+                await error_response(413, msg, "PayloadTooLarge")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

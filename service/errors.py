@@ -36,6 +36,12 @@ class BadRequest(ServiceError):
     status = 400
 
 
+class InvalidRequest(ServiceError):
+    """A body that parses but does not make sense (e.g. both or neither of prompt and input_ids)."""
+
+    status = 422
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
 
@@ -62,6 +68,12 @@ class QueueFull(ServiceError):
 
 class RequestTimeout(ServiceError):
     status = 504
+
+
+class ClientGone(ServiceError):
+    """The client disconnected before its answer was ready; its request was cancelled."""
+
+    status = 499
 
 
 class EngineFailure(ServiceError):

@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -65,6 +65,7 @@ class _Request:
     params: SamplingParams | None
     token_type_ids: list[int] | None
     deadline: float | None
+    version: int | None = None  # pin a version; None: the task's current one when the request is prepared
     # Events are appended to `history`; a streaming reader waits on `signal`, a non-streaming one only on
     # `finished`, so a request awaiting its result is not woken once per token.
     history: list[Event] = field(default_factory=list)
@@ -141,6 +142,12 @@ class RequestHandle:
             logprobs=logprobs if req.params.logprobs else None,
         )
 
+    @property
+    def first_event_latency(self) -> float | None:
+        """Seconds from submission to the first token (or label), once there is one."""
+        req = self._req
+        return None if req.first_event_at is None else req.first_event_at - req.submitted_at
+
     def cancel(self) -> None:
         self._scheduler.cancel(self._req)
 
@@ -180,7 +187,9 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.steps = 0
+        self.cancelled = 0  # requests that ended cancelled (client gone, or explicit)
         self.last_batch_size = 0
+        self.on_step: Callable[[int], None] | None = None  # told the rows of each step (metrics)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -213,6 +222,7 @@ class Scheduler:
         *,
         token_type_ids: list[int] | None = None,
         timeout_s: float | None = None,
+        version: int | None = None,
     ) -> RequestHandle:
         """Queues a generation (params given) or classification (params None) request for `task` (None: the bare
         backbone). Raises QueueFull at once when the queue is at its bound."""
@@ -225,7 +235,7 @@ class Scheduler:
         if not prompt_ids:
             raise InputTooLong("the prompt is empty: expected at least one token")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        req = _Request(f"req-{next(_ids)}", task, list(prompt_ids), params, token_type_ids, deadline)
+        req = _Request(f"req-{next(_ids)}", task, list(prompt_ids), params, token_type_ids, deadline, version)
         self._waiting += 1
         asyncio.create_task(self._prepare(req))
         return RequestHandle(req, self)
@@ -233,7 +243,7 @@ class Scheduler:
     async def _prepare(self, req: _Request) -> None:
         try:
             if req.task is not None:
-                req.artifact = await self.prefixes.get(req.task)
+                req.artifact = await self.prefixes.get(req.task, req.version)
             self._check(req)
         except Exception as e:
             self._waiting -= 1
@@ -285,7 +295,9 @@ class Scheduler:
                 if req.params is not None:
                     self._running[req.id] = req
             engine_reqs = [EngineRequest(r.id, r.prompt_ids, r.artifact, r.params, r.token_type_ids) for r in admit]
-            self.last_batch_size = len(self._running)
+            self.last_batch_size = len(self._running) + sum(1 for r in admit if r.params is None)
+            if self.on_step is not None and self.last_batch_size:
+                self.on_step(self.last_batch_size)
             if not engine_reqs and not self.engine.running and not cancel:
                 await asyncio.sleep(0.001)  # nothing admissible yet (budget); let cancellations and finishes land
                 continue
@@ -365,6 +377,7 @@ class Scheduler:
         if req.done:
             return
         req.done = True
+        self.cancelled += ev.finish_reason == "cancelled"
         self._running.pop(req.id, None)
         req.history.append(ev)
         req.signal.set()

@@ -82,3 +82,155 @@ class Readiness(BaseModel):
     ready: bool
     checks: dict[str, bool | str]
     backbone: dict[str, Any] | None = None
+
+
+# -- inference ------------------------------------------------------------------------------------------------------
+BASE_TASK = "base"  # the reserved task name of the bare backbone (no prefix)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class SamplingFields(BaseModel):
+    max_new_tokens: int = Field(16, ge=1, le=4096, description="most tokens to generate")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=100000, description="0: no top-k cut")
+    stop: list[str] | str | None = Field(None, description="stop strings (the text ends before the first match)")
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same tokens, whatever the batch")
+    logprobs: bool = Field(False, description="return the log-probability of each generated token")
+
+
+class GenerateRequest(SamplingFields):
+    task: str = Field(description=f"task name; {BASE_TASK!r} is the bare backbone", examples=["e2e"])
+    prompt: str | None = Field(None, max_length=200_000)
+    input_ids: list[int] | None = Field(None, max_length=32768)
+    stream: bool = Field(False, description="Server-Sent Events: one event per token, then a final event")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [{"task": "e2e", "prompt": "name[The Vaults], eatType[pub]", "max_new_tokens": 32}]
+        }
+    }
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    task: str
+    version: int | None = Field(description="the task version that served the request (None for the base task)")
+    text: str
+    token_ids: list[int] = Field(description="generated tokens only")
+    finish_reason: str = Field(description="length | stop")
+    logprobs: list[float] | None = None
+    usage: Usage
+
+    model_config = {
+        "json_schema_extra": {
+            "example": {
+                "task": "e2e",
+                "version": 3,
+                "text": " The Vaults is a pub.",
+                "token_ids": [383, 569, 2518],
+                "finish_reason": "stop",
+                "logprobs": None,
+                "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+            }
+        }
+    }
+
+
+class ClassifyRequest(BaseModel):
+    task: str = Field(examples=["sst2"])
+    text: str | None = Field(None, max_length=200_000)
+    texts: list[str] | None = Field(None, min_length=1, max_length=256)
+    input_ids: list[int] | None = Field(None, max_length=32768)
+    text_pair: str | None = Field(None, max_length=200_000, description="second segment, with `text`")
+
+    model_config = {"json_schema_extra": {"examples": [{"task": "sst2", "texts": ["a gripping film", "dull"]}]}}
+
+
+class Classification(BaseModel):
+    label: str
+    scores: dict[str, float] = Field(description="probability of every label")
+
+
+class ClassifyResponse(BaseModel):
+    task: str
+    version: int
+    results: list[Classification]
+
+    model_config = {
+        "json_schema_extra": {
+            "example": {
+                "task": "sst2",
+                "version": 2,
+                "results": [{"label": "positive", "scores": {"negative": 0.08, "positive": 0.92}}],
+            }
+        }
+    }
+
+
+# -- OpenAI-compatible ----------------------------------------------------------------------------------------------
+class CompletionRequest(BaseModel):
+    model: str = Field(description="the task name", examples=["e2e"])
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(examples=["name[The Vaults], eatType[pub]"])
+    max_tokens: int = Field(16, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    logprobs: int | None = Field(None, ge=0, le=1, description="0 or 1: the chosen token's log-probability")
+    stream: bool = False
+    echo: bool = Field(False, description="not supported: must be false")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    user: str | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "prefix-serve"
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]

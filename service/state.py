@@ -11,6 +11,7 @@ from prefix_store import EmbeddedRedis, PrefixStore
 
 from .backbone import Backbone
 from .engine import Engine
+from .metrics import Metrics
 from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
 from .settings import ServiceSettings
@@ -24,6 +25,7 @@ class Services:
     engine: Engine
     prefixes: PrefixCache
     scheduler: Scheduler
+    metrics: Metrics
     embedded_redis: EmbeddedRedis | None = None
 
 

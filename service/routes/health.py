@@ -1,8 +1,10 @@
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prefix_store import StoreUnavailable
 
+from ..auth import AdminAuth
 from ..schemas import Health, Readiness
 from ..state import ServicesDep
 
@@ -34,3 +36,14 @@ async def ready(services: ServicesDep) -> JSONResponse:
     ok = all(v is True for v in checks.values())
     body = Readiness(ready=ok, checks=checks, backbone=services.backbone.describe())
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (admin)",
+    dependencies=[AdminAuth],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"example": "prefixserve_queue_depth 0.0\n"}}}},
+)
+async def metrics(services: ServicesDep) -> Response:
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -11,7 +11,7 @@ from prefix_store import PrefixArtifact, decode, import_peft_adapter, validate_t
 
 from ..auth import AdminAuth
 from ..errors import BadRequest, PayloadTooLarge
-from ..schemas import RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
+from ..schemas import BASE_TASK, RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
 from ..state import Services, ServicesDep
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks (admin)"], dependencies=[AdminAuth])
@@ -70,6 +70,8 @@ async def upload(
     ] = None,
 ) -> VersionSummary:
     validate_task_name(task)
+    if task == BASE_TASK:
+        raise BadRequest(f"{BASE_TASK!r} is reserved for the bare backbone: choose another task name")
     limit = services.settings.max_artifact_bytes
     if artifact is not None and adapter_config is None and adapter_model is None:
         art = decode(await _read(artifact, limit, "artifact"), max_bytes=limit).with_task(task)

@@ -1,0 +1,149 @@
+"""What the inference routes share: task names, tokenisation, submission, waiting (a client that goes away
+cancels its request and frees its row), and Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from prefix_store import validate_task_name
+
+from .engine import Event
+from .errors import BadRequest, ClientGone, InputTooLong, InvalidRequest, status_of
+from .sampling import SamplingParams
+from .scheduler import ClassificationResult, GenerationResult, RequestHandle
+from .schemas import BASE_TASK, SamplingFields
+from .state import Services
+
+DISCONNECT_POLL_S = 0.25
+
+
+def task_of(name: str) -> str | None:
+    """The store task a request names; None for the bare backbone."""
+    return None if name == BASE_TASK else validate_task_name(name)
+
+
+def prompt_ids(services: Services, prompt: str | None, input_ids: list[int] | None) -> list[int]:
+    if (prompt is None) == (input_ids is None):
+        raise InvalidRequest("give exactly one of 'prompt' and 'input_ids'")
+    if input_ids is not None:
+        return check_ids(services, input_ids)
+    tok = _tokenizer(services)
+    ids = tok(prompt)["input_ids"]
+    if not ids:
+        raise InputTooLong("the prompt is empty after tokenisation: expected at least one token")
+    return ids
+
+
+def check_ids(services: Services, ids: list[int]) -> list[int]:
+    vocab = services.backbone.fingerprint.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise InvalidRequest(f"input_ids: expected token ids in [0, {vocab}), got {bad[:5]}")
+    if not ids:
+        raise InvalidRequest("input_ids: expected at least one token")
+    return ids
+
+
+def encode_pair(services: Services, text: str, pair: str | None) -> tuple[list[int], list[int] | None]:
+    enc = _tokenizer(services)(text, pair) if pair is not None else _tokenizer(services)(text)
+    return enc["input_ids"], enc.get("token_type_ids")
+
+
+def _tokenizer(services: Services) -> Any:
+    tok = services.backbone.tokenizer
+    if tok is None:
+        raise BadRequest(f"backbone {services.backbone.name} has no tokenizer: send input_ids")
+    return tok
+
+
+def sampling(fields: SamplingFields, *, max_new_tokens: int | None = None) -> SamplingParams:
+    stop = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
+    if any(not s for s in stop):
+        raise InvalidRequest("stop: expected non-empty strings")
+    return SamplingParams(
+        max_new_tokens=max_new_tokens or fields.max_new_tokens,
+        temperature=fields.temperature,
+        top_k=fields.top_k,
+        top_p=fields.top_p,
+        seed=fields.seed,
+        stop=stop,
+        stop_token_ids=list(fields.stop_token_ids),
+        logprobs=fields.logprobs,
+    )
+
+
+def submit(
+    services: Services,
+    task: str | None,
+    ids: list[int],
+    params: SamplingParams | None = None,
+    token_type_ids: list[int] | None = None,
+    version: int | None = None,
+) -> RequestHandle:
+    return services.scheduler.submit(
+        task, ids, params, token_type_ids=token_type_ids, version=version, timeout_s=services.settings.request_timeout_s
+    )
+
+
+async def first_event(request: Request, handle: RequestHandle) -> tuple[Event, AsyncIterator[Event]]:
+    """The first event of a stream, awaited before any byte is sent, so that a failure (unknown task, prefix
+    incompatible, queue timeout) still gets its own HTTP status. A client gone meanwhile cancels the request."""
+    events = handle.events()
+    first = asyncio.ensure_future(events.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({first}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return first.result(), events
+            if await request.is_disconnected():
+                handle.cancel()
+                raise ClientGone("client disconnected before the first token")
+    finally:
+        if not first.done():
+            first.cancel()
+
+
+async def result(request: Request, handle: RequestHandle) -> GenerationResult | ClassificationResult:
+    """Awaits the result; if the client disconnects first, cancels the request (its row frees at the next step)."""
+    waiter = asyncio.ensure_future(handle.result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return waiter.result()
+            if await request.is_disconnected():
+                handle.cancel()
+                raise ClientGone("client disconnected before the answer was ready")
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+
+
+async def results(request: Request, handles: list[RequestHandle]) -> list[Any]:
+    try:
+        return list(await asyncio.gather(*(result(request, h) for h in handles)))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def guarded_stream(stream: AsyncIterator[str], handle: RequestHandle) -> AsyncIterator[str]:
+    """Yields a route's SSE chunks; when the client disconnects Starlette stops iterating, and the request is
+    cancelled so its row frees at the next step. Errors after the first byte become a final error event."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except Exception as e:  # the status line is already sent: report in-band
+        yield sse({"error": {"message": str(e), "type": type(e).__name__, "code": status_of(e)}})
+    finally:
+        handle.cancel()

@@ -1,0 +1,134 @@
+"""POST /v1/generate and POST /v1/classify."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from .. import inference as inf
+from ..auth import InferenceAuth
+from ..engine import Event
+from ..errors import InvalidRequest, Unsupported
+from ..scheduler import RequestHandle
+from ..schemas import (
+    BASE_TASK,
+    Classification,
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorBody,
+    GenerateRequest,
+    GenerateResponse,
+    Usage,
+)
+from ..state import Services, ServicesDep
+
+ERRORS = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "bad input: context window exceeded, generation on an encoder, no classification head, ...",
+        401: "missing or invalid key",
+        404: "unknown task or version",
+        409: "prefix incompatible with the backbone",
+        422: "invalid body",
+        429: "queue full (see Retry-After)",
+        503: "prefix store unreachable for an uncached task",
+        504: "request over its deadline",
+    }.items()
+}
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[InferenceAuth])
+
+STREAM_DOC = {
+    200: {
+        "description": "JSON, or with `stream: true` Server-Sent Events: `data: {token_id, text, logprob}` per token, "
+        "then `data: {finish_reason, usage, task, version}`",
+        "content": {"text/event-stream": {"example": 'data: {"token_id":383,"text":" The","logprob":null}\n\n'}},
+    }
+}
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses=ERRORS | STREAM_DOC,
+    summary="Generate text with a task's prefix",
+)
+async def generate(
+    body: GenerateRequest, request: Request, services: ServicesDep
+) -> GenerateResponse | StreamingResponse:
+    request.state.task = body.task
+    ids = inf.prompt_ids(services, body.prompt, body.input_ids)
+    handle = inf.submit(services, inf.task_of(body.task), ids, inf.sampling(body))
+    if body.stream:
+        first, events = await inf.first_event(request, handle)
+        services.metrics.ttft.observe(first_latency(handle))
+        stream = _generate_stream(services, body.task, handle, len(ids), first, events)
+        return StreamingResponse(inf.guarded_stream(stream, handle), media_type="text/event-stream")
+    res = await inf.result(request, handle)
+    services.metrics.ttft.observe(first_latency(handle))
+    services.metrics.generated.labels(body.task).inc(res.completion_tokens)
+    return GenerateResponse(
+        task=body.task,
+        version=res.version,
+        text=res.text,
+        token_ids=res.token_ids,
+        finish_reason=res.finish_reason,
+        logprobs=res.logprobs,
+        usage=usage(res.prompt_tokens, res.completion_tokens),
+    )
+
+
+async def _generate_stream(
+    services: Services, task: str, handle: RequestHandle, prompt_tokens: int, first: Event, events: AsyncIterator[Event]
+) -> AsyncIterator[str]:
+    n, ev = 0, first
+    while True:
+        if ev.token_id is not None:
+            n += 1
+            yield inf.sse({"token_id": ev.token_id, "text": ev.text, "logprob": ev.logprob})
+        if ev.finish_reason is not None:
+            services.metrics.generated.labels(task).inc(n)
+            yield inf.sse(
+                {
+                    "finish_reason": ev.finish_reason,
+                    "usage": usage(prompt_tokens, n).model_dump(),
+                    "task": task,
+                    "version": handle.version,
+                }
+            )
+            return
+        ev = await events.__anext__()
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Classify with a task's head")
+async def classify(body: ClassifyRequest, request: Request, services: ServicesDep) -> ClassifyResponse:
+    request.state.task = body.task
+    task = inf.task_of(body.task)
+    if task is None:
+        raise Unsupported(f"the {BASE_TASK!r} task has no classification head")
+    given = [name for name in ("text", "texts", "input_ids") if getattr(body, name) is not None]
+    if len(given) != 1:
+        raise InvalidRequest(f"give exactly one of 'text', 'texts' and 'input_ids', got {given or 'none'}")
+    if body.text_pair is not None and body.text is None:
+        raise InvalidRequest("'text_pair' goes with 'text'")
+    if body.input_ids is not None:
+        inputs = [(inf.check_ids(services, body.input_ids), None)]
+    else:
+        texts = [body.text] if body.text is not None else body.texts
+        inputs = [inf.encode_pair(services, t, body.text_pair) for t in texts]  # type: ignore[union-attr]
+    version = await services.prefixes.current_version(task)  # one version for every input of the call
+    handles = [inf.submit(services, task, ids, None, types, version=version) for ids, types in inputs]
+    results = await inf.results(request, handles)
+    services.metrics.ttft.observe(first_latency(handles[0]))
+    return ClassifyResponse(
+        task=body.task, version=version, results=[Classification(label=r.label, scores=r.scores) for r in results]
+    )
+
+
+def usage(prompt: int, completion: int) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def first_latency(handle: RequestHandle) -> float:
+    return handle.first_event_latency or 0.0

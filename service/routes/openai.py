@@ -1,0 +1,158 @@
+"""OpenAI-compatible POST /v1/completions and GET /v1/models: the `model` field names the task."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from .. import inference as inf
+from ..auth import InferenceAuth
+from ..engine import Event
+from ..errors import InvalidRequest
+from ..sampling import SamplingParams
+from ..scheduler import GenerationResult, RequestHandle
+from ..schemas import (
+    BASE_TASK,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from ..state import Services, ServicesDep
+from .inference import ERRORS, first_latency, usage
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[InferenceAuth])
+
+
+@router.get("/models", response_model=ModelList, responses=ERRORS, summary="Tasks, listed as OpenAI models")
+async def models(services: ServicesDep) -> ModelList:
+    now = int(time.time())
+    cards = [
+        ModelCard(id=t.name, created=_epoch(t.summary.get("created_at"), now))
+        for t in await services.store.list_tasks()
+    ]
+    if not services.backbone.is_encoder:
+        cards.insert(0, ModelCard(id=BASE_TASK, created=now))
+    return ModelList(data=cards)
+
+
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses=ERRORS,
+    summary="OpenAI-compatible text completion (`model` = task)",
+)
+async def completions(
+    body: CompletionRequest, request: Request, services: ServicesDep
+) -> CompletionResponse | StreamingResponse:
+    request.state.task = body.model
+    if body.echo:
+        raise InvalidRequest("echo is not supported")
+    task = inf.task_of(body.model)
+    prompts = _prompts(services, body.prompt)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    params = SamplingParams(
+        max_new_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=stop,
+        logprobs=body.logprobs is not None,
+    )
+    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    if body.stream:
+        if len(prompts) != 1:
+            raise InvalidRequest(f"streaming takes one prompt, got {len(prompts)}")
+        handle = inf.submit(services, task, prompts[0], params)
+        first, events = await inf.first_event(request, handle)
+        services.metrics.ttft.observe(first_latency(handle))
+        stream = _stream(services, body, handle, meta, first, events, len(prompts[0]))
+        return StreamingResponse(inf.guarded_stream(stream, handle), media_type="text/event-stream")
+    handles = [inf.submit(services, task, ids, params) for ids in prompts]
+    results: list[GenerationResult] = await inf.results(request, handles)
+    services.metrics.ttft.observe(first_latency(handles[0]))
+    choices = [
+        CompletionChoice(
+            text=r.text,
+            index=i,
+            finish_reason=r.finish_reason,
+            logprobs=_logprobs(services, r.token_ids, r.logprobs) if body.logprobs is not None else None,
+        )
+        for i, r in enumerate(results)
+    ]
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    services.metrics.generated.labels(body.model).inc(completion_tokens)
+    return CompletionResponse(**meta, choices=choices, usage=usage(prompt_tokens, completion_tokens))
+
+
+async def _stream(
+    services: Services,
+    body: CompletionRequest,
+    handle: RequestHandle,
+    meta: dict[str, Any],
+    first: Event,
+    events: AsyncIterator[Event],
+    prompt_tokens: int,
+) -> AsyncIterator[str]:
+    n, ev = 0, first
+    while True:
+        n += ev.token_id is not None
+        lp = None
+        if body.logprobs is not None and ev.token_id is not None and ev.logprob is not None:
+            lp = _logprobs(services, [ev.token_id], [ev.logprob]).model_dump()
+        chunk = {
+            **meta,
+            "object": "text_completion",
+            "choices": [{"text": ev.text, "index": 0, "logprobs": lp, "finish_reason": ev.finish_reason}],
+        }
+        if ev.finish_reason is not None:
+            chunk["usage"] = usage(prompt_tokens, n).model_dump()
+        yield inf.sse(chunk)
+        if ev.finish_reason is not None:
+            services.metrics.generated.labels(body.model).inc(n)
+            yield "data: [DONE]\n\n"
+            return
+        ev = await events.__anext__()
+
+
+def _prompts(services: Services, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [inf.prompt_ids(services, prompt, None)]
+    if not prompt:
+        raise InvalidRequest("prompt: expected a string, a list of strings, or token ids; got an empty list")
+    if all(isinstance(p, int) for p in prompt):
+        return [inf.check_ids(services, prompt)]  # type: ignore[arg-type]
+    if all(isinstance(p, str) for p in prompt):
+        return [inf.prompt_ids(services, p, None) for p in prompt]  # type: ignore[arg-type]
+    return [inf.check_ids(services, p) for p in prompt]  # type: ignore[arg-type]
+
+
+def _logprobs(services: Services, ids: list[int], lps: list[float] | None) -> CompletionLogprobs:
+    tok = services.backbone.tokenizer
+    tokens = [tok.decode([i]) if tok is not None else str(i) for i in ids]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=list(lps or []),
+        text_offset=offsets,
+        top_logprobs=[{t: lp} for t, lp in zip(tokens, lps or [], strict=True)],
+    )
+
+
+def _epoch(iso: str | None, default: int) -> int:
+    try:
+        return int(datetime.fromisoformat(iso).timestamp()) if iso else default
+    except ValueError:
+        return default
