@@ -65,9 +65,38 @@ class TaskInfo(BaseModel):
 class TaskDetail(TaskInfo):
     history: list[VersionSummary] = Field(description="every stored version, oldest first")
 
+    model_config = {
+        "json_schema_extra": {
+            "example": {
+                "task": "sst2",
+                "current_version": 1,
+                "versions": [1],
+                "resident": False,
+                "current": VersionSummary.model_config["json_schema_extra"]["example"],
+                "history": [VersionSummary.model_config["json_schema_extra"]["example"]],
+            }
+        }
+    }
+
 
 class TaskList(BaseModel):
     tasks: list[TaskInfo]
+
+    model_config = {
+        "json_schema_extra": {
+            "example": {
+                "tasks": [
+                    {
+                        "task": "sst2",
+                        "current_version": 3,
+                        "versions": [1, 2, 3],
+                        "resident": True,
+                        "current": VersionSummary.model_config["json_schema_extra"]["example"],
+                    }
+                ]
+            }
+        }
+    }
 
 
 class RollbackRequest(BaseModel):
@@ -83,6 +112,16 @@ class Readiness(BaseModel):
     checks: dict[str, bool | str]
     backbone: dict[str, Any] | None = None
 
+    model_config = {
+        "json_schema_extra": {
+            "example": {
+                "ready": True,
+                "checks": {"backbone": True, "engine": True, "prefix_events": True, "redis": True},
+                "backbone": {"name": "sentence-transformers/all-MiniLM-L6-v2", "kind": "encoder"},
+            }
+        }
+    }
+
 
 # -- inference ------------------------------------------------------------------------------------------------------
 BASE_TASK = "base"  # the reserved task name of the bare backbone (no prefix)
@@ -96,6 +135,12 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+    model_config = {
+        "json_schema_extra": {
+            "example": {"error": {"message": "task 'sst3' not found", "type": "TaskNotFound", "code": 404}}
+        }
+    }
 
 
 class SamplingFields(BaseModel):
@@ -223,6 +268,19 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
+    model_config = {
+        "json_schema_extra": {
+            "example": {
+                "id": "cmpl-3f2a",
+                "object": "text_completion",
+                "created": 1795478400,
+                "model": "e2e",
+                "choices": [{"text": " The Vaults is a pub.", "index": 0, "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18},
+            }
+        }
+    }
+
 
 class ModelCard(BaseModel):
     id: str
@@ -234,3 +292,15 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+
+    model_config = {
+        "json_schema_extra": {
+            "example": {
+                "object": "list",
+                "data": [
+                    {"id": "base", "object": "model", "created": 1795478400, "owned_by": "prefix-serve"},
+                    {"id": "e2e", "object": "model", "created": 1795478400, "owned_by": "prefix-serve"},
+                ],
+            }
+        }
+    }

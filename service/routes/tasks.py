@@ -11,7 +11,7 @@ from prefix_store import PrefixArtifact, decode, import_peft_adapter, validate_t
 
 from ..auth import AdminAuth
 from ..errors import BadRequest, PayloadTooLarge
-from ..schemas import BASE_TASK, RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
+from ..schemas import BASE_TASK, ErrorBody, RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
 from ..state import Services, ServicesDep
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks (admin)"], dependencies=[AdminAuth])
@@ -91,11 +91,19 @@ async def upload(
     return VersionSummary(**stored.summary())
 
 
-@router.delete("/{task}", status_code=204, summary="Delete a task, or one non-current version of it")
+@router.delete(
+    "/{task}",
+    status_code=204,
+    summary="Delete a task, or one non-current version of it",
+    responses={
+        409: {"model": ErrorBody, "description": "the version is current"},
+        404: {"model": ErrorBody, "description": "unknown task or version"},
+    },
+)
 async def delete_task(
     task: str,
     services: ServicesDep,
-    version: Annotated[int | None, Query(ge=1, description="delete only this version")] = None,
+    version: Annotated[int | None, Query(ge=1, description="delete only this version", examples=[2])] = None,
 ) -> Response:
     await services.store.delete(task, version)
     return Response(status_code=204)
