@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
 from prefix_store import PrefixArtifact, decode, import_peft_adapter, validate_task_name
 
@@ -14,7 +14,12 @@ from ..errors import BadRequest, PayloadTooLarge
 from ..schemas import BASE_TASK, ErrorBody, RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
 from ..state import Services, ServicesDep
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks (admin)"], dependencies=[AdminAuth])
+
+def _label_task(request: Request) -> None:
+    request.state.task = request.path_params.get("task", "")  # the metrics' task label
+
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks (admin)"], dependencies=[AdminAuth, Depends(_label_task)])
 
 
 @router.get("", response_model=TaskList, summary="Every task with its current version")

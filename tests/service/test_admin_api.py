@@ -12,7 +12,7 @@ from prefix_store import BackboneFingerprint, encode
 from service.app import create_app
 from service.backbone import wrap_model
 from service.settings import ServiceSettings
-from tests.factories import make_artifact
+from tests.factories import make_artifact, rewrite_blob
 from tests.models import tiny_model
 
 pytestmark = pytest.mark.redis
@@ -102,6 +102,14 @@ def test_upload_errors_name_what_was_wrong(redis_url, bert, tmp_path):
         status, msg = put(files={"artifact": ("x", b"\0" * (70 * 1024))})
         assert status == 413 and "limit of 65536" in msg
 
+        fp = BackboneFingerprint.from_config(bert.config)
+        nan_blob = rewrite_blob(encode(make_artifact("t", fp=fp)), tensor_edit=_poison, fix_checksum=True)
+        status, msg = put(files={"artifact": ("a", nan_blob)})
+        assert status == 400 and "NaN/inf" in msg
+        bad_shape = rewrite_blob(encode(make_artifact("t", fp=fp)), tensor_edit=_widen, fix_checksum=True)
+        status, msg = put(files={"artifact": ("a", bad_shape)})
+        assert status == 400 and "H_kv" in msg
+
         other = tiny_model("llama")  # a prefix for another backbone
         wrong = make_artifact("t", fp=BackboneFingerprint.from_config(other.config))
         status, msg = put(files={"artifact": ("a", encode(wrong))})
@@ -120,6 +128,15 @@ def test_upload_errors_name_what_was_wrong(redis_url, bert, tmp_path):
         r = client.post("/v1/tasks/none/rollback", json={"version": 0})
         assert r.status_code == 422 and "version" in r.json()["error"]["message"]
         assert client.get("/v1/tasks").json() == {"tasks": []}  # nothing bad was stored
+
+
+def _poison(tensors):
+    tensors["kv"][0, 0, 0, 0, 0] = float("nan")
+
+
+def _widen(tensors):
+    L, _, H, P, D = tensors["kv"].shape
+    tensors["kv"] = torch.randn(L, 2, H + 1, P, D)
 
 
 def test_auth_matrix(redis_url, bert):
