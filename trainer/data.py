@@ -1,0 +1,140 @@
+"""Training data: JSONL, CSV and TSV files (or inline records) turned into generation or classification examples.
+
+Generation records: {"input", "output"}. Classification: {"text", "label"} or {"text", "text_pair", "label"}.
+Files with other column names take a mapping (`{"input": "mr", "output": "ref"}`); the E2E files (mr, ref) and
+the SST-2 files (sentence, label) are recognised as they are.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KNOWN_COLUMNS = [  # column names -> our fields, tried in order when no mapping is given
+    {"input": "input", "output": "output"},
+    {"text": "text", "text_pair": "text_pair", "label": "label"},
+    {"text": "text", "label": "label"},
+    {"input": "mr", "output": "ref"},  # E2E NLG
+    {"text": "sentence", "label": "label"},  # SST-2 / GLUE
+]
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Example:
+    text: str  # the prompt (generation) or the text to classify
+    target: str | None = None  # generation target
+    label: str | None = None  # classification label (as a string: "0", "positive", ...)
+    text_pair: str | None = None
+
+
+@dataclass
+class Dataset:
+    kind: str  # "generation" | "classification"
+    train: list[Example]
+    dev: list[Example]
+    labels: list[str]  # sorted label names (classification), else []
+
+
+def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    records: list[dict[str, Any]] = []
+    if path.suffix == ".jsonl" or path.suffix == ".json":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{n}: not a JSON object: {e}") from None
+                if limit and len(records) >= limit:
+                    break
+        return records
+    delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    with path.open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f, delimiter=delimiter, quoting=quoting):
+            records.append(row)
+            if limit and len(records) >= limit:
+                break
+    return records
+
+
+def to_examples(records: list[dict[str, Any]], columns: dict[str, str] | None = None) -> tuple[str, list[Example]]:
+    """Maps records to examples. Returns (kind, examples)."""
+    if not records:
+        raise DataError("no records")
+    keys = set(records[0])
+    mapping = columns or next((m for m in KNOWN_COLUMNS if set(m.values()) <= keys), None)
+    if mapping is None:
+        raise DataError(
+            f"columns {sorted(keys)} match no known layout; give a mapping such as "
+            '{"input": "mr", "output": "ref"} or {"text": "sentence", "label": "label"}'
+        )
+    kind = "generation" if "output" in mapping else "classification"
+    need = ("input", "output") if kind == "generation" else ("text", "label")
+    if any(k not in mapping for k in need):
+        raise DataError(f"column mapping {mapping}: expected {need} for {kind}")
+    out = []
+    for n, r in enumerate(records):
+        try:
+            if kind == "generation":
+                out.append(Example(text=_s(r[mapping["input"]]), target=_s(r[mapping["output"]])))
+            else:
+                pair = mapping.get("text_pair")
+                out.append(
+                    Example(
+                        text=_s(r[mapping["text"]]),
+                        label=_s(r[mapping["label"]]),
+                        text_pair=_s(r[pair]) if pair and r.get(pair) is not None else None,
+                    )
+                )
+        except KeyError as e:
+            raise DataError(f"record {n}: missing column {e}") from None
+    return kind, out
+
+
+def _s(value: Any) -> str:
+    return str(value).strip()
+
+
+def load_dataset(
+    train: str | Path | list[dict[str, Any]],
+    dev: str | Path | list[dict[str, Any]] | None = None,
+    *,
+    columns: dict[str, str] | None = None,
+    dev_fraction: float = 0.1,
+    limit: int | None = None,
+    dev_limit: int | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Loads train (and dev) examples; without a dev set, holds out `dev_fraction` of train (seeded)."""
+    kind, train_ex = to_examples(train if isinstance(train, list) else load_records(train, limit), columns)
+    if dev is not None:
+        dev_kind, dev_ex = to_examples(dev if isinstance(dev, list) else load_records(dev, dev_limit), columns)
+        if dev_kind != kind:
+            raise DataError(f"train is {kind} data but dev is {dev_kind}")
+    else:
+        rng = random.Random(seed)
+        order = list(range(len(train_ex)))
+        rng.shuffle(order)
+        n_dev = max(1, int(len(train_ex) * dev_fraction)) if len(train_ex) > 1 else 0
+        dev_ex = [train_ex[i] for i in order[:n_dev]]
+        train_ex = [train_ex[i] for i in order[n_dev:]]
+    if dev_limit:
+        dev_ex = dev_ex[:dev_limit]
+    if not train_ex:
+        raise DataError("no training examples")
+    labels = sorted({e.label for e in train_ex + dev_ex if e.label is not None}) if kind == "classification" else []
+    if kind == "classification" and len(labels) < 2:
+        raise DataError(f"classification needs at least two labels, found {labels}")
+    return Dataset(kind, train_ex, dev_ex, labels)

@@ -1,0 +1,107 @@
+"""The trainable part of each method. Each module's forward() returns what the artifact stores:
+key/value methods (L, 2, H_kv, P, D); soft-prompt methods (P, hidden). Reparametrisation networks are
+training-time only: the exported artifact holds their output, as in the papers and in PEFT.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prefix_store import BackboneFingerprint
+
+
+class DirectKV(nn.Module):
+    """P-Tuning v2 (Liu et al.): the deep prompt of every layer is a free parameter."""
+
+    def __init__(self, fp: BackboneFingerprint, P: int) -> None:
+        super().__init__()
+        # N(0, 1) like PEFT's PrefixEncoder embedding without projection.
+        self.kv = nn.Parameter(torch.randn(fp.num_layers, 2, fp.num_kv_heads, P, fp.head_dim))
+
+    def forward(self) -> torch.Tensor:
+        return self.kv  # (L, 2, H_kv, P, D)
+
+
+class ReparamKV(nn.Module):
+    """Prefix-Tuning (Li & Liang): embedding -> Linear -> tanh -> Linear, reshaped to per-layer keys/values."""
+
+    def __init__(self, fp: BackboneFingerprint, P: int, mid: int = 512) -> None:
+        super().__init__()
+        self.fp, self.P = fp, P
+        self.embedding = nn.Embedding(P, fp.hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(fp.hidden_size, mid), nn.Tanh(), nn.Linear(mid, fp.num_layers * 2 * fp.num_kv_heads * fp.head_dim)
+        )
+
+    def forward(self) -> torch.Tensor:
+        fp = self.fp
+        x = self.mlp(self.embedding.weight)  # (P, L·2·H_kv·D)
+        return x.view(self.P, fp.num_layers, 2, fp.num_kv_heads, fp.head_dim).permute(1, 2, 3, 0, 4)
+
+
+class SoftPrompt(nn.Module):
+    """Prompt tuning (Lester et al.): P free input embeddings, initialised from vocabulary embeddings."""
+
+    def __init__(self, init: torch.Tensor) -> None:
+        super().__init__()
+        self.prompt = nn.Parameter(init.clone())  # (P, hidden)
+
+    def forward(self) -> torch.Tensor:
+        return self.prompt
+
+
+class PromptEncoder(nn.Module):
+    """P-Tuning ("GPT Understands, Too"): embeddings through a bidirectional LSTM and an MLP, or an MLP only."""
+
+    def __init__(self, hidden: int, P: int, encoder: str = "lstm") -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(P, hidden)
+        self.encoder = encoder
+        if encoder == "lstm":
+            self.lstm = nn.LSTM(hidden, hidden // 2, num_layers=2, bidirectional=True, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        elif encoder == "mlp":
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden)
+            )
+        else:
+            raise ValueError(f"p_tuning encoder: expected 'lstm' or 'mlp', got {encoder!r}")
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding.weight  # (P, hidden)
+        if self.encoder == "lstm":
+            x = self.lstm(x[None])[0][0]
+        return self.mlp(x)
+
+
+def build_prefix(
+    method: str,
+    fp: BackboneFingerprint,
+    P: int,
+    *,
+    word_embeddings: torch.Tensor,
+    reparam: bool | None = None,
+    mid: int = 512,
+    encoder: str = "lstm",
+    init_ids: list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """The trainable module of `method`.
+
+    Args:
+        word_embeddings: (V, hidden) the backbone's input embeddings, to initialise soft prompts.
+        reparam: Prefix-Tuning's MLP; on by default for prefix_tuning, off for p_tuning_v2.
+        init_ids: prompt tuning from a text: its token ids (repeated to P); otherwise random vocabulary tokens.
+    """
+    if method in ("prefix_tuning", "p_tuning_v2"):
+        use_mlp = (method == "prefix_tuning") if reparam is None else reparam
+        return ReparamKV(fp, P, mid) if use_mlp else DirectKV(fp, P)
+    if method == "prompt_tuning":
+        V = word_embeddings.shape[0]
+        ids = init_ids if init_ids else torch.randint(0, V, (P,), generator=generator).tolist()
+        ids = (ids * (P // len(ids) + 1))[:P]
+        return SoftPrompt(word_embeddings[torch.tensor(ids)].detach().float())
+    if method == "p_tuning":
+        return PromptEncoder(fp.hidden_size, P, encoder)
+    raise ValueError(f"unknown method {method!r}")

@@ -1,0 +1,156 @@
+"""The training forward: frozen backbone + a method's prefix module + an optional head, laid out exactly as the
+server lays out a row (service/prefix_kv.py): key/value prefixes in the cache with token positions P + j, soft
+prompts as the first P input embeddings with positions from 0, right padding. So what is trained is what is served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import DynamicCache
+
+from prefix_store import KV_METHODS, BackboneFingerprint, ClassificationHead, PrefixArtifact
+from service.backbone import Backbone
+from service.prefix_kv import right_pad, token_positions
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T) right-padded token ids
+    mask: torch.Tensor  # (B, T) bool, real tokens
+    lengths: list[int]
+    labels: torch.Tensor | None = None  # generation: (B, T) next-token targets aligned to ids (-100: ignore)
+    classes: torch.Tensor | None = None  # classification: (B,) class indices
+    types: torch.Tensor | None = None  # (B, T) token type ids (encoders)
+
+
+def make_batch(
+    rows: list[list[int]],
+    device: torch.device,
+    pad_id: int,
+    *,
+    labels: list[list[int]] | None = None,
+    classes: list[int] | None = None,
+    types: list[list[int]] | None = None,
+) -> Batch:
+    ids, mask = right_pad(rows, pad_id, device)
+    lab = right_pad(labels, -100, device)[0] if labels is not None else None
+    typ = right_pad(types, 0, device)[0] if types is not None else None
+    cls = torch.tensor(classes, device=device) if classes is not None else None
+    return Batch(ids, mask, [len(r) for r in rows], lab, cls, typ)
+
+
+class TaskModel(nn.Module):
+    """Args:
+    backbone: the frozen backbone (shared with evaluation through the serving engine).
+    method: one of the four methods; prefix: its module (trainer.methods).
+    num_labels: adds a linear head (encoders: over the pooler output, with bias; causal LMs: over the last real
+        token, without bias, like transformers' score heads).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: str,
+        prefix: nn.Module,
+        num_labels: int | None = None,
+        head_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.bb, self.method, self.prefix = backbone, method, prefix
+        model = backbone.model
+        self.body = model if backbone.is_encoder else model.base_model
+        self.lm_head = None if backbone.is_encoder else model.get_output_embeddings()
+        self.fp: BackboneFingerprint = backbone.fingerprint
+        self.head = nn.Linear(self.fp.hidden_size, num_labels, bias=backbone.is_encoder) if num_labels else None
+        self.dropout = nn.Dropout(head_dropout)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=0.02)
+            if self.head.bias is not None:
+                nn.init.zeros_(self.head.bias)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]  # the backbone is frozen
+
+    def hidden(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Runs the backbone with the prefix. Returns (hidden of the tokens (B, T, hidden), pooler output or None,
+        offset of the first token column in the body's output)."""
+        x = self.prefix()
+        B, T = batch.ids.shape
+        dev = batch.ids.device
+        if self.method in KV_METHODS:  # x: (L, 2, H_kv, P, D)
+            P = x.shape[3]
+            cache = DynamicCache()
+            for layer in range(x.shape[0]):
+                k = x[layer, 0].to(self.bb.dtype)[None].expand(B, -1, -1, -1)  # (B, H_kv, P, D)
+                v = x[layer, 1].to(self.bb.dtype)[None].expand(B, -1, -1, -1)
+                cache.update(k, v, layer)
+            mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], 1)
+            kwargs = {"token_type_ids": batch.types} if self.bb.is_encoder else {}
+            out = self.body(
+                input_ids=batch.ids,
+                attention_mask=mask.long(),
+                past_key_values=cache,
+                use_cache=True,
+                position_ids=token_positions([P] * B, batch.lengths, T, dev),
+                **kwargs,
+            )
+            return out.last_hidden_state, getattr(out, "pooler_output", None), 0
+        P = x.shape[0]  # soft prompt (P, hidden): the first P input embeddings, positions from 0
+        embeds = torch.cat(
+            [x.to(self.bb.dtype)[None].expand(B, -1, -1), self.body.get_input_embeddings()(batch.ids)], 1
+        )
+        mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], 1)
+        pos = token_positions([0] * B, [P + n for n in batch.lengths], P + T, dev)
+        kwargs = {}
+        if self.bb.is_encoder:
+            types = batch.types if batch.types is not None else torch.zeros_like(batch.ids)
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(B, P), types], 1)
+        out = self.body(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos, **kwargs)
+        return out.last_hidden_state, getattr(out, "pooler_output", None), P
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        h, pooled, off = self.hidden(batch)
+        if batch.classes is not None:
+            return F.cross_entropy(self.class_logits(h, pooled, off, batch), batch.classes)
+        assert self.lm_head is not None and batch.labels is not None
+        # Token t predicts labels[t + 1]; only target positions are projected onto the vocabulary.
+        targets = batch.labels[:, 1:]  # (B, T-1)
+        keep = targets != -100
+        logits = self.lm_head(h[:, off : off + batch.ids.shape[1] - 1][keep])  # (N, V)
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    def class_logits(self, h: torch.Tensor, pooled: torch.Tensor | None, off: int, batch: Batch) -> torch.Tensor:
+        assert self.head is not None
+        if self.bb.is_encoder:
+            x = pooled  # the pooler reads column 0: [CLS], or the first soft-prompt token, as PEFT
+        else:
+            last = torch.tensor(batch.lengths, device=h.device) - 1 + off
+            x = h[torch.arange(h.shape[0], device=h.device), last]  # (B, hidden): last real token
+        return self.head(self.dropout(x)).float()
+
+    @torch.no_grad()
+    def artifact(self, task: str, labels: list[str] | None, training: dict) -> PrefixArtifact:
+        x = self.prefix().detach().float().cpu().contiguous()
+        head = None
+        if self.head is not None:
+            bias = self.head.bias.detach().float().cpu() if self.head.bias is not None else None
+            head = ClassificationHead(
+                self.head.weight.detach().float().cpu(),
+                bias,
+                list(labels or []),
+                "pooler" if self.bb.is_encoder else "last_token",
+            )
+        kv = x if self.method in KV_METHODS else None
+        return PrefixArtifact(
+            task=task,
+            method=self.method,
+            fingerprint=self.fp,
+            kv=kv,
+            soft_prompt=None if kv is not None else x,
+            head=head,
+            training=training,
+        )

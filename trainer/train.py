@@ -1,0 +1,336 @@
+"""The training loop: seeded, AdamW with warm-up and linear decay, gradient accumulation, bf16 autocast on GPU,
+periodic dev evaluation through the serving engine (what is measured is what is served), early stopping,
+checkpoint/resume, and the best version kept. No Redis here: the caller publishes the returned artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from prefix_store import PrefixArtifact, decode, encode
+from service.backbone import Backbone
+from service.engine import Engine, EngineRequest
+from service.sampling import SamplingParams
+
+from .data import Dataset, Example, load_dataset
+from .methods import build_prefix
+from .model import Batch, TaskModel, make_batch
+from .spec import TrainSpec
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    artifact: PrefixArtifact  # the best evaluation's version (training metadata inside)
+    metrics: dict[str, float]  # its dev metrics
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    passed_gate: bool = True
+
+
+class Trainer:
+    """Args:
+    backbone: the frozen backbone, the same one the service runs.
+    spec: the job.
+    work_dir: checkpoints (`checkpoint.pt`, `best.safetensors`); a later run with the same dir resumes.
+    progress: told {"step", "steps", "loss", "dev"} as training goes.
+    """
+
+    def __init__(
+        self, backbone: Backbone, spec: TrainSpec, work_dir: str | Path | None = None, progress: Progress | None = None
+    ) -> None:
+        self.bb, self.spec = backbone, spec
+        self.work_dir = Path(work_dir) if work_dir else None
+        self.progress = progress or (lambda info: None)
+        self.tok = backbone.tokenizer
+        if self.tok is None:
+            raise ValueError("training needs the backbone's tokenizer")
+        self.data: Dataset = load_dataset(
+            spec.examples or spec.data,
+            spec.dev_examples or spec.dev_data,  # type: ignore[arg-type]
+            columns=spec.columns,
+            dev_fraction=spec.dev_fraction,
+            limit=spec.limit,
+            dev_limit=spec.dev_limit,
+            seed=spec.seed,
+        )
+        if self.data.kind == "generation" and backbone.is_encoder:
+            raise ValueError(f"generation data needs a causal LM backbone; {backbone.name} is an encoder")
+        self.labels = spec.labels or self.data.labels
+        if self.data.kind == "classification" and set(self.data.labels) - set(self.labels):
+            raise ValueError(f"labels {spec.labels} do not cover the data's labels {self.data.labels}")
+        torch.manual_seed(spec.seed)
+        self.gen = torch.Generator().manual_seed(spec.seed)
+        embeddings = backbone.model.get_input_embeddings().weight
+        init_ids = self.tok(spec.init_text, add_special_tokens=False)["input_ids"] if spec.init_text else None
+        prefix = build_prefix(
+            spec.method,
+            backbone.fingerprint,
+            spec.num_virtual_tokens,
+            word_embeddings=embeddings,
+            reparam=spec.reparam,
+            mid=spec.reparam_hidden,
+            encoder=spec.prompt_encoder,
+            init_ids=init_ids,
+            generator=self.gen,
+        )
+        n_labels = len(self.labels) if self.data.kind == "classification" else None
+        self.model = TaskModel(backbone, spec.method, prefix.to(backbone.device), n_labels).to(backbone.device)
+        self.engine = Engine(backbone, device_cache_bytes=1)  # evaluation: one prefix at a time
+
+    # -- batches ------------------------------------------------------------------------------------------------
+    def _encode(self, ex: Example) -> tuple[list[int], list[int] | None, list[int] | None]:
+        """(ids, labels, token types) of one example, truncated to max_length."""
+        L = self.spec.max_length
+        if self.data.kind == "classification":
+            enc = (
+                self.tok(ex.text, ex.text_pair, truncation=True, max_length=L)
+                if ex.text_pair
+                else self.tok(ex.text, truncation=True, max_length=L)
+            )
+            return enc["input_ids"], None, enc.get("token_type_ids")
+        prompt = self.tok(ex.text, truncation=True, max_length=L)["input_ids"]
+        target = self.tok(" " + (ex.target or ""), add_special_tokens=False)["input_ids"][:L]
+        if self.tok.eos_token_id is not None:
+            target = target + [self.tok.eos_token_id]
+        return prompt + target, [-100] * len(prompt) + target, None
+
+    def _batch(self, examples: list[Example]) -> Batch:
+        enc = [self._encode(e) for e in examples]
+        pad = self.tok.pad_token_id or 0
+        if self.data.kind == "classification":
+            types = [t for _, _, t in enc] if self.bb.is_encoder and enc[0][2] is not None else None
+            return make_batch(
+                [i for i, _, _ in enc],
+                self.bb.device,
+                pad,
+                types=types,
+                classes=[self.labels.index(e.label) for e in examples],
+            )  # type: ignore[arg-type]
+        return make_batch([i for i, _, _ in enc], self.bb.device, pad, labels=[lab for _, lab, _ in enc])
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        spec, model = self.spec, self.model
+        params = model.trainable()
+        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        sched = get_linear_schedule_with_warmup(opt, int(spec.warmup_ratio * spec.steps), spec.steps)
+        state = {"step": 0, "best": -math.inf, "bad_evals": 0, "history": []}
+        self._resume(opt, sched, state)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bb.device.type == "cuda" else nullcontext()
+        order: list[int] = []
+        bar = tqdm(total=spec.steps, initial=state["step"], desc=f"train {spec.task}", disable=None)
+        loss_avg = None
+        while state["step"] < spec.steps and state["bad_evals"] < spec.patience:
+            model.train()
+            self.bb.model.train()  # frozen weights, but dropout on, as in P-Tuning v2
+            opt.zero_grad(set_to_none=True)
+            for _ in range(spec.grad_accum):
+                if len(order) < spec.batch_size:
+                    order += torch.randperm(len(self.data.train), generator=self.gen).tolist()
+                idx, order = order[: spec.batch_size], order[spec.batch_size :]
+                with autocast:
+                    loss = model.loss(self._batch([self.data.train[i] for i in idx])) / spec.grad_accum
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            state["step"] += 1
+            value = float(loss) * spec.grad_accum
+            loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+            self.progress({"step": state["step"], "steps": spec.steps, "loss": loss_avg})
+            if state["step"] % spec.eval_every == 0 or state["step"] == spec.steps:
+                self._evaluate_and_keep(state, loss_avg)
+            if state["step"] % spec.checkpoint_every == 0:
+                self._checkpoint(opt, sched, state)
+        bar.close()
+        self.bb.model.eval()
+        if not state["history"]:  # resumed after the last evaluation
+            self._evaluate_and_keep(state, loss_avg)
+        best = self._best_artifact()
+        metrics = best.training.get("metrics", {})
+        passed = spec.gate is None or metrics.get(self.metric_name, -math.inf) >= spec.gate
+        return TrainResult(best, metrics, state["step"], state["history"], passed)
+
+    @property
+    def metric_name(self) -> str:
+        return "accuracy" if self.data.kind == "classification" else "bleu"
+
+    def _evaluate_and_keep(self, state: dict[str, Any], loss: float | None) -> None:
+        art = self._artifact({})
+        metrics = self.evaluate(art, round_=len(state["history"]) + 1)
+        metrics["train_loss"] = loss if loss is not None else float("nan")
+        state["history"].append({"step": state["step"], **metrics})
+        log.info("step %d: %s", state["step"], metrics)
+        self.progress({"step": state["step"], "steps": self.spec.steps, "loss": loss, "dev": metrics})
+        score = metrics[self.metric_name]
+        if score > state["best"]:
+            state["best"], state["bad_evals"] = score, 0
+            self._best = self._artifact({"metrics": metrics, "step": state["step"]})
+            if self.work_dir:
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+                (self.work_dir / "best.safetensors").write_bytes(encode(self._best))
+        else:
+            state["bad_evals"] += 1
+
+    def _best_artifact(self) -> PrefixArtifact:
+        best = getattr(self, "_best", None)
+        if best is None and self.work_dir and (self.work_dir / "best.safetensors").exists():
+            best = decode((self.work_dir / "best.safetensors").read_bytes())
+        assert best is not None, "an evaluation always runs before the end"
+        return best
+
+    def _artifact(self, extra: dict[str, Any]) -> PrefixArtifact:
+        s = self.spec
+        training = {
+            "dataset": s.data or "inline",
+            "dev": s.dev_data or ("inline" if s.dev_examples else "held out"),
+            "train_examples": len(self.data.train),
+            "dev_examples": len(self.data.dev),
+            "steps": s.steps,
+            "batch_size": s.batch_size,
+            "grad_accum": s.grad_accum,
+            "lr": s.lr,
+            "seed": s.seed,
+            "reparam": s.reparam,
+            "metric": self.metric_name,
+            **extra,
+        }
+        art = self.model.artifact(s.task, self.labels if self.data.kind == "classification" else None, training)
+        art.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+        return art
+
+    # -- evaluation through the serving engine ------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, art: PrefixArtifact, round_: int = 1) -> dict[str, float]:
+        self.bb.model.eval()
+        art.version = round_  # the engine caches by (task, version): a fresh number per evaluation
+        dev = self.data.dev
+        if self.data.kind == "classification":
+            correct = 0
+            for start in range(0, len(dev), 64):
+                chunk = dev[start : start + 64]
+                reqs = []
+                for i, ex in enumerate(chunk):
+                    ids, _, types = self._encode(ex)
+                    reqs.append(
+                        EngineRequest(f"eval-{start + i}", ids, art, None, types if self.bb.is_encoder else None)
+                    )
+                events = {ev.request_id: ev for ev in self.engine.step(reqs, set())}
+                for i, ex in enumerate(chunk):
+                    probs = events[f"eval-{start + i}"].probs or []
+                    correct += self.labels[max(range(len(probs)), key=probs.__getitem__)] == ex.label
+            return {"accuracy": correct / max(1, len(dev))}
+        return self._generation_metrics(art, dev)
+
+    def _generation_metrics(self, art: PrefixArtifact, dev: list[Example]) -> dict[str, float]:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+
+        refs: dict[str, list[str]] = {}
+        for ex in dev:  # E2E: one meaning representation, several references
+            refs.setdefault(ex.text, []).append(ex.target or "")
+        inputs = list(refs)
+        params = SamplingParams(max_new_tokens=self.spec.max_new_tokens)
+        outputs: dict[str, list[int]] = {}
+        for start in range(0, len(inputs), 32):
+            reqs = [
+                EngineRequest(
+                    f"gen-{start + i}",
+                    self.tok(x, truncation=True, max_length=self.spec.max_length)["input_ids"],
+                    art,
+                    params,
+                )
+                for i, x in enumerate(inputs[start : start + 32])
+            ]
+            events = self.engine.step(reqs, set())
+            while True:
+                for ev in events:
+                    if ev.token_id is not None:
+                        outputs.setdefault(ev.request_id, []).append(ev.token_id)
+                if not self.engine.running:
+                    break
+                events = self.engine.step([], set())
+        hyps = [
+            self.tok.decode(
+                _until_eos(outputs.get(f"gen-{i}", []), self.tok.eos_token_id), skip_special_tokens=True
+            ).strip()
+            for i in range(len(inputs))
+        ]
+        n_refs = max(len(r) for r in refs.values())
+        ref_streams = [[refs[x][k] if k < len(refs[x]) else refs[x][0] for x in inputs] for k in range(n_refs)]
+        bleu = sacrebleu.corpus_bleu(hyps, ref_streams).score
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        rouge = sum(
+            max(scorer.score(r, h)["rougeL"].fmeasure for r in refs[x]) for x, h in zip(inputs, hyps, strict=True)
+        )
+        return {"bleu": bleu, "rougeL": rouge / max(1, len(inputs))}
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def _checkpoint(self, opt: torch.optim.Optimizer, sched: Any, state: dict[str, Any]) -> None:
+        if not self.work_dir:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.work_dir / "checkpoint.pt.tmp"
+        trained = {k: v for k, v in self.model.state_dict().items() if k.startswith(("prefix.", "head."))}
+        torch.save(
+            {
+                "model": trained,
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "gen": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "step": state["step"],
+                "best": state["best"],
+                "bad_evals": state["bad_evals"],
+                "history": _jsonable(state["history"]),
+            },
+            tmp,
+        )
+        tmp.replace(self.work_dir / "checkpoint.pt")  # atomic: a crash never leaves half a checkpoint
+
+    def _resume(self, opt: torch.optim.Optimizer, sched: Any, state: dict[str, Any]) -> None:
+        path = self.work_dir / "checkpoint.pt" if self.work_dir else None
+        if path is None or not path.exists():
+            return
+        ck = torch.load(path, map_location=self.bb.device, weights_only=True)  # our own file, tensors only
+        self.model.load_state_dict(ck["model"], strict=False)
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        self.gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        state.update(step=ck["step"], best=ck["best"], bad_evals=ck["bad_evals"], history=ck["history"])
+        log.info("resumed %s at step %d", self.spec.task, state["step"])
+
+
+def _until_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
+
+
+def _jsonable(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: float(v) if isinstance(v, float) else v for k, v in h.items()} for h in history]
+
+
+def train(
+    backbone: Backbone, spec: TrainSpec, work_dir: str | Path | None = None, progress: Progress | None = None
+) -> TrainResult:
+    start = time.monotonic()
+    result = Trainer(backbone, spec, work_dir, progress).run()
+    result.artifact.training["train_seconds"] = round(time.monotonic() - start, 1)
+    return result
