@@ -18,7 +18,7 @@ from .engine import Engine
 from .errors import error_response, install_error_handlers
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
-from .routes import health, inference, openai, tasks
+from .routes import health, inference, openai, tasks, train
 from .scheduler import Scheduler
 from .settings import ServiceSettings
 from .state import Services
@@ -95,6 +95,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     app.include_router(inference.router)
     app.include_router(openai.router)
     app.include_router(tasks.router)
+    app.include_router(train.router)
     return app
 
 

@@ -22,6 +22,7 @@ from prefix_store import (
     VersionConflict,
     VersionNotFound,
 )
+from prefix_store.jobs import JobNotFound
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class EngineFailure(ServiceError):
 # Most specific first: the first matching class decides the status.
 _STATUS: list[tuple[type[Exception], int]] = [
     (TaskNotFound, 404),
+    (JobNotFound, 404),
     (VersionNotFound, 404),
     (BackboneMismatch, 409),
     (VersionConflict, 409),

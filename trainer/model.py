@@ -134,7 +134,7 @@ class TaskModel(nn.Module):
 
     @torch.no_grad()
     def artifact(self, task: str, labels: list[str] | None, training: dict) -> PrefixArtifact:
-        x = self.prefix().detach().float().cpu().contiguous()
+        x = self.prefix().detach().float().cpu().clone()  # a copy: the parameter keeps training
         head = None
         if self.head is not None:
             bias = self.head.bias.detach().float().cpu() if self.head.bias is not None else None

@@ -91,6 +91,7 @@ class Trainer:
         n_labels = len(self.labels) if self.data.kind == "classification" else None
         self.model = TaskModel(backbone, spec.method, prefix.to(backbone.device), n_labels).to(backbone.device)
         self.engine = Engine(backbone, device_cache_bytes=1)  # evaluation: one prefix at a time
+        self.order: list[int] = []  # indices of the examples still to visit in this pass over the data
 
     # -- batches ------------------------------------------------------------------------------------------------
     def _encode(self, ex: Example) -> tuple[list[int], list[int] | None, list[int] | None]:
@@ -129,20 +130,19 @@ class Trainer:
         params = model.trainable()
         opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
         sched = get_linear_schedule_with_warmup(opt, int(spec.warmup_ratio * spec.steps), spec.steps)
-        state = {"step": 0, "best": -math.inf, "bad_evals": 0, "history": []}
+        state: dict[str, Any] = {"step": 0, "best": -math.inf, "bad_evals": 0, "history": [], "loss_avg": None}
         self._resume(opt, sched, state)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bb.device.type == "cuda" else nullcontext()
-        order: list[int] = []
         bar = tqdm(total=spec.steps, initial=state["step"], desc=f"train {spec.task}", disable=None)
-        loss_avg = None
+        loss_avg = state["loss_avg"]
         while state["step"] < spec.steps and state["bad_evals"] < spec.patience:
             model.train()
             self.bb.model.train()  # frozen weights, but dropout on, as in P-Tuning v2
             opt.zero_grad(set_to_none=True)
             for _ in range(spec.grad_accum):
-                if len(order) < spec.batch_size:
-                    order += torch.randperm(len(self.data.train), generator=self.gen).tolist()
-                idx, order = order[: spec.batch_size], order[spec.batch_size :]
+                if len(self.order) < spec.batch_size:
+                    self.order += torch.randperm(len(self.data.train), generator=self.gen).tolist()
+                idx, self.order = self.order[: spec.batch_size], self.order[spec.batch_size :]
                 with autocast:
                     loss = model.loss(self._batch([self.data.train[i] for i in idx])) / spec.grad_accum
                 loss.backward()
@@ -151,7 +151,7 @@ class Trainer:
             sched.step()
             state["step"] += 1
             value = float(loss) * spec.grad_accum
-            loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
+            loss_avg = state["loss_avg"] = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
             self.progress({"step": state["step"], "steps": spec.steps, "loss": loss_avg})
@@ -295,11 +295,13 @@ class Trainer:
                 "opt": opt.state_dict(),
                 "sched": sched.state_dict(),
                 "gen": self.gen.get_state(),
+                "order": torch.tensor(self.order, dtype=torch.long),
                 "torch_rng": torch.get_rng_state(),
                 "step": state["step"],
                 "best": state["best"],
                 "bad_evals": state["bad_evals"],
                 "history": _jsonable(state["history"]),
+                "loss_avg": state["loss_avg"],
             },
             tmp,
         )
@@ -314,8 +316,11 @@ class Trainer:
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         self.gen.set_state(ck["gen"])
+        self.order = ck["order"].tolist()
         torch.set_rng_state(ck["torch_rng"])
-        state.update(step=ck["step"], best=ck["best"], bad_evals=ck["bad_evals"], history=ck["history"])
+        state.update(
+            step=ck["step"], best=ck["best"], bad_evals=ck["bad_evals"], history=ck["history"], loss_avg=ck["loss_avg"]
+        )
         log.info("resumed %s at step %d", self.spec.task, state["step"])
 
 

@@ -1,0 +1,134 @@
+"""python -m trainer train --task NAME --method M --data FILE [options]   train one prefix and publish it
+python -m trainer worker                                                take jobs from the Redis queue forever
+
+Options of `train` are the fields of trainer.spec.TrainSpec (--steps, --lr, --num-virtual-tokens, --dev-data,
+--columns input=mr,output=ref, --labels neg,pos, --gate 0.8, --export-peft DIR, ...). Everything else (backbone,
+Redis, work dir) comes from PREFIXSERVE_* settings, as for the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import types
+import typing
+import uuid
+from typing import Any
+
+from prefix_store import EmbeddedRedis, PrefixStore, connect
+from prefix_store.jobs import JobQueue
+from service.backbone import load_backbone
+
+from .settings import TrainerSettings
+from .spec import TrainSpec
+from .worker import Worker, run_job
+
+log = logging.getLogger("trainer")
+
+
+def _spec_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train one prefix and publish it")
+    for name, field in TrainSpec.model_fields.items():
+        if name in ("examples", "dev_examples"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind = _scalar(field.annotation)
+        help_text = field.description or ""
+        if kind is bool:
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None, help=help_text)
+        elif name in ("columns",):
+            p.add_argument(flag, default=None, help=help_text + " (k=v,k=v)")
+        elif name == "labels":
+            p.add_argument(flag, default=None, help=help_text + " (comma-separated)")
+        else:
+            p.add_argument(flag, type=kind, default=None, required=field.is_required(), help=help_text)
+    return p
+
+
+def _scalar(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str
+    return annotation if annotation in (int, float, str, bool) else str
+
+
+def _spec_from(args: argparse.Namespace) -> TrainSpec:
+    values = {k: v for k, v in vars(args).items() if k in TrainSpec.model_fields and v is not None}
+    if "columns" in values:
+        values["columns"] = dict(pair.split("=", 1) for pair in values["columns"].split(","))
+    if "labels" in values:
+        values["labels"] = [x.strip() for x in values["labels"].split(",")]
+    return TrainSpec(**values)
+
+
+async def _open_store(settings: TrainerSettings) -> tuple[PrefixStore, EmbeddedRedis | None]:
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        url = embedded.start()
+    return PrefixStore(
+        connect(url), namespace=settings.namespace, max_artifact_bytes=settings.max_artifact_bytes
+    ), embedded
+
+
+async def _train(settings: TrainerSettings, spec: TrainSpec) -> dict[str, Any]:
+    backbone = load_backbone(
+        settings.backbone, dtype=settings.dtype, device=settings.device, local_files_only=settings.local_files_only
+    )
+    store, embedded = await _open_store(settings)
+    try:
+        return await run_job(backbone, store, spec, settings, f"cli-{spec.task}-{uuid.uuid4().hex[:8]}")
+    finally:
+        await store.aclose()
+        if embedded:
+            embedded.stop()
+
+
+async def _worker(settings: TrainerSettings) -> None:
+    backbone = load_backbone(
+        settings.backbone, dtype=settings.dtype, device=settings.device, local_files_only=settings.local_files_only
+    )
+    store, embedded = await _open_store(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await Worker(backbone, store, JobQueue(store.client, namespace=settings.namespace), settings).run(stop)
+    finally:
+        await store.aclose()
+        if embedded:
+            embedded.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _spec_parser(sub)
+    sub.add_parser("worker", help="consume training jobs from Redis")
+    args = parser.parse_args(argv)
+    settings = TrainerSettings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "worker":
+        asyncio.run(_worker(settings))
+        return 0
+    try:
+        spec = _spec_from(args)
+    except ValueError as e:
+        parser.error(str(e))
+    result = asyncio.run(_train(settings, spec))
+    sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2) + "\n")
+    return 0 if result.get("published") or spec.gate is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
