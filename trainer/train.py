@@ -150,7 +150,7 @@ class Trainer:
             opt.step()
             sched.step()
             state["step"] += 1
-            value = float(loss) * spec.grad_accum
+            value = loss.item() * spec.grad_accum
             loss_avg = state["loss_avg"] = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
