@@ -18,7 +18,7 @@ COPY service ./service
 COPY trainer ./trainer
 RUN pip install .
 
-RUN useradd --create-home --uid 10001 app && mkdir -p /work && chown app /work
+RUN useradd --create-home --uid 10001 app && mkdir -p /work/checkpoints && chown -R app /work
 USER app
 WORKDIR /work
 CMD ["python", "-m", "trainer", "worker"]

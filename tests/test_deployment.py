@@ -50,6 +50,7 @@ def test_compose_file_is_valid_and_wired():
     assert service["environment"]["PREFIXSERVE_ADMIN_KEYS"] == "a1"
     assert service["build"]["dockerfile"] == "docker/service.Dockerfile"
     assert trainer["build"]["dockerfile"] == "docker/trainer.Dockerfile"
+    assert "trainer-work" in cfg["volumes"] and trainer["environment"]["PREFIXSERVE_WORK_DIR"] == "/work/checkpoints"
 
 
 @needs_compose
