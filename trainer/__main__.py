@@ -125,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = _spec_from(args)
     except ValueError as e:
         parser.error(str(e))
-    result = asyncio.run(_train(settings, spec))
+    try:
+        result = asyncio.run(_train(settings, spec))
+    except ValueError as e:  # bad data or a spec the backbone cannot train (DataError is a ValueError)
+        log.error("%s", e)
+        return 2
     sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2) + "\n")
     return 0 if result.get("published") or spec.gate is not None else 1
 
