@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -20,6 +20,7 @@ from .schemas import BASE_TASK, SamplingFields
 from .state import Services
 
 DISCONNECT_POLL_S = 0.25
+T = TypeVar("T")
 
 
 def task_of(name: str) -> str | None:
@@ -94,23 +95,19 @@ async def first_event(request: Request, handle: RequestHandle) -> tuple[Event, A
     """The first event of a stream, awaited before any byte is sent, so that a failure (unknown task, prefix
     incompatible, queue timeout) still gets its own HTTP status. A client gone meanwhile cancels the request."""
     events = handle.events()
-    first = asyncio.ensure_future(events.__anext__())
-    try:
-        while True:
-            done, _ = await asyncio.wait({first}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return first.result(), events
-            if await request.is_disconnected():
-                handle.cancel()
-                raise ClientGone("client disconnected before the first token")
-    finally:
-        if not first.done():
-            first.cancel()
+    first = await _unless_gone(request, handle, events.__anext__(), "before the first token")
+    return first, events
 
 
 async def result(request: Request, handle: RequestHandle) -> GenerationResult | ClassificationResult:
     """Awaits the result; if the client disconnects first, cancels the request (its row frees at the next step)."""
-    waiter = asyncio.ensure_future(handle.result())
+    return await _unless_gone(request, handle, handle.result(), "before the answer was ready")
+
+
+async def _unless_gone(request: Request, handle: RequestHandle, awaitable: Awaitable[T], when: str) -> T:
+    """Awaits `awaitable`, checking every DISCONNECT_POLL_S that the client is still there; if it left, the
+    request is cancelled and ClientGone raised."""
+    waiter = asyncio.ensure_future(awaitable)
     try:
         while True:
             done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
@@ -118,7 +115,7 @@ async def result(request: Request, handle: RequestHandle) -> GenerationResult | 
                 return waiter.result()
             if await request.is_disconnected():
                 handle.cancel()
-                raise ClientGone("client disconnected before the answer was ready")
+                raise ClientGone(f"client disconnected {when}")
     finally:
         if not waiter.done():
             waiter.cancel()
