@@ -156,15 +156,19 @@ def main() -> None:
             acc = run_ptv2(args, data)
         rows.append((name, acc, time.perf_counter() - start))
         print(f"{name:>9}: dev accuracy {acc * 100:.2f}%  ({rows[-1][2]:.0f} s)", flush=True)
-    print("\n| method | trainable parameters | dev accuracy |")
-    print("|---|---|---:|")
+    fp = load_backbone(DEFAULT_BACKBONE, local_files_only=True).fingerprint
+    head = fp.hidden_size * len(labels) + len(labels)
+    full = sum(p.numel() for p in AutoModel.from_pretrained(resolve_source(DEFAULT_BACKBONE)).parameters()) + head
+    prefix = fp.num_layers * 2 * fp.num_kv_heads * args.prefix * fp.head_dim + head
     names = {
-        "probe": "linear probe (frozen, mean-pooled)",
-        "finetune": "full fine-tuning",
-        "ptv2": f"P-Tuning v2 (P={args.prefix})",
+        "probe": ("linear probe (frozen, mean-pooled)", head),
+        "finetune": ("full fine-tuning", full),
+        "ptv2": (f"P-Tuning v2 (P={args.prefix}, lr {args.ptv2_lr:g})", prefix),
     }
+    print("\n| method | trainable parameters | dev accuracy |")
+    print("|---|---:|---:|")
     for name, acc, _ in rows:
-        print(f"| {names[name]} | | {acc * 100:.2f}% |")
+        print(f"| {names[name][0]} | {names[name][1]:,} | {acc * 100:.2f}% |")
 
 
 if __name__ == "__main__":
