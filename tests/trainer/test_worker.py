@@ -134,7 +134,7 @@ async def test_second_worker_takes_over_a_killed_workers_job(model_dir, redis_ur
                 first.kill()  # no goodbye: its message stays pending until it goes idle
                 first.wait(10)
                 second = start_worker(model_dir, redis_url, ns, tmp_path / "work", "rescuer", tmp_path / "b.log")
-                job = await _job(c, job_id, lambda j: j["state"] == "succeeded", timeout=180)
+                job = await _job(c, job_id, lambda j: j["state"] == "succeeded", timeout=300)
                 assert job["worker"] == "rescuer" and job["attempts"] == 2 and job["result"]["version"] == 1
         assert "took over job" in (tmp_path / "b.log").read_text()
         assert "resumed slow at step" in (tmp_path / "b.log").read_text()  # from the dead worker's checkpoint
