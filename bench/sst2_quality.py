@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dev-limit", type=int, default=None, help="evaluate on the first N dev sentences")
     p.add_argument("--prefix", type=int, default=16, help="P-Tuning v2 virtual tokens")
     p.add_argument("--ptv2-lr", type=float, default=5e-3)
+    p.add_argument("--ptv2-reparam", action="store_true", help="P-Tuning v2 with the MLP reparametrisation")
     p.add_argument("--finetune-lr", type=float, default=5e-5)
     p.add_argument("--probe-lr", type=float, default=1e-2)
     p.add_argument("--max-length", type=int, default=64)
@@ -128,6 +129,7 @@ def run_ptv2(args, data) -> float:
         eval_every=args.steps,
         patience=1_000,
         seed=args.seed,
+        reparam=args.ptv2_reparam or None,
     )
     result = Trainer(backbone, spec).run()
     return result.metrics["accuracy"]
@@ -163,7 +165,7 @@ def main() -> None:
     names = {
         "probe": ("linear probe (frozen, mean-pooled)", head),
         "finetune": ("full fine-tuning", full),
-        "ptv2": (f"P-Tuning v2 (P={args.prefix}, lr {args.ptv2_lr:g})", prefix),
+        "ptv2": (f"P-Tuning v2 (P={args.prefix}, lr {args.ptv2_lr:g}{', MLP' if args.ptv2_reparam else ''})", prefix),
     }
     print("\n| method | trainable parameters | dev accuracy |")
     print("|---|---:|---:|")
