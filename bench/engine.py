@@ -28,12 +28,10 @@ from peft import PrefixTuningConfig, get_peft_model
 from safetensors.torch import save as st_save
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from prefix_store import BackboneFingerprint, EmbeddedRedis, PrefixStore, connect, import_peft_adapter
+from prefix_store import BackboneFingerprint, PrefixStore, import_peft_adapter, open_store
 from service.backbone import wrap_model
-from service.engine import Engine
-from service.prefix_cache import PrefixCache
 from service.sampling import SamplingParams
-from service.scheduler import Scheduler
+from service.scheduler import Scheduler, build_serving
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,20 +133,18 @@ async def main(args: argparse.Namespace) -> None:
     peft_model.eval()
 
     data_dir = tempfile.mkdtemp(prefix="ps-bench-")
-    server = EmbeddedRedis(data_dir)
-    store = PrefixStore(connect(server.start()), namespace=f"bench-{uuid.uuid4().hex[:8]}")
+    store, server = open_store(None, data_dir, namespace=f"bench-{uuid.uuid4().hex[:8]}")
     await publish(store, peft_model, names, fp)
     backbone = wrap_model(peft_model.get_base_model(), None, name="gpt2-random")
-    engine = Engine(backbone)
-    cache = PrefixCache(store)
-    cache.start()
-    scheduler = Scheduler(
-        engine,
-        cache,
+    scheduler = build_serving(
+        backbone,
+        store,
         max_batch_size=args.max_batch,
         max_queue=args.requests * 2,
         max_batch_tokens=args.max_batch * (args.prefix + args.prompt + args.new),
     )
+    cache = scheduler.prefixes
+    cache.start()
     scheduler.start()
 
     g = torch.Generator().manual_seed(0)

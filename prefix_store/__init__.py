@@ -28,7 +28,7 @@ from .errors import (
     VersionNotFound,
 )
 from .peft_io import export_peft_adapter, import_peft_adapter, import_peft_dir
-from .store import PrefixStore, StoreEvent, TaskInfo, connect
+from .store import PrefixStore, StoreEvent, TaskInfo, connect, open_store
 
 __all__ = [
     "KV_METHODS",
@@ -56,6 +56,7 @@ __all__ = [
     "VersionConflict",
     "VersionNotFound",
     "connect",
+    "open_store",
     "validate_task_name",
     "decode",
     "encode",

@@ -23,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -34,6 +35,7 @@ from redis.retry import Retry
 
 from .artifact import PrefixArtifact, validate_task_name
 from .codec import DEFAULT_MAX_BYTES, decode, encode
+from .embedded import EmbeddedRedis
 from .errors import ArtifactTooLarge, StoreUnavailable, TaskNotFound, VersionConflict, VersionNotFound
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,22 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> aioredis.Redis:
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
     )
+
+
+def open_store(
+    redis_url: str | None,
+    data_dir: str | Path,
+    *,
+    namespace: str = "prefixserve",
+    max_artifact_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[PrefixStore, EmbeddedRedis | None]:
+    """A store on `redis_url`, or, when it is None, on an embedded Redis under `data_dir` (returned too, for the
+    caller to stop after closing the store). Call it from the main thread: see EmbeddedRedis.start."""
+    embedded = None
+    if redis_url is None:
+        embedded = EmbeddedRedis(data_dir)
+        redis_url = embedded.start()
+    return PrefixStore(connect(redis_url), namespace=namespace, max_artifact_bytes=max_artifact_bytes), embedded
 
 
 class PrefixStore:

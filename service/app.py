@@ -5,21 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from prefix_store import EmbeddedRedis, PrefixStore, connect
+from prefix_store import open_store
 
 from .backbone import Backbone, load_backbone
-from .engine import Engine
 from .errors import error_response, install_error_handlers
 from .metrics import Metrics
-from .prefix_cache import PrefixCache
 from .routes import health, inference, openai, tasks, train
-from .scheduler import Scheduler
+from .scheduler import build_serving
 from .settings import ServiceSettings
 from .state import Services
 
@@ -38,13 +36,13 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        embedded = None
-        url = settings.redis_url
-        if url is None:
-            # Started on the event-loop thread on purpose: the child's death signal follows the starting thread.
-            embedded = EmbeddedRedis(settings.data_dir)
-            url = embedded.start()
-        store = PrefixStore(connect(url), namespace=settings.namespace, max_artifact_bytes=settings.max_artifact_bytes)
+        # Opened on the event-loop thread on purpose: an embedded server's death signal follows the starting thread.
+        store, embedded = open_store(
+            settings.redis_url,
+            settings.data_dir,
+            namespace=settings.namespace,
+            max_artifact_bytes=settings.max_artifact_bytes,
+        )
         try:
             bb = backbone or await asyncio.to_thread(
                 load_backbone,
@@ -53,20 +51,17 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 device=settings.device,
                 local_files_only=settings.local_files_only,
             )
-            engine = Engine(bb, device_cache_bytes=settings.device_cache_bytes)
-            prefixes = PrefixCache(
+            scheduler = build_serving(
+                bb,
                 store,
-                capacity_bytes=settings.host_cache_bytes,
-                on_invalidate=lambda task, version: engine.invalidate(_matching(task, version)),
-            )
-            scheduler = Scheduler(
-                engine,
-                prefixes,
+                device_cache_bytes=settings.device_cache_bytes,
+                host_cache_bytes=settings.host_cache_bytes,
                 max_batch_size=settings.max_batch_size,
                 max_batch_tokens=settings.max_batch_tokens,
                 max_prefill_tokens=settings.max_prefill_tokens,
                 max_queue=settings.max_queue,
             )
+            engine, prefixes = scheduler.engine, scheduler.prefixes
             prefixes.start()
             scheduler.start()
             with contextlib.suppress(TimeoutError):  # /ready reports it if the subscription is still missing
@@ -74,7 +69,9 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
             services = Services(settings, store, bb, engine, prefixes, scheduler, metrics, embedded)
             metrics.watch(services)
             app.state.services = services
-            log.info("prefix-serve ready: backbone %s, store %s", bb.name, "embedded" if embedded else url)
+            log.info(
+                "prefix-serve ready: backbone %s, store %s", bb.name, "embedded" if embedded else settings.redis_url
+            )
             try:
                 yield
             finally:
@@ -97,10 +94,6 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     app.include_router(tasks.router)
     app.include_router(train.router)
     return app
-
-
-def _matching(task: str, version: int | None) -> Callable[[tuple[str, int]], bool]:
-    return lambda key: key[0] == task and (version is None or key[1] == version)
 
 
 class _BodyLimit:

@@ -23,8 +23,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from prefix_store import PrefixArtifact
+from prefix_store import PrefixArtifact, PrefixStore
 
+from .backbone import Backbone
 from .engine import Engine, EngineRequest, Event
 from .errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, Unsupported
 from .prefix_cache import PrefixCache
@@ -152,6 +153,25 @@ class RequestHandle:
         self._scheduler.cancel(self._req)
 
 
+def build_serving(
+    backbone: Backbone,
+    store: PrefixStore,
+    *,
+    device_cache_bytes: int = 1024**3,
+    host_cache_bytes: int = 4 * 1024**3,
+    **scheduler_kw: int,
+) -> Scheduler:
+    """Engine, host prefix cache and scheduler, linked so that store events invalidate the device tier too.
+    Nothing is started: call `scheduler.prefixes.start()` and `scheduler.start()`."""
+    engine = Engine(backbone, device_cache_bytes=device_cache_bytes)
+
+    def invalidate(task: str, version: int | None) -> None:
+        engine.invalidate(lambda key: key[0] == task and (version is None or key[1] == version))
+
+    prefixes = PrefixCache(store, capacity_bytes=host_cache_bytes, on_invalidate=invalidate)
+    return Scheduler(engine, prefixes, **scheduler_kw)
+
+
 class Scheduler:
     """Args:
     engine: runs the steps.
@@ -186,9 +206,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.steps = 0
         self.cancelled = 0  # requests that ended cancelled (client gone, or explicit)
-        self.last_batch_size = 0
         self.on_step: Callable[[int], None] | None = None  # told the rows of each step (metrics)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -295,9 +313,9 @@ class Scheduler:
                 if req.params is not None:
                     self._running[req.id] = req
             engine_reqs = [EngineRequest(r.id, r.prompt_ids, r.artifact, r.params, r.token_type_ids) for r in admit]
-            self.last_batch_size = len(self._running) + sum(1 for r in admit if r.params is None)
-            if self.on_step is not None and self.last_batch_size:
-                self.on_step(self.last_batch_size)
+            rows = len(self._running) + sum(1 for r in admit if r.params is None)
+            if self.on_step is not None and rows:
+                self.on_step(rows)
             if not engine_reqs and not self.engine.running and not cancel:
                 await asyncio.sleep(0.001)  # nothing admissible yet (budget); let cancellations and finishes land
                 continue
@@ -307,7 +325,6 @@ class Scheduler:
                 log.exception("engine step failed")
                 self._fail_all(admit, EngineFailure(f"engine step failed: {type(e).__name__}: {e}"))
                 continue
-            self.steps += 1
             by_id = {r.id: r for r in admit} | self._running
             for ev in events:
                 req = by_id.get(ev.request_id)

@@ -15,7 +15,7 @@ from prefix_store import BackboneFingerprint, PrefixStore, import_peft_dir
 from service.backbone import wrap_model
 from service.engine import Engine
 from service.prefix_cache import PrefixCache
-from service.scheduler import Scheduler
+from service.scheduler import Scheduler, build_serving
 
 
 @dataclass
@@ -28,20 +28,13 @@ class Stack:
 
 @asynccontextmanager
 async def serving_stack(store: PrefixStore, model, tokenizer=None, name="tiny", **scheduler_kw):
-    backbone = wrap_model(model, tokenizer, name=name)
-    engine = Engine(backbone)
-    cache = PrefixCache(
-        store,
-        on_invalidate=lambda task, version: engine.invalidate(
-            lambda key: key[0] == task and (version is None or key[1] == version)
-        ),
-    )
+    scheduler = build_serving(wrap_model(model, tokenizer, name=name), store, **scheduler_kw)
+    cache = scheduler.prefixes
     cache.start()
     await asyncio.wait_for(cache.subscribed.wait(), 10)
-    scheduler = Scheduler(engine, cache, **scheduler_kw)
     scheduler.start()
     try:
-        yield Stack(store, cache, engine, scheduler)
+        yield Stack(store, cache, scheduler.engine, scheduler)
     finally:
         await scheduler.stop()
         await cache.stop()

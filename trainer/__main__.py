@@ -19,7 +19,7 @@ import typing
 import uuid
 from typing import Any
 
-from prefix_store import EmbeddedRedis, PrefixStore, connect
+from prefix_store import EmbeddedRedis, PrefixStore, open_store
 from prefix_store.jobs import JobQueue
 from service.backbone import load_backbone
 
@@ -67,22 +67,20 @@ def _spec_from(args: argparse.Namespace) -> TrainSpec:
     return TrainSpec(**values)
 
 
-async def _open_store(settings: TrainerSettings) -> tuple[PrefixStore, EmbeddedRedis | None]:
-    embedded = None
-    url = settings.redis_url
-    if url is None:
-        embedded = EmbeddedRedis(settings.data_dir)
-        url = embedded.start()
-    return PrefixStore(
-        connect(url), namespace=settings.namespace, max_artifact_bytes=settings.max_artifact_bytes
-    ), embedded
+def _open_store(settings: TrainerSettings) -> tuple[PrefixStore, EmbeddedRedis | None]:
+    return open_store(
+        settings.redis_url,
+        settings.data_dir,
+        namespace=settings.namespace,
+        max_artifact_bytes=settings.max_artifact_bytes,
+    )
 
 
 async def _train(settings: TrainerSettings, spec: TrainSpec) -> dict[str, Any]:
     backbone = load_backbone(
         settings.backbone, dtype=settings.dtype, device=settings.device, local_files_only=settings.local_files_only
     )
-    store, embedded = await _open_store(settings)
+    store, embedded = _open_store(settings)
     try:
         return await run_job(backbone, store, spec, settings, f"cli-{spec.task}-{uuid.uuid4().hex[:8]}")
     finally:
@@ -95,7 +93,7 @@ async def _worker(settings: TrainerSettings) -> None:
     backbone = load_backbone(
         settings.backbone, dtype=settings.dtype, device=settings.device, local_files_only=settings.local_files_only
     )
-    store, embedded = await _open_store(settings)
+    store, embedded = _open_store(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
