@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import PrefixStoreError, StoreUnavailable
@@ -121,4 +121,4 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-__all__ = ["Claimed", "JobNotFound", "JobQueue", "RedisError"]
+__all__ = ["Claimed", "JobNotFound", "JobQueue"]

@@ -75,8 +75,8 @@ class ModelRunner:
         self.body = model if backbone.is_encoder else model.base_model  # the transformer without its LM head
         self.lm_head = None if backbone.is_encoder else model.get_output_embeddings()
         self.embed = self.body.get_input_embeddings()
-        self.pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer is not None else 0
-        self.pad_id = self.pad_id or 0
+        tok = backbone.tokenizer
+        self.pad_id = (tok.pad_token_id if tok is not None else None) or 0
 
     # -- loading ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -32,6 +32,12 @@ def model_dir(tmp_path_factory):
     return path
 
 
+def service_app(model_dir, redis_url, ns):
+    """The service on the same tiny model the workers load, on the test's Redis namespace."""
+    backbone = load_backbone(str(model_dir), local_files_only=True)
+    return create_app(ServiceSettings(redis_url=redis_url, namespace=ns), backbone=backbone)
+
+
 def start_worker(model_dir, redis_url, ns, work_dir, name, log_path):
     env = {
         **os.environ,
@@ -62,10 +68,7 @@ async def _job(c, job_id, until, timeout=120):
 
 async def test_service_queues_worker_trains_next_request_serves(model_dir, redis_url, tmp_path):
     ns = f"e2e-{uuid.uuid4().hex[:8]}"
-    app = create_app(
-        ServiceSettings(redis_url=redis_url, namespace=ns),
-        backbone=load_backbone(str(model_dir), local_files_only=True),
-    )
+    app = service_app(model_dir, redis_url, ns)
     worker = start_worker(model_dir, redis_url, ns, tmp_path / "work", "w1", tmp_path / "w1.log")
     try:
         with live_server(app) as url:
@@ -105,10 +108,7 @@ async def test_service_queues_worker_trains_next_request_serves(model_dir, redis
 
 async def test_second_worker_takes_over_a_killed_workers_job(model_dir, redis_url, tmp_path):
     ns = f"reclaim-{uuid.uuid4().hex[:8]}"
-    app = create_app(
-        ServiceSettings(redis_url=redis_url, namespace=ns),
-        backbone=load_backbone(str(model_dir), local_files_only=True),
-    )
+    app = service_app(model_dir, redis_url, ns)
     first = start_worker(model_dir, redis_url, ns, tmp_path / "work", "doomed", tmp_path / "a.log")
     second = None
     try:
