@@ -5,6 +5,7 @@ Encoders are loaded without an LM head (classification only, through per-task he
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ class Backbone:
     device: torch.device
     dtype: torch.dtype
     max_positions: int  # the context window: prefix + prompt + new tokens must fit in it
+    cache_arg: str = "past_key_values"  # the keyword the model's forward takes its key/value cache under
+
+    def with_cache(self, cache: Any) -> dict[str, Any]:
+        """The forward keyword argument carrying `cache`, under the name this transformers version expects."""
+        return {self.cache_arg: cache}
 
     def check(self, artifact: PrefixArtifact) -> None:
         """Refuses a prefix this backbone cannot serve, naming the difference."""
@@ -111,6 +117,12 @@ def load_backbone(
     return wrap_model(model, tokenizer, name=name, device=dev)
 
 
+def cache_argument(model: Any) -> str:
+    """`cache` where the model's forward has it (transformers 5.24 deprecates `past_key_values` for it, with removal
+    announced for 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def wrap_model(model: Any, tokenizer: Any, *, name: str, device: torch.device | None = None) -> Backbone:
     """Freezes an already-built model (tests build tiny ones from configs) and describes it."""
     config = model.config
@@ -144,4 +156,5 @@ def wrap_model(model: Any, tokenizer: Any, *, name: str, device: torch.device | 
         device=device,
         dtype=next(model.parameters()).dtype,
         max_positions=int(max_positions or 0),
+        cache_arg=cache_argument(model),
     )

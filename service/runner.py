@@ -101,7 +101,7 @@ class ModelRunner:
         P = soft.shape[0]
         cache = DynamicCache()
         pos = torch.arange(P, device=soft.device)[None]  # (1, P)
-        self.body(inputs_embeds=soft[None], position_ids=pos, past_key_values=cache, use_cache=True)
+        self.body(inputs_embeds=soft[None], position_ids=pos, use_cache=True, **self.bb.with_cache(cache))
         layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each (2, H_kv, P, D)
         return torch.stack(layers)
 
@@ -120,7 +120,7 @@ class ModelRunner:
         # Room for the prompt and the expected new tokens, so neither prefill nor decode reallocates.
         cache = cache_from(list(zone[:, 0]), list(zone[:, 1]), spare=ids.shape[1] + decode_room)
         out = self.body(
-            input_ids=ids, attention_mask=mask.long(), position_ids=pos, past_key_values=cache, use_cache=True
+            input_ids=ids, attention_mask=mask.long(), position_ids=pos, use_cache=True, **self.bb.with_cache(cache)
         )
         h = out.last_hidden_state  # (B, Tmax, hidden)
         rows = torch.arange(len(items), device=h.device)
@@ -144,8 +144,8 @@ class ModelRunner:
             input_ids=tokens[:, None],
             attention_mask=mask.long(),
             position_ids=batch.next_pos[:, None],
-            past_key_values=batch.cache,
             use_cache=True,
+            **self.bb.with_cache(batch.cache),
         )
         batch.append_step()
         return self.lm_head(out.last_hidden_state[:, -1]).float()
@@ -182,7 +182,7 @@ class ModelRunner:
             token_type_ids=types,
             attention_mask=torch.cat([pmask, tmask], 1).long(),
             position_ids=token_positions(starts, lengths, ids.shape[1], dev),
-            past_key_values=cache_from(list(zone[:, 0]), list(zone[:, 1]), spare=ids.shape[1]),
+            **self.bb.with_cache(cache_from(list(zone[:, 0]), list(zone[:, 1]), spare=ids.shape[1])),
         )
         h = out.last_hidden_state  # (B, Tmax, hidden)
         pooled = out.pooler_output  # (B, hidden) or None

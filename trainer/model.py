@@ -93,8 +93,8 @@ class TaskModel(nn.Module):
             out = self.body(
                 input_ids=batch.ids,
                 attention_mask=mask.long(),
-                past_key_values=cache,
                 use_cache=True,
+                **self.bb.with_cache(cache),
                 position_ids=token_positions([P] * B, batch.lengths, T, dev),
                 **kwargs,
             )
