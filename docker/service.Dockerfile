@@ -13,11 +13,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 RUN python -c "import torch" 2>/dev/null \
     || pip install "${TORCH_SPEC}" --index-url "${TORCH_INDEX_URL}"
+# The exact locked set (hash-checked, no resolution), then the project itself; `pip check` proves the set consistent
+# with whichever torch the image has.
+COPY requirements/requirements-runtime.txt ./requirements/
+RUN pip install --no-deps --require-hashes -r requirements/requirements-runtime.txt
 COPY pyproject.toml README.md ./
 COPY prefix_store ./prefix_store
 COPY service ./service
 COPY trainer ./trainer
-RUN pip install .
+RUN pip install --no-deps --no-build-isolation . && pip check
 
 RUN useradd --create-home --uid 10001 app && mkdir -p /data && chown app /data
 USER app

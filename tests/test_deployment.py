@@ -63,3 +63,10 @@ def test_dockerfiles_take_a_base_image_and_keep_its_torch():
     for name in ("service", "trainer"):
         text = (ROOT / "docker" / f"{name}.Dockerfile").read_text()
         assert "ARG BASE_IMAGE=python:3.11-slim" in text and 'python -c "import torch"' in text
+
+
+def test_images_install_the_runtime_lock():
+    for name in ("service", "trainer"):
+        text = (ROOT / "docker" / f"{name}.Dockerfile").read_text()
+        assert "--require-hashes -r requirements/requirements-runtime.txt" in text
+        assert "pip install --no-deps --no-build-isolation ." in text and "pip check" in text
