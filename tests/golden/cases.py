@@ -1,0 +1,300 @@
+"""The mixed-batch equivalence cases: each row's adapter, input and reference output. Built live through PEFT (the
+equivalence tests) or loaded from the golden files that `python -m tests.golden.record` wrote from PEFT under the
+locked versions (the golden tests), so the engine is checked even where PEFT does not work.
+
+A case's adapters travel the real path when built: PEFT save_pretrained -> import -> artifact. PEFT is imported
+only to build a case, never to load one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prefix_store import BackboneFingerprint, ClassificationHead, PrefixArtifact, import_peft_dir
+from service.sampling import SamplingParams
+from tests.engine_harness import serving_stack, trained_peft
+from tests.models import tiny_model
+
+DATA = Path(__file__).parent / "data"
+STEPS = 6  # greedy tokens generated per row
+LABELS = ["x", "y", "z"]
+
+# (task, PEFT config class name, kwargs): the four methods with different prefix lengths, and the bare backbone (None).
+GEN_TASKS = [
+    ("prefix", "PrefixTuningConfig", dict(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),
+    ("ptv2", "PrefixTuningConfig", dict(num_virtual_tokens=7)),
+    ("soft", "PromptTuningConfig", dict(num_virtual_tokens=4)),
+    ("ptune", "PromptEncoderConfig", dict(num_virtual_tokens=5, encoder_hidden_size=16)),
+    (None, None, None),
+]
+PROMPT_LENGTHS = [5, 9, 3, 7, 6]
+BERT_TASKS = [
+    ("prefix", "PrefixTuningConfig", dict(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16)),
+    ("ptv2", "PrefixTuningConfig", dict(num_virtual_tokens=6)),
+    ("soft", "PromptTuningConfig", dict(num_virtual_tokens=3)),
+    ("ptune", "PromptEncoderConfig", dict(num_virtual_tokens=2, encoder_hidden_size=16)),
+]
+BERT_LENGTHS = [7, 4, 9, 5]
+BERT_TYPES = [None, None, None, [0, 0, 1, 1, 1]]  # one sentence pair
+
+
+@dataclass
+class Case:
+    """Args:
+    kind: the tiny backbone (tests.models); generation cases serve its causal LM, "bert-cls" its encoder.
+    tasks: per row, the task it runs (None: the bare backbone).
+    artifacts: per task, its artifact (not yet published).
+    inputs: per row, token ids; types: per row, token type ids or None.
+    generate: per row, True for a generation row (STEPS greedy tokens), False for a classification row.
+    ref_tokens: per generation row, the reference's greedy tokens; [] for classification rows.
+    ref_logits: per row, (STEPS, V) next-token logits of each step, or (C,) head logits.
+    """
+
+    kind: str
+    tasks: list[str | None]
+    artifacts: dict[str, PrefixArtifact]
+    inputs: list[list[int]]
+    generate: list[bool]
+    ref_tokens: list[list[int]]
+    ref_logits: list[torch.Tensor]
+    types: list[list[int] | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.types = self.types or [None] * len(self.tasks)
+
+
+def backbone_of(kind: str) -> torch.nn.Module:
+    """A fresh copy of the backbone a case runs on, as the engine serves it (the encoder alone for BERT)."""
+    model = tiny_model(kind)
+    return model.bert if kind == "bert-cls" else model
+
+
+# -- built live through PEFT -------------------------------------------------------------------------------------
+def peft_generate(model, ids: list[int]) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and per-step logits (STEPS, V) of one row run alone through PEFT's (or the bare model's)
+    generate."""
+    out = model.generate(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=STEPS,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return out.sequences[0, len(ids) :].tolist(), torch.stack(out.logits)[:, 0]
+
+
+def _peft_config(name: str, **kwargs):
+    import peft
+
+    return getattr(peft, name)(**kwargs)
+
+
+def _import(pm, task: str, config, out_dir: Path, labels: list[str] | None = None) -> PrefixArtifact:
+    pm.save_pretrained(out_dir)
+    return import_peft_dir(out_dir, task=task, backbone=BackboneFingerprint.from_config(config), labels=labels)
+
+
+def generation_case(kind: str, tmp_path: Path) -> Case:
+    """GPT-2 / Llama / Qwen2: the four methods and a bare row, each referenced by PEFT's generate alone."""
+    base = tiny_model(kind)
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 120, (n,)).tolist() for n in PROMPT_LENGTHS]
+    artifacts, tokens, logits = {}, [], []
+    for i, (task, cls, kw) in enumerate(GEN_TASKS):
+        model = base
+        if cls is not None:
+            model = trained_peft(base, _peft_config(cls, task_type="CAUSAL_LM", **kw), seed=10 + i)
+            artifacts[task] = _import(model, task, base.config, tmp_path / task)
+        t, lg = peft_generate(model, prompts[i])
+        tokens.append(t)
+        logits.append(lg)
+    tasks = [t for t, _, _ in GEN_TASKS]
+    return Case(kind, tasks, artifacts, prompts, [True] * len(tasks), tokens, logits)
+
+
+def causal_classification_case(tmp_path: Path) -> Case:
+    """A SEQ_CLS adapter (LlamaForSequenceClassification + PEFT) served on the causal LM backbone beside a generation
+    row: its head reads the last real token, as transformers' score head does."""
+    base = tiny_model("llama")
+    cls_base = tiny_model("llama-cls")
+    cls_base.model.load_state_dict(base.model.state_dict())
+    pm = trained_peft(cls_base, _peft_config("PrefixTuningConfig", task_type="SEQ_CLS", num_virtual_tokens=4), seed=3)
+    gen = trained_peft(base, _peft_config("PrefixTuningConfig", task_type="CAUSAL_LM", num_virtual_tokens=6), seed=4)
+    artifacts = {
+        "intent": _import(pm, "intent", base.config, tmp_path / "intent", labels=LABELS),
+        "gen": _import(gen, "gen", base.config, tmp_path / "gen"),
+    }
+    gen_ids, cls_ids = [4, 5, 6], [5, 17, 33, 9, 41, 7]
+    gen_tokens, gen_logits = peft_generate(gen, gen_ids)
+    with torch.no_grad():
+        cls_logits = pm(input_ids=torch.tensor([cls_ids]), attention_mask=torch.ones(1, 6, dtype=torch.long)).logits
+    return Case(
+        "llama",
+        ["gen", "intent"],
+        artifacts,
+        [gen_ids, cls_ids],
+        [True, False],
+        [gen_tokens, []],
+        [gen_logits, cls_logits[0]],
+    )
+
+
+def bert_case(tmp_path: Path) -> Case:
+    """A BERT classifier: both key/value methods and both soft-prompt methods, one row a sentence pair."""
+    base = tiny_model("bert-cls")
+    torch.manual_seed(1)
+    inputs = [torch.randint(3, 120, (n,)).tolist() for n in BERT_LENGTHS]
+    artifacts, logits = {}, []
+    for i, (task, cls, kw) in enumerate(BERT_TASKS):
+        pm = trained_peft(base, _peft_config(cls, task_type="SEQ_CLS", **kw), seed=20 + i)
+        artifacts[task] = _import(pm, task, base.config, tmp_path / task, labels=LABELS)
+        ids = torch.tensor([inputs[i]])
+        extra = {} if BERT_TYPES[i] is None else {"token_type_ids": torch.tensor([BERT_TYPES[i]])}
+        with torch.no_grad():
+            logits.append(pm(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0])
+    tasks = [t for t, _, _ in BERT_TASKS]
+    return Case("bert-cls", tasks, artifacts, inputs, [False] * 4, [[]] * 4, logits, list(BERT_TYPES))
+
+
+def build(name: str, tmp_path: Path) -> Case:
+    if name in ("gpt2", "llama", "qwen2"):
+        return generation_case(name, tmp_path)
+    return {"llama-cls": causal_classification_case, "bert-cls": bert_case}[name](tmp_path)
+
+
+CASES = ["gpt2", "llama", "qwen2", "llama-cls", "bert-cls"]
+
+
+# -- golden files ------------------------------------------------------------------------------------------------
+def save(case: Case, path: Path, versions: dict[str, str]) -> None:
+    """One safetensors file: every artifact's tensors and every row's reference; the rest in its metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    arts = {}
+    for task, art in case.artifacts.items():
+        tensors[f"art.{task}.prefix"] = art.prefix_tensor.contiguous()
+        if art.head is not None:
+            tensors[f"art.{task}.head.weight"] = art.head.weight.contiguous()
+            if art.head.bias is not None:
+                tensors[f"art.{task}.head.bias"] = art.head.bias.contiguous()
+        arts[task] = {"method": art.method, "labels": art.head.labels if art.head else None}
+        arts[task]["pooling"] = art.head.pooling if art.head else None
+    for i, (tokens, logits) in enumerate(zip(case.ref_tokens, case.ref_logits, strict=True)):
+        tensors[f"ref.{i}.logits"] = logits.float().contiguous()
+        tensors[f"ref.{i}.tokens"] = torch.tensor(tokens, dtype=torch.long)
+    meta = {
+        "kind": case.kind,
+        "tasks": case.tasks,
+        "inputs": case.inputs,
+        "types": case.types,
+        "generate": case.generate,
+        "artifacts": arts,
+        "recorded_with": versions,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path, metadata={"case": json.dumps(meta)})
+
+
+def load(name: str) -> Case:
+    path = DATA / f"{name}.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["case"])
+    tensors = load_file(path)
+    fp = BackboneFingerprint.from_config(backbone_of(meta["kind"]).config)
+    artifacts = {}
+    for task, info in meta["artifacts"].items():
+        prefix = tensors[f"art.{task}.prefix"]
+        head = None
+        if info["labels"]:
+            head = ClassificationHead(
+                tensors[f"art.{task}.head.weight"],
+                tensors.get(f"art.{task}.head.bias"),
+                info["labels"],
+                info["pooling"],
+            )
+        kv = prefix if prefix.ndim == 5 else None
+        soft = None if kv is not None else prefix
+        artifacts[task] = PrefixArtifact(task, info["method"], fp, kv=kv, soft_prompt=soft, head=head)
+    n = len(meta["tasks"])
+    return Case(
+        meta["kind"],
+        meta["tasks"],
+        artifacts,
+        meta["inputs"],
+        meta["generate"],
+        [tensors[f"ref.{i}.tokens"].tolist() for i in range(n)],
+        [tensors[f"ref.{i}.logits"] for i in range(n)],
+        meta["types"],
+    )
+
+
+# -- running a case through the serving stack --------------------------------------------------------------------
+async def _collect(handle, n: int | None = None) -> list:
+    events = []
+    async for ev in handle.events():
+        events.append(ev)
+        if n is not None and len(events) == n:
+            break
+    return events
+
+
+async def serve(store, case: Case, first_group: int = 3) -> list[list]:
+    """Publishes the case's artifacts and runs every row through the real stack in mixed batches; returns each
+    row's events. All-generation cases: the first `first_group` rows decode two tokens before the rest join, so rows
+    join mid-decode, loading their prefixes cold. A case with classification rows first runs each row once, so every
+    prefix is resident, then submits all rows together: they share one forward."""
+    for art in case.artifacts.values():
+        await store.put(art)
+    params = SamplingParams(max_new_tokens=STEPS, return_logits=True, ignore_eos=True)
+    n = len(case.tasks)
+    async with serving_stack(store, backbone_of(case.kind), max_batch_size=8) as stack:
+
+        def start(i: int):
+            p = params if case.generate[i] else None
+            return stack.scheduler.submit(case.tasks[i], case.inputs[i], p, token_type_ids=case.types[i])
+
+        if not all(case.generate):
+            await asyncio.gather(*(start(i).result() for i in range(n)))
+        n_first = min(first_group, n) if all(case.generate) else n
+        handles = [start(i) for i in range(n_first)]
+        head = await asyncio.gather(*(_collect(h, 2 if case.generate[i] else None) for i, h in enumerate(handles)))
+        handles += [start(i) for i in range(n_first, n)]
+
+        async def rest(i: int, handle) -> list:
+            return [] if i < n_first and not case.generate[i] else await _collect(handle)
+
+        tails = await asyncio.gather(*(rest(i, h) for i, h in enumerate(handles)))
+    return [(head[i] if i < n_first else []) + tails[i] for i in range(n)]
+
+
+def differences(case: Case, rows: list[list]) -> dict[str | None, float]:
+    """Per row (keyed by task), the largest |logit difference| from the reference over every step."""
+    diffs = {}
+    for i, events in enumerate(rows):
+        ref = case.ref_logits[i] if case.generate[i] else case.ref_logits[i][None]
+        diffs[case.tasks[i]] = max((ev.logits - ref[k]).abs().max().item() for k, ev in enumerate(events))
+    return diffs
+
+
+def assert_matches(case: Case, rows: list[list], tol: float = 1e-5) -> None:
+    """Every row equals its reference: the same greedy tokens, generation ended by length, and logits within tol
+    at every step."""
+    for i, events in enumerate(rows):
+        if case.generate[i]:
+            assert [ev.token_id for ev in events] == case.ref_tokens[i], f"row {i} ({case.tasks[i]}): tokens differ"
+            assert [ev.finish_reason for ev in events] == [None] * (STEPS - 1) + ["length"]
+        else:
+            assert len(events) == 1 and events[0].finish_reason == "stop"
+    diffs = differences(case, rows)
+    worst = max(diffs.values())
+    assert worst <= tol, f"{case.kind}: max |dlogit| per task {diffs}"
