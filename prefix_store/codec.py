@@ -44,10 +44,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixArtifact
             f"safetensors file has no '{METADATA_KEY}' metadata: expected a prefix-serve artifact "
             "(a PEFT adapter must be uploaded as adapter_config + adapter_model)"
         )
-    try:
-        meta = json.loads(raw_meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ArtifactFormatError(f"artifact metadata is not valid JSON: {e}") from None
+    meta = parse_json(raw_meta[METADATA_KEY], "artifact metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ArtifactFormatError(f"artifact format: expected {FORMAT!r}, got {got!r}")
@@ -60,30 +57,51 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixArtifact
 
 
 def read_safetensors_header(data: bytes, *, max_bytes: int) -> dict[str, Any]:
-    """The parsed JSON header of a safetensors blob, after size, magic and dtype checks."""
+    """The parsed JSON header of a safetensors blob, after size, header and dtype checks.
+
+    The first 8 bytes are the little-endian length of the JSON header, so they can be anything (one header length in
+    32 starts with 0x80, a pickle's first byte): a blob is only called a pickle or a zip archive once it has failed
+    to parse as safetensors, to say what it was instead.
+    """
     if len(data) > max_bytes:
         raise ArtifactTooLarge(f"artifact is {len(data)} bytes: the limit is {max_bytes}")
-    if data[:1] == b"\x80" or data[:2] == b"PK":
-        kind = "a pickle" if data[:1] == b"\x80" else "a zip archive (torch.save)"
-        raise ArtifactFormatError(f"expected a safetensors file, got {kind}: pickled tensors are never loaded")
-    if len(data) < 8:
-        raise ArtifactFormatError(f"expected a safetensors file, got {len(data)} bytes (too short for a header)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > min(_MAX_HEADER_BYTES, len(data) - 8):
-        raise ArtifactFormatError(f"safetensors header length {n} is impossible for a {len(data)}-byte file")
     try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactFormatError(f"expected a safetensors file, header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise ArtifactFormatError("expected a safetensors file, header is not a JSON object")
+        header = _parse_header(data)
+    except ArtifactFormatError as e:
+        kind = "a pickle" if data[:1] == b"\x80" else "a zip archive (torch.save)" if data[:2] == b"PK" else None
+        if kind is None:
+            raise
+        raise ArtifactFormatError(f"expected a safetensors file, got {kind}: pickled tensors are never loaded") from e
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
             dt = info.get("dtype") if isinstance(info, dict) else info
-            raise ArtifactFormatError(f"tensor {name!r} dtype: expected one of {sorted(_ST_DTYPES)}, got {dt!r}")
+            want = sorted(_ST_DTYPES)
+            raise ArtifactFormatError(f"tensor {name!r:.80} dtype: expected one of {want}, got {dt!r:.40}")
     return header
+
+
+def _parse_header(data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise ArtifactFormatError(f"expected a safetensors file, got {len(data)} bytes (too short for a header)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise ArtifactFormatError(f"safetensors header length {n} is impossible for a {len(data)}-byte file")
+    header = parse_json(data[8 : 8 + n], "safetensors header")
+    if not isinstance(header, dict):
+        raise ArtifactFormatError("expected a safetensors file, header is not a JSON object")
+    return header
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """json.loads with every failure, nesting too deep for the parser included, as an ArtifactFormatError."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactFormatError(f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ArtifactFormatError(f"{what}: JSON nested too deeply") from None
 
 
 def load_tensors(data: bytes) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from .artifact import KV_METHODS, SOFT_PROMPT_METHODS, BackboneFingerprint, ClassificationHead, PrefixArtifact
-from .codec import DEFAULT_MAX_BYTES, load_tensors, read_safetensors_header
+from .codec import DEFAULT_MAX_BYTES, load_tensors, parse_json, read_safetensors_header
 from .errors import ArtifactFormatError, ArtifactShapeError, BackboneMismatch, UnsupportedAdapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -147,10 +147,7 @@ def export_peft_adapter(
 def _parse_config(config: dict[str, Any] | bytes | str) -> dict[str, Any]:
     if isinstance(config, dict):
         return config
-    try:
-        parsed = json.loads(config)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactFormatError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    parsed = parse_json(config, CONFIG_NAME)
     if not isinstance(parsed, dict):
         raise ArtifactFormatError(f"{CONFIG_NAME}: expected a JSON object, got {type(parsed).__name__}")
     return parsed

@@ -27,6 +27,7 @@ def make_artifact(
     labels: list[str] | None = None,
     fill: float | None = None,
     seed: int = 0,
+    training: dict | None = None,
 ) -> PrefixArtifact:
     """`fill` makes every prefix value equal to it, so a reader can check a tensor belongs to its version."""
     g = torch.Generator().manual_seed(seed)
@@ -51,7 +52,7 @@ def make_artifact(
         kv=t.to(dtype) if kv_method else None,
         soft_prompt=None if kv_method else t.to(dtype),
         head=head,
-        training={"dataset": "unit-test", "metrics": {"accuracy": 0.5}},
+        training={"dataset": "unit-test", "metrics": {"accuracy": 0.5}} if training is None else training,
     )
 
 

@@ -1,0 +1,53 @@
+"""Property test of the codec: every valid artifact survives encode -> decode, whatever the lengths of its metadata
+(task name, labels, training notes, timestamps) and so whatever the length of the safetensors header."""
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prefix_store import METHODS, BackboneFingerprint, ClassificationHead, PrefixArtifact, decode, encode
+from tests.prefix_store.test_codec import assert_same
+
+FP = BackboneFingerprint(
+    model_type="llama", num_layers=2, hidden_size=8, num_attention_heads=2, num_kv_heads=1, head_dim=4, vocab_size=50
+)
+TASK_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789._-"
+JSON_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=300)
+
+
+@st.composite
+def artifacts(draw) -> PrefixArtifact:
+    task = draw(st.text(TASK_CHARS, min_size=1, max_size=64).filter(lambda t: t.strip(".")))
+    method = draw(st.sampled_from(METHODS))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    P = draw(st.integers(1, 6))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    kv_method = method in ("prefix_tuning", "p_tuning_v2")
+    shape = (FP.num_layers, 2, FP.num_kv_heads, P, FP.head_dim) if kv_method else (P, FP.hidden_size)
+    prefix = torch.randn(shape, generator=g).to(dtype)
+    head = None
+    labels = draw(st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=6, unique=True) | st.none())
+    if labels is not None:
+        weight = torch.randn(len(labels), FP.hidden_size, generator=g).to(dtype)
+        bias = torch.randn(len(labels), generator=g).to(dtype) if draw(st.booleans()) else None
+        head = ClassificationHead(weight, bias, labels, draw(st.sampled_from(["pooler", "cls", "mean", "last_token"])))
+    training = draw(
+        st.dictionaries(st.text(max_size=30), JSON_TEXT | st.integers() | st.floats(allow_nan=False), max_size=5)
+    )
+    return PrefixArtifact(
+        task=task,
+        method=method,
+        fingerprint=FP,
+        kv=prefix if kv_method else None,
+        soft_prompt=None if kv_method else prefix,
+        head=head,
+        version=draw(st.integers(1, 10**9) | st.none()),
+        training=training,
+        created_at=draw(JSON_TEXT),
+    )
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(artifacts())
+def test_every_valid_artifact_round_trips(art):
+    assert_same(decode(encode(art)), art)
