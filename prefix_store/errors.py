@@ -58,3 +58,8 @@ class VersionConflict(PrefixStoreError):
 
 class StoreUnavailable(PrefixStoreError):
     """Redis could not be reached or timed out; raised after retries for reads, at once for writes."""
+
+
+class StoredArtifactCorrupt(PrefixStoreError):
+    """A version in the store does not decode. Uploads are validated before they are stored, so this is the server's
+    fault (a corrupted record, a codec bug, a lowered size limit), never the client's."""

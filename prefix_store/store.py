@@ -36,7 +36,15 @@ from redis.retry import Retry
 from .artifact import PrefixArtifact, validate_task_name
 from .codec import DEFAULT_MAX_BYTES, decode, encode
 from .embedded import EmbeddedRedis
-from .errors import ArtifactTooLarge, StoreUnavailable, TaskNotFound, VersionConflict, VersionNotFound
+from .errors import (
+    ArtifactError,
+    ArtifactTooLarge,
+    StoredArtifactCorrupt,
+    StoreUnavailable,
+    TaskNotFound,
+    VersionConflict,
+    VersionNotFound,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -168,6 +176,7 @@ class PrefixStore:
         self.channel = f"{namespace}:events"
         self.max_artifact_bytes = max_artifact_bytes
         self._read_retries = read_retries
+        self.decode_failures = 0  # stored records that failed to decode (a server-side fault; see get)
         self._backoff = retry_backoff_s
         self._commit = client.register_script(_COMMIT)
         self._get = client.register_script(_GET)
@@ -244,11 +253,18 @@ class PrefixStore:
 
     # -- reads ----------------------------------------------------------------------------------------------------
     async def get(self, task: str, version: int | None = None) -> PrefixArtifact:
-        """The current (or a given) version, decoded and validated."""
+        """The current (or a given) version, decoded and validated. A stored record that fails to decode raises
+        StoredArtifactCorrupt (counted in `decode_failures`): what is stored was validated, so this is no client's
+        fault."""
         v, blob = await self._fetch(task, version, "blob")
-        artifact = decode(blob, max_bytes=self.max_artifact_bytes)
-        if artifact.task != task or artifact.version != v:
-            raise VersionConflict(f"stored record {task!r} v{v} holds {artifact.task!r} v{artifact.version}")
+        try:
+            artifact = decode(blob, max_bytes=self.max_artifact_bytes)
+            if artifact.task != task or artifact.version != v:
+                raise ArtifactError(f"the record holds {artifact.task!r} v{artifact.version}")
+        except ArtifactError as e:
+            self.decode_failures += 1
+            log.error("stored prefix %s v%d does not decode: %s", task, v, e)
+            raise StoredArtifactCorrupt(f"stored prefix {task!r} v{v} does not decode: {e}") from e
         return artifact
 
     async def get_summary(self, task: str, version: int | None = None) -> dict[str, Any]:
