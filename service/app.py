@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from prefix_store import open_store
 
 from .backbone import Backbone, load_backbone
-from .errors import error_response, install_error_handlers
+from .errors import install_error_handlers
+from .guard import RequestGuard
 from .metrics import Metrics
 from .routes import health, inference, openai, tasks, train
 from .scheduler import build_serving
@@ -86,29 +86,11 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     app.state.settings = settings
     metrics = Metrics()
     install_error_handlers(app)
-    app.add_middleware(_BodyLimit, limit=settings.max_artifact_bytes + 1024**2)
-    metrics.install(app)
+    app.add_middleware(RequestGuard, settings=settings)
+    metrics.install(app)  # outermost: refused requests are counted too
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
     app.include_router(tasks.router)
     app.include_router(train.router)
     return app
-
-
-class _BodyLimit:
-    """Refuses a declared body over the limit before anything reads it (uploads are the only large bodies).
-    Pure ASGI, so routes still see client disconnects."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope["headers"]).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.limit:
-                msg = f"request body is {int(declared)} bytes: the limit is {self.limit}"
-                await error_response(413, msg, "PayloadTooLarge")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

@@ -17,6 +17,7 @@ from prefix_store import (
     ArtifactTooLarge,
     BackboneMismatch,
     PrefixStoreError,
+    StoredArtifactCorrupt,
     StoreUnavailable,
     TaskNotFound,
     VersionConflict,
@@ -85,6 +86,7 @@ class EngineFailure(ServiceError):
 
 # Most specific first: the first matching class decides the status.
 _STATUS: list[tuple[type[Exception], int]] = [
+    (StoredArtifactCorrupt, 500),
     (TaskNotFound, 404),
     (JobNotFound, 404),
     (VersionNotFound, 404),

@@ -30,7 +30,10 @@ class ServiceSettings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis URL; unset starts an embedded Redis under data_dir")
     data_dir: Path = Field(Path("data"), description="embedded Redis's append-only file and socket")
     namespace: str = Field("prefixserve", description="Redis key prefix")
-    max_artifact_bytes: int = Field(256 * 1024**2, gt=0, description="largest prefix or upload accepted")
+    max_artifact_bytes: int = Field(
+        256 * 1024**2, gt=0, description="largest prefix or upload accepted (admin routes' body limit, plus 1 MiB)"
+    )
+    max_body_bytes: int = Field(1024**2, gt=0, description="body limit of every non-admin route (JSON requests)")
 
     max_batch_size: int = Field(32, gt=0, description="most requests decoding together")
     max_batch_tokens: int = Field(
@@ -41,6 +44,18 @@ class ServiceSettings(BaseSettings):
     device_cache_bytes: int = Field(1024**3, gt=0, description="device-resident prefix LRU budget")
     host_cache_bytes: int = Field(4 * 1024**3, gt=0, description="host-memory prefix LRU budget")
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of a request, queueing included; past it, 504")
+
+    max_connections: int = Field(
+        1024, gt=0, description="open connections at most; one more is closed at once, requests past it get 503"
+    )
+    keep_alive_timeout_s: float = Field(
+        75.0, gt=0, description="idle keep-alive connections close after this (above common proxy idle timeouts)"
+    )
+    header_timeout_s: float = Field(15.0, gt=0, description="a request's line and headers must arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, description="most seconds between two chunks of a request body")
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads; unset keeps torch's default (one per core)"
+    )
 
     host: str = Field("127.0.0.1", description="bind address (the --host flag wins)")
     port: int = Field(8000, ge=0, le=65535, description="bind port (the --port flag wins)")

@@ -1,10 +1,10 @@
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prefix_store import StoreUnavailable
 
-from ..auth import AdminAuth
+from ..auth import AdminAuth, is_admin
 from ..schemas import Health, Readiness
 from ..state import ServicesDep
 
@@ -22,7 +22,9 @@ async def health() -> Health:
     summary="Readiness: backbone loaded, engine running, Redis reachable",
     responses={503: {"model": Readiness, "description": "not ready; `checks` says which part failed"}},
 )
-async def ready(services: ServicesDep) -> JSONResponse:
+async def ready(request: Request, services: ServicesDep) -> JSONResponse:
+    """Open to probes; the failure messages and the backbone description (local paths, hosts) only with an admin
+    key."""
     checks: dict[str, bool | str] = {
         "backbone": True,
         "engine": services.scheduler.alive or "scheduler loop is not running",
@@ -34,7 +36,10 @@ async def ready(services: ServicesDep) -> JSONResponse:
     except StoreUnavailable as e:
         checks["redis"] = str(e)
     ok = all(v is True for v in checks.values())
-    body = Readiness(ready=ok, checks=checks, backbone=services.backbone.describe())
+    if is_admin(request):
+        body = Readiness(ready=ok, checks=checks, backbone=services.backbone.describe())
+    else:
+        body = Readiness(ready=ok, checks={k: v is True for k, v in checks.items()})
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 

@@ -1,0 +1,78 @@
+"""The outermost ASGI layer: what a client without a key, or with a huge or slow body, may cost the server.
+
+For every HTTP request, before any byte of the body is read:
+  1. the bearer key is checked against the scope the path needs (401 / 403 at once);
+  2. a declared Content-Length over the route's limit is refused (413).
+While the body is read:
+  3. received bytes are counted, declared or chunked, and the body is cut at the limit (413);
+  4. each chunk must arrive within `body_timeout_s` of the previous one (408).
+Admin routes (uploads, training jobs) get the artifact limit; every other route the small JSON limit.
+Pure ASGI, so routes still see client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .auth import key_scope, require, required_scope
+from .errors import error_response
+from .settings import ServiceSettings
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, settings: ServiceSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.admin_limit = settings.max_artifact_bytes + 1024**2  # an artifact plus the multipart framing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        needed = required_scope(scope["path"])
+        try:
+            if needed is not None:
+                require(needed, key_scope(_text(headers.get(b"authorization")), self.settings))
+        except HTTPException as e:
+            await error_response(e.status_code, str(e.detail), "HTTPError", e.headers)(scope, receive, send)
+            return
+        limit = self.admin_limit if needed == "admin" else self.settings.max_body_bytes
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            msg = f"request body is {int(declared)} bytes: the limit for {scope['path']} is {limit}"
+            await error_response(413, msg, "PayloadTooLarge")(scope, receive, send)
+            return
+        await self.app(scope, self._bounded(receive, limit, scope["path"]), send)
+
+    def _bounded(self, receive: Receive, limit: int, path: str) -> Receive:
+        """`receive` that counts body bytes, cuts the body past `limit` and times out a stalled body. Once the body
+        is complete it passes messages straight through (a streaming route waits on it for the disconnect)."""
+        received, done = 0, False
+        timeout = self.settings.body_timeout_s
+
+        async def bounded() -> Message:
+            nonlocal received, done
+            if done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except TimeoutError:
+                raise HTTPException(408, f"request body stalled: no data for {timeout:g}s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HTTPException(413, f"request body exceeds the limit for {path} of {limit} bytes")
+                done = not message.get("more_body", False)
+            else:
+                done = True
+            return message
+
+        return bounded
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
