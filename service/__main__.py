@@ -7,9 +7,10 @@ import ipaddress
 import logging
 import sys
 
-import uvicorn
+import torch
 
 from .app import create_app
+from .server import configure_logging, run
 from .settings import ServiceSettings
 
 log = logging.getLogger("service")
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     if not settings.auth_enabled:
         if not is_loopback(args.host):
             log.error(
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         log.warning("no API keys configured: the service is open to anyone who can reach %s", args.host)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level)
+    run(create_app(settings), settings, args.host, args.port)
     return 0
 
 

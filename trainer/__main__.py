@@ -19,6 +19,8 @@ import typing
 import uuid
 from typing import Any
 
+import torch
+
 from prefix_store import EmbeddedRedis, PrefixStore, open_store
 from prefix_store.jobs import JobQueue
 from service.backbone import load_backbone
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = TrainerSettings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     if args.command == "worker":
         asyncio.run(_worker(settings))
         return 0

@@ -29,4 +29,5 @@ class TrainerSettings(BaseSettings):
     claim_idle_s: float = Field(60.0, gt=0, description="a job silent this long is taken over by another worker")
     heartbeat_s: float = Field(5.0, gt=0, description="how often a busy worker proves it is alive")
     max_attempts: int = Field(3, ge=1, description="deliveries of one job before it is failed")
+    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads; unset keeps torch's default")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

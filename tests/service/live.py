@@ -1,4 +1,5 @@
-"""A real uvicorn server in a thread, for tests that need real HTTP (disconnects, the openai client)."""
+"""A real uvicorn server in a thread, configured as `python -m service` runs it (connection and header limits), for
+tests that need real HTTP (disconnects, the openai client, abuse)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from contextlib import contextmanager
 
 import uvicorn
+
+from service.server import uvicorn_config
 
 
 def free_port() -> int:
@@ -19,8 +22,8 @@ def free_port() -> int:
 @contextmanager
 def live_server(app):
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    server = uvicorn.Server(uvicorn_config(app, app.state.settings, "127.0.0.1", port))
+    thread = threading.Thread(target=server.run, daemon=True, name="live-server")
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
