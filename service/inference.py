@@ -28,41 +28,49 @@ def task_of(name: str) -> str | None:
     return None if name == BASE_TASK else validate_task_name(name)
 
 
-def prompt_ids(services: Services, prompt: str | None, input_ids: list[int] | None) -> list[int]:
+async def prompt_ids(services: Services, prompt: str | None, input_ids: list[int] | None) -> list[int]:
     if (prompt is None) == (input_ids is None):
         raise InvalidRequest("give exactly one of 'prompt' and 'input_ids'")
     if input_ids is not None:
         return check_ids(services, input_ids)
-    tok = _tokenizer(services)
-    ids = tok(prompt)["input_ids"]
+    ids = (await tokenize(services, prompt))["input_ids"]
     if not ids:
         raise InputTooLong("the prompt is empty after tokenisation: expected at least one token")
     return ids
 
 
-def check_ids(services: Services, ids: list[int]) -> list[int]:
+def check_ids(services: Services, ids: list[int], field: str = "input_ids") -> list[int]:
     vocab = services.backbone.fingerprint.vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
-        raise InvalidRequest(f"input_ids: expected token ids in [0, {vocab}), got {bad[:5]}")
-    if not ids:
+        raise InvalidRequest(f"{field}: expected token ids in [0, {vocab}), got {bad[:5]}")
+    if not ids and field == "input_ids":
         raise InvalidRequest("input_ids: expected at least one token")
     return ids
 
 
-def encode_pair(services: Services, text: str, pair: str | None) -> tuple[list[int], list[int] | None]:
-    enc = _tokenizer(services)(text, pair) if pair is not None else _tokenizer(services)(text)
+async def encode_pair(services: Services, text: str, pair: str | None) -> tuple[list[int], list[int] | None]:
+    enc = await tokenize(services, text, pair)
     return enc["input_ids"], enc.get("token_type_ids")
 
 
-def _tokenizer(services: Services) -> Any:
+async def tokenize(services: Services, text: str, pair: str | None = None) -> Any:
+    """Runs the tokenizer in a worker thread: texts are bounded by the schemas, but even a bounded text must not
+    hold the event loop (and every other client) while it is split."""
     tok = services.backbone.tokenizer
     if tok is None:
         raise BadRequest(f"backbone {services.backbone.name} has no tokenizer: send input_ids")
-    return tok
+    return await asyncio.to_thread(tok, text, pair) if pair is not None else await asyncio.to_thread(tok, text)
 
 
-def sampling(fields: SamplingFields, *, max_new_tokens: int | None = None) -> SamplingParams:
+def sampling(
+    services: Services,
+    fields: SamplingFields,
+    *,
+    max_new_tokens: int | None = None,
+    logprobs: bool | None = None,
+) -> SamplingParams:
+    """The one place a request's sampling fields become SamplingParams (every route goes through it)."""
     stop = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
     if any(not s for s in stop):
         raise InvalidRequest("stop: expected non-empty strings")
@@ -73,8 +81,8 @@ def sampling(fields: SamplingFields, *, max_new_tokens: int | None = None) -> Sa
         top_p=fields.top_p,
         seed=fields.seed,
         stop=stop,
-        stop_token_ids=list(fields.stop_token_ids),
-        logprobs=fields.logprobs,
+        stop_token_ids=check_ids(services, list(fields.stop_token_ids), "stop_token_ids"),
+        logprobs=fields.logprobs if logprobs is None else logprobs,
     )
 
 
@@ -86,8 +94,23 @@ def submit(
     token_type_ids: list[int] | None = None,
     version: int | None = None,
 ) -> RequestHandle:
-    return services.scheduler.submit(
-        task, ids, params, token_type_ids=token_type_ids, version=version, timeout_s=services.settings.request_timeout_s
+    return submit_all(services, task, [(ids, token_type_ids)], params, version=version)[0]
+
+
+def submit_all(
+    services: Services,
+    task: str | None,
+    inputs: list[tuple[list[int], list[int] | None]],
+    params: SamplingParams | None = None,
+    version: int | None = None,
+) -> list[RequestHandle]:
+    """Queues one request per input, all or none: when the queue cannot take them all, none is queued (429)."""
+    return services.scheduler.submit_all(
+        [
+            dict(task=task, prompt_ids=ids, params=params, token_type_ids=types, version=version)
+            for ids, types in inputs
+        ],
+        timeout_s=services.settings.request_timeout_s,
     )
 
 

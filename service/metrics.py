@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -15,6 +15,23 @@ if TYPE_CHECKING:
     from .state import Services
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def name_task(request: Any, name: str) -> None:
+    """Records the task a request names. It becomes the request's `task` label only once `confirm_task` says the
+    task exists; until then the label is "unknown", so unvalidated names never become label values (each value is
+    a time series held forever)."""
+    request.state.task_named = name
+
+
+def confirm_task(request: Any) -> None:
+    request.state.task = getattr(request.state, "task_named", "")
+
+
+def _task_label(state: dict[str, Any]) -> str:
+    if "task" in state:
+        return state["task"]
+    return "unknown" if state.get("task_named") else ""
 
 
 class Metrics:
@@ -56,7 +73,7 @@ class Metrics:
 
 class _CountRequests:
     """Pure ASGI (not BaseHTTPMiddleware, which hides client disconnects from the routes): counts each request by
-    route template, status and task (set on request.state by the routes), and times it to its last byte."""
+    route template, status and task (see name_task), and times it to its last byte."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -78,7 +95,7 @@ class _CountRequests:
             await self.app(scope, receive, send_and_watch)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            task = scope.get("state", {}).get("task", "")
+            task = _task_label(scope.get("state", {}))
             self.metrics.requests.labels(route, str(status), task).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
@@ -103,6 +120,11 @@ class _StateCollector:
             for tier, lru in tiers.items():
                 fam.add_metric([tier], lru.stats[name])
             yield fam
+        yield CounterMetricFamily(
+            "prefixserve_store_decode_failures",
+            "stored prefix versions that failed to decode (a server-side fault, answered 500)",
+            value=s.store.decode_failures,
+        )
         resident = GaugeMetricFamily("prefixserve_prefix_cache_resident_bytes", "bytes held", labels=["tier"])
         for tier, lru in tiers.items():
             resident.add_metric([tier], lru.resident_bytes)

@@ -258,6 +258,24 @@ class Scheduler:
         asyncio.create_task(self._prepare(req))
         return RequestHandle(req, self)
 
+    def submit_all(self, requests: list[dict], *, timeout_s: float | None = None) -> list[RequestHandle]:
+        """Queues several requests (each the keyword arguments of `submit`) all or none: QueueFull before any is
+        queued when they do not all fit, and the ones already queued are cancelled if a later one is refused."""
+        if self._waiting + len(requests) > self.max_queue:
+            raise QueueFull(
+                f"queue full: {self._waiting} requests waiting, this call adds {len(requests)} "
+                f"(limit {self.max_queue}); retry later"
+            )
+        handles: list[RequestHandle] = []
+        try:
+            for kw in requests:
+                handles.append(self.submit(**kw, timeout_s=timeout_s))
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        return handles
+
     async def _prepare(self, req: _Request) -> None:
         try:
             if req.task is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -126,6 +126,21 @@ class Readiness(BaseModel):
 # -- inference ------------------------------------------------------------------------------------------------------
 BASE_TASK = "base"  # the reserved task name of the bare backbone (no prefix)
 
+# Bounds of every list and string a request may carry (the body limit, PREFIXSERVE_MAX_BODY_BYTES, caps the whole).
+MAX_TASK_CHARS = 64
+MAX_PROMPT_CHARS = 200_000  # one prompt or text
+MAX_PROMPT_TOKENS = 32_768  # one prompt given as token ids
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_TEXTS = 256  # texts in one classification request
+MAX_STOP = 16  # stop strings
+MAX_STOP_CHARS = 256  # characters of one stop string
+MAX_STOP_TOKENS = 64
+
+TaskName = Annotated[str, Field(min_length=1, max_length=MAX_TASK_CHARS)]
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+TokenIds = Annotated[list[int], Field(max_length=MAX_PROMPT_TOKENS)]
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
 
 class ErrorDetail(BaseModel):
     message: str
@@ -148,16 +163,18 @@ class SamplingFields(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=100000, description="0: no top-k cut")
-    stop: list[str] | str | None = Field(None, description="stop strings (the text ends before the first match)")
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    stop: Annotated[list[StopText], Field(max_length=MAX_STOP)] | StopText | None = Field(
+        None, description=f"up to {MAX_STOP} stop strings (the text ends before the first match)"
+    )
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKENS)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same tokens, whatever the batch")
     logprobs: bool = Field(False, description="return the log-probability of each generated token")
 
 
 class GenerateRequest(SamplingFields):
-    task: str = Field(description=f"task name; {BASE_TASK!r} is the bare backbone", examples=["e2e"])
-    prompt: str | None = Field(None, max_length=200_000)
-    input_ids: list[int] | None = Field(None, max_length=32768)
+    task: TaskName = Field(description=f"task name; {BASE_TASK!r} is the bare backbone", examples=["e2e"])
+    prompt: PromptText | None = None
+    input_ids: TokenIds | None = None
     stream: bool = Field(False, description="Server-Sent Events: one event per token, then a final event")
 
     model_config = {
@@ -198,11 +215,11 @@ class GenerateResponse(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
-    task: str = Field(examples=["sst2"])
-    text: str | None = Field(None, max_length=200_000)
-    texts: list[str] | None = Field(None, min_length=1, max_length=256)
-    input_ids: list[int] | None = Field(None, max_length=32768)
-    text_pair: str | None = Field(None, max_length=200_000, description="second segment, with `text`")
+    task: TaskName = Field(examples=["sst2"])
+    text: PromptText | None = None
+    texts: list[PromptText] | None = Field(None, min_length=1, max_length=MAX_TEXTS)
+    input_ids: TokenIds | None = None
+    text_pair: PromptText | None = Field(None, description="second segment, with `text`")
 
     model_config = {"json_schema_extra": {"examples": [{"task": "sst2", "texts": ["a gripping film", "dull"]}]}}
 
@@ -230,20 +247,28 @@ class ClassifyResponse(BaseModel):
 
 # -- OpenAI-compatible ----------------------------------------------------------------------------------------------
 class CompletionRequest(BaseModel):
-    model: str = Field(description="the task name", examples=["e2e"])
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(examples=["name[The Vaults], eatType[pub]"])
+    model: TaskName = Field(description="the task name", examples=["e2e"])
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(
+        description=f"a string, up to {MAX_PROMPTS} strings, token ids, or up to {MAX_PROMPTS} lists of token ids",
+        examples=["name[The Vaults], eatType[pub]"],
+    )
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stop: str | list[str] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     logprobs: int | None = Field(None, ge=0, le=1, description="0 or 1: the chosen token's log-probability")
     stream: bool = False
     echo: bool = Field(False, description="not supported: must be false")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
 
 
 class CompletionLogprobs(BaseModel):

@@ -11,6 +11,7 @@ from .. import inference as inf
 from ..auth import InferenceAuth
 from ..engine import Event
 from ..errors import InvalidRequest, Unsupported
+from ..metrics import confirm_task, name_task
 from ..scheduler import RequestHandle
 from ..schemas import (
     BASE_TASK,
@@ -57,15 +58,17 @@ STREAM_DOC = {
 async def generate(
     body: GenerateRequest, request: Request, services: ServicesDep
 ) -> GenerateResponse | StreamingResponse:
-    request.state.task = body.task
-    ids = inf.prompt_ids(services, body.prompt, body.input_ids)
-    handle = inf.submit(services, inf.task_of(body.task), ids, inf.sampling(body))
+    name_task(request, body.task)
+    ids = await inf.prompt_ids(services, body.prompt, body.input_ids)
+    handle = inf.submit(services, inf.task_of(body.task), ids, inf.sampling(services, body))
     if body.stream:
         first, events = await inf.first_event(request, handle)
+        confirm_task(request)
         services.metrics.ttft.observe(first_latency(handle))
         stream = _generate_stream(services, body.task, handle, len(ids), first, events)
         return StreamingResponse(inf.guarded_stream(stream, handle), media_type="text/event-stream")
     res = await inf.result(request, handle)
+    confirm_task(request)
     services.metrics.ttft.observe(first_latency(handle))
     services.metrics.generated.labels(body.task).inc(res.completion_tokens)
     return GenerateResponse(
@@ -103,7 +106,7 @@ async def _generate_stream(
 
 @router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Classify with a task's head")
 async def classify(body: ClassifyRequest, request: Request, services: ServicesDep) -> ClassifyResponse:
-    request.state.task = body.task
+    name_task(request, body.task)
     task = inf.task_of(body.task)
     if task is None:
         raise Unsupported(f"the {BASE_TASK!r} task has no classification head")
@@ -116,9 +119,10 @@ async def classify(body: ClassifyRequest, request: Request, services: ServicesDe
         inputs = [(inf.check_ids(services, body.input_ids), None)]
     else:
         texts = [body.text] if body.text is not None else body.texts
-        inputs = [inf.encode_pair(services, t, body.text_pair) for t in texts]  # type: ignore[union-attr]
+        inputs = [await inf.encode_pair(services, t, body.text_pair) for t in texts]  # type: ignore[union-attr]
     version = await services.prefixes.current_version(task)  # one version for every input of the call
-    handles = [inf.submit(services, task, ids, None, types, version=version) for ids, types in inputs]
+    confirm_task(request)
+    handles = inf.submit_all(services, task, inputs, version=version)
     results = await inf.results(request, handles)
     services.metrics.ttft.observe(first_latency(handles[0]))
     return ClassifyResponse(

@@ -15,7 +15,7 @@ from .. import inference as inf
 from ..auth import InferenceAuth
 from ..engine import Event
 from ..errors import InvalidRequest
-from ..sampling import SamplingParams
+from ..metrics import confirm_task, name_task
 from ..scheduler import GenerationResult, RequestHandle
 from ..schemas import (
     BASE_TASK,
@@ -25,6 +25,7 @@ from ..schemas import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    SamplingFields,
 )
 from ..state import Services, ServicesDep
 from .inference import ERRORS, first_latency, usage
@@ -53,31 +54,26 @@ async def models(services: ServicesDep) -> ModelList:
 async def completions(
     body: CompletionRequest, request: Request, services: ServicesDep
 ) -> CompletionResponse | StreamingResponse:
-    request.state.task = body.model
+    name_task(request, body.model)
     if body.echo:
         raise InvalidRequest("echo is not supported")
     task = inf.task_of(body.model)
-    prompts = _prompts(services, body.prompt)
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    params = SamplingParams(
-        max_new_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=stop,
-        logprobs=body.logprobs is not None,
-    )
+    prompts = await _prompts(services, body.prompt)
+    fields = SamplingFields(temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed)
+    params = inf.sampling(services, fields, max_new_tokens=body.max_tokens, logprobs=body.logprobs is not None)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         if len(prompts) != 1:
             raise InvalidRequest(f"streaming takes one prompt, got {len(prompts)}")
         handle = inf.submit(services, task, prompts[0], params)
         first, events = await inf.first_event(request, handle)
+        confirm_task(request)
         services.metrics.ttft.observe(first_latency(handle))
         stream = _stream(services, body, handle, meta, first, events, len(prompts[0]))
         return StreamingResponse(inf.guarded_stream(stream, handle), media_type="text/event-stream")
-    handles = [inf.submit(services, task, ids, params) for ids in prompts]
+    handles = inf.submit_all(services, task, [(ids, None) for ids in prompts], params)
     results: list[GenerationResult] = await inf.results(request, handles)
+    confirm_task(request)
     services.metrics.ttft.observe(first_latency(handles[0]))
     choices = [
         CompletionChoice(
@@ -124,15 +120,15 @@ async def _stream(
         ev = await events.__anext__()
 
 
-def _prompts(services: Services, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+async def _prompts(services: Services, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [inf.prompt_ids(services, prompt, None)]
+        return [await inf.prompt_ids(services, prompt, None)]
     if not prompt:
         raise InvalidRequest("prompt: expected a string, a list of strings, or token ids; got an empty list")
     if all(isinstance(p, int) for p in prompt):
         return [inf.check_ids(services, prompt)]  # type: ignore[arg-type]
     if all(isinstance(p, str) for p in prompt):
-        return [inf.prompt_ids(services, p, None) for p in prompt]  # type: ignore[arg-type]
+        return [await inf.prompt_ids(services, p, None) for p in prompt]  # type: ignore[arg-type]
     return [inf.check_ids(services, p) for p in prompt]  # type: ignore[arg-type]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
@@ -11,12 +12,18 @@ from prefix_store import PrefixArtifact, decode, import_peft_adapter, validate_t
 
 from ..auth import AdminAuth
 from ..errors import BadRequest, PayloadTooLarge
+from ..metrics import confirm_task, name_task
 from ..schemas import BASE_TASK, ErrorBody, RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
 from ..state import Services, ServicesDep
 
 
-def _label_task(request: Request) -> None:
-    request.state.task = request.path_params.get("task", "")  # the metrics' task label
+async def _label_task(request: Request) -> AsyncIterator[None]:
+    """The metrics' task label: the path's task once the route succeeded on it (see metrics.name_task)."""
+    if "task" in request.path_params:
+        name_task(request, request.path_params["task"])
+    yield
+    if "task" in request.path_params:
+        confirm_task(request)
 
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks (admin)"], dependencies=[AdminAuth, Depends(_label_task)])
