@@ -29,9 +29,12 @@ _TASK_NAME = re.compile(r"[a-z0-9._-]{1,64}")
 
 
 def validate_task_name(name: object) -> str:
-    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
+    """1 to 64 characters from [a-z0-9._-], not only dots ('.' and '..' are path segments no client can address)."""
+    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name) or not name.strip("."):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else f"{name[:80]!r}... ({len(name)} chars)"
         raise InvalidTaskName(
-            f"invalid task name {name!r}: expected 1 to 64 characters from lower-case letters, digits, '.', '_', '-'"
+            f"invalid task name {shown}: expected 1 to 64 characters from lower-case letters, digits, '.', '_', '-', "
+            "not only dots"
         )
     return name
 
