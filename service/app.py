@@ -77,6 +77,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
             finally:
                 await scheduler.stop()
                 await prefixes.stop()
+                services.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         finally:
             await store.aclose()
             if embedded is not None:

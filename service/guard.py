@@ -7,6 +7,7 @@ While the body is read:
   3. received bytes are counted, declared or chunked, and the body is cut at the limit (413);
   4. each chunk must arrive within `body_timeout_s` of the previous one (408).
 Admin routes (uploads, training jobs) get the artifact limit; every other route the small JSON limit.
+After a request whose body was large, freed memory is handed back to the OS (service.memory).
 Pure ASGI, so routes still see client disconnects.
 """
 
@@ -19,7 +20,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import key_scope, require, required_scope
 from .errors import error_response
+from .memory import Trimmer
 from .settings import ServiceSettings
+
+LARGE_BODY = 64 * 1024  # bytes; a request with a body this large is followed by a memory trim
 
 
 class RequestGuard:
@@ -27,6 +31,7 @@ class RequestGuard:
         self.app = app
         self.settings = settings
         self.admin_limit = settings.max_artifact_bytes + 1024**2  # an artifact plus the multipart framing
+        self.trimmer = Trimmer()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,16 +51,21 @@ class RequestGuard:
             msg = f"request body is {int(declared)} bytes: the limit for {scope['path']} is {limit}"
             await error_response(413, msg, "PayloadTooLarge")(scope, receive, send)
             return
-        await self.app(scope, self._bounded(receive, limit, scope["path"]), send)
+        received = [0]
+        try:
+            await self.app(scope, self._bounded(receive, limit, scope["path"], received), send)
+        finally:
+            if received[0] >= LARGE_BODY:
+                self.trimmer.request()
 
-    def _bounded(self, receive: Receive, limit: int, path: str) -> Receive:
+    def _bounded(self, receive: Receive, limit: int, path: str, received: list[int]) -> Receive:
         """`receive` that counts body bytes, cuts the body past `limit` and times out a stalled body. Once the body
         is complete it passes messages straight through (a streaming route waits on it for the disconnect)."""
-        received, done = 0, False
+        done = False
         timeout = self.settings.body_timeout_s
 
         async def bounded() -> Message:
-            nonlocal received, done
+            nonlocal done
             if done:
                 return await receive()
             try:
@@ -63,8 +73,8 @@ class RequestGuard:
             except TimeoutError:
                 raise HTTPException(408, f"request body stalled: no data for {timeout:g}s") from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
+                received[0] += len(message.get("body", b""))
+                if received[0] > limit:
                     raise HTTPException(413, f"request body exceeds the limit for {path} of {limit} bytes")
                 done = not message.get("more_body", False)
             else:

@@ -60,7 +60,9 @@ async def tokenize(services: Services, text: str, pair: str | None = None) -> An
     tok = services.backbone.tokenizer
     if tok is None:
         raise BadRequest(f"backbone {services.backbone.name} has no tokenizer: send input_ids")
-    return await asyncio.to_thread(tok, text, pair) if pair is not None else await asyncio.to_thread(tok, text)
+    loop = asyncio.get_running_loop()
+    args = (text,) if pair is None else (text, pair)
+    return await loop.run_in_executor(services.tokenizer_pool, tok, *args)
 
 
 def sampling(

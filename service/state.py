@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,6 +28,11 @@ class Services:
     scheduler: Scheduler
     metrics: Metrics
     embedded_redis: EmbeddedRedis | None = None
+    # Tokenisation runs here, off the event loop. Two threads, not the default executor's one per core plus four:
+    # each thread that allocates gets its own glibc arena, and arenas keep what they once held.
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+    )
 
 
 def get_services(request: Request) -> Services:
