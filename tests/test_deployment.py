@@ -51,6 +51,8 @@ def test_compose_file_is_valid_and_wired():
     assert service["build"]["dockerfile"] == "docker/service.Dockerfile"
     assert trainer["build"]["dockerfile"] == "docker/trainer.Dockerfile"
     assert "trainer-work" in cfg["volumes"] and trainer["environment"]["PREFIXSERVE_WORK_DIR"] == "/work/checkpoints"
+    assert service["environment"]["PREFIXSERVE_TORCH_THREADS"] == "2"
+    assert trainer["environment"]["PREFIXSERVE_TORCH_THREADS"] == "2"
 
 
 @needs_compose
