@@ -29,9 +29,7 @@ from safetensors.torch import save as st_save
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from prefix_store import BackboneFingerprint, PrefixStore, import_peft_adapter, open_store
-from service.backbone import wrap_model
-from service.sampling import SamplingParams
-from service.scheduler import Scheduler, build_serving
+from service.runtime import SamplingParams, Scheduler, build_serving, wrap_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,7 +141,7 @@ async def main(args: argparse.Namespace) -> None:
         max_queue=args.requests * 2,
         max_batch_tokens=args.max_batch * (args.prefix + args.prompt + args.new),
     )
-    cache = scheduler.prefixes
+    cache = scheduler.host_cache
     cache.start()
     scheduler.start()
 

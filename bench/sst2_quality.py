@@ -19,10 +19,9 @@ import torch
 from torch.nn import functional as F
 from transformers import AutoModel, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
-from service.backbone import load_backbone, resolve_source
-from service.settings import DEFAULT_BACKBONE
+from prefix_store.jobs import TrainSpec
+from service.runtime import DEFAULT_BACKBONE, load_backbone, resolve_source
 from trainer.data import load_dataset
-from trainer.spec import TrainSpec
 from trainer.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,12 +1,14 @@
 """Prefix artifacts, their codec, PEFT interchange, and the Redis store that versions them."""
 
 from .artifact import (
+    DTYPES,
     KV_METHODS,
     METHODS,
     SOFT_PROMPT_METHODS,
     BackboneFingerprint,
     ClassificationHead,
     PrefixArtifact,
+    VersionKey,
     validate_task_name,
 )
 from .codec import decode, encode
@@ -32,6 +34,7 @@ from .peft_io import export_peft_adapter, import_peft_adapter, import_peft_dir
 from .store import PrefixStore, StoreEvent, TaskInfo, connect, open_store
 
 __all__ = [
+    "DTYPES",
     "KV_METHODS",
     "METHODS",
     "SOFT_PROMPT_METHODS",
@@ -56,6 +59,7 @@ __all__ = [
     "TaskNotFound",
     "UnsupportedAdapter",
     "VersionConflict",
+    "VersionKey",
     "VersionNotFound",
     "connect",
     "open_store",

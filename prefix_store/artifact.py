@@ -24,6 +24,9 @@ SOFT_PROMPT_METHODS = ("prompt_tuning", "p_tuning")
 METHODS = KV_METHODS + SOFT_PROMPT_METHODS
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POOLINGS = ("pooler", "cls", "mean", "last_token")
+# (task, version) names one stored version's tensors: versions are immutable and their numbers never reused, so every
+# cache tier keys by it.
+VersionKey = tuple[str, int]
 
 _TASK_NAME = re.compile(r"[a-z0-9._-]{1,64}")
 
@@ -209,6 +212,13 @@ class PrefixArtifact:
             _require_finite(name, t)
 
     # -- derived --------------------------------------------------------------------------------------------------
+    @property
+    def key(self) -> VersionKey:
+        """(task, version): what caches key a stored version by (versions are immutable and never renumbered)."""
+        if self.version is None:
+            raise ValueError(f"artifact of {self.task!r} has no version yet: only stored versions have a key")
+        return (self.task, self.version)
+
     @property
     def prefix_tensor(self) -> torch.Tensor:
         return self.kv if self.kv is not None else self.soft_prompt  # type: ignore[return-value]

@@ -7,8 +7,6 @@ import ipaddress
 import logging
 import sys
 
-import torch
-
 from .app import create_app
 from .server import configure_logging, run
 from .settings import ServiceSettings
@@ -32,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
     configure_logging(settings.log_level)
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    settings.apply_torch_threads()
     if not settings.auth_enabled:
         if not is_loopback(args.host):
             log.error(

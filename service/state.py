@@ -10,11 +10,8 @@ from fastapi import Depends, Request
 
 from prefix_store import EmbeddedRedis, PrefixStore
 
-from .backbone import Backbone
-from .engine import Engine
 from .metrics import Metrics
-from .prefix_cache import PrefixCache
-from .scheduler import Scheduler
+from .runtime import Backbone, Engine, HostCache, Scheduler
 from .settings import ServiceSettings
 
 
@@ -24,7 +21,7 @@ class Services:
     store: PrefixStore
     backbone: Backbone
     engine: Engine
-    prefixes: PrefixCache
+    host_cache: HostCache
     scheduler: Scheduler
     metrics: Metrics
     embedded_redis: EmbeddedRedis | None = None

@@ -1,4 +1,4 @@
-"""Builds the real serving stack (Redis store -> prefix cache -> engine -> scheduler) around a tiny model, and
+"""Builds the real serving stack (Redis store -> host cache -> engine -> scheduler) around a tiny model, and
 PEFT adapters that travel the real path: save_pretrained -> import -> Redis -> engine."""
 
 from __future__ import annotations
@@ -11,16 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from prefix_store import BackboneFingerprint, PrefixStore, import_peft_dir
-from service.backbone import wrap_model
-from service.engine import Engine
-from service.prefix_cache import PrefixCache
-from service.scheduler import Scheduler, build_serving
+from service.runtime import Engine, HostCache, Scheduler, build_serving, wrap_model
 
 
 @dataclass
 class Stack:
     store: PrefixStore
-    cache: PrefixCache
+    cache: HostCache
     engine: Engine
     scheduler: Scheduler
 
@@ -28,7 +25,7 @@ class Stack:
 @asynccontextmanager
 async def serving_stack(store: PrefixStore, model, tokenizer=None, name="tiny", **scheduler_kw):
     scheduler = build_serving(wrap_model(model, tokenizer, name=name), store, **scheduler_kw)
-    cache = scheduler.prefixes
+    cache = scheduler.host_cache
     cache.start()
     await asyncio.wait_for(cache.subscribed.wait(), 10)
     scheduler.start()

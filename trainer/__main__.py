@@ -1,7 +1,7 @@
 """python -m trainer train --task NAME --method M --data FILE [options]   train one prefix and publish it
 python -m trainer worker                                                take jobs from the Redis queue forever
 
-Options of `train` are the fields of trainer.spec.TrainSpec (--steps, --lr, --num-virtual-tokens, --dev-data,
+Options of `train` are the fields of prefix_store.jobs.TrainSpec (--steps, --lr, --num-virtual-tokens, --dev-data,
 --columns input=mr,output=ref, --labels neg,pos, --gate 0.8, --export-peft DIR, ...). Everything else (backbone,
 Redis, work dir) comes from PREFIXSERVE_* settings, as for the service.
 """
@@ -19,14 +19,11 @@ import typing
 import uuid
 from typing import Any
 
-import torch
-
 from prefix_store import EmbeddedRedis, PrefixStore, open_store
-from prefix_store.jobs import JobQueue
-from service.backbone import load_backbone
+from prefix_store.jobs import JobQueue, TrainSpec
+from service.runtime import load_backbone
 
 from .settings import TrainerSettings
-from .spec import TrainSpec
 from .worker import Worker, run_job
 
 log = logging.getLogger("trainer")
@@ -118,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = TrainerSettings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    settings.apply_torch_threads()
     if args.command == "worker":
         asyncio.run(_worker(settings))
         return 0

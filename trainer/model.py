@@ -1,5 +1,5 @@
 """The training forward: frozen backbone + a method's prefix module + an optional head, laid out exactly as the
-server lays out a row (service/prefix_kv.py): key/value prefixes in the cache with token positions P + j, soft
+server lays out a row (service/runtime/prefix_kv.py): key/value prefixes in the cache with token positions P + j, soft
 prompts as the first P input embeddings with positions from 0, right padding. So what is trained is what is served.
 """
 
@@ -13,8 +13,8 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 from prefix_store import KV_METHODS, BackboneFingerprint, ClassificationHead, PrefixArtifact
-from service.backbone import Backbone
-from service.prefix_kv import right_pad, token_positions
+from service.runtime import Backbone
+from service.runtime.prefix_kv import right_pad, token_positions
 
 
 @dataclass
@@ -61,9 +61,8 @@ class TaskModel(nn.Module):
     ) -> None:
         super().__init__()
         self.bb, self.method, self.prefix = backbone, method, prefix
-        model = backbone.model
-        self.body = model if backbone.is_encoder else model.base_model
-        self.lm_head = None if backbone.is_encoder else model.get_output_embeddings()
+        self.body = backbone.body
+        self.lm_head = backbone.lm_head
         self.fp: BackboneFingerprint = backbone.fingerprint
         self.head = nn.Linear(self.fp.hidden_size, num_labels, bias=backbone.is_encoder) if num_labels else None
         self.dropout = nn.Dropout(head_dropout)
@@ -100,9 +99,7 @@ class TaskModel(nn.Module):
             )
             return out.last_hidden_state, getattr(out, "pooler_output", None), 0
         P = x.shape[0]  # soft prompt (P, hidden): the first P input embeddings, positions from 0
-        embeds = torch.cat(
-            [x.to(self.bb.dtype)[None].expand(B, -1, -1), self.body.get_input_embeddings()(batch.ids)], 1
-        )
+        embeds = torch.cat([x.to(self.bb.dtype)[None].expand(B, -1, -1), self.bb.embeddings(batch.ids)], 1)
         mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], 1)
         pos = token_positions([0] * B, [P + n for n in batch.lengths], P + T, dev)
         kwargs = {}

@@ -20,14 +20,12 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from prefix_store import PrefixArtifact, decode, encode
-from service.backbone import Backbone
-from service.engine import Engine, EngineRequest
-from service.sampling import SamplingParams
+from prefix_store.jobs import TrainSpec
+from service.runtime import Backbone, Engine, EngineRequest, SamplingParams, StepPlan
 
 from .data import Dataset, Example, load_dataset
 from .methods import build_prefix
 from .model import Batch, TaskModel, make_batch
-from .spec import TrainSpec
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -75,7 +73,7 @@ class Trainer:
             raise ValueError(f"labels {spec.labels} do not cover the data's labels {self.data.labels}")
         torch.manual_seed(spec.seed)
         self.gen = torch.Generator().manual_seed(spec.seed)
-        embeddings = backbone.model.get_input_embeddings().weight
+        embeddings = backbone.embeddings.weight
         init_ids = self.tok(spec.init_text, add_special_tokens=False)["input_ids"] if spec.init_text else None
         prefix = build_prefix(
             spec.method,
@@ -230,9 +228,9 @@ class Trainer:
                 for i, ex in enumerate(chunk):
                     ids, _, types = self._encode(ex)
                     reqs.append(
-                        EngineRequest(f"eval-{start + i}", ids, art, None, types if self.bb.is_encoder else None)
+                        EngineRequest.classify(f"eval-{start + i}", ids, art, types if self.bb.is_encoder else None)
                     )
-                events = {ev.request_id: ev for ev in self.engine.step(reqs, set())}
+                events = {out.request_id: out for out in self.engine.step(StepPlan(tuple(reqs))).rows}
                 for i, ex in enumerate(chunk):
                     probs = events[f"eval-{start + i}"].probs or []
                     correct += self.labels[max(range(len(probs)), key=probs.__getitem__)] == ex.label
@@ -251,7 +249,7 @@ class Trainer:
         outputs: dict[str, list[int]] = {}
         for start in range(0, len(inputs), 32):
             reqs = [
-                EngineRequest(
+                EngineRequest.generate(
                     f"gen-{start + i}",
                     self.tok(x, truncation=True, max_length=self.spec.max_length)["input_ids"],
                     art,
@@ -259,14 +257,14 @@ class Trainer:
                 )
                 for i, x in enumerate(inputs[start : start + 32])
             ]
-            events = self.engine.step(reqs, set())
+            events = self.engine.step(StepPlan(tuple(reqs))).rows
             while True:
                 for ev in events:
                     if ev.token_id is not None:
                         outputs.setdefault(ev.request_id, []).append(ev.token_id)
                 if not self.engine.running:
                     break
-                events = self.engine.step([], set())
+                events = self.engine.step(StepPlan()).rows
         hyps = [
             self.tok.decode(
                 _until_eos(outputs.get(f"gen-{i}", []), self.tok.eos_token_id), skip_special_tokens=True

@@ -12,11 +12,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from prefix_store import PrefixStore, export_peft_adapter
-from prefix_store.jobs import Claimed, JobQueue
-from service.backbone import Backbone
+from prefix_store.jobs import Claimed, JobQueue, TrainSpec
+from service.runtime import Backbone
 
 from .settings import TrainerSettings
-from .spec import TrainSpec
 from .train import TrainResult, train
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ async def ready(request: Request, services: ServicesDep) -> JSONResponse:
     checks: dict[str, bool | str] = {
         "backbone": True,
         "engine": services.scheduler.alive or "scheduler loop is not running",
-        "prefix_events": services.prefixes.subscribed.is_set() or "not subscribed to prefix events",
+        "prefix_events": services.host_cache.subscribed.is_set() or "not subscribed to prefix events",
     }
     try:
         await services.store.ping()

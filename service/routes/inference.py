@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .. import inference as inf
+from .. import dispatch
 from ..auth import InferenceAuth
-from ..engine import Event
-from ..errors import InvalidRequest, Unsupported
+from ..dispatch import TokenEvent
+from ..http_errors import InvalidRequest
 from ..metrics import confirm_task, name_task
-from ..scheduler import RequestHandle
+from ..runtime import RequestHandle, Unsupported
 from ..schemas import (
     BASE_TASK,
     Classification,
@@ -59,15 +59,15 @@ async def generate(
     body: GenerateRequest, request: Request, services: ServicesDep
 ) -> GenerateResponse | StreamingResponse:
     name_task(request, body.task)
-    ids = await inf.prompt_ids(services, body.prompt, body.input_ids)
-    handle = inf.submit(services, inf.task_of(body.task), ids, inf.sampling(services, body))
+    ids = await dispatch.prompt_ids(services, body.prompt, body.input_ids)
+    handle = dispatch.submit(services, dispatch.task_of(body.task), ids, dispatch.sampling(services, body))
     if body.stream:
-        first, events = await inf.first_event(request, handle)
+        first, events = await dispatch.first_event(request, handle)
         confirm_task(request)
         services.metrics.ttft.observe(first_latency(handle))
         stream = _generate_stream(services, body.task, handle, len(ids), first, events)
-        return StreamingResponse(inf.guarded_stream(stream, handle), media_type="text/event-stream")
-    res = await inf.result(request, handle)
+        return StreamingResponse(dispatch.guarded_stream(stream, handle), media_type="text/event-stream")
+    res = await dispatch.result(request, handle)
     confirm_task(request)
     services.metrics.ttft.observe(first_latency(handle))
     services.metrics.generated.labels(body.task).inc(res.completion_tokens)
@@ -83,16 +83,21 @@ async def generate(
 
 
 async def _generate_stream(
-    services: Services, task: str, handle: RequestHandle, prompt_tokens: int, first: Event, events: AsyncIterator[Event]
+    services: Services,
+    task: str,
+    handle: RequestHandle,
+    prompt_tokens: int,
+    first: TokenEvent,
+    events: AsyncIterator[TokenEvent],
 ) -> AsyncIterator[str]:
     n, ev = 0, first
     while True:
         if ev.token_id is not None:
             n += 1
-            yield inf.sse({"token_id": ev.token_id, "text": ev.text, "logprob": ev.logprob})
+            yield dispatch.sse({"token_id": ev.token_id, "text": ev.text, "logprob": ev.logprob})
         if ev.finish_reason is not None:
             services.metrics.generated.labels(task).inc(n)
-            yield inf.sse(
+            yield dispatch.sse(
                 {
                     "finish_reason": ev.finish_reason,
                     "usage": usage(prompt_tokens, n).model_dump(),
@@ -107,7 +112,7 @@ async def _generate_stream(
 @router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Classify with a task's head")
 async def classify(body: ClassifyRequest, request: Request, services: ServicesDep) -> ClassifyResponse:
     name_task(request, body.task)
-    task = inf.task_of(body.task)
+    task = dispatch.task_of(body.task)
     if task is None:
         raise Unsupported(f"the {BASE_TASK!r} task has no classification head")
     given = [name for name in ("text", "texts", "input_ids") if getattr(body, name) is not None]
@@ -116,14 +121,14 @@ async def classify(body: ClassifyRequest, request: Request, services: ServicesDe
     if body.text_pair is not None and body.text is None:
         raise InvalidRequest("'text_pair' goes with 'text'")
     if body.input_ids is not None:
-        inputs = [(inf.check_ids(services, body.input_ids), None)]
+        inputs = [(dispatch.check_ids(services, body.input_ids), None)]
     else:
         texts = [body.text] if body.text is not None else body.texts
-        inputs = [await inf.encode_pair(services, t, body.text_pair) for t in texts]  # type: ignore[union-attr]
-    version = await services.prefixes.current_version(task)  # one version for every input of the call
+        inputs = [await dispatch.encode_pair(services, t, body.text_pair) for t in texts]  # type: ignore[union-attr]
+    version = await services.host_cache.current_version(task)  # one version for every input of the call
     confirm_task(request)
-    handles = inf.submit_all(services, task, inputs, version=version)
-    results = await inf.results(request, handles)
+    handles = dispatch.submit_all(services, task, inputs, version=version)
+    results = await dispatch.results(request, handles)
     services.metrics.ttft.observe(first_latency(handles[0]))
     return ClassifyResponse(
         task=body.task, version=version, results=[Classification(label=r.label, scores=r.scores) for r in results]
@@ -135,4 +140,4 @@ def usage(prompt: int, completion: int) -> Usage:
 
 
 def first_latency(handle: RequestHandle) -> float:
-    return handle.first_event_latency or 0.0
+    return handle.first_output_latency or 0.0

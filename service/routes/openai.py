@@ -11,12 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .. import inference as inf
+from .. import dispatch
 from ..auth import InferenceAuth
-from ..engine import Event
-from ..errors import InvalidRequest
+from ..dispatch import TokenEvent
+from ..http_errors import InvalidRequest
 from ..metrics import confirm_task, name_task
-from ..scheduler import GenerationResult, RequestHandle
+from ..runtime import GenerationResult, RequestHandle
 from ..schemas import (
     BASE_TASK,
     CompletionChoice,
@@ -57,22 +57,22 @@ async def completions(
     name_task(request, body.model)
     if body.echo:
         raise InvalidRequest("echo is not supported")
-    task = inf.task_of(body.model)
+    task = dispatch.task_of(body.model)
     prompts = await _prompts(services, body.prompt)
     fields = SamplingFields(temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed)
-    params = inf.sampling(services, fields, max_new_tokens=body.max_tokens, logprobs=body.logprobs is not None)
+    params = dispatch.sampling(services, fields, max_new_tokens=body.max_tokens, logprobs=body.logprobs is not None)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         if len(prompts) != 1:
             raise InvalidRequest(f"streaming takes one prompt, got {len(prompts)}")
-        handle = inf.submit(services, task, prompts[0], params)
-        first, events = await inf.first_event(request, handle)
+        handle = dispatch.submit(services, task, prompts[0], params)
+        first, events = await dispatch.first_event(request, handle)
         confirm_task(request)
         services.metrics.ttft.observe(first_latency(handle))
         stream = _stream(services, body, handle, meta, first, events, len(prompts[0]))
-        return StreamingResponse(inf.guarded_stream(stream, handle), media_type="text/event-stream")
-    handles = inf.submit_all(services, task, [(ids, None) for ids in prompts], params)
-    results: list[GenerationResult] = await inf.results(request, handles)
+        return StreamingResponse(dispatch.guarded_stream(stream, handle), media_type="text/event-stream")
+    handles = dispatch.submit_all(services, task, [(ids, None) for ids in prompts], params)
+    results: list[GenerationResult] = await dispatch.results(request, handles)
     confirm_task(request)
     services.metrics.ttft.observe(first_latency(handles[0]))
     choices = [
@@ -95,8 +95,8 @@ async def _stream(
     body: CompletionRequest,
     handle: RequestHandle,
     meta: dict[str, Any],
-    first: Event,
-    events: AsyncIterator[Event],
+    first: TokenEvent,
+    events: AsyncIterator[TokenEvent],
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
     n, ev = 0, first
@@ -112,7 +112,7 @@ async def _stream(
         }
         if ev.finish_reason is not None:
             chunk["usage"] = usage(prompt_tokens, n).model_dump()
-        yield inf.sse(chunk)
+        yield dispatch.sse(chunk)
         if ev.finish_reason is not None:
             services.metrics.generated.labels(body.model).inc(n)
             yield "data: [DONE]\n\n"
@@ -122,14 +122,14 @@ async def _stream(
 
 async def _prompts(services: Services, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [await inf.prompt_ids(services, prompt, None)]
+        return [await dispatch.prompt_ids(services, prompt, None)]
     if not prompt:
         raise InvalidRequest("prompt: expected a string, a list of strings, or token ids; got an empty list")
     if all(isinstance(p, int) for p in prompt):
-        return [inf.check_ids(services, prompt)]  # type: ignore[arg-type]
+        return [dispatch.check_ids(services, prompt)]  # type: ignore[arg-type]
     if all(isinstance(p, str) for p in prompt):
-        return [await inf.prompt_ids(services, p, None) for p in prompt]  # type: ignore[arg-type]
-    return [inf.check_ids(services, p) for p in prompt]  # type: ignore[arg-type]
+        return [await dispatch.prompt_ids(services, p, None) for p in prompt]  # type: ignore[arg-type]
+    return [dispatch.check_ids(services, p) for p in prompt]  # type: ignore[arg-type]
 
 
 def _logprobs(services: Services, ids: list[int], lps: list[float] | None) -> CompletionLogprobs:

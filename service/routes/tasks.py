@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, Up
 from prefix_store import PrefixArtifact, decode, import_peft_adapter, validate_task_name
 
 from ..auth import AdminAuth
-from ..errors import BadRequest, PayloadTooLarge
+from ..http_errors import BadRequest, PayloadTooLarge
 from ..metrics import confirm_task, name_task
 from ..schemas import BASE_TASK, ErrorBody, RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
 from ..state import Services, ServicesDep

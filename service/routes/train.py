@@ -7,8 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from prefix_store.jobs import JobQueue
-from trainer.spec import TrainSpec
+from prefix_store.jobs import JobQueue, TrainSpec
 
 from ..auth import AdminAuth
 from ..schemas import ErrorBody

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefix_store import BackboneFingerprint, ClassificationHead, PrefixArtifact, import_peft_dir
-from service.sampling import SamplingParams
+from service.runtime import SamplingParams
 from tests.engine_harness import serving_stack, trained_peft
 from tests.models import tiny_model
 

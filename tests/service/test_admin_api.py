@@ -10,7 +10,7 @@ from peft import PrefixTuningConfig, get_peft_model
 
 from prefix_store import BackboneFingerprint, encode
 from service.app import create_app
-from service.backbone import wrap_model
+from service.runtime import wrap_model
 from service.settings import ServiceSettings
 from tests.factories import make_artifact, rewrite_blob
 from tests.models import tiny_model

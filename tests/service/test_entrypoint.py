@@ -3,7 +3,7 @@
 import pytest
 
 from service.__main__ import is_loopback, main
-from service.backbone import load_backbone
+from service.runtime import load_backbone
 from service.settings import DEFAULT_BACKBONE, ServiceSettings
 
 

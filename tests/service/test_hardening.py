@@ -18,7 +18,7 @@ import torch
 from prefix_store import BackboneFingerprint, encode
 from service import __main__ as service_main
 from service.app import create_app
-from service.backbone import wrap_model
+from service.runtime import wrap_model
 from service.server import LogRateLimit
 from service.settings import ServiceSettings
 from tests.factories import make_artifact

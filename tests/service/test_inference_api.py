@@ -13,7 +13,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig
 
 from prefix_store import BackboneFingerprint, connect, encode
 from service.app import create_app
-from service.backbone import wrap_model
+from service.runtime import wrap_model
 from service.settings import ServiceSettings
 from tests.engine_harness import publish_peft, trained_peft
 from tests.factories import make_artifact

@@ -14,7 +14,7 @@ from peft import PrefixTuningConfig
 
 from prefix_store import PrefixStore, connect
 from service.app import create_app
-from service.backbone import wrap_model
+from service.runtime import wrap_model
 from service.settings import ServiceSettings
 from tests.engine_harness import publish_peft, trained_peft
 from tests.models import tiny_model, tiny_tokenizer

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from prefix_store import EmbeddedRedis
 from service.app import create_app
-from service.backbone import load_backbone, resolve_source
+from service.runtime import load_backbone, resolve_source
 from service.settings import DEFAULT_BACKBONE, ServiceSettings
 from tests.service.live import live_server
 

@@ -8,11 +8,10 @@ import torch
 from peft import PeftModel
 
 from prefix_store import export_peft_adapter
-from service.backbone import wrap_model
-from service.sampling import SamplingParams
+from prefix_store.jobs import TrainSpec
+from service.runtime import SamplingParams, wrap_model
 from tests.engine_harness import serving_stack
 from tests.models import tiny_model, tiny_tokenizer
-from trainer.spec import TrainSpec
 from trainer.train import train
 
 GEN = [{"input": f"w{3 + i % 20} w{5 + i % 7}", "output": f"w{10 + i % 20} w{40 + i % 7} w9"} for i in range(120)]

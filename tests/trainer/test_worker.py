@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from service.app import create_app
-from service.backbone import load_backbone
+from service.runtime import load_backbone
 from service.settings import ServiceSettings
 from tests.models import tiny_model, tiny_tokenizer
 from tests.service.live import live_server

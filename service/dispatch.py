@@ -1,21 +1,20 @@
-"""What the inference routes share: task names, tokenisation, submission, waiting (a client that goes away
-cancels its request and frees its row), and Server-Sent Events."""
+"""What the inference routes share: task names, tokenisation, submission to the scheduler, waiting (a client that goes
+away cancels its request and frees its row), the HTTP layer's stream events, and Server-Sent Events."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
 
 from prefix_store import validate_task_name
 
-from .engine import Event
-from .errors import BadRequest, ClientGone, InputTooLong, InvalidRequest, status_of
-from .sampling import SamplingParams
-from .scheduler import ClassificationResult, GenerationResult, RequestHandle
+from .http_errors import ClientGone, InvalidRequest, status_of
+from .runtime import ClassificationResult, GenerationResult, InputTooLong, RequestHandle, SamplingParams, Unsupported
 from .schemas import BASE_TASK, SamplingFields
 from .state import Services
 
@@ -59,7 +58,7 @@ async def tokenize(services: Services, text: str, pair: str | None = None) -> An
     hold the event loop (and every other client) while it is split."""
     tok = services.backbone.tokenizer
     if tok is None:
-        raise BadRequest(f"backbone {services.backbone.name} has no tokenizer: send input_ids")
+        raise Unsupported(f"backbone {services.backbone.name} has no tokenizer: send input_ids")
     loop = asyncio.get_running_loop()
     args = (text,) if pair is None else (text, pair)
     return await loop.run_in_executor(services.tokenizer_pool, tok, *args)
@@ -116,10 +115,27 @@ def submit_all(
     )
 
 
-async def first_event(request: Request, handle: RequestHandle) -> tuple[Event, AsyncIterator[Event]]:
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a streamed generation as the HTTP layer sends it (no tensors, no exceptions: a failure is raised
+    by the iterator instead)."""
+
+    token_id: int | None
+    text: str
+    logprob: float | None
+    finish_reason: str | None
+
+
+async def _token_events(handle: RequestHandle) -> AsyncIterator[TokenEvent]:
+    async for out in handle.events():
+        reason = out.finish_reason.value if out.finish_reason is not None else None
+        yield TokenEvent(out.token_id, out.text, out.logprob, reason)
+
+
+async def first_event(request: Request, handle: RequestHandle) -> tuple[TokenEvent, AsyncIterator[TokenEvent]]:
     """The first event of a stream, awaited before any byte is sent, so that a failure (unknown task, prefix
     incompatible, queue timeout) still gets its own HTTP status. A client gone meanwhile cancels the request."""
-    events = handle.events()
+    events = _token_events(handle)
     first = await _unless_gone(request, handle, events.__anext__(), "before the first token")
     return first, events
 

@@ -1,4 +1,4 @@
-"""The running decode batch: its key/value cache, key mask and next positions, one record per row.
+"""The running decode batch: its rows, their key/value cache, key mask, next positions and next tokens.
 
 Row i's cache columns hold, in some order, its prefix keys and the keys of every token it has seen; `mask` says
 which columns are real. Columns carry no meaning beyond that (positions were applied when the keys were made),
@@ -14,7 +14,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .output import TextStream
 from .prefix_kv import compaction_index, pad_columns
+from .step import EngineRequest
 
 
 class GrowingLayer(DynamicLayer):
@@ -58,30 +60,54 @@ def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor], spare: int 
 
 
 @dataclass
-class DecodeBatch:
-    """Args:
-    rows: per-row payload (the engine's request state); row i of every tensor belongs to rows[i].
+class Row:
+    """One running generation row: its request, its sampler (None: greedy) and its output so far."""
+
+    request: EngineRequest
+    generator: torch.Generator | None
+    text: TextStream
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass
+class KVState:
+    """Key/value state of some rows, without the rows: what a prefill hands over before the rows are built.
+
     cache: per layer keys/values (B, H_kv, S, D) in GrowingLayers, appended to in place by each decode forward.
     mask: (B, S) bool, True for real key columns.
     next_pos: (B,) long, the position id of the next token each row feeds.
     """
 
-    rows: list[Any]
     cache: DynamicCache
     mask: torch.Tensor
     next_pos: torch.Tensor
+
+
+@dataclass
+class DecodeBatch:
+    """Args:
+    rows: row i of every tensor belongs to rows[i].
+    kv: their key/value cache, key mask and next positions.
+    tokens: (B,) long, the token each row feeds at the next decode step.
+    """
+
+    rows: list[Row]
+    kv: KVState
+    tokens: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def width(self) -> int:
-        return self.mask.shape[1]
+        return self.kv.mask.shape[1]
 
-    def append_step(self) -> None:
-        """After a decode forward appended one key column to every row: record it and advance positions."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
-        self.next_pos = self.next_pos + 1
+    @property
+    def reserved_tokens(self) -> int:
+        return sum(r.request.reserved_tokens for r in self.rows)
 
     def filter(self, keep: list[int]) -> DecodeBatch | None:
         """The batch restricted to rows `keep` (in that order), or None when no row is left."""
@@ -89,28 +115,30 @@ class DecodeBatch:
             return None
         if keep == list(range(len(self))):
             return self
-        idx = torch.tensor(keep, device=self.mask.device)
-        cache = cache_from(
-            [layer.keys[idx] for layer in self.cache.layers], [layer.values[idx] for layer in self.cache.layers]
+        idx = torch.tensor(keep, device=self.kv.mask.device)
+        layers = self.kv.cache.layers
+        cache = cache_from([layer.keys[idx] for layer in layers], [layer.values[idx] for layer in layers])
+        out = DecodeBatch(
+            [self.rows[i] for i in keep], KVState(cache, self.kv.mask[idx], self.kv.next_pos[idx]), self.tokens[idx]
         )
-        out = DecodeBatch([self.rows[i] for i in keep], cache, self.mask[idx], self.next_pos[idx])
         out.compact()
         return out
 
     def compact(self, max_waste: float = 0.5) -> None:
         """Right-aligns each row's real keys when more than `max_waste` of the columns are masked, so attention
         cost follows the longest live row rather than the history of rows that have left."""
-        real = int(self.mask.sum(1).max())
+        kv = self.kv
+        real = int(kv.mask.sum(1).max())
         if real >= self.width * (1 - max_waste):
             return
-        idx = compaction_index(self.mask)  # (B, S')
-        layers = self.cache.layers
+        idx = compaction_index(kv.mask)  # (B, S')
+        layers = kv.cache.layers
         gather = idx[:, None, :, None].expand(-1, layers[0].keys.shape[1], -1, layers[0].keys.shape[3])
-        self.cache = cache_from(
+        kv.cache = cache_from(
             [torch.gather(layer.keys, 2, gather) for layer in layers],
             [torch.gather(layer.values, 2, gather) for layer in layers],
         )
-        self.mask = torch.gather(self.mask, 1, idx)
+        kv.mask = torch.gather(kv.mask, 1, idx)
 
     @staticmethod
     def concatenate(a: DecodeBatch | None, b: DecodeBatch | None) -> DecodeBatch | None:
@@ -118,10 +146,11 @@ class DecodeBatch:
         if a is None or b is None:
             return a or b
         S = max(a.width, b.width)
-        pairs = list(zip(a.cache.layers, b.cache.layers, strict=True))
+        pairs = list(zip(a.kv.cache.layers, b.kv.cache.layers, strict=True))
         cache = cache_from(
             [torch.cat([pad_columns(la.keys, S, 2), pad_columns(lb.keys, S, 2)]) for la, lb in pairs],
             [torch.cat([pad_columns(la.values, S, 2), pad_columns(lb.values, S, 2)]) for la, lb in pairs],
         )
-        mask = torch.cat([pad_columns(a.mask, S, 1), pad_columns(b.mask, S, 1)])
-        return DecodeBatch(a.rows + b.rows, cache, mask, torch.cat([a.next_pos, b.next_pos]))
+        mask = torch.cat([pad_columns(a.kv.mask, S, 1), pad_columns(b.kv.mask, S, 1)])
+        kv = KVState(cache, mask, torch.cat([a.kv.next_pos, b.kv.next_pos]))
+        return DecodeBatch(a.rows + b.rows, kv, torch.cat([a.tokens, b.tokens]))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from prefix_store import BackboneFingerprint, BackboneMismatch, PrefixArtifact
+from prefix_store import DTYPES, BackboneFingerprint, BackboneMismatch, PrefixArtifact
 
 from .settings import DEFAULT_BACKBONE
 
@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 # Encoders whose self-attention takes a key/value cache (the BERT attention code), so prefixes apply.
 ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -47,6 +46,21 @@ class Backbone:
     def with_cache(self, cache: Any) -> dict[str, Any]:
         """The forward keyword argument carrying `cache`, under the name this transformers version expects."""
         return {self.cache_arg: cache}
+
+    @property
+    def body(self) -> Any:
+        """The transformer without its LM head: the encoder itself, or a decoder's base model."""
+        return self.model if self.is_encoder else self.model.base_model
+
+    @property
+    def lm_head(self) -> Any:
+        """The decoder's output projection onto the vocabulary; None on encoders."""
+        return None if self.is_encoder else self.model.get_output_embeddings()
+
+    @property
+    def embeddings(self) -> Any:
+        """The input embedding table, nn.Embedding (V, hidden)."""
+        return self.body.get_input_embeddings()
 
     def check(self, artifact: PrefixArtifact) -> None:
         """Refuses a prefix this backbone cannot serve, naming the difference."""

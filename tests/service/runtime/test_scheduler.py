@@ -10,8 +10,8 @@ import torch
 from peft import PrefixTuningConfig, PromptTuningConfig
 
 from prefix_store import BackboneFingerprint, BackboneMismatch, StoreUnavailable, TaskNotFound, connect
-from service.errors import InputTooLong, QueueFull, Unsupported
-from service.sampling import SamplingParams
+from service.http_errors import headers_of
+from service.runtime import InputTooLong, QueueFull, SamplingParams, Unsupported
 from tests.engine_harness import publish_peft, serving_stack, trained_peft
 from tests.factories import make_artifact
 from tests.models import tiny_model, tiny_tokenizer
@@ -40,7 +40,7 @@ async def test_queue_bound_fails_fast(store, llama, tmp_path):
         stack.scheduler.submit("a", [5, 6], greedy(2))
         with pytest.raises(QueueFull, match=r"2 requests waiting \(limit 2\)") as e:
             stack.scheduler.submit("a", [5, 6], greedy(2))
-        assert e.value.headers == {"Retry-After": "1"}
+        assert e.value.retry_after_s == 1 and headers_of(e.value) == {"Retry-After": "1"}
 
 
 async def test_cancel_frees_the_row_at_the_next_step(store, llama, tmp_path):
@@ -170,7 +170,7 @@ async def test_requests_finish_on_the_version_they_started_with(store, llama, tm
             await s.submit("t", [5, 6, 7], greedy(2)).result()
         assert not any(k[0] == "t" for k in stack.cache.lru.entries)
         await s.submit(None, [5], greedy(1)).result()  # the next step applies the device-tier invalidation
-        assert not any(k[0] == "t" for k in stack.engine.prefixes.entries)
+        assert not any(k[0] == "t" for k in stack.engine.device_cache.lru.entries)
 
 
 async def test_a_slow_prefix_load_does_not_stall_running_rows(store, redis_url, llama, tmp_path):
@@ -200,12 +200,9 @@ async def test_store_down_for_an_uncached_task(llama):
 
     dead = PrefixStore(connect("redis://127.0.0.1:1", socket_timeout=0.2), read_retries=1, retry_backoff_s=0.01)
     backbone_model = copy.deepcopy(llama)
-    from service.backbone import wrap_model
-    from service.engine import Engine
-    from service.prefix_cache import PrefixCache
-    from service.scheduler import Scheduler
+    from service.runtime import Engine, HostCache, Scheduler, wrap_model
 
-    cache = PrefixCache(dead)
+    cache = HostCache(dead)
     scheduler = Scheduler(Engine(wrap_model(backbone_model, None, name="t")), cache)
     scheduler.start()
     try:
@@ -222,10 +219,10 @@ async def test_cache_tiers_count_hits_misses_evictions(store, llama, tmp_path):
         await _publish(store, llama, tmp_path, f"t{i}", P=4, seed=i)
     one_prefix = 3 * 2 * 2 * 4 * 8 * 4  # L * 2 * H_kv * P * D * fp32 bytes
     async with serving_stack(store, copy.deepcopy(llama)) as stack:
-        stack.engine.prefixes.capacity = 2 * one_prefix
+        stack.engine.device_cache.lru.capacity = 2 * one_prefix
         for task in ["t0", "t1", "t0", "t2", "t1"]:
             await stack.scheduler.submit(task, [5], greedy(1)).result()
-        dev = stack.engine.prefixes
+        dev = stack.engine.device_cache.lru
         assert dev.stats == {"hits": 1, "misses": 4, "evictions": 2}
         assert dev.resident_bytes == 2 * one_prefix and len(dev.entries) == 2
         assert stack.cache.lru.stats["misses"] == 3 and stack.cache.lru.stats["hits"] == 2
@@ -257,4 +254,4 @@ async def test_bfloat16_backbone_serves_prefixes(store, llama, tmp_path):
             *(stack.scheduler.submit(t, [5, 6, 7], greedy(4)).result() for t in ("a", "soft", None))
         )
         assert all(r.completion_tokens == 4 for r in results)
-        assert all(p.kv.dtype == torch.bfloat16 for p in stack.engine.prefixes.entries.values())
+        assert all(p.kv.dtype == torch.bfloat16 for p in stack.engine.device_cache.lru.entries.values())

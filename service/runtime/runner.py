@@ -10,19 +10,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from prefix_store import PrefixArtifact
+from prefix_store import ClassificationHead, PrefixArtifact, VersionKey
 
 from .backbone import Backbone
-from .batch import DecodeBatch, cache_from
+from .batch import KVState, cache_from
 from .prefix_kv import prefix_zone, right_pad, token_positions
-
-
-@dataclass
-class Head:
-    weight: torch.Tensor  # (C, hidden)
-    bias: torch.Tensor | None  # (C,)
-    labels: list[str]
-    pooling: str
 
 
 @dataclass
@@ -39,7 +31,11 @@ class DevicePrefix:
     method: str
     kv: torch.Tensor | None
     soft_prompt: torch.Tensor | None
-    head: Head | None
+    head: ClassificationHead | None  # its tensors on the device
+
+    @property
+    def key(self) -> VersionKey:
+        return (self.task, self.version)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -64,17 +60,16 @@ class PrefillItem:
 class PrefillOutput:
     logits: torch.Tensor | None  # (B_gen, V) fp32: next-token logits of the generation items, in item order
     class_logits: dict[int, torch.Tensor]  # item index -> (C,) fp32 head logits, for classification items
-    batch: DecodeBatch | None  # the generation items' cache (rows payload left as None for the caller)
+    kv: KVState | None  # the generation items' key/value state, in item order; None without generation items
 
 
 class ModelRunner:
     def __init__(self, backbone: Backbone) -> None:
         self.bb = backbone
         self.fp = backbone.fingerprint
-        model = backbone.model
-        self.body = model if backbone.is_encoder else model.base_model  # the transformer without its LM head
-        self.lm_head = None if backbone.is_encoder else model.get_output_embeddings()
-        self.embed = self.body.get_input_embeddings()
+        self.body = backbone.body
+        self.lm_head = backbone.lm_head
+        self.embed = backbone.embeddings
         tok = backbone.tokenizer
         self.pad_id = (tok.pad_token_id if tok is not None else None) or 0
 
@@ -92,7 +87,7 @@ class ModelRunner:
         head = None
         if art.head is not None:
             bias = art.head.bias.to(dev) if art.head.bias is not None else None
-            head = Head(art.head.weight.to(dev), bias, list(art.head.labels), art.head.pooling)
+            head = ClassificationHead(art.head.weight.to(dev), bias, list(art.head.labels), art.head.pooling)
         assert art.version is not None, "only stored versions are served"
         return DevicePrefix(art.task, art.version, art.method, kv, soft, head)
 
@@ -110,12 +105,12 @@ class ModelRunner:
     def prefill(self, items: list[PrefillItem], decode_room: int = 64) -> PrefillOutput:
         """One forward over new rows of any mix of tasks; returns next-token logits, label probabilities, and the
         generation rows' cache, ready to join the running batch."""
-        prefixes = [it.prefix.kv if it.prefix is not None else None for it in items]
-        zone, pmask = self._zone(prefixes)  # (L, 2, B, H_kv, Pmax, D), (B, Pmax)
+        kvs = [it.prefix.kv if it.prefix is not None else None for it in items]
+        zone, pmask = self._zone(kvs)  # (L, 2, B, H_kv, Pmax, D), (B, Pmax)
         lengths = [len(it.input_ids) for it in items]
-        P = [0 if kv is None else kv.shape[3] for kv in prefixes]
+        prefix_lens = [0 if kv is None else kv.shape[3] for kv in kvs]
         ids, tmask = right_pad([it.input_ids for it in items], self.pad_id, self.bb.device)  # (B, Tmax)
-        pos = token_positions(P, lengths, ids.shape[1], self.bb.device)  # (B, Tmax)
+        pos = token_positions(prefix_lens, lengths, ids.shape[1], self.bb.device)  # (B, Tmax)
         mask = torch.cat([pmask, tmask], dim=1)  # (B, Pmax + Tmax)
         # Room for the prompt and the expected new tokens, so neither prefill nor decode reallocates.
         cache = cache_from(list(zone[:, 0]), list(zone[:, 1]), spare=ids.shape[1] + decode_room)
@@ -132,22 +127,31 @@ class ModelRunner:
             for i, it in enumerate(items)
             if not it.generate
         }
-        next_pos = torch.tensor([p + n for p, n in zip(P, lengths, strict=True)], device=h.device)
-        batch = DecodeBatch([None] * len(items), cache, mask, next_pos).filter(gen)
-        return PrefillOutput(logits, cls, batch)
+        next_pos = torch.tensor([p + n for p, n in zip(prefix_lens, lengths, strict=True)], device=h.device)
+        kv = None
+        if gen:
+            idx = torch.tensor(gen, device=h.device)
+            keep = gen == list(range(len(items)))
+            layers = cache.layers
+            gen_cache = (
+                cache if keep else cache_from([la.keys[idx] for la in layers], [la.values[idx] for la in layers])
+            )
+            kv = KVState(gen_cache, mask[idx], next_pos[idx])
+        return PrefillOutput(logits, cls, kv)
 
     @torch.inference_mode()
-    def decode(self, batch: DecodeBatch, tokens: torch.Tensor) -> torch.Tensor:
-        """Feeds one token per row (B,), extends the batch's cache, returns next-token logits (B, V) fp32."""
-        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)  # (B, S + 1)
+    def decode(self, kv: KVState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feeds one token per row (B,), appends its key column to `kv` (cache, mask, positions), returns next-token
+        logits (B, V) fp32."""
+        mask = torch.cat([kv.mask, kv.mask.new_ones(kv.mask.shape[0], 1)], dim=1)  # (B, S + 1)
         out = self.body(
             input_ids=tokens[:, None],
             attention_mask=mask.long(),
-            position_ids=batch.next_pos[:, None],
+            position_ids=kv.next_pos[:, None],
             use_cache=True,
-            **self.bb.with_cache(batch.cache),
+            **self.bb.with_cache(kv.cache),
         )
-        batch.append_step()
+        kv.mask, kv.next_pos = mask, kv.next_pos + 1
         return self.lm_head(out.last_hidden_state[:, -1]).float()
 
     # -- encoder ----------------------------------------------------------------------------------------------------
@@ -194,10 +198,10 @@ class ModelRunner:
         }
 
     # -- shared -----------------------------------------------------------------------------------------------------
-    def _zone(self, prefixes: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _zone(self, kvs: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
         fp = self.fp
         return prefix_zone(
-            prefixes,
+            kvs,
             num_layers=fp.num_layers,
             num_kv_heads=fp.num_kv_heads,
             head_dim=fp.head_dim,

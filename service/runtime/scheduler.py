@@ -26,63 +26,41 @@ from dataclasses import dataclass, field
 from prefix_store import PrefixArtifact, PrefixStore
 
 from .backbone import Backbone
-from .engine import Engine, EngineRequest, Event
+from .engine import Engine
 from .errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, Unsupported
-from .prefix_cache import PrefixCache
+from .host_cache import HostCache
+from .output import ClassificationResult, GenerationResult, classification_result, generation_result
 from .sampling import SamplingParams
+from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
 
 
 @dataclass
-class GenerationResult:
-    task: str | None
-    version: int | None
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    logprobs: list[float] | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass
-class ClassificationResult:
-    task: str
-    version: int
-    label: str
-    scores: dict[str, float]
-
-
-@dataclass
 class _Request:
     id: str
+    kind: Kind
     task: str | None
     prompt_ids: list[int]
     params: SamplingParams | None
     token_type_ids: list[int] | None
     deadline: float | None
     version: int | None = None  # pin a version; None: the task's current one when the request is prepared
-    # Events are appended to `history`; a streaming reader waits on `signal`, a non-streaming one only on
+    # Outputs are appended to `history`; a streaming reader waits on `signal`, a non-streaming one only on
     # `finished`, so a request awaiting its result is not woken once per token.
-    history: list[Event] = field(default_factory=list)
+    history: list[RowOutput] = field(default_factory=list)
     signal: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     artifact: PrefixArtifact | None = None
+    admitted: bool = False  # handed to the engine; its row runs there until it finishes
     cancelled: bool = False
     done: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
-    first_event_at: float | None = None
+    first_output_at: float | None = None
 
-    @property
-    def tokens(self) -> int:
-        """Key/value columns the request can hold at most: prefix + prompt + new tokens."""
-        P = 0 if self.artifact is None else self.artifact.num_virtual_tokens
-        return P + len(self.prompt_ids) + (self.params.max_new_tokens if self.params else 0)
+    def engine_request(self) -> EngineRequest:
+        return EngineRequest(self.id, self.kind, self.prompt_ids, self.artifact, self.params, self.token_type_ids)
 
 
 class RequestHandle:
@@ -101,53 +79,38 @@ class RequestHandle:
     def version(self) -> int | None:
         return None if self._req.artifact is None else self._req.artifact.version
 
-    async def events(self) -> AsyncIterator[Event]:
-        """Events until the request finishes; raises the request's error instead of yielding it."""
+    async def events(self) -> AsyncIterator[RowOutput]:
+        """Outputs until the request finishes; raises the request's error instead of yielding it."""
         req = self._req
         while True:
             while self._cursor < len(req.history):  # a later call resumes where an earlier one stopped
-                ev = req.history[self._cursor]
+                out = req.history[self._cursor]
                 self._cursor += 1
-                if ev.error is not None:
-                    raise ev.error
-                yield ev
-                if ev.finish_reason is not None:
+                if out.error is not None:
+                    raise out.error
+                yield out
+                if out.finished:
                     return
             req.signal.clear()
             await req.signal.wait()
 
     async def result(self) -> GenerationResult | ClassificationResult:
         await self._req.finished.wait()
-        tokens, texts, logprobs, last = [], [], [], None
-        for ev in self._req.history:
-            if ev.error is not None:
-                raise ev.error
-            last = ev
-            if ev.token_id is not None:
-                tokens.append(ev.token_id)
-                logprobs.append(ev.logprob)
-            texts.append(ev.text)
-        assert last is not None
         req, art = self._req, self._req.artifact
-        if req.params is None:
-            assert art is not None and art.head is not None and last.probs is not None
-            scores = dict(zip(art.head.labels, last.probs, strict=True))
-            return ClassificationResult(art.task, art.version, max(scores, key=scores.__getitem__), scores)  # type: ignore[arg-type]
-        return GenerationResult(
-            task=req.task,
-            version=self.version,
-            token_ids=tokens,
-            text="".join(texts),
-            finish_reason=last.finish_reason or "length",
-            prompt_tokens=len(req.prompt_ids),
-            logprobs=logprobs if req.params.logprobs else None,
-        )
+        for out in req.history:
+            if out.error is not None:
+                raise out.error
+        if req.kind is Kind.CLASSIFY:
+            assert art is not None and art.head is not None and art.version is not None
+            return classification_result(art.task, art.version, art.head.labels, req.history[-1])
+        assert req.params is not None
+        return generation_result(req.task, self.version, len(req.prompt_ids), req.history, req.params.logprobs)
 
     @property
-    def first_event_latency(self) -> float | None:
+    def first_output_latency(self) -> float | None:
         """Seconds from submission to the first token (or label), once there is one."""
         req = self._req
-        return None if req.first_event_at is None else req.first_event_at - req.submitted_at
+        return None if req.first_output_at is None else req.first_output_at - req.submitted_at
 
     def cancel(self) -> None:
         self._scheduler.cancel(self._req)
@@ -161,21 +124,17 @@ def build_serving(
     host_cache_bytes: int = 4 * 1024**3,
     **scheduler_kw: int,
 ) -> Scheduler:
-    """Engine, host prefix cache and scheduler, linked so that store events invalidate the device tier too.
-    Nothing is started: call `scheduler.prefixes.start()` and `scheduler.start()`."""
+    """Engine, host cache and scheduler, linked so that store events invalidate the device tier too.
+    Nothing is started: call `scheduler.host_cache.start()` and `scheduler.start()`."""
     engine = Engine(backbone, device_cache_bytes=device_cache_bytes)
-
-    def invalidate(task: str, version: int | None) -> None:
-        engine.invalidate(lambda key: key[0] == task and (version is None or key[1] == version))
-
-    prefixes = PrefixCache(store, capacity_bytes=host_cache_bytes, on_invalidate=invalidate)
-    return Scheduler(engine, prefixes, **scheduler_kw)
+    host_cache = HostCache(store, capacity_bytes=host_cache_bytes, on_invalidate=engine.invalidate)
+    return Scheduler(engine, host_cache, **scheduler_kw)
 
 
 class Scheduler:
     """Args:
     engine: runs the steps.
-    prefixes: resolves (task) -> artifact of its current version.
+    host_cache: resolves (task) -> artifact of its current version, through host memory and Redis.
     max_batch_size: most rows running at once.
     max_batch_tokens: most key/value columns (prefix + prompt + max new tokens) reserved by running rows.
     max_prefill_tokens: most prompt tokens prefilled in one step (bounds the pause of running rows).
@@ -185,7 +144,7 @@ class Scheduler:
     def __init__(
         self,
         engine: Engine,
-        prefixes: PrefixCache,
+        host_cache: HostCache,
         *,
         max_batch_size: int = 32,
         max_batch_tokens: int = 65536,
@@ -193,7 +152,7 @@ class Scheduler:
         max_queue: int = 1024,
     ) -> None:
         self.engine = engine
-        self.prefixes = prefixes
+        self.host_cache = host_cache
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_prefill_tokens = max_prefill_tokens
@@ -201,8 +160,9 @@ class Scheduler:
         self.max_positions = engine.bb.max_positions
         self._ready: OrderedDict[str, deque[_Request]] = OrderedDict()  # task ("" = bare) -> FIFO of ready requests
         self._waiting = 0  # submitted, not yet admitted (resolving or ready)
-        self._running: dict[str, _Request] = {}
-        self._cancel: set[str] = set()
+        self._live: dict[str, _Request] = {}  # every request submitted and not finished, by id
+        self._cancel: set[str] = set()  # admitted requests to cancel at the next step
+        self._last = StepOutput(step=0)  # what the engine reported after the last step: rows running, reservations
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -229,7 +189,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return self._last.running
 
     # -- submission ---------------------------------------------------------------------------------------------
     def submit(
@@ -246,15 +206,17 @@ class Scheduler:
         backbone). Raises QueueFull at once when the queue is at its bound."""
         if self._waiting >= self.max_queue:
             raise QueueFull(f"queue full: {self._waiting} requests waiting (limit {self.max_queue}); retry later")
-        if params is not None and self.engine.bb.is_encoder:
+        kind = Kind.CLASSIFY if params is None else Kind.GENERATE
+        if kind is Kind.GENERATE and self.engine.bb.is_encoder:
             raise Unsupported(
                 f"generation needs a causal LM backbone; {self.engine.bb.name} is an encoder (classification only)"
             )
         if not prompt_ids:
             raise InputTooLong("the prompt is empty: expected at least one token")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        req = _Request(f"req-{next(_ids)}", task, list(prompt_ids), params, token_type_ids, deadline, version)
+        req = _Request(f"req-{next(_ids)}", kind, task, list(prompt_ids), params, token_type_ids, deadline, version)
         self._waiting += 1
+        self._live[req.id] = req
         asyncio.create_task(self._prepare(req))
         return RequestHandle(req, self)
 
@@ -279,41 +241,42 @@ class Scheduler:
     async def _prepare(self, req: _Request) -> None:
         try:
             if req.task is not None:
-                req.artifact = await self.prefixes.get(req.task, req.version)
+                req.artifact = await self.host_cache.get(req.task, req.version)
             self._check(req)
         except Exception as e:
             self._waiting -= 1
-            self._finish(req, Event(req.id, finish_reason="error", error=e))
+            self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=e))
             return
         if req.cancelled:
             self._waiting -= 1
-            self._finish(req, Event(req.id, finish_reason="cancelled"))
+            self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.CANCELLED))
             return
         self._ready.setdefault(req.task or "", deque()).append(req)
         self._wake.set()
 
     def _check(self, req: _Request) -> None:
         art = req.artifact
-        if req.params is None and (art is None or art.head is None):
+        if req.kind is Kind.CLASSIFY and (art is None or art.head is None):
             what = "the bare backbone" if art is None else f"task {art.task!r} v{art.version}"
             raise Unsupported(f"{what} has no classification head: classification needs a task trained with one")
-        P = 0 if art is None else art.num_virtual_tokens
+        er = req.engine_request()
         new = req.params.max_new_tokens if req.params else 0
-        if self.max_positions and req.tokens > self.max_positions:
+        if self.max_positions and er.reserved_tokens > self.max_positions:
             raise InputTooLong(
-                f"prefix ({P}) + prompt ({len(req.prompt_ids)}) + max new tokens ({new}) = "
-                f"{req.tokens} exceeds the context window of {self.max_positions} positions"
+                f"prefix ({er.num_virtual_tokens}) + prompt ({len(req.prompt_ids)}) + max new tokens ({new}) = "
+                f"{er.reserved_tokens} exceeds the context window of {self.max_positions} positions"
             )
-        if req.tokens > self.max_batch_tokens:
+        if er.reserved_tokens > self.max_batch_tokens:
             raise InputTooLong(
-                f"request needs {req.tokens} key/value tokens; the server's batch budget is {self.max_batch_tokens}"
+                f"request needs {er.reserved_tokens} key/value tokens; the server's batch budget is "
+                f"{self.max_batch_tokens}"
             )
 
     def cancel(self, req: _Request) -> None:
         if req.done or req.cancelled:
             return
         req.cancelled = True
-        if req.id in self._running:
+        if req.admitted:
             self._cancel.add(req.id)
             self._wake.set()
 
@@ -321,40 +284,37 @@ class Scheduler:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._ready and not self._running:
+            if not self._ready and not self._last.running:
                 self._wake.clear()
                 await self._wake.wait()
             self._expire_running()
             admit = self._admit()
-            cancel, self._cancel = self._cancel, set()
-            for req in admit:
-                if req.params is not None:
-                    self._running[req.id] = req
-            engine_reqs = [EngineRequest(r.id, r.prompt_ids, r.artifact, r.params, r.token_type_ids) for r in admit]
-            rows = len(self._running) + sum(1 for r in admit if r.params is None)
+            plan = StepPlan(tuple(r.engine_request() for r in admit), frozenset(self._cancel))
+            self._cancel = set()
+            rows = self._last.running + len(admit)
             if self.on_step is not None and rows:
                 self.on_step(rows)
-            if not engine_reqs and not self.engine.running and not cancel:
+            if not plan.admit and not self._last.running and not plan.cancel:
                 await asyncio.sleep(0.001)  # nothing admissible yet (budget); let cancellations and finishes land
                 continue
             try:
-                events = await loop.run_in_executor(self._executor, self.engine.step, engine_reqs, cancel)
+                out = await loop.run_in_executor(self._executor, self.engine.step, plan)
             except Exception as e:  # the step itself failed: fail what it held rather than wedge the loop
                 log.exception("engine step failed")
-                self._fail_all(admit, EngineFailure(f"engine step failed: {type(e).__name__}: {e}"))
+                self._fail_admitted(EngineFailure(f"engine step failed: {type(e).__name__}: {e}"))
                 continue
-            by_id = {r.id: r for r in admit} | self._running
-            for ev in events:
-                req = by_id.get(ev.request_id)
+            self._last = out
+            for row in out.rows:
+                req = self._live.get(row.request_id)
                 if req is not None:
-                    self._deliver(req, ev)
+                    self._deliver(req, row)
 
     def _admit(self) -> list[_Request]:
         """Round-robin over tasks with ready requests: one request per task per turn, while rows, the key/value
         budget and the prefill budget allow. A task whose head request does not fit is skipped this turn."""
         admitted: list[_Request] = []
-        rows = self.max_batch_size - len(self._running)
-        kv_left = self.max_batch_tokens - sum(r.tokens for r in self._running.values())
+        rows = self.max_batch_size - self._last.running
+        kv_left = self.max_batch_tokens - self._last.reserved_tokens
         prefill_left = self.max_prefill_tokens
         progress = True
         while progress and rows > 0 and self._ready:
@@ -362,16 +322,18 @@ class Scheduler:
             for key in list(self._ready):
                 queue = self._ready[key]
                 req = queue[0]
+                tokens = req.engine_request().reserved_tokens
                 if req.cancelled or (req.deadline is not None and time.monotonic() > req.deadline):
                     queue.popleft()
                     self._waiting -= 1
                     self._finish(req, self._expired_or_cancelled(req))
-                elif req.tokens <= kv_left and (not admitted or len(req.prompt_ids) <= prefill_left):
+                elif tokens <= kv_left and (not admitted or len(req.prompt_ids) <= prefill_left):
                     queue.popleft()
                     self._waiting -= 1
+                    req.admitted = True
                     admitted.append(req)
                     rows -= 1
-                    kv_left -= req.tokens if req.params is not None else 0
+                    kv_left -= tokens if req.kind is Kind.GENERATE else 0
                     prefill_left -= len(req.prompt_ids)
                     self._ready.move_to_end(key)
                     progress = True
@@ -383,42 +345,42 @@ class Scheduler:
 
     def _expire_running(self) -> None:
         now = time.monotonic()
-        for req in list(self._running.values()):
-            if req.deadline is not None and now > req.deadline and req.id not in self._cancel:
+        for req in list(self._live.values()):
+            if req.admitted and req.deadline is not None and now > req.deadline and req.id not in self._cancel:
                 self._cancel.add(req.id)
                 self._finish(req, self._expired_or_cancelled(req))
 
-    @staticmethod
-    def _expired_or_cancelled(req: _Request) -> Event:
+    def _expired_or_cancelled(self, req: _Request) -> RowOutput:
         if req.cancelled:
-            return Event(req.id, finish_reason="cancelled")
+            return RowOutput(req.id, self._last.step, finish_reason=FinishReason.CANCELLED)
         waited = time.monotonic() - req.submitted_at
-        return Event(
-            req.id, finish_reason="error", error=RequestTimeout(f"request exceeded its deadline after {waited:.1f}s")
-        )
+        error = RequestTimeout(f"request exceeded its deadline after {waited:.1f}s")
+        return RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=error)
 
-    def _deliver(self, req: _Request, ev: Event) -> None:
+    def _deliver(self, req: _Request, out: RowOutput) -> None:
         if req.done:
             return
-        if req.first_event_at is None:
-            req.first_event_at = time.monotonic()
-        if ev.finish_reason is not None or ev.error is not None:
-            self._finish(req, ev)
+        if req.first_output_at is None:
+            req.first_output_at = time.monotonic()
+        if out.finished or out.error is not None:
+            self._finish(req, out)
         else:
-            req.history.append(ev)
+            req.history.append(out)
             req.signal.set()
 
-    def _finish(self, req: _Request, ev: Event) -> None:
+    def _finish(self, req: _Request, out: RowOutput) -> None:
         if req.done:
             return
         req.done = True
-        self.cancelled += ev.finish_reason == "cancelled"
-        self._running.pop(req.id, None)
-        req.history.append(ev)
+        self.cancelled += out.finish_reason is FinishReason.CANCELLED
+        self._live.pop(req.id, None)
+        req.history.append(out)
         req.signal.set()
         req.finished.set()
 
-    def _fail_all(self, admitted: list[_Request], error: Exception) -> None:
-        for req in admitted + list(self._running.values()):
-            self._finish(req, Event(req.id, finish_reason="error", error=error))
+    def _fail_admitted(self, error: Exception) -> None:
+        """After a failed step: every admitted request fails (the engine's state is reset, so none of them runs)."""
+        for req in [r for r in self._live.values() if r.admitted]:
+            self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=error))
         self.engine.reset()
+        self._last = StepOutput(step=self._last.step)

@@ -1,6 +1,6 @@
-"""Domain errors of the service, and the one place that maps every domain error to an HTTP response.
-
-Bodies follow the OpenAI error shape, so its client surfaces our messages: {"error": {"message", "type", "code"}}.
+"""The one place that maps errors to HTTP: the runtime's and the store's domain errors (which know nothing of HTTP)
+and the few errors of the web layer itself, to a status and the OpenAI error body, so its client surfaces our
+messages: {"error": {"message", "type", "code"}}.
 """
 
 from __future__ import annotations
@@ -25,67 +25,43 @@ from prefix_store import (
 )
 from prefix_store.jobs import JobNotFound
 
+from .runtime.errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, ServingError, Unsupported
+
 log = logging.getLogger(__name__)
 
 
-class ServiceError(Exception):
-    """Base of errors raised by the service itself (not the store)."""
-
-    status = 400
-
-
-class BadRequest(ServiceError):
-    status = 400
+# -- errors of the web layer ----------------------------------------------------------------------------------------
+class WebError(Exception):
+    """Errors about the HTTP request itself, raised by the routes."""
 
 
-class InvalidRequest(ServiceError):
+class BadRequest(WebError):
+    pass
+
+
+class InvalidRequest(WebError):
     """A body that parses but does not make sense (e.g. both or neither of prompt and input_ids)."""
 
-    status = 422
+
+class PayloadTooLarge(WebError):
+    pass
 
 
-class PayloadTooLarge(ServiceError):
-    status = 413
-
-
-class InputTooLong(ServiceError):
-    """Prefix + prompt + max new tokens do not fit the context window (or the server's token budget)."""
-
-    status = 400
-
-
-class Unsupported(ServiceError):
-    """A request the backbone or the task cannot serve: generation on an encoder, classification without a head."""
-
-    status = 400
-
-
-class QueueFull(ServiceError):
-    status = 429
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.headers = {"Retry-After": str(retry_after_s)}
-
-
-class RequestTimeout(ServiceError):
-    status = 504
-
-
-class ClientGone(ServiceError):
+class ClientGone(WebError):
     """The client disconnected before its answer was ready; its request was cancelled."""
-
-    status = 499
-
-
-class EngineFailure(ServiceError):
-    """The model step itself failed (e.g. out of device memory); the requests in it are failed, not retried."""
-
-    status = 500
 
 
 # Most specific first: the first matching class decides the status.
 _STATUS: list[tuple[type[Exception], int]] = [
+    (BadRequest, 400),
+    (InvalidRequest, 422),
+    (PayloadTooLarge, 413),
+    (ClientGone, 499),
+    (InputTooLong, 400),
+    (Unsupported, 400),
+    (QueueFull, 429),
+    (RequestTimeout, 504),
+    (EngineFailure, 500),
     (StoredArtifactCorrupt, 500),
     (TaskNotFound, 404),
     (JobNotFound, 404),
@@ -100,12 +76,16 @@ _STATUS: list[tuple[type[Exception], int]] = [
 
 
 def status_of(exc: Exception) -> int:
-    if isinstance(exc, ServiceError):
-        return exc.status
     for cls, status in _STATUS:
         if isinstance(exc, cls):
             return status
     return 500
+
+
+def headers_of(exc: Exception) -> dict[str, str] | None:
+    if isinstance(exc, QueueFull):
+        return {"Retry-After": str(exc.retry_after_s)}
+    return getattr(exc, "headers", None)
 
 
 def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -117,8 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
         status = status_of(exc)
         if status >= 500 and status != 503:
             log.exception("unhandled error on %s %s", request.method, request.url.path)
-        headers = getattr(exc, "headers", None)
-        return error_response(status, str(exc), type(exc).__name__, headers)
+        return error_response(status, str(exc), type(exc).__name__, headers_of(exc))
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
@@ -130,7 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), "HTTPError", getattr(exc, "headers", None))
 
-    app.add_exception_handler(PrefixStoreError, domain)
-    app.add_exception_handler(ServiceError, domain)
+    for base in (PrefixStoreError, ServingError, WebError):
+        app.add_exception_handler(base, domain)
     app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http)  # type: ignore[arg-type]

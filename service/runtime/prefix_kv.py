@@ -3,11 +3,11 @@
 Letters: B rows, L layers, H_kv key/value heads, P prefix length (Pmax the batch's longest), T tokens (Tmax the
 longest), D head dim, S cache columns.
 
-The layout follows prefix-mechanics.md §3.4. Row i's prefix keys sit in a zone of Pmax columns (right-aligned;
-unused slots masked), then its tokens, right-padded to Tmax. Prefix keys carry no position, so their slot order
-does not matter; what matters is that row i's j-th token gets position P_i + j, exactly as PEFT gives it when the
-row runs alone (PEFT's cache makes the model start counting at P). Right padding means every query sees at least
-one real key, so no attention row is ever fully masked.
+Row i's prefix keys sit in a zone of Pmax columns (right-aligned; unused slots masked), then its tokens,
+right-padded to Tmax. Prefix keys carry no position, so their slot order does not matter; what matters is that row
+i's j-th token gets position P_i + j, exactly as PEFT gives it when the row runs alone (PEFT's cache makes the model
+start counting at P). Right padding means every query sees at least one real key, so no attention row is ever fully
+masked.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 
 def prefix_zone(
-    prefixes: list[torch.Tensor | None],
+    kvs: list[torch.Tensor | None],
     *,
     num_layers: int,
     num_kv_heads: int,
@@ -27,16 +27,16 @@ def prefix_zone(
     """Stacks per-row prefixes into one padded zone.
 
     Args:
-        prefixes: per row, (L, 2, H_kv, P_i, D) or None (no prefix).
+        kvs: per row, its prefix key/values (L, 2, H_kv, P_i, D), or None (no prefix).
     Returns:
         zone: (L, 2, B, H_kv, Pmax, D); zone[l, 0] are layer l's keys, contiguous.
         mask: (B, Pmax) bool, True where a prefix slot holds a real key.
     """
-    lengths = [0 if p is None else p.shape[3] for p in prefixes]
-    B, Pmax = len(prefixes), max(lengths, default=0)
+    lengths = [0 if p is None else p.shape[3] for p in kvs]
+    B, Pmax = len(kvs), max(lengths, default=0)
     zone = torch.zeros(num_layers, 2, B, num_kv_heads, Pmax, head_dim, dtype=dtype, device=device)
     mask = torch.zeros(B, Pmax, dtype=torch.bool, device=device)
-    for i, (p, n) in enumerate(zip(prefixes, lengths, strict=True)):
+    for i, (p, n) in enumerate(zip(kvs, lengths, strict=True)):
         if n:
             zone[:, :, i, :, Pmax - n :] = p
             mask[i, Pmax - n :] = True

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from service.sampling import SamplingParams, filter_logits, make_generator, sample, token_logprobs
+from service.runtime.sampling import SamplingParams, filter_logits, make_generator, sample, token_logprobs
 
 
 def test_greedy_is_argmax():

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from service import runner as runner_module
-from service.sampling import SamplingParams
+from service.runtime import SamplingParams
+from service.runtime import runner as runner_module
 from tests.engine_harness import serving_stack
 from tests.golden.cases import (
     LABELS,

@@ -7,12 +7,10 @@ import warnings
 import pytest
 
 from prefix_store import BackboneFingerprint
-from service.backbone import wrap_model
-from service.engine import Engine, EngineRequest
-from service.sampling import SamplingParams
+from prefix_store.jobs import TrainSpec
+from service.runtime import Engine, EngineRequest, SamplingParams, StepPlan, wrap_model
 from tests.factories import make_artifact
 from tests.models import tiny_model, tiny_tokenizer
-from trainer.spec import TrainSpec
 from trainer.train import Trainer
 
 
@@ -45,13 +43,16 @@ def test_engine_forwards_warn_nothing(kind):
             art.head.pooling = "last_token"
     engine = Engine(bb)
     params = None if kind == "bert-cls" else SamplingParams(max_new_tokens=3)
-    reqs = [EngineRequest(f"r{i}", [5, 6, 7], art, params) for i, art in enumerate(arts)]
+    if params is None:
+        reqs = [EngineRequest.classify(f"r{i}", [5, 6, 7], art) for i, art in enumerate(arts)]
+    else:
+        reqs = [EngineRequest.generate(f"r{i}", [5, 6, 7], art, params) for i, art in enumerate(arts)]
 
     def run():
-        events = engine.step(reqs, set())  # materialises both prefixes and prefills
+        outputs = engine.step(StepPlan(tuple(reqs))).rows  # materialises both prefixes and prefills
         while engine.running:
-            events += engine.step([], set())  # decodes
-        assert not [ev for ev in events if ev.error is not None]
+            outputs += engine.step(StepPlan()).rows  # decodes
+        assert not [out for out in outputs if out.error is not None]
 
     _no_deprecations(run)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from service.prefix_kv import compaction_index, pad_columns, prefix_zone, right_pad, token_positions
+from service.runtime.prefix_kv import compaction_index, pad_columns, prefix_zone, right_pad, token_positions
 
 CPU = torch.device("cpu")
 

@@ -4,9 +4,9 @@ import copy
 
 import torch
 
-from service.backbone import wrap_model
-from service.batch import DecodeBatch
-from service.runner import DevicePrefix, ModelRunner, PrefillItem
+from service.runtime import wrap_model
+from service.runtime.batch import DecodeBatch, KVState
+from service.runtime.runner import DevicePrefix, ModelRunner, PrefillItem
 from tests.models import tiny_model
 
 
@@ -20,40 +20,45 @@ def _prefix(P, seed):
 
 
 def _prefill(runner, specs):
+    """A batch of the prefilled rows (row payloads are their indices) whose tokens are the greedy next tokens."""
     out = runner.prefill([PrefillItem(p, ids) for p, ids in specs])
-    out.batch.rows = list(range(len(specs)))
-    return out.batch, out.logits.argmax(-1)
+    return DecodeBatch(list(range(len(specs))), out.kv, out.logits.argmax(-1))
 
 
 def _snapshot(batch):
-    return DecodeBatch(list(batch.rows), copy.deepcopy(batch.cache), batch.mask.clone(), batch.next_pos.clone())
+    kv = KVState(copy.deepcopy(batch.kv.cache), batch.kv.mask.clone(), batch.kv.next_pos.clone())
+    return DecodeBatch(list(batch.rows), kv, batch.tokens.clone())
+
+
+def _decode(runner, batch):
+    return runner.decode(batch.kv, batch.tokens)
 
 
 def test_compaction_and_filter_do_not_change_logits():
     runner = _runner()
     specs = [(_prefix(2, 0), [5, 6, 7, 8, 9, 10, 11]), (_prefix(9, 1), [12]), (None, [13, 14, 15])]
-    batch, tok = _prefill(runner, specs)
+    batch = _prefill(runner, specs)
     for _ in range(2):
-        tok = runner.decode(batch, tok).argmax(-1)
+        batch.tokens = _decode(runner, batch).argmax(-1)
     # Row 0 leaves; the survivors' cache then has masked holes. Compare compacted with uncompacted.
     plain = batch.filter([1, 2])
-    keep_tok = tok[[1, 2]]
     compacted = _snapshot(plain)
     compacted.compact(max_waste=0.0)
     assert compacted.width < plain.width
-    a = runner.decode(plain, keep_tok)
-    b = runner.decode(compacted, keep_tok)
+    a = _decode(runner, plain)
+    b = _decode(runner, compacted)
     assert (a - b).abs().max() < 1e-5
 
 
 def test_concatenate_pads_the_narrower_batch():
     runner = _runner()
-    a, ta = _prefill(runner, [(_prefix(3, 0), [5, 6])])
-    b, tb = _prefill(runner, [(_prefix(8, 1), [7, 8, 9, 10, 11])])
-    ref_a = runner.decode(_snapshot(a), ta)
-    ref_b = runner.decode(_snapshot(b), tb)
+    a = _prefill(runner, [(_prefix(3, 0), [5, 6])])
+    b = _prefill(runner, [(_prefix(8, 1), [7, 8, 9, 10, 11])])
+    ref_a = _decode(runner, _snapshot(a))
+    ref_b = _decode(runner, _snapshot(b))
     merged = DecodeBatch.concatenate(a, b)
     assert merged.rows == [0, 0] and merged.width == max(5, 13)
-    out = runner.decode(merged, torch.cat([ta, tb]))
+    assert torch.equal(merged.tokens, torch.cat([a.tokens, b.tokens]))
+    out = _decode(runner, merged)
     assert (out[0] - ref_a[0]).abs().max() < 1e-5 and (out[1] - ref_b[0]).abs().max() < 1e-5
     assert DecodeBatch.concatenate(None, b) is b and merged.filter([]) is None

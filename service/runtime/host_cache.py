@@ -1,5 +1,5 @@
 """The host side of the tiered prefix cache: task -> current version, and (task, version) -> artifact in host
-memory, bounded by bytes, in front of Redis. The device tier lives in the engine (`DevicePrefixCache`).
+memory, bounded by bytes, in front of Redis. The device tier is the engine's (`engine.DeviceCache`).
 
 Versions are immutable and their numbers never reused, so a cached (task, version) entry is never stale; only the
 task -> current-version map can be, and store events keep it fresh. When the event subscription drops, the map is
@@ -12,14 +12,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from prefix_store import PrefixArtifact, PrefixStore, StoreEvent, StoreUnavailable
+from prefix_store import PrefixArtifact, PrefixStore, StoreEvent, StoreUnavailable, VersionKey
 
 from .lru import ByteLRU
 
 log = logging.getLogger(__name__)
 
 
-class PrefixCache:
+class HostCache:
     """Args:
     store: the Redis prefix store.
     capacity_bytes: host-memory budget for artifacts.
@@ -36,10 +36,10 @@ class PrefixCache:
         self.store = store
         self.on_invalidate = on_invalidate or (lambda task, version: None)
         self.current: dict[str, int] = {}
-        self.lru: ByteLRU[tuple[str, int], PrefixArtifact] = ByteLRU(capacity_bytes, lambda a: a.nbytes)
+        self.lru: ByteLRU[VersionKey, PrefixArtifact] = ByteLRU(capacity_bytes, lambda a: a.nbytes)
         self._generation: dict[str, int] = {}  # bumped by every event of a task, to discard racing lookups
         self._epoch = 0  # bumped by every (re)subscription
-        self._loading: dict[tuple[str, int], asyncio.Future[PrefixArtifact]] = {}
+        self._loading: dict[VersionKey, asyncio.Future[PrefixArtifact]] = {}
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
@@ -48,7 +48,7 @@ class PrefixCache:
         StoreUnavailable. Concurrent misses of one key share one Redis read."""
         if version is None:
             version = await self.current_version(task)
-        key = (task, version)
+        key: VersionKey = (task, version)
         hit = self.lru.get(key)
         if hit is not None:
             return hit
@@ -69,7 +69,7 @@ class PrefixCache:
             self.current[task] = v
         return v
 
-    async def _load(self, key: tuple[str, int]) -> PrefixArtifact:
+    async def _load(self, key: VersionKey) -> PrefixArtifact:
         artifact = await self.store.get(*key)
         self.lru.put(key, artifact)
         return artifact

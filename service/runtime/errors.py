@@ -1,0 +1,29 @@
+"""Errors of the runtime: each says what was expected and what was found, and none knows about HTTP (the web layer
+maps them to statuses in service/http_errors.py; the trainer reports them as they are)."""
+
+
+class ServingError(Exception):
+    """Base of the errors the runtime raises on purpose."""
+
+
+class InputTooLong(ServingError):
+    """Prefix + prompt + max new tokens do not fit the context window (or the server's token budget), or the prompt
+    is empty."""
+
+
+class Unsupported(ServingError):
+    """A request the backbone or the task cannot serve: generation on an encoder, classification without a head."""
+
+
+class QueueFull(ServingError):
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeout(ServingError):
+    """A request passed its deadline, queueing included."""
+
+
+class EngineFailure(ServingError):
+    """The model step itself failed (e.g. out of device memory); the requests in it are failed, not retried."""
