@@ -38,6 +38,7 @@ test: $(STAMP) tools lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # The same suite on the newest release of every dependency, ignoring the lock (torch stays at $(TORCH): a newer
 # one would be a multi-GB CUDA download). Tests whose reference is PEFT become expected failures only when a probe
