@@ -258,7 +258,8 @@ class PrefixStore:
         fault."""
         v, blob = await self._fetch(task, version, "blob")
         try:
-            artifact = decode(blob, max_bytes=self.max_artifact_bytes)
+            # Decoding checks a checksum and every value: CPU work kept off the event loop.
+            artifact = await asyncio.to_thread(decode, blob, max_bytes=self.max_artifact_bytes)
             if artifact.task != task or artifact.version != v:
                 raise ArtifactError(f"the record holds {artifact.task!r} v{artifact.version}")
         except ArtifactError as e:

@@ -110,7 +110,7 @@ class _StateCollector:
         sched = self.scheduler
         yield GaugeMetricFamily("prefixserve_queue_depth", "requests waiting for admission", value=sched.queue_depth)
         yield GaugeMetricFamily("prefixserve_running_requests", "requests decoding", value=sched.running)
-        tiers = {"device": sched.engine.device_cache.lru, "host": sched.host_cache.lru}
+        tiers = {"device": sched.engine.device_cache, "host": sched.host_cache.lru}
         for name, help_text in (
             ("hits", "lookups served"),
             ("misses", "lookups that went a tier down"),

@@ -88,7 +88,10 @@ class Trainer:
         )
         n_labels = len(self.labels) if self.data.kind == "classification" else None
         self.model = TaskModel(backbone, spec.method, prefix.to(backbone.device), n_labels).to(backbone.device)
-        self.engine = Engine(backbone, device_cache_bytes=1)  # evaluation: one prefix at a time
+        # Evaluation: each round's artifact is a new version; the device cache keeps room for two.
+        fp = backbone.fingerprint
+        prefix_bytes = 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * spec.num_virtual_tokens * 4
+        self.engine = Engine(backbone, device_cache_bytes=2 * prefix_bytes + 2**20, max_rows=64)
         self.order: list[int] = []  # indices of the examples still to visit in this pass over the data
 
     # -- batches ------------------------------------------------------------------------------------------------

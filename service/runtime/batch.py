@@ -1,156 +1,177 @@
-"""The running decode batch: its rows, their key/value cache, key mask, next positions and next tokens.
+"""The running rows of the engine and where they live.
 
-Row i's cache columns hold, in some order, its prefix keys and the keys of every token it has seen; `mask` says
-which columns are real. Columns carry no meaning beyond that (positions were applied when the keys were made),
-so batches of different widths merge by padding columns, and leaving rows free columns by compaction.
+Each row owns a slot of the SlotCache from admission to its end. Rows that decode occupy slots 0..n-1 in order,
+so a decode forward reads the cache as the view [:n] (no gather, no copy). Rows still prefilling their prompt (in
+chunks) occupy slots taken from the top. Per-slot state is kept in tensors indexed by slot (the next token, the
+tokens in the slot, the next position, the prefix's pool positions), so a decode step reads slices of them.
+
+A row joining the decoders moves into slot n; a decoder leaving is replaced by the last decoder (one row's
+key/values copied, never the whole cache).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from .kv_cache import SlotCache
 from .output import TextStream
-from .prefix_kv import compaction_index, pad_columns
-from .step import EngineRequest
+from .runner import DevicePrefix
+from .step import EngineRequest, Kind
 
 
-class GrowingLayer(DynamicLayer):
-    """A cache layer whose keys/values live in a buffer with spare columns. Appending writes in place; the
-    buffer doubles when full. DynamicLayer instead `torch.cat`s the whole cache at every step, a fresh
-    allocation and a full copy per token that dominated decode time on CPU."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 32) -> None:
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        B, H, S, D = keys.shape
-        self._k = keys.new_empty(B, H, S + spare, D)
-        self._v = values.new_empty(B, H, S + spare, D)
-        self._k[:, :, :S] = keys
-        self._v[:, :, :S] = values
-        self._set_length(S)
-
-    def _set_length(self, S: int) -> None:
-        self.length = S
-        self.keys, self.values = self._k[:, :, :S], self._v[:, :, :S]  # views: (B, H_kv, S, D)
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        S, n = self.length, key_states.shape[-2]
-        if S + n > self._k.shape[2]:
-            grow = max(S + n, 2 * self._k.shape[2]) - self._k.shape[2]
-            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[3])], dim=2)
-            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[3])], dim=2)
-        self._k[:, :, S : S + n] = key_states
-        self._v[:, :, S : S + n] = value_states
-        self._set_length(S + n)
-        return self.keys, self.values
-
-
-def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor], spare: int = 32) -> DynamicCache:
-    """A DynamicCache over per-layer (B, H_kv, S, D) tensors, with room for `spare` more columns per layer."""
-    cache = DynamicCache()
-    cache.layers.extend(GrowingLayer(k, v, spare) for k, v in zip(keys, values, strict=True))
-    return cache
-
-
-@dataclass
+@dataclass(eq=False)
 class Row:
-    """One running generation row: its request, its sampler (None: greedy) and its output so far."""
+    """One running request: its task's prefix (held, so it is never evicted while the row lives), its sampler
+    (None: greedy), its output so far (generation), and where it stands.
+
+    slot: its slot in the SlotCache; done: prompt tokens already in the slot; hidden_sum: sum of its prompt's states
+    (classification with mean pooling, accumulated over chunks).
+    """
 
     request: EngineRequest
-    generator: torch.Generator | None
-    text: TextStream
+    prefix: DevicePrefix | None
+    generator: torch.Generator | None = None
+    text: TextStream | None = None
+    slot: int = -1
+    done: int = 0
+    hidden_sum: torch.Tensor | None = None
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
-
-@dataclass
-class KVState:
-    """Key/value state of some rows, without the rows: what a prefill hands over before the rows are built.
-
-    cache: per layer keys/values (B, H_kv, S, D) in GrowingLayers, appended to in place by each decode forward.
-    mask: (B, S) bool, True for real key columns.
-    next_pos: (B,) long, the position id of the next token each row feeds.
-    """
-
-    cache: DynamicCache
-    mask: torch.Tensor
-    next_pos: torch.Tensor
-
-
-@dataclass
-class DecodeBatch:
-    """Args:
-    rows: row i of every tensor belongs to rows[i].
-    kv: their key/value cache, key mask and next positions.
-    tokens: (B,) long, the token each row feeds at the next decode step.
-    """
-
-    rows: list[Row]
-    kv: KVState
-    tokens: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.rows)
+    @property
+    def generates(self) -> bool:
+        return self.request.kind is Kind.GENERATE
 
     @property
-    def width(self) -> int:
-        return self.kv.mask.shape[1]
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def kv_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix.kv_len
+
+
+@dataclass
+class RunningBatch:
+    """Args:
+    cache: the slot cache the rows' tokens live in.
+    decoding: rows that decode, row i in slot i.
+    prefilling: rows whose prompt is not fully prefilled yet, in admission order (each in its own top slot).
+    tokens, lengths, positions: (R,) long per slot: the token a decoder feeds next, the tokens in the slot, the
+        position id of the next token.
+    prefix_index: (R, Pcap) long per slot, its row's prefix positions in the pool; prefix_len: (R,) long.
+    """
+
+    cache: SlotCache
+    decoding: list[Row] = field(default_factory=list)
+    prefilling: list[Row] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        R, dev = self.cache.rows, self.cache.device
+        self.tokens = torch.zeros(R, dtype=torch.long, device=dev)
+        self.lengths = torch.zeros(R, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(R, dtype=torch.long, device=dev)
+        self.prefix_len = torch.zeros(R, dtype=torch.long, device=dev)
+        self.prefix_index = torch.zeros(R, 0, dtype=torch.long, device=dev)
+        self._free = list(range(R))  # free slots; decoders take the lowest, prefilling rows the highest
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.decoding + self.prefilling
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
 
     @property
     def reserved_tokens(self) -> int:
         return sum(r.request.reserved_tokens for r in self.rows)
 
-    def filter(self, keep: list[int]) -> DecodeBatch | None:
-        """The batch restricted to rows `keep` (in that order), or None when no row is left."""
-        if not keep:
-            return None
-        if keep == list(range(len(self))):
-            return self
-        idx = torch.tensor(keep, device=self.kv.mask.device)
-        layers = self.kv.cache.layers
-        cache = cache_from([layer.keys[idx] for layer in layers], [layer.values[idx] for layer in layers])
-        out = DecodeBatch(
-            [self.rows[i] for i in keep], KVState(cache, self.kv.mask[idx], self.kv.next_pos[idx]), self.tokens[idx]
-        )
-        out.compact()
-        return out
+    def decode_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoders' prefix positions (n, Pmax) and lengths (n,), Pmax the longest among them."""
+        n = len(self.decoding)
+        Pmax = max((r.kv_len for r in self.decoding), default=0)
+        return self.prefix_index[:n, :Pmax], self.prefix_len[:n]
 
-    def compact(self, max_waste: float = 0.5) -> None:
-        """Right-aligns each row's real keys when more than `max_waste` of the columns are masked, so attention
-        cost follows the longest live row rather than the history of rows that have left."""
-        kv = self.kv
-        real = int(kv.mask.sum(1).max())
-        if real >= self.width * (1 - max_waste):
-            return
-        idx = compaction_index(kv.mask)  # (B, S')
-        layers = kv.cache.layers
-        gather = idx[:, None, :, None].expand(-1, layers[0].keys.shape[1], -1, layers[0].keys.shape[3])
-        kv.cache = cache_from(
-            [torch.gather(layer.keys, 2, gather) for layer in layers],
-            [torch.gather(layer.values, 2, gather) for layer in layers],
-        )
-        kv.mask = torch.gather(kv.mask, 1, idx)
+    # -- membership -------------------------------------------------------------------------------------------------
+    def add_prefilling(self, row: Row) -> None:
+        """Gives a new row the highest free slot and records its prefix there."""
+        if not self._free:
+            raise RuntimeError(f"no free slot: {self.cache.rows} rows already run (the scheduler admits within them)")
+        row.slot = self._free.pop()
+        self._free.sort()
+        self.lengths[row.slot] = 0
+        self._set_prefix(row.slot, row)
+        self.prefilling.append(row)
 
-    @staticmethod
-    def concatenate(a: DecodeBatch | None, b: DecodeBatch | None) -> DecodeBatch | None:
-        """Rows of `a` then rows of `b`; the narrower batch is left-padded with masked columns."""
-        if a is None or b is None:
-            return a or b
-        S = max(a.width, b.width)
-        pairs = list(zip(a.kv.cache.layers, b.kv.cache.layers, strict=True))
-        cache = cache_from(
-            [torch.cat([pad_columns(la.keys, S, 2), pad_columns(lb.keys, S, 2)]) for la, lb in pairs],
-            [torch.cat([pad_columns(la.values, S, 2), pad_columns(lb.values, S, 2)]) for la, lb in pairs],
-        )
-        mask = torch.cat([pad_columns(a.kv.mask, S, 1), pad_columns(b.kv.mask, S, 1)])
-        kv = KVState(cache, mask, torch.cat([a.kv.next_pos, b.kv.next_pos]))
-        return DecodeBatch(a.rows + b.rows, kv, torch.cat([a.tokens, b.tokens]))
+    def start_decoding(self, row: Row, first_token: int) -> None:
+        """A row whose prompt is prefilled joins the decoders: it moves to slot n (one row copied)."""
+        self.prefilling.remove(row)
+        dst = len(self.decoding)
+        src = row.slot
+        if src != dst:
+            other = next((r for r in self.prefilling if r.slot == dst), None)
+            if other is None:
+                self._free.remove(dst)
+                self._move(src, dst)
+                self._free.append(src)
+                self._free.sort()
+            else:  # slot n holds another prefilling row: the two swap slots
+                self._swap(src, dst)
+                other.slot = src
+            row.slot = dst
+        self.decoding.append(row)
+        self.tokens[dst] = first_token
+        self.positions[dst] = row.kv_len + row.prompt_len
+
+    def remove(self, rows: list[Row]) -> None:
+        """Rows leave (finished or cancelled). A decoder's hole is filled by the last decoder."""
+        leaving = {id(r) for r in rows}
+        for row in [r for r in self.prefilling if id(r) in leaving]:
+            self.prefilling.remove(row)
+            self._release(row.slot)
+        for row in sorted((r for r in self.decoding if id(r) in leaving), key=lambda r: r.slot, reverse=True):
+            last = len(self.decoding) - 1
+            if row.slot != last:
+                moved = self.decoding[last]
+                self._move(last, row.slot)
+                moved.slot = row.slot
+                self.decoding[row.slot] = moved
+            self.decoding.pop()
+            self._release(last)
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """After a decode step: every decoder's slot gained its fed token; `tokens` (n,) are fed next."""
+        n = len(self.decoding)
+        self.lengths[:n] += 1
+        self.positions[:n] += 1
+        self.tokens[:n] = tokens
+
+    # -- per-slot state -------------------------------------------------------------------------------------------
+    def _set_prefix(self, slot: int, row: Row) -> None:
+        P = row.kv_len
+        if P > self.prefix_index.shape[1]:
+            wider = torch.zeros(self.cache.rows, P, dtype=torch.long, device=self.cache.device)
+            wider[:, : self.prefix_index.shape[1]] = self.prefix_index
+            self.prefix_index = wider
+        self.prefix_len[slot] = P
+        if P:
+            self.prefix_index[slot, :P] = row.prefix.index  # type: ignore[union-attr]
+
+    def _move(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst, int(self.lengths[src]))
+        for t in (self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index):
+            t[dst] = t[src]
+
+    def _swap(self, a: int, b: int) -> None:
+        self.cache.swap(a, b, int(self.lengths[a]), int(self.lengths[b]))
+        for t in (self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index):
+            t[[a, b]] = t[[b, a]]
+
+    def _release(self, slot: int) -> None:
+        self._free.append(slot)
+        self._free.sort()

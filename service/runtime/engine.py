@@ -1,68 +1,185 @@
-"""The engine: owns the running batch and the device tier of prefixes, and executes one StepPlan at a time on its
-worker thread.
+"""The engine: owns the running rows, the slot cache and the device tier of prefixes, and executes one StepPlan at a
+time on its worker thread.
 
-A step (1) drops cancelled rows, (2) decodes one token for every running row, (3) prefills the admitted requests
-in one mixed-task forward (classification rows included; they finish there), (4) samples, checks stop conditions
-and detokenises, and (5) returns a StepOutput. New rows join the running batch at the end of the step, finished
-ones leave at once: iteration-level scheduling.
+A step (1) drops cancelled rows, (2) decodes one token for every row whose prompt is prefilled, (3) admits the new
+requests (each takes a slot), (4) prefills prompt chunks of any mix of tasks in one forward, at most
+`max_prefill_tokens` tokens (a long prompt takes several steps, so decoding rows never pause longer than one
+chunk), (5) samples, checks stop conditions and detokenises, and (6) returns a StepOutput. Classification rows
+finish when their prompt is prefilled; generation rows join the decoders then. Iteration-level scheduling: rows join
+and leave at every step.
+
+Prefixes are loaded (`load`) between steps, before their requests are admitted; a prefix that a row holds is never
+evicted.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
-from prefix_store import VersionKey
+from prefix_store import PrefixArtifact, VersionKey
 
 from .backbone import Backbone
-from .batch import DecodeBatch, Row
-from .lru import ByteLRU
+from .batch import Row, RunningBatch
+from .kv_cache import PrefixPool, SlotCache
 from .output import TextStream, class_probabilities
-from .runner import DevicePrefix, ModelRunner, PrefillItem
+from .runner import Chunk, DevicePrefix, EncodeItem, ModelRunner, head_logits
 from .sampling import make_generator, sample, token_logprobs
 from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan
 
 log = logging.getLogger(__name__)
 
 
-class DeviceCache:
-    """The device tier: prefixes ready to run, by (task, version), bounded by bytes. Rows hold their own reference,
-    so an eviction never pulls tensors from under a running request. Invalidations may come from any thread and are
-    applied at the start of the next step."""
+class DeviceFull(Exception):
+    """The device budget cannot take a prefix now: everything it holds is in use by rows (or reserved for
+    admission). The request waits; it is not an error of the request."""
 
-    def __init__(self, capacity_bytes: int) -> None:
-        self.lru: ByteLRU[VersionKey, DevicePrefix] = ByteLRU(capacity_bytes, lambda p: p.nbytes)
-        self._pending: list[Callable[[VersionKey], bool]] = []
+
+class DeviceCache:
+    """The device tier: prefixes ready to run, by (task, version), their key/values in the PrefixPool.
+
+    An entry is held while any holder (a request waiting for admission, or a running row; both by request id) needs
+    it, and is never evicted then. Unheld entries stay as a cache and leave least recently used first when the pool
+    needs room. Invalidations and releases may come from any thread; they are applied on the engine's thread at the
+    next load or step.
+    """
+
+    def __init__(self, pool: PrefixPool, runner: ModelRunner) -> None:
+        self.pool = pool
+        self.runner = runner
+        self.entries: OrderedDict[VersionKey, DevicePrefix] = OrderedDict()
+        self.holders: dict[VersionKey, set[str]] = {}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self.other_bytes = 0  # heads and encoder soft prompts, outside the pool
+        self._pending: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
-    def invalidate(self, task: str, version: int | None) -> None:
-        with self._lock:
-            self._pending.append(lambda key: key[0] == task and (version is None or key[1] == version))
-
-    def apply_invalidations(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for match in pending:
-            self.lru.drop(match)
+    @property
+    def resident_bytes(self) -> int:
+        return self.pool.used_bytes + self.other_bytes
 
     def __contains__(self, key: VersionKey) -> bool:
-        return key in self.lru
+        return key in self.entries
+
+    # -- any thread ---------------------------------------------------------------------------------------------
+    def invalidate(self, task: str, version: int | None) -> None:
+        def drop() -> None:
+            for key in [k for k in self.entries if k[0] == task and (version is None or k[1] == version)]:
+                if not self.holders.get(key):
+                    self._evict(key)
+
+        self._later(drop)
+
+    def release_later(self, key: VersionKey, holder: str) -> None:
+        self._later(lambda: self.release(key, holder))
+
+    def _later(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._pending.append(fn)
+
+    # -- the engine's thread ------------------------------------------------------------------------------------
+    def apply_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for fn in pending:
+            fn()
+
+    def acquire(self, artifact: PrefixArtifact, holder: str) -> DevicePrefix:
+        """The artifact's device prefix, loaded if needed, held for `holder`. Raises DeviceFull when it cannot be
+        placed now, or the artifact's own error when the backbone refuses it. A holder that already holds it (a
+        request loaded ahead of its admission) is not counted again."""
+        key = artifact.key
+        entry = self.entries.get(key)
+        if entry is not None and holder in self.holders.get(key, ()):
+            return entry
+        if entry is None:
+            self.stats["misses"] += 1
+            entry = self._load(artifact)
+        else:
+            self.stats["hits"] += 1
+            self.entries.move_to_end(key)
+        self.holders.setdefault(key, set()).add(holder)
+        return entry
+
+    def release(self, key: VersionKey, holder: str) -> None:
+        held = self.holders.get(key)
+        if held is not None:
+            held.discard(holder)
+            if not held:
+                del self.holders[key]
+
+    def _load(self, artifact: PrefixArtifact) -> DevicePrefix:
+        kv, soft = self.runner.prefix_tensors(artifact)
+        head = self.runner.head_tensors(artifact)
+        index = None
+        if kv is not None:
+            P = kv.shape[3]
+            index = self.pool.alloc(P)
+            while index is None and self._evict_one():
+                index = self.pool.alloc(P)
+            if index is None:
+                raise DeviceFull(f"no room on the device for {artifact.task!r} v{artifact.version} now")
+            self.pool.write(index, kv)
+        assert artifact.version is not None, "only stored versions are served"
+        entry = DevicePrefix(
+            artifact.task, artifact.version, artifact.method, artifact.num_virtual_tokens, index, soft, head
+        )
+        self.other_bytes += _nbytes(entry)
+        self.entries[entry.key] = entry
+        return entry
+
+    def _evict_one(self) -> bool:
+        for key in self.entries:  # least recently used first
+            if not self.holders.get(key):
+                self._evict(key)
+                self.stats["evictions"] += 1
+                return True
+        return False
+
+    def _evict(self, key: VersionKey) -> None:
+        entry = self.entries.pop(key)
+        if entry.index is not None:
+            self.pool.release(entry.index)
+        self.other_bytes -= _nbytes(entry)
+
+
+def _nbytes(entry: DevicePrefix) -> int:
+    ts = [entry.soft_prompt] + ([entry.head.weight, entry.head.bias] if entry.head is not None else [])
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 class Engine:
     """Args:
     backbone: the frozen model.
-    device_cache_bytes: capacity of the device prefix tier.
+    device_cache_bytes: the device memory for prefixes (held and cached).
+    max_rows: the most rows running at once (the slot cache's size).
+    max_prefill_tokens: the most prompt tokens prefilled in one step.
     """
 
-    def __init__(self, backbone: Backbone, *, device_cache_bytes: int = 1024**3) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        device_cache_bytes: int = 1024**3,
+        max_rows: int = 32,
+        max_prefill_tokens: int = 8192,
+    ) -> None:
         self.bb = backbone
-        self.runner = ModelRunner(backbone)
-        self.device_cache = DeviceCache(device_cache_bytes)
-        self.batch: DecodeBatch | None = None
+        fp, dt, dev = backbone.fingerprint, backbone.dtype, backbone.device
+        self.pool = PrefixPool(fp, dtype=dt, device=dev, max_bytes=device_cache_bytes)
+        self.cache = None
+        if not backbone.is_encoder:
+            width = backbone.max_positions or 4096
+            self.cache = SlotCache(fp, rows=max_rows, max_width=width, dtype=dt, device=dev)
+        self.runner = ModelRunner(backbone, self.pool, self.cache)
+        self.device_cache = DeviceCache(self.pool, self.runner)
+        self.batch = RunningBatch(self.cache) if self.cache is not None else None
+        self.max_rows = max_rows
+        self.max_prefill_tokens = max_prefill_tokens
         self.step_count = 0
         tok = backbone.tokenizer
         self.eos_ids: set[int] = set()
@@ -73,127 +190,206 @@ class Engine:
 
     # -- called from other threads ------------------------------------------------------------------------------
     def invalidate(self, task: str, version: int | None) -> None:
-        """Drops the device copies of a task's version (or every version) at the start of the next step."""
+        """Drops the device copies of a task's version (or every version) once no row holds them."""
         self.device_cache.invalidate(task, version)
 
     def is_resident(self, task: str, version: int) -> bool:
         return (task, version) in self.device_cache
 
+    def release(self, artifact: PrefixArtifact, holder: str) -> None:
+        """A request that was loaded for but will not be admitted (cancelled, expired) lets its prefix go."""
+        self.device_cache.release_later(artifact.key, holder)
+
     # -- state between steps ------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forgets the running batch (after a failed step its state cannot be trusted)."""
-        self.batch = None
+        """Forgets the running rows (after a failed step their state cannot be trusted)."""
+        if self.batch is not None:
+            for row in self.batch.rows:
+                self._let_go(row)
+            self.batch = RunningBatch(self.cache)  # type: ignore[arg-type]
 
     @property
     def running(self) -> int:
-        return 0 if self.batch is None else len(self.batch)
+        return 0 if self.batch is None else len(self.batch.rows)
 
     @property
     def reserved_tokens(self) -> int:
         return 0 if self.batch is None else self.batch.reserved_tokens
 
+    # -- loading (between steps) --------------------------------------------------------------------------------
+    def load(self, requests: list[EngineRequest]) -> dict[str, Exception | None]:
+        """Makes each request's prefix resident and held for it, ahead of its admission. Per request id: None
+        (held), DeviceFull (no room now: try again later), or the error that fails the request."""
+        self.device_cache.apply_pending()
+        out: dict[str, Exception | None] = {}
+        for req in requests:
+            if req.artifact is None:
+                out[req.request_id] = None
+                continue
+            try:
+                self.device_cache.acquire(req.artifact, req.request_id)
+                out[req.request_id] = None
+            except Exception as e:  # DeviceFull, or a prefix the backbone refuses
+                out[req.request_id] = e
+        return out
+
     # -- the step -----------------------------------------------------------------------------------------------
     def step(self, plan: StepPlan) -> StepOutput:
         self.step_count += 1
-        self.device_cache.apply_invalidations()
+        self.device_cache.apply_pending()
+        if self.batch is None:
+            outputs = self._classify_encoder([r for r in plan.admit if r.request_id not in plan.cancel])
+            return StepOutput(self.step_count, outputs)
+        b = self.batch
         outputs: list[RowOutput] = []
-        if plan.cancel and self.batch is not None:
-            rows = self.batch.rows
-            outputs += [
-                RowOutput(r.request_id, self.step_count, finish_reason=FinishReason.CANCELLED)
-                for r in rows
-                if r.request_id in plan.cancel
-            ]
-            self.batch = self.batch.filter([i for i, r in enumerate(rows) if r.request_id not in plan.cancel])
-        if self.batch is not None:
-            logits = self.runner.decode(self.batch.kv, self.batch.tokens)
-            outs, keep = self._advance(self.batch, logits)
-            outputs += outs
-            self.batch = self.batch.filter(keep)
-        admit = [r for r in plan.admit if r.request_id not in plan.cancel]
-        if admit:
-            outputs += self._prefill(admit)
-        return StepOutput(self.step_count, outputs, self.running, self.reserved_tokens)
+        if plan.cancel:
+            gone = [r for r in b.rows if r.request_id in plan.cancel]
+            outputs += [self._out(r.request_id, finish_reason=FinishReason.CANCELLED) for r in gone]
+            self._end(gone)
+        if b.decoding:
+            outputs += self._decode()
+        for req in plan.admit:
+            if req.request_id in plan.cancel:
+                continue
+            row = self._admit(req, outputs)
+            if row is not None:
+                b.add_prefilling(row)
+        if b.prefilling:
+            outputs += self._prefill()
+        return StepOutput(self.step_count, outputs, len(b.rows), b.reserved_tokens)
 
-    def _prefill(self, admit: list[EngineRequest]) -> list[RowOutput]:
-        outputs, items, reqs = [], [], []
+    def _admit(self, req: EngineRequest, outputs: list[RowOutput]) -> Row | None:
+        try:
+            prefix = self.device_cache.acquire(req.artifact, req.request_id) if req.artifact is not None else None
+        except Exception as e:  # a prefix the backbone refuses fails its own request, not the step
+            outputs.append(self._out(req.request_id, finish_reason=FinishReason.ERROR, error=e))
+            return None
+        row = Row(req, prefix)
+        if req.kind is Kind.GENERATE:
+            p = req.params
+            assert p is not None
+            row.generator = None if p.greedy else make_generator(p.seed, self.bb.device)
+            row.text = TextStream(self.bb.tokenizer, p, self.eos_ids)
+        assert self.cache is not None
+        self.cache.ensure_width(min(req.reserved_tokens - row.kv_len, self.cache.max_width))
+        return row
+
+    def _decode(self) -> list[RowOutput]:
+        b = self.batch
+        assert b is not None
+        n = len(b.decoding)
+        index, plen = b.decode_prefix()
+        logits = self.runner.decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen)
+        outputs, finished, tokens = self._sample(b.decoding, logits)
+        b.advance(tokens)
+        self._end(finished)
+        return outputs
+
+    def _prefill(self) -> list[RowOutput]:
+        """Prefills the next chunks of the prefilling rows, in admission order, within the step's token budget."""
+        b = self.batch
+        assert b is not None
+        budget, chunks, rows = self.max_prefill_tokens, [], []
+        for row in b.prefilling:
+            if budget <= 0:
+                break
+            take = min(row.prompt_len - row.done, budget)
+            ids = row.request.prompt_ids[row.done : row.done + take]
+            final = row.done + take == row.prompt_len
+            mean = not row.generates and row.prefix is not None and row.prefix.head is not None
+            mean = mean and row.prefix.head.pooling == "mean"  # type: ignore[union-attr]
+            chunks.append(Chunk(row.slot, row.done, ids, row.prefix, final, pool_mean=mean))
+            rows.append(row)
+            budget -= take
+        results = self.runner.prefill(chunks)
+        outputs: list[RowOutput] = []
+        gen_rows, gen_states, ended = [], [], []
+        for row, chunk, res in zip(rows, chunks, results, strict=True):
+            row.done += len(chunk.ids)
+            b.lengths[row.slot] = row.done
+            if res.hidden_sum is not None:
+                row.hidden_sum = res.hidden_sum if row.hidden_sum is None else row.hidden_sum + res.hidden_sum
+            if not chunk.final:
+                continue
+            assert res.last is not None
+            if row.generates:
+                gen_rows.append(row)
+                gen_states.append(res.last)
+            else:
+                mean = row.hidden_sum / row.prompt_len if row.hidden_sum is not None else res.last
+                outputs.append(self._classified(row.request, head_logits(row.prefix, mean, res.last)))
+                ended.append(row)
+        self._end(ended)
+        if gen_rows:
+            logits = self.runner.lm_logits(torch.stack(gen_states))  # (n, V)
+            outs, finished, tokens = self._sample(gen_rows, logits)
+            outputs += outs
+            self._end(finished)
+            done = {id(r) for r in finished}
+            for row, tok in zip(gen_rows, tokens.tolist(), strict=True):
+                if id(row) not in done:
+                    b.start_decoding(row, tok)
+        return outputs
+
+    def _classify_encoder(self, admit: list[EngineRequest]) -> list[RowOutput]:
+        outputs: list[RowOutput] = []
+        items, reqs = [], []
         for req in admit:
             try:
-                prefix = self._device_prefix(req)
-            except Exception as e:  # a prefix the backbone refuses fails its own request, not the step
-                outputs.append(RowOutput(req.request_id, self.step_count, finish_reason=FinishReason.ERROR, error=e))
+                prefix = self.device_cache.acquire(req.artifact, req.request_id) if req.artifact else None
+            except Exception as e:
+                outputs.append(self._out(req.request_id, finish_reason=FinishReason.ERROR, error=e))
                 continue
-            generate = req.kind is Kind.GENERATE
-            items.append(PrefillItem(prefix, req.prompt_ids, req.token_type_ids, generate=generate))
+            items.append(EncodeItem(prefix, req.prompt_ids, req.token_type_ids))
             reqs.append(req)
-        if not items:
-            return outputs
-        if self.bb.is_encoder:
-            logits = self.runner.classify_encoder(items)
-            return outputs + [self._classified(reqs[i], x) for i, x in logits.items()]
-        room = max((r.params.max_new_tokens for r in reqs if r.params is not None), default=0)
-        out = self.runner.prefill(items, decode_room=room)
-        outputs += [self._classified(reqs[i], x) for i, x in out.class_logits.items()]
-        if out.kv is None:
-            return outputs
-        rows = [
-            Row(r, None if r.params.greedy else make_generator(r.params.seed, self.bb.device), self._text(r))
-            for r in reqs
-            if r.params is not None
-        ]
-        new = DecodeBatch(rows, out.kv, torch.zeros(len(rows), dtype=torch.long, device=self.bb.device))
-        outs, keep = self._advance(new, out.logits)
-        self.batch = DecodeBatch.concatenate(self.batch, new.filter(keep))
-        return outputs + outs
-
-    def _text(self, req: EngineRequest) -> TextStream:
-        assert req.params is not None
-        return TextStream(self.bb.tokenizer, req.params, self.eos_ids)
-
-    def _classified(self, req: EngineRequest, logits: torch.Tensor) -> RowOutput:
-        return RowOutput(
-            req.request_id,
-            self.step_count,
-            finish_reason=FinishReason.STOP,
-            probs=class_probabilities(logits),
-            logits=logits,
-        )
+        if items:
+            for req, logits in zip(reqs, self.runner.classify_encoder(items), strict=True):
+                outputs.append(self._classified(req, logits))
+        for req in reqs:
+            if req.artifact is not None:
+                self.device_cache.release(req.artifact.key, req.request_id)
+        return outputs
 
     # -- per-token bookkeeping ----------------------------------------------------------------------------------
-    def _advance(self, batch: DecodeBatch, logits: torch.Tensor) -> tuple[list[RowOutput], list[int]]:
-        """Samples one token per row from logits (B, V) into `batch.tokens`; returns the outputs and the rows still
-        running."""
-        rows = batch.rows
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> tuple[list[RowOutput], list[Row], torch.Tensor]:
+        """Samples one token per row from logits (B, V); returns the outputs, the rows that finished, the tokens."""
         params = [r.request.params for r in rows]
         tokens = sample(logits, params, [r.generator for r in rows])  # (B,)
-        batch.tokens = tokens
         want_lp = any(p.logprobs for p in params)
-        lps = token_logprobs(logits, tokens).tolist() if want_lp else [None] * len(rows)
-        outputs, keep = [], []
+        lps = token_logprobs(logits, tokens).tolist() if want_lp else None
+        outputs, finished = [], []
         for i, (row, p, tok) in enumerate(zip(rows, params, tokens.tolist(), strict=True)):
-            text, finish = row.text.push(tok)
+            text, finish = row.text.push(tok)  # type: ignore[union-attr]
             outputs.append(
-                RowOutput(
+                self._out(
                     row.request_id,
-                    self.step_count,
                     token_id=tok,
                     text=text,
-                    logprob=lps[i] if p.logprobs else None,
+                    logprob=lps[i] if lps is not None and p.logprobs else None,
                     finish_reason=finish,
                     logits=logits[i].clone() if p.return_logits else None,
                 )
             )
-            if finish is None:
-                keep.append(i)
-        return outputs, keep
+            if finish is not None:
+                finished.append(row)
+        return outputs, finished, tokens
 
-    def _device_prefix(self, req: EngineRequest) -> DevicePrefix | None:
-        art = req.artifact
-        if art is None:
-            return None
-        key = art.key
-        entry = self.device_cache.lru.get(key)
-        if entry is None:
-            entry = self.runner.materialize(art)
-            self.device_cache.lru.put(key, entry)
-        return entry
+    def _classified(self, req: EngineRequest, logits: torch.Tensor) -> RowOutput:
+        return self._out(
+            req.request_id, finish_reason=FinishReason.STOP, probs=class_probabilities(logits), logits=logits
+        )
+
+    def _out(self, request_id: str, **kw) -> RowOutput:
+        return RowOutput(request_id, self.step_count, **kw)
+
+    def _end(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        assert self.batch is not None
+        self.batch.remove(rows)
+        for row in rows:
+            self._let_go(row)
+
+    def _let_go(self, row: Row) -> None:
+        if row.prefix is not None:
+            self.device_cache.release(row.prefix.key, row.request_id)

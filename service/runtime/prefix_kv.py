@@ -44,14 +44,12 @@ def prefix_zone(
 
 
 def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ids (B, Tmax) and mask (B, Tmax) bool for right-padded token lists."""
+    """Returns ids (B, Tmax) and mask (B, Tmax) bool for right-padded token lists (built as one tensor each)."""
     T = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), T, dtype=torch.bool)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = True
-    return ids.to(device), mask.to(device)
+    ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in sequences], dtype=torch.long, device=device)
+    lengths = torch.tensor([len(s) for s in sequences], device=device)
+    mask = torch.arange(T, device=device)[None] < lengths[:, None]
+    return ids, mask
 
 
 def token_positions(starts: list[int], lengths: list[int], T: int, device: torch.device) -> torch.Tensor:

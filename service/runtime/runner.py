@@ -1,6 +1,8 @@
-"""Runs the frozen backbone on mixed-prefix batches: prefill, decode, classification, soft-prompt materialisation.
+"""Runs the frozen backbone on mixed-prefix batches: prefill chunks, decode, encoder classification, and turning an
+artifact into device tensors. Tensors only; everything here runs on the engine's one worker thread.
 
-Everything here executes on the engine's one worker thread and works on tensors only.
+Positions: a row's j-th prompt token gets position P + j, P its prefix length (PEFT's layout, see prefix_kv.py);
+soft prompts on causal LMs are key/values at positions 0..P-1, computed once when the prefix is loaded.
 """
 
 from __future__ import annotations
@@ -12,61 +14,74 @@ from transformers import DynamicCache
 
 from prefix_store import ClassificationHead, PrefixArtifact, VersionKey
 
+from .attention import ForwardState, serving
 from .backbone import Backbone
-from .batch import KVState, cache_from
-from .prefix_kv import prefix_zone, right_pad, token_positions
+from .kv_cache import PrefixPool, SlotCache
+from .prefix_kv import right_pad, token_positions
 
 
 @dataclass
 class DevicePrefix:
-    """A task version ready to run: tensors on the backbone's device, in its dtype.
+    """A task version ready to run on the device.
 
-    kv: (L, 2, H_kv, P, D) for key/value methods, and for soft prompts on causal LMs (computed once at load: under
-        causal attention the soft prompt's keys/values do not depend on what follows it).
-    soft_prompt: (P, hidden) for soft prompts on encoders, where attention is bidirectional; fed as embeddings.
+    index: (P,) long, its key/values' positions in the PrefixPool (key/value methods, and soft prompts on causal LMs,
+        whose key/values do not depend on what follows them under causal attention); None for encoder soft prompts.
+    soft_prompt: (P, hidden) for soft prompts on encoders, where attention is bidirectional: fed as embeddings.
+    head: the classification head, its tensors on the device.
     """
 
     task: str
     version: int
     method: str
-    kv: torch.Tensor | None
+    num_virtual_tokens: int
+    index: torch.Tensor | None
     soft_prompt: torch.Tensor | None
-    head: ClassificationHead | None  # its tensors on the device
+    head: ClassificationHead | None
 
     @property
     def key(self) -> VersionKey:
         return (self.task, self.version)
 
     @property
-    def num_virtual_tokens(self) -> int:
-        t = self.kv if self.kv is not None else self.soft_prompt
-        return 0 if t is None else (t.shape[3] if t.ndim == 5 else t.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        ts = [self.kv, self.soft_prompt] + ([self.head.weight, self.head.bias] if self.head else [])
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+    def kv_len(self) -> int:
+        """Prefix key/value columns a row of this task attends to (0 for an encoder's soft prompt)."""
+        return 0 if self.index is None else self.num_virtual_tokens
 
 
 @dataclass
-class PrefillItem:
-    prefix: DevicePrefix | None  # None: the bare backbone
+class Chunk:
+    """Part (or all) of one row's prompt, prefilled into its slot in one forward.
+
+    slot: the row's slot; past: tokens already in it; ids: this chunk's token ids; prefix: the row's task (or None);
+    final: the chunk ends the prompt (its last token's state is read); pool_mean: add the chunk's hidden states to
+    the row's sum (mean pooling).
+    """
+
+    slot: int
+    past: int
+    ids: list[int]
+    prefix: DevicePrefix | None
+    final: bool
+    pool_mean: bool = False
+
+
+@dataclass
+class ChunkResult:
+    last: torch.Tensor | None  # (hidden,) the final token's state, for final chunks
+    hidden_sum: torch.Tensor | None  # (hidden,) sum of the chunk's token states, when pool_mean
+
+
+@dataclass
+class EncodeItem:
+    prefix: DevicePrefix | None
     input_ids: list[int]
-    token_type_ids: list[int] | None = None  # encoders, sentence pairs
-    generate: bool = True  # False: a classification row, dropped after the forward
-
-
-@dataclass
-class PrefillOutput:
-    logits: torch.Tensor | None  # (B_gen, V) fp32: next-token logits of the generation items, in item order
-    class_logits: dict[int, torch.Tensor]  # item index -> (C,) fp32 head logits, for classification items
-    kv: KVState | None  # the generation items' key/value state, in item order; None without generation items
+    token_type_ids: list[int] | None = None
 
 
 class ModelRunner:
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, pool: PrefixPool, cache: SlotCache | None) -> None:
         self.bb = backbone
-        self.fp = backbone.fingerprint
+        self.pool, self.cache = pool, cache
         self.body = backbone.body
         self.lm_head = backbone.lm_head
         self.embed = backbone.embeddings
@@ -75,21 +90,24 @@ class ModelRunner:
 
     # -- loading ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def materialize(self, artifact: PrefixArtifact) -> DevicePrefix:
-        """Checks an artifact against the backbone and turns it into a DevicePrefix."""
+    def prefix_tensors(self, artifact: PrefixArtifact) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(key/values (L, 2, H_kv, P, D) or None, soft prompt (P, hidden) or None) on the device, in its dtype.
+        Checks the artifact against the backbone first."""
         self.bb.check(artifact)
-        art = artifact.to(self.bb.dtype)
-        dev = self.bb.device
-        kv = art.kv.to(dev) if art.kv is not None else None
-        soft = art.soft_prompt.to(dev) if art.soft_prompt is not None else None
+        dev, dt = self.bb.device, self.bb.dtype
+        kv = artifact.kv.to(device=dev, dtype=dt) if artifact.kv is not None else None
+        soft = artifact.soft_prompt.to(device=dev, dtype=dt) if artifact.soft_prompt is not None else None
         if soft is not None and not self.bb.is_encoder:
             kv, soft = self._soft_prompt_kv(soft), None
-        head = None
-        if art.head is not None:
-            bias = art.head.bias.to(dev) if art.head.bias is not None else None
-            head = ClassificationHead(art.head.weight.to(dev), bias, list(art.head.labels), art.head.pooling)
-        assert art.version is not None, "only stored versions are served"
-        return DevicePrefix(art.task, art.version, art.method, kv, soft, head)
+        return kv, soft
+
+    def head_tensors(self, artifact: PrefixArtifact) -> ClassificationHead | None:
+        head = artifact.head
+        if head is None:
+            return None
+        dev, dt = self.bb.device, self.bb.dtype
+        bias = head.bias.to(device=dev, dtype=dt) if head.bias is not None else None
+        return ClassificationHead(head.weight.to(device=dev, dtype=dt), bias, list(head.labels), head.pooling)
 
     def _soft_prompt_kv(self, soft: torch.Tensor) -> torch.Tensor:
         """Keys/values of a soft prompt at positions 0..P-1: (P, hidden) -> (L, 2, H_kv, P, D)."""
@@ -102,71 +120,71 @@ class ModelRunner:
 
     # -- causal LM --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, items: list[PrefillItem], decode_room: int = 64) -> PrefillOutput:
-        """One forward over new rows of any mix of tasks; returns next-token logits, label probabilities, and the
-        generation rows' cache, ready to join the running batch."""
-        kvs = [it.prefix.kv if it.prefix is not None else None for it in items]
-        zone, pmask = self._zone(kvs)  # (L, 2, B, H_kv, Pmax, D), (B, Pmax)
-        lengths = [len(it.input_ids) for it in items]
-        prefix_lens = [0 if kv is None else kv.shape[3] for kv in kvs]
-        ids, tmask = right_pad([it.input_ids for it in items], self.pad_id, self.bb.device)  # (B, Tmax)
-        pos = token_positions(prefix_lens, lengths, ids.shape[1], self.bb.device)  # (B, Tmax)
-        mask = torch.cat([pmask, tmask], dim=1)  # (B, Pmax + Tmax)
-        # Room for the prompt and the expected new tokens, so neither prefill nor decode reallocates.
-        cache = cache_from(list(zone[:, 0]), list(zone[:, 1]), spare=ids.shape[1] + decode_room)
-        out = self.body(
-            input_ids=ids, attention_mask=mask.long(), position_ids=pos, use_cache=True, **self.bb.with_cache(cache)
+    def prefill(self, chunks: list[Chunk]) -> list[ChunkResult]:
+        """One forward over chunks of rows of any mix of tasks: writes their key/values into their slots and returns
+        what each chunk's row needs (its final token's state, the sum of its states)."""
+        assert self.cache is not None
+        dev = self.bb.device
+        lengths = [len(c.ids) for c in chunks]
+        prefix_lens = [c.prefix.kv_len if c.prefix is not None else 0 for c in chunks]
+        ids, _ = right_pad([c.ids for c in chunks], self.pad_id, dev)  # (B, T)
+        starts = [p + c.past for p, c in zip(prefix_lens, chunks, strict=True)]
+        pos = token_positions(starts, lengths, ids.shape[1], dev)  # (B, T): token j of the chunk at P + past + j
+        past = torch.tensor([c.past for c in chunks], device=dev)
+        self.cache.ensure_width(int((past + ids.shape[1]).max()))
+        state = ForwardState(
+            "prefill",
+            self.pool,
+            *self._prefix_index([c.prefix for c in chunks]),
+            new=torch.tensor(lengths, device=dev),
+            cache=self.cache,
+            slots=torch.tensor([c.slot for c in chunks], device=dev),
+            past=past,
         )
-        h = out.last_hidden_state  # (B, Tmax, hidden)
-        rows = torch.arange(len(items), device=h.device)
-        last = h[rows, torch.tensor(lengths, device=h.device) - 1]  # (B, hidden): each row's last real token
-        gen = [i for i, it in enumerate(items) if it.generate]
-        logits = self.lm_head(last[gen]).float() if gen else None  # (B_gen, V)
-        cls = {
-            i: self._head_logits(it.prefix, h[i, : lengths[i]], last[i])
-            for i, it in enumerate(items)
-            if not it.generate
-        }
-        next_pos = torch.tensor([p + n for p, n in zip(prefix_lens, lengths, strict=True)], device=h.device)
-        kv = None
-        if gen:
-            idx = torch.tensor(gen, device=h.device)
-            keep = gen == list(range(len(items)))
-            layers = cache.layers
-            gen_cache = (
-                cache if keep else cache_from([la.keys[idx] for la in layers], [la.values[idx] for la in layers])
-            )
-            kv = KVState(gen_cache, mask[idx], next_pos[idx])
-        return PrefillOutput(logits, cls, kv)
+        with serving(self.body.config):
+            h = self.body(input_ids=ids, position_ids=pos, use_cache=False, prefix_serve=state).last_hidden_state
+        results = []
+        for i, c in enumerate(chunks):  # h: (B, T, hidden)
+            last = h[i, lengths[i] - 1] if c.final else None
+            results.append(ChunkResult(last, h[i, : lengths[i]].sum(0) if c.pool_mean else None))
+        return results
 
     @torch.inference_mode()
-    def decode(self, kv: KVState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feeds one token per row (B,), appends its key column to `kv` (cache, mask, positions), returns next-token
-        logits (B, V) fp32."""
-        mask = torch.cat([kv.mask, kv.mask.new_ones(kv.mask.shape[0], 1)], dim=1)  # (B, S + 1)
-        out = self.body(
-            input_ids=tokens[:, None],
-            attention_mask=mask.long(),
-            position_ids=kv.next_pos[:, None],
-            use_cache=True,
-            **self.bb.with_cache(kv.cache),
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        past: torch.Tensor,
+        prefix_index: torch.Tensor,
+        prefix_len: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row for rows in slots 0..B-1: tokens, positions, past (tokens in each slot) (B,), prefix
+        positions (B, Pmax) and lengths (B,). Appends the tokens' key/values to the slots; returns next-token logits
+        (B, V) fp32."""
+        state = ForwardState(
+            "decode", self.pool, prefix_index, prefix_len, new=torch.ones_like(past), cache=self.cache, past=past
         )
-        kv.mask, kv.next_pos = mask, kv.next_pos + 1
-        return self.lm_head(out.last_hidden_state[:, -1]).float()
+        with serving(self.body.config):
+            h = self.body(
+                input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False, prefix_serve=state
+            ).last_hidden_state
+        return self.lm_head(h[:, -1]).float()
+
+    def lm_logits(self, states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(states).float()
 
     # -- encoder ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def classify_encoder(self, items: list[PrefillItem]) -> dict[int, torch.Tensor]:
-        """Head logits (C,) per item for a BERT-family backbone. Key/value prefixes enter as the cache; soft
-        prompts as input embeddings in front of the tokens (positions from 0, as PEFT feeds them)."""
+    def classify_encoder(self, items: list[EncodeItem]) -> list[torch.Tensor]:
+        """Head logits (C,) per item for a BERT-family backbone. Key/value prefixes come from the pool; soft prompts
+        are input embeddings in front of the tokens (positions from 0, as PEFT feeds them)."""
         dev = self.bb.device
-        kv = [it.prefix.kv if it.prefix is not None else None for it in items]
-        soft = [it.prefix.soft_prompt if it.prefix is not None else None for it in items]
-        zone, pmask = self._zone(kv)
-        n_soft = [0 if s is None else s.shape[0] for s in soft]
+        n_soft = [
+            0 if it.prefix is None or it.prefix.soft_prompt is None else it.prefix.num_virtual_tokens for it in items
+        ]
         lengths = [ns + len(it.input_ids) for ns, it in zip(n_soft, items, strict=True)]
-        starts = [0 if k is None else k.shape[3] for k in kv]  # soft rows start at 0: the soft tokens are inputs
-        ids, tmask = right_pad(
+        starts = [0 if it.prefix is None else it.prefix.kv_len for it in items]  # soft rows start at 0
+        ids, _ = right_pad(
             [[self.pad_id] * ns + it.input_ids for ns, it in zip(n_soft, items, strict=True)], self.pad_id, dev
         )
         types, _ = right_pad(
@@ -176,58 +194,57 @@ class ModelRunner:
         )
         inputs: dict[str, torch.Tensor] = {"input_ids": ids}
         if any(n_soft):
-            embeds = self.embed(ids)  # (B, Tmax, hidden)
-            for i, s in enumerate(soft):
-                if s is not None:
-                    embeds[i, : s.shape[0]] = s
+            embeds = self.embed(ids)  # (B, T, hidden)
+            for i, it in enumerate(items):
+                if n_soft[i]:
+                    embeds[i, : n_soft[i]] = it.prefix.soft_prompt  # type: ignore[union-attr]
             inputs = {"inputs_embeds": embeds}
-        out = self.body(
-            **inputs,
-            token_type_ids=types,
-            attention_mask=torch.cat([pmask, tmask], 1).long(),
-            position_ids=token_positions(starts, lengths, ids.shape[1], dev),
-            **self.bb.with_cache(cache_from(list(zone[:, 0]), list(zone[:, 1]), spare=ids.shape[1])),
+        state = ForwardState(
+            "encode", self.pool, *self._prefix_index([it.prefix for it in items]), new=torch.tensor(lengths, device=dev)
         )
-        h = out.last_hidden_state  # (B, Tmax, hidden)
+        with serving(self.body.config):
+            out = self.body(
+                **inputs,
+                token_type_ids=types,
+                position_ids=token_positions(starts, lengths, ids.shape[1], dev),
+                prefix_serve=state,
+            )
+        h = out.last_hidden_state  # (B, T, hidden)
         pooled = out.pooler_output  # (B, hidden) or None
-        return {
-            i: self._head_logits(
-                it.prefix, h[i, n_soft[i] : lengths[i]], h[i, 0], pooled[i] if pooled is not None else None
+        return [
+            head_logits(
+                it.prefix, h[i, n_soft[i] : lengths[i]].mean(0), h[i, 0], pooled[i] if pooled is not None else None
             )
             for i, it in enumerate(items)
-        }
+        ]
 
     # -- shared -----------------------------------------------------------------------------------------------------
-    def _zone(self, kvs: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        fp = self.fp
-        return prefix_zone(
-            kvs,
-            num_layers=fp.num_layers,
-            num_kv_heads=fp.num_kv_heads,
-            head_dim=fp.head_dim,
-            dtype=self.bb.dtype,
-            device=self.bb.device,
-        )
+    def _prefix_index(self, prefixes: list[DevicePrefix | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Pmax) pool positions and (B,) lengths of the rows' key/value prefixes."""
+        dev = self.bb.device
+        lens = [0 if p is None else p.kv_len for p in prefixes]
+        index = torch.zeros(len(prefixes), max(lens, default=0), dtype=torch.long, device=dev)
+        for i, p in enumerate(prefixes):
+            if lens[i]:
+                index[i, : lens[i]] = p.index  # type: ignore[union-attr]
+        return index, torch.tensor(lens, device=dev)
 
-    @staticmethod
-    def _head_logits(
-        prefix: DevicePrefix | None,
-        tokens: torch.Tensor,
-        first_or_last: torch.Tensor,
-        pooler: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Pools one row's hidden states as its head asks and returns the head's logits (C,) in fp32.
 
-        tokens: (n, hidden) the row's input tokens; first_or_last: the [CLS] state (encoders) or the last real
-        token's state (causal LMs); pooler: the encoder's pooler output for the row.
-        """
-        assert prefix is not None and prefix.head is not None, "classification rows are checked for a head"
-        head = prefix.head
-        if head.pooling == "pooler":
-            x = pooler
-        elif head.pooling == "mean":
-            x = tokens.mean(0)
-        else:  # "cls" on encoders, "last_token" on causal LMs
-            x = first_or_last
-        logits = x @ head.weight.T + (head.bias if head.bias is not None else 0)  # (C,)
-        return logits.float()
+def head_logits(
+    prefix: DevicePrefix | None, mean: torch.Tensor, first_or_last: torch.Tensor, pooler: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A classification head's logits (C,) fp32 over one row, pooled as the head asks.
+
+    mean: the mean of the row's input-token states; first_or_last: the [CLS] state (encoders) or the last real
+    token's state (causal LMs); pooler: the encoder's pooler output for the row.
+    """
+    assert prefix is not None and prefix.head is not None, "classification rows are checked for a head"
+    head = prefix.head
+    if head.pooling == "pooler":
+        x = pooler
+    elif head.pooling == "mean":
+        x = mean
+    else:  # "cls" on encoders, "last_token" on causal LMs
+        x = first_or_last
+    logits = x @ head.weight.T + (head.bias if head.bias is not None else 0)  # (C,)
+    return logits.float()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from prefix_store import PrefixArtifact, PrefixStore
 
 from .backbone import Backbone
-from .engine import Engine
+from .engine import DeviceFull, Engine
 from .errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, Unsupported
 from .host_cache import HostCache
 from .output import ClassificationResult, GenerationResult, classification_result, generation_result
@@ -53,6 +53,7 @@ class _Request:
     signal: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     artifact: PrefixArtifact | None = None
+    held: bool = False  # its prefix is resident on the device and held for it (loaded ahead of admission)
     admitted: bool = False  # handed to the engine; its row runs there until it finishes
     cancelled: bool = False
     done: bool = False
@@ -122,22 +123,25 @@ def build_serving(
     *,
     device_cache_bytes: int = 1024**3,
     host_cache_bytes: int = 4 * 1024**3,
+    max_batch_size: int = 32,
+    max_prefill_tokens: int = 8192,
     **scheduler_kw: int,
 ) -> Scheduler:
     """Engine, host cache and scheduler, linked so that store events invalidate the device tier too.
     Nothing is started: call `scheduler.host_cache.start()` and `scheduler.start()`."""
-    engine = Engine(backbone, device_cache_bytes=device_cache_bytes)
+    engine = Engine(
+        backbone, device_cache_bytes=device_cache_bytes, max_rows=max_batch_size, max_prefill_tokens=max_prefill_tokens
+    )
     host_cache = HostCache(store, capacity_bytes=host_cache_bytes, on_invalidate=engine.invalidate)
     return Scheduler(engine, host_cache, **scheduler_kw)
 
 
 class Scheduler:
     """Args:
-    engine: runs the steps.
+    engine: runs the steps; its `max_rows` is the most rows running at once, and it prefills prompts in chunks of at
+        most `max_prefill_tokens`.
     host_cache: resolves (task) -> artifact of its current version, through host memory and Redis.
-    max_batch_size: most rows running at once.
     max_batch_tokens: most key/value columns (prefix + prompt + max new tokens) reserved by running rows.
-    max_prefill_tokens: most prompt tokens prefilled in one step (bounds the pause of running rows).
     max_queue: most requests waiting (resolving or ready); past it, submit raises QueueFull.
     """
 
@@ -146,16 +150,13 @@ class Scheduler:
         engine: Engine,
         host_cache: HostCache,
         *,
-        max_batch_size: int = 32,
         max_batch_tokens: int = 65536,
-        max_prefill_tokens: int = 8192,
         max_queue: int = 1024,
     ) -> None:
         self.engine = engine
         self.host_cache = host_cache
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = engine.max_rows
         self.max_batch_tokens = max_batch_tokens
-        self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
         self.max_positions = engine.bb.max_positions
         self._ready: OrderedDict[str, deque[_Request]] = OrderedDict()  # task ("" = bare) -> FIFO of ready requests
@@ -288,6 +289,16 @@ class Scheduler:
                 self._wake.clear()
                 await self._wake.wait()
             self._expire_running()
+            to_load = self._pick_loads()
+            if to_load:
+                try:
+                    loaded = await loop.run_in_executor(
+                        self._executor, self.engine.load, [r.engine_request() for r in to_load]
+                    )
+                except Exception as e:  # loading itself failed: fail those requests, keep serving the rest
+                    log.exception("prefix load failed")
+                    loaded = {r.id: EngineFailure(f"prefix load failed: {type(e).__name__}: {e}") for r in to_load}
+                self._after_load(to_load, loaded)
             admit = self._admit()
             plan = StepPlan(tuple(r.engine_request() for r in admit), frozenset(self._cancel))
             self._cancel = set()
@@ -309,13 +320,51 @@ class Scheduler:
                 if req is not None:
                     self._deliver(req, row)
 
+    def _pick_loads(self) -> list[_Request]:
+        """The ready requests to load prefixes for before this step: the head of each task's queue in round-robin
+        order (those the next admissions would take), as many as rows are free, skipping requests already held."""
+        free = self.max_batch_size - self._last.running
+        held = sum(1 for q in self._ready.values() for r in q if r.held)
+        want = free - held
+        picks: list[_Request] = []
+        if want <= 0:
+            return picks
+        for queue in self._ready.values():
+            for req in queue:
+                if not req.held and req.artifact is not None and not req.cancelled:
+                    picks.append(req)
+                    break
+            if len(picks) >= want:
+                break
+        return picks
+
+    def _after_load(self, requests: list[_Request], results: dict[str, Exception | None]) -> None:
+        for req in requests:
+            err = results.get(req.id)
+            if err is None:
+                req.held = True
+            elif isinstance(err, DeviceFull):
+                if self._last.running == 0 and not any(r.held for q in self._ready.values() for r in q):
+                    self._drop_ready(req, InputTooLong(f"{err}: its prefix does not fit the device cache at all"))
+            else:
+                self._drop_ready(req, err)
+
+    def _drop_ready(self, req: _Request, error: Exception) -> None:
+        queue = self._ready.get(req.task or "")
+        if queue is not None and req in queue:
+            queue.remove(req)
+            if not queue:
+                del self._ready[req.task or ""]
+            self._waiting -= 1
+        self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=error))
+
     def _admit(self) -> list[_Request]:
-        """Round-robin over tasks with ready requests: one request per task per turn, while rows, the key/value
-        budget and the prefill budget allow. A task whose head request does not fit is skipped this turn."""
+        """Round-robin over tasks with ready requests: one request per task per turn, while rows and the key/value
+        budget allow. Only requests whose prefix is held on the device are admitted (the others are loaded first,
+        see _pick_loads); a task whose head request does not fit is skipped this turn."""
         admitted: list[_Request] = []
         rows = self.max_batch_size - self._last.running
         kv_left = self.max_batch_tokens - self._last.reserved_tokens
-        prefill_left = self.max_prefill_tokens
         progress = True
         while progress and rows > 0 and self._ready:
             progress = False
@@ -327,14 +376,13 @@ class Scheduler:
                     queue.popleft()
                     self._waiting -= 1
                     self._finish(req, self._expired_or_cancelled(req))
-                elif tokens <= kv_left and (not admitted or len(req.prompt_ids) <= prefill_left):
+                elif (req.held or req.artifact is None) and tokens <= kv_left:
                     queue.popleft()
                     self._waiting -= 1
                     req.admitted = True
                     admitted.append(req)
                     rows -= 1
-                    kv_left -= tokens if req.kind is Kind.GENERATE else 0
-                    prefill_left -= len(req.prompt_ids)
+                    kv_left -= tokens
                     self._ready.move_to_end(key)
                     progress = True
                 if not queue:
@@ -372,6 +420,8 @@ class Scheduler:
         if req.done:
             return
         req.done = True
+        if req.held and not req.admitted and req.artifact is not None:
+            self.engine.release(req.artifact, req.id)
         self.cancelled += out.finish_reason is FinishReason.CANCELLED
         self._live.pop(req.id, None)
         req.history.append(out)

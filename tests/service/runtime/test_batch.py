@@ -1,64 +1,101 @@
-"""DecodeBatch membership changes (filter, concatenate, compaction) leave every row's attention unchanged."""
-
-import copy
+"""Rows in slots: the prefix pool, rows leaving (their slot refilled by the last decoder), rows joining, and chunked
+prefill leave every row's logits as they are when the row runs alone."""
 
 import torch
 
-from service.runtime import wrap_model
-from service.runtime.batch import DecodeBatch, KVState
-from service.runtime.runner import DevicePrefix, ModelRunner, PrefillItem
+from prefix_store import BackboneFingerprint
+from service.runtime import Engine, EngineRequest, SamplingParams, StepPlan, wrap_model
+from service.runtime.kv_cache import BLOCK, PrefixPool
+from tests.factories import make_artifact
 from tests.models import tiny_model
 
-
-def _runner():
-    return ModelRunner(wrap_model(tiny_model("llama"), None, name="t"))
+TOL = 1e-5
 
 
-def _prefix(P, seed):
-    g = torch.Generator().manual_seed(seed)
-    return DevicePrefix("t", 1, "p_tuning_v2", torch.randn(3, 2, 2, P, 8, generator=g), None, None)
+def _engine(**kw) -> Engine:
+    return Engine(wrap_model(tiny_model("llama"), None, name="t"), **kw)
 
 
-def _prefill(runner, specs):
-    """A batch of the prefilled rows (row payloads are their indices) whose tokens are the greedy next tokens."""
-    out = runner.prefill([PrefillItem(p, ids) for p, ids in specs])
-    return DecodeBatch(list(range(len(specs))), out.kv, out.logits.argmax(-1))
+def _request(i: int, prompt: list[int], P: int, new: int = 6) -> EngineRequest:
+    fp = BackboneFingerprint.from_config(tiny_model("llama").config)
+    art = make_artifact(f"t{i}", "p_tuning_v2", P=P, fp=fp, seed=i)
+    art.version = 1
+    params = SamplingParams(max_new_tokens=new, return_logits=True, ignore_eos=True)
+    return EngineRequest.generate(f"r{i}", prompt, art, params)
 
 
-def _snapshot(batch):
-    kv = KVState(copy.deepcopy(batch.kv.cache), batch.kv.mask.clone(), batch.kv.next_pos.clone())
-    return DecodeBatch(list(batch.rows), kv, batch.tokens.clone())
+def _run(engine: Engine, admit_at: dict[int, list[EngineRequest]], cancel_at: dict[int, set[str]] | None = None):
+    """Steps the engine until idle; returns each request's per-step logits."""
+    logits: dict[str, list[torch.Tensor]] = {}
+    cancel_at = cancel_at or {}
+    step = 0
+    while step == 0 or engine.running or any(k > step for k in admit_at):
+        out = engine.step(StepPlan(tuple(admit_at.get(step, ())), frozenset(cancel_at.get(step, ()))))
+        for row in out.rows:
+            if row.logits is not None:
+                logits.setdefault(row.request_id, []).append(row.logits)
+        step += 1
+    return logits
 
 
-def _decode(runner, batch):
-    return runner.decode(batch.kv, batch.tokens)
+def _alone(req: EngineRequest, **kw) -> list[torch.Tensor]:
+    return _run(_engine(**kw), {0: [req]})[req.request_id]
 
 
-def test_compaction_and_filter_do_not_change_logits():
-    runner = _runner()
-    specs = [(_prefix(2, 0), [5, 6, 7, 8, 9, 10, 11]), (_prefix(9, 1), [12]), (None, [13, 14, 15])]
-    batch = _prefill(runner, specs)
-    for _ in range(2):
-        batch.tokens = _decode(runner, batch).argmax(-1)
-    # Row 0 leaves; the survivors' cache then has masked holes. Compare compacted with uncompacted.
-    plain = batch.filter([1, 2])
-    compacted = _snapshot(plain)
-    compacted.compact(max_waste=0.0)
-    assert compacted.width < plain.width
-    a = _decode(runner, plain)
-    b = _decode(runner, compacted)
-    assert (a - b).abs().max() < 1e-5
+def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    assert max((x - y).abs().max().item() for x, y in zip(a, b)) <= TOL
 
 
-def test_concatenate_pads_the_narrower_batch():
-    runner = _runner()
-    a = _prefill(runner, [(_prefix(3, 0), [5, 6])])
-    b = _prefill(runner, [(_prefix(8, 1), [7, 8, 9, 10, 11])])
-    ref_a = _decode(runner, _snapshot(a))
-    ref_b = _decode(runner, _snapshot(b))
-    merged = DecodeBatch.concatenate(a, b)
-    assert merged.rows == [0, 0] and merged.width == max(5, 13)
-    assert torch.equal(merged.tokens, torch.cat([a.tokens, b.tokens]))
-    out = _decode(runner, merged)
-    assert (out[0] - ref_a[0]).abs().max() < 1e-5 and (out[1] - ref_b[0]).abs().max() < 1e-5
-    assert DecodeBatch.concatenate(None, b) is b and merged.filter([]) is None
+def test_prefix_pool_hands_out_blocks_and_grows():
+    fp = BackboneFingerprint.from_config(tiny_model("llama").config)
+    pool = PrefixPool(fp, dtype=torch.float32, device=torch.device("cpu"), max_bytes=64 * BLOCK * pool_token_bytes(fp))
+    a = pool.alloc(5)
+    b = pool.alloc(3 * BLOCK)
+    assert a.shape == (5,) and b.shape == (3 * BLOCK,) and not set(a.tolist()) & set(b.tolist())
+    kv = torch.randn(fp.num_layers, 2, fp.num_kv_heads, 5, fp.head_dim)
+    pool.write(a, kv)
+    k, v = pool.gather(1, a[None])  # (1, H_kv, 5, D)
+    assert torch.equal(k[0], kv[1, 0]) and torch.equal(v[0], kv[1, 1])
+    used = pool.used_bytes
+    pool.release(a)
+    assert pool.used_bytes == used - 2 * BLOCK * pool.token_bytes  # 5 tokens took two blocks
+    assert pool.alloc(65 * BLOCK) is None  # past the byte budget
+
+
+def pool_token_bytes(fp) -> int:
+    return 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * 4
+
+
+def test_rows_leaving_and_joining_keep_every_rows_logits():
+    a, b, c = _request(0, [5, 6, 7, 8, 9], P=2), _request(1, [12], P=9), _request(2, [13, 14, 15], P=4, new=3)
+    d = _request(3, [20, 21], P=6)
+    # c finishes first (its slot is refilled by the last decoder), a is cancelled mid-way, d joins late.
+    mixed = _run(_engine(max_rows=4), {0: [a, b, c], 4: [d]}, cancel_at={3: {"r0"}})
+    for req in (b, c, d):
+        _close(mixed[req.request_id], _alone(req))
+    assert len(mixed["r0"]) == 3 and all((x - y).abs().max() <= TOL for x, y in zip(mixed["r0"], _alone(a)[:3])), (
+        "a's outputs before its cancellation"
+    )
+
+
+def test_chunked_prefill_equals_one_forward():
+    long = _request(0, list(range(3, 40)), P=5)
+    chunked = _run(_engine(max_prefill_tokens=8), {0: [long]})["r0"]
+    _close(chunked, _alone(long))
+
+
+def test_decoders_keep_going_while_a_long_prompt_is_chunked():
+    short = _request(0, [5, 6], P=3, new=12)
+    long = _request(1, list(range(3, 100)), P=4, new=2)
+    engine = _engine(max_prefill_tokens=16)
+    steps_with_a_token: list[int] = []
+    step = 0
+    engine.step(StepPlan((short,)))
+    while engine.running:
+        out = engine.step(StepPlan((long,) if step == 0 else ()))
+        if any(r.request_id == "r0" and r.token_id is not None for r in out.rows):
+            steps_with_a_token.append(step)
+        step += 1
+    # 97 prompt tokens in chunks of at most 16 take 7 steps; the short row got a token in every one of them.
+    assert steps_with_a_token[:7] == list(range(7))

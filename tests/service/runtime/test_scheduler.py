@@ -170,7 +170,7 @@ async def test_requests_finish_on_the_version_they_started_with(store, llama, tm
             await s.submit("t", [5, 6, 7], greedy(2)).result()
         assert not any(k[0] == "t" for k in stack.cache.lru.entries)
         await s.submit(None, [5], greedy(1)).result()  # the next step applies the device-tier invalidation
-        assert not any(k[0] == "t" for k in stack.engine.device_cache.lru.entries)
+        assert not any(k[0] == "t" for k in stack.engine.device_cache.entries)
 
 
 async def test_a_slow_prefix_load_does_not_stall_running_rows(store, redis_url, llama, tmp_path):
@@ -219,10 +219,10 @@ async def test_cache_tiers_count_hits_misses_evictions(store, llama, tmp_path):
         await _publish(store, llama, tmp_path, f"t{i}", P=4, seed=i)
     one_prefix = 3 * 2 * 2 * 4 * 8 * 4  # L * 2 * H_kv * P * D * fp32 bytes
     async with serving_stack(store, copy.deepcopy(llama)) as stack:
-        stack.engine.device_cache.lru.capacity = 2 * one_prefix
+        stack.engine.pool.max_blocks = 2  # room for two prefixes of P = 4 (one pool block each)
         for task in ["t0", "t1", "t0", "t2", "t1"]:
             await stack.scheduler.submit(task, [5], greedy(1)).result()
-        dev = stack.engine.device_cache.lru
+        dev = stack.engine.device_cache
         assert dev.stats == {"hits": 1, "misses": 4, "evictions": 2}
         assert dev.resident_bytes == 2 * one_prefix and len(dev.entries) == 2
         assert stack.cache.lru.stats["misses"] == 3 and stack.cache.lru.stats["hits"] == 2
@@ -254,4 +254,4 @@ async def test_bfloat16_backbone_serves_prefixes(store, llama, tmp_path):
             *(stack.scheduler.submit(t, [5, 6, 7], greedy(4)).result() for t in ("a", "soft", None))
         )
         assert all(r.completion_tokens == 4 for r in results)
-        assert all(p.kv.dtype == torch.bfloat16 for p in stack.engine.device_cache.lru.entries.values())
+        assert stack.engine.pool.data.dtype == torch.bfloat16 and len(stack.engine.device_cache.entries) == 2
