@@ -1,4 +1,4 @@
-"""bench/engine.py runs end to end (tiny sizes): the benchmark cannot rot unnoticed."""
+"""bench/engine.py runs end to end (tiny sizes, every scenario): the benchmark cannot rot unnoticed."""
 
 import asyncio
 
@@ -8,36 +8,17 @@ from bench import engine as bench
 
 
 @pytest.mark.slow
-def test_engine_benchmark_smoke(capsys):
+def test_engine_benchmark_smoke(tmp_path, capsys):
     args = bench.parse_args(
-        [
-            "--requests",
-            "8",
-            "--tasks",
-            "1",
-            "4",
-            "--prompt",
-            "4",
-            "--new",
-            "3",
-            "--prefix",
-            "2",
-            "--layers",
-            "1",
-            "--hidden",
-            "32",
-            "--heads",
-            "2",
-            "--vocab",
-            "64",
-            "--repeats",
-            "1",
-            "--max-batch",
-            "4",
-        ]
+        "--requests 4 --prompt 4 --new 3 --prefix 4 --layers 1 --hidden 32 --heads 2 --vocab 64 --repeats 1 "
+        f"--max-batch 4 --hosted 1 3 --prefix-lengths 4 8 --churn-tasks 6 --peft-tasks 2 --peft-prompt 4 "
+        f"--peft-new 3 --peft-max-batch 4 --chunk 16 --plots {tmp_path}".split()
     )
-    asyncio.run(bench.main(args))
-    lines = capsys.readouterr().out.strip().splitlines()
-    rows = [line.split() for line in lines[-2:]]
-    assert [r[0] for r in rows] == ["1", "4"] and all(len(r) == 6 for r in rows)
-    assert all(float(x) > 0 for r in rows for x in r[1:])
+    report = asyncio.run(bench.main(args))
+    assert set(bench.SCENARIOS) <= set(report)
+    assert all(tok > 0 and ratio > 0 for _, tok, ratio in report["hosted"])
+    ours, theirs, achieved, peak = report["peft"]
+    assert ours > 0 and theirs > 0 and 0 < achieved < peak
+    assert all(held >= ideal > 0 for _, held, ideal, _, _ in report["memory"])
+    assert (tmp_path / "engine.png").exists() and (tmp_path / "stall.png").exists()
+    assert "achieved FLOP/s / fp32 GEMM peak" in capsys.readouterr().out

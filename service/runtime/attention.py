@@ -74,17 +74,14 @@ class ForwardState:
         if self.mode == "decode":
             cache.write_decode(layer, B, past, k, v)
             S = self._decode_width()
-            return _two_part_decode(
-                q, kp, vp, cache.k[layer][:B, :, :S], cache.v[layer][:B, :, :S], self._bias(S), scale
-            )
+            return _decode(q, [(kp, vp), *cache.decode_parts(layer, B, S)], self._bias(S), scale)
         assert self.slots is not None
         cache.write(layer, self.slots, past, k, v)
         if self.first_chunk:  # no earlier tokens in any slot: the keys are this forward's own
             kt, vt, S = k, v, k.shape[2]
         else:
             S = int((past + k.shape[2]).max())
-            kt = cache.k[layer][self.slots, :, :S]  # (B, H_kv, S, D): the prefilling rows' slots
-            vt = cache.v[layer][self.slots, :, :S]
+            kt, vt = cache.gather(layer, self.slots, S)  # (B, H_kv, S, D): the prefilling rows' slots
         return _sdpa(q, torch.cat([kp, kt], 2), torch.cat([vp, vt], 2), self._prefill_mask(k.shape[2], S), scale)
 
     # -- masks (True / 0: attend), shared by every layer -------------------------------------------------------------
@@ -135,27 +132,28 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
     return out.transpose(1, 2).contiguous()
 
 
-def _two_part_decode(
-    q: torch.Tensor,
-    kp: torch.Tensor,
-    vp: torch.Tensor,
-    kt: torch.Tensor,
-    vt: torch.Tensor,
-    bias: torch.Tensor,
-    scale: float,
+def _decode(
+    q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """One query per row against its prefix keys kp/vp (B, H_kv, Pmax, D) and its slot keys kt/vt (B, H_kv, S, D)
-    (views into the cache), with one softmax over both: exact, and no copy of the cache.
+    """One query per row against several key/value sets, each (B, H_kv, n_i, D): the row's prefix (gathered from the
+    pool) and the segments of its slot (views into the cache). The scores of all parts are joined before one softmax,
+    so the result is exact and nothing of the cache is copied.
 
     q (B, H, 1, D); query head h reads key/value head h // (H / H_kv), as transformers' repeat_kv lays them out.
+    bias (B, 1, 1, sum n_i): 0 on real keys, -inf elsewhere.
     """
     B, H, _, D = q.shape
-    Hkv = kt.shape[1]
-    qg = q.view(B, Hkv, H // Hkv, D)  # (B, H_kv, G, D)
-    scores = torch.cat([qg @ kp.transpose(-1, -2), qg @ kt.transpose(-1, -2)], -1) * scale  # (B, H_kv, G, Pmax+S)
+    Hkv = parts[0][0].shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D) * scale  # (B, H_kv, G, D)
+    scores = torch.cat([qg @ k.transpose(-1, -2) for k, _ in parts], -1)  # (B, H_kv, G, sum n_i)
     probs = torch.softmax((scores + bias).float(), dim=-1).to(q.dtype)
-    Pmax = kp.shape[2]
-    out = probs[..., :Pmax] @ vp + probs[..., Pmax:] @ vt  # (B, H_kv, G, D)
+    out, start = None, 0
+    for k, v in parts:
+        n = k.shape[2]
+        term = probs[..., start : start + n] @ v  # (B, H_kv, G, D)
+        out = term if out is None else out + term
+        start += n
+    assert out is not None
     return out.reshape(B, 1, H, D)
 
 

@@ -32,6 +32,7 @@ from .sampling import make_generator, sample, token_logprobs
 from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan
 
 log = logging.getLogger(__name__)
+SHRINK_AFTER = 200  # steps a slot segment stays allocated after the last row that needed it left
 
 
 class DeviceFull(Exception):
@@ -181,6 +182,7 @@ class Engine:
         self.max_rows = max_rows
         self.max_prefill_tokens = max_prefill_tokens
         self.step_count = 0
+        self._unneeded_since: int | None = None
         tok = backbone.tokenizer
         self.eos_ids: set[int] = set()
         if tok is not None and tok.eos_token_id is not None:
@@ -217,6 +219,7 @@ class Engine:
         return 0 if self.batch is None else self.batch.reserved_tokens
 
     # -- loading (between steps) --------------------------------------------------------------------------------
+    @torch.inference_mode()
     def load(self, requests: list[EngineRequest]) -> dict[str, Exception | None]:
         """Makes each request's prefix resident and held for it, ahead of its admission. Per request id: None
         (held), DeviceFull (no room now: try again later), or the error that fails the request."""
@@ -234,6 +237,7 @@ class Engine:
         return out
 
     # -- the step -----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutput:
         self.step_count += 1
         self.device_cache.apply_pending()
@@ -385,10 +389,24 @@ class Engine:
     def _end(self, rows: list[Row]) -> None:
         if not rows:
             return
-        assert self.batch is not None
+        assert self.batch is not None and self.cache is not None
         self.batch.remove(rows)
         for row in rows:
             self._let_go(row)
+        self._maybe_shrink()
+
+    def _maybe_shrink(self) -> None:
+        """Drops slot segments no running row needs once they have gone unneeded for SHRINK_AFTER steps, so a
+        burst of long prompts does not allocate and free the same segments over and over."""
+        assert self.batch is not None and self.cache is not None
+        needed = max((r.request.reserved_tokens - r.kv_len for r in self.batch.rows), default=0)
+        if needed >= self.cache.width:
+            self._unneeded_since = None
+        elif self._unneeded_since is None:
+            self._unneeded_since = self.step_count
+        elif self.step_count - self._unneeded_since >= SHRINK_AFTER:
+            self.cache.shrink(needed)
+            self._unneeded_since = None
 
     def _let_go(self, row: Row) -> None:
         if row.prefix is not None:

@@ -1,16 +1,16 @@
 """Device memory for key/values: every resident prefix once, in a paged pool; every running row's own tokens in a
 preallocated slot.
 
-Letters: L layers, H_kv key/value heads, D head dim, P a prefix's virtual tokens, R row slots, W slot width (tokens).
+Letters: L layers, H_kv key/value heads, D head dim, P a prefix's virtual tokens, R row slots.
 
 PrefixPool: one tensor (L, 2, N, H_kv, D) of N prefix-token positions, handed out in blocks of BLOCK tokens, so
 prefixes of any length share it without fragmentation. A prefix is the list of its positions; rows of a task read
 their task's positions (a gather per layer into the attention, never a stored per-row copy). It grows by doubling
 up to its byte budget.
 
-SlotCache: (L, R, H_kv, W, D) keys and values; a row owns one slot for its life, its tokens written in place at
-positions 0..n-1. Nothing is copied when rows join; a row leaving moves at most one other row into its slot (see
-RunningBatch). W grows by doubling (a rare whole-cache copy) up to the context window.
+SlotCache: keys and values of R slots, in segments of positions; a row owns one slot for its life, its tokens written
+in place at positions 0..n-1. Nothing is copied when rows join; a row leaving moves at most one other row into its
+slot (see RunningBatch); widening adds a segment and copies nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class PrefixPool:
         self.data = torch.zeros(self.L, 2, 0, self.H, self.D, dtype=dtype, device=device)  # (L, 2, N, H_kv, D)
         self._free: list[int] = []  # free block numbers
         self._arange = torch.arange(BLOCK, device=device)
+        self._heads = torch.arange(self.H, device=device)
 
     @property
     def capacity_blocks(self) -> int:
@@ -71,12 +72,15 @@ class PrefixPool:
         """kv (L, 2, H_kv, P, D) into the positions `index` (P,)."""
         self.data[:, :, index] = kv.to(self.dtype).permute(0, 1, 3, 2, 4)
 
-    def gather(self, layer: int, index: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """Keys and values of layer `layer` at positions `index` (B, Pmax): each (B, H_kv, Pmax, D)."""
+    def gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of layer `layer` at positions `index` (B, Pmax): each (B, H_kv, Pmax, D), contiguous.
+
+        One index_select per tensor over the layer viewed as (N * H_kv, D) rows, with the row index laid out
+        (b, h, p), so the result needs no transpose (a transposed gather would be copied again by the matmuls)."""
         B, Pmax = index.shape
-        flat = index.reshape(-1)
-        k = self.data[layer, 0].index_select(0, flat).view(B, Pmax, self.H, self.D).transpose(1, 2)
-        v = self.data[layer, 1].index_select(0, flat).view(B, Pmax, self.H, self.D).transpose(1, 2)
+        rows = (index[:, None, :] * self.H + self._heads[:, None]).reshape(-1)  # (B * H_kv * Pmax,)
+        k = self.data[layer, 0].view(-1, self.D).index_select(0, rows).view(B, self.H, Pmax, self.D)
+        v = self.data[layer, 1].view(-1, self.D).index_select(0, rows).view(B, self.H, Pmax, self.D)
         return k, v
 
     def _grow(self) -> None:
@@ -89,10 +93,18 @@ class PrefixPool:
 
 
 class SlotCache:
-    """Args:
-    fp: the backbone geometry.
-    rows: slots (the most rows running at once).
-    max_width: the widest a slot may grow (the context window).
+    """Token key/values of running rows, one slot per row, in segments of positions.
+
+    Segment i holds positions [start_i, start_i + width_i) of every slot: (L, R, H_kv, width_i, D) keys and the same
+    for values. A segment is added when a row needs more positions, sized to the need (at least half the current
+    width, so a growing workload adds few segments), and trailing segments are dropped when no row has needed them
+    for a while (see Engine). So memory follows the longest live row, and widening never copies what is already
+    there. New segments are zeros: attention masks the positions past a row's length, and zeros keep them finite.
+
+    Args:
+        fp: the backbone geometry.
+        rows: slots (the most rows running at once).
+        max_width: the most positions a slot may hold (the context window).
     """
 
     def __init__(
@@ -101,54 +113,97 @@ class SlotCache:
         self.L, self.H, self.D = fp.num_layers, fp.num_kv_heads, fp.head_dim
         self.rows, self.max_width = rows, max_width
         self.dtype, self.device = dtype, device
-        self.k = torch.zeros(self.L, rows, self.H, 0, self.D, dtype=dtype, device=device)  # (L, R, H_kv, W, D)
-        self.v = torch.zeros_like(self.k)
+        self.k: list[torch.Tensor] = []  # segments, each (L, R, H_kv, width_i, D)
+        self.v: list[torch.Tensor] = []
+        self.starts: list[int] = []  # first position of each segment
 
     @property
     def width(self) -> int:
-        return self.k.shape[3]
+        return self.starts[-1] + self.k[-1].shape[3] if self.k else 0
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(2 * t.numel() * t.element_size() for t in self.k)
 
     def ensure_width(self, needed: int) -> None:
-        """Grows every slot to hold `needed` tokens (doubling, capped at max_width)."""
+        """Adds a segment so that every slot holds `needed` positions."""
         if needed <= self.width:
             return
-        width = min(max(needed, 2 * self.width, 64), max(self.max_width, needed))
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.zeros(self.L, self.rows, self.H, width, self.D, dtype=self.dtype, device=self.device)
-            new[:, :, :, : old.shape[3]] = old
-            setattr(self, name, new)
+        width = -(-max(needed - self.width, self.width // 2) // 16) * 16
+        shape = (self.L, self.rows, self.H, width, self.D)
+        self.starts.append(self.width)
+        self.k.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.v.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    def shrink(self, needed: int) -> None:
+        """Drops the trailing segments that start at or past `needed` positions."""
+        while self.starts and self.starts[-1] >= needed:
+            self.starts.pop()
+            self.k.pop()
+            self.v.pop()
+
+    def _segments(self, end: int) -> list[tuple[int, int, int]]:
+        """(segment, first position, width used) of the segments covering positions 0..end-1."""
+        out = []
+        for i, start in enumerate(self.starts):
+            if start >= end:
+                break
+            out.append((i, start, min(self.k[i].shape[3], end - start)))
+        return out
+
+    def _locate(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment number and offset in it of positions `pos`."""
+        starts = torch.tensor(self.starts, device=pos.device)
+        seg = torch.searchsorted(starts, pos, right=True) - 1
+        return seg, pos - starts[seg]
 
     def write(self, layer: int, slots: torch.Tensor, past: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Writes a forward's token keys/values (B, H_kv, T, D) at positions past..past+T-1 of each row's slot.
         Padding positions are written too: they lie beyond the row's length, where attention never looks."""
         T = k.shape[2]
-        if not bool(past.any()):  # every row starts at position 0: one indexed copy along the slot dimension
-            self.k[layer][slots, :, :T] = k
-            self.v[layer][slots, :, :T] = v
-            return
         pos = past[:, None] + torch.arange(T, device=k.device)[None]  # (B, T)
-        rows = slots[:, None].expand(-1, T)  # (B, T)
-        self.k[layer][rows, :, pos] = k.transpose(1, 2)  # (B, T, H_kv, D) into advanced-indexed (B, T) positions
-        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        rows = slots[:, None].expand(-1, T)
+        seg, off = self._locate(pos)
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H_kv, D)
+        for i in range(int(seg.min()), int(seg.max()) + 1):
+            sel = seg == i  # (B, T)
+            self.k[i][layer][rows[sel], :, off[sel]] = kt[sel]
+            self.v[i][layer][rows[sel], :, off[sel]] = vt[sel]
 
     def write_decode(self, layer: int, B: int, past: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The decode case of `write`: rows are slots 0..B-1, one token each (B, H_kv, 1, D)."""
         rows = torch.arange(B, device=k.device)
-        self.k[layer][rows, :, past] = k[:, :, 0]
-        self.v[layer][rows, :, past] = v[:, :, 0]
+        seg, off = self._locate(past)
+        lo, hi = int(seg.min()), int(seg.max())
+        if lo == hi:  # the usual case: every row's next position in one segment
+            self.k[lo][layer][rows, :, off] = k[:, :, 0]
+            self.v[lo][layer][rows, :, off] = v[:, :, 0]
+            return
+        for i in range(lo, hi + 1):
+            sel = seg == i
+            self.k[i][layer][rows[sel], :, off[sel]] = k[sel, :, 0]
+            self.v[i][layer][rows[sel], :, off[sel]] = v[sel, :, 0]
+
+    def decode_parts(self, layer: int, B: int, S: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Views (no copy) of rows 0..B-1, positions 0..S-1, one (keys, values) pair per segment, each
+        (B, H_kv, width, D)."""
+        return [(self.k[i][layer][:B, :, :w], self.v[i][layer][:B, :, :w]) for i, _, w in self._segments(S)]
+
+    def gather(self, layer: int, slots: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H_kv, S, D) of the given slots' positions 0..S-1 (a copy)."""
+        segs = self._segments(S)
+        k = torch.cat([self.k[i][layer][slots, :, :w] for i, _, w in segs], 2)
+        v = torch.cat([self.v[i][layer][slots, :, :w] for i, _, w in segs], 2)
+        return k, v
 
     def swap(self, a: int, b: int, len_a: int, len_b: int) -> None:
         """Exchanges the tokens of slots a and b (every layer)."""
-        n = max(len_a, len_b)
-        for buf in (self.k, self.v):
-            buf[:, [a, b], :, :n] = buf[:, [b, a], :, :n]
+        for i, _, _ in self._segments(max(len_a, len_b)):
+            for buf in (self.k[i], self.v[i]):
+                buf[:, [a, b]] = buf[:, [b, a]]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copies one row's first `length` tokens from slot `src` to slot `dst` (every layer)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        for i, _, w in self._segments(length):
+            self.k[i][:, dst, :, :w] = self.k[i][:, src, :, :w]
+            self.v[i][:, dst, :, :w] = self.v[i][:, src, :, :w]

@@ -321,21 +321,28 @@ class Scheduler:
                     self._deliver(req, row)
 
     def _pick_loads(self) -> list[_Request]:
-        """The ready requests to load prefixes for before this step: the head of each task's queue in round-robin
-        order (those the next admissions would take), as many as rows are free, skipping requests already held."""
+        """The ready requests to load prefixes for before this step, in the order admission takes them (round-robin
+        over tasks, one per task per turn), as many as rows are free, skipping requests already held. A second
+        request of a resident task is only a hold on the same device copy."""
         free = self.max_batch_size - self._last.running
-        held = sum(1 for q in self._ready.values() for r in q if r.held)
-        want = free - held
+        want = free - sum(1 for q in self._ready.values() for r in q if r.held)
         picks: list[_Request] = []
-        if want <= 0:
-            return picks
-        for queue in self._ready.values():
-            for req in queue:
-                if not req.held and req.artifact is not None and not req.cancelled:
-                    picks.append(req)
+        pending = [
+            iter([r for r in q if not r.held and r.artifact is not None and not r.cancelled])
+            for q in self._ready.values()
+        ]
+        while want > 0 and pending:
+            still = []
+            for it in pending:
+                req = next(it, None)
+                if req is None:
+                    continue
+                picks.append(req)
+                want -= 1
+                still.append(it)
+                if want == 0:
                     break
-            if len(picks) >= want:
-                break
+            pending = still
         return picks
 
     def _after_load(self, requests: list[_Request], results: dict[str, Exception | None]) -> None:

@@ -99,3 +99,18 @@ def test_decoders_keep_going_while_a_long_prompt_is_chunked():
         step += 1
     # 97 prompt tokens in chunks of at most 16 take 7 steps; the short row got a token in every one of them.
     assert steps_with_a_token[:7] == list(range(7))
+
+
+def test_rows_spanning_slot_segments_equal_one_segment():
+    """A short row first sizes the slots to itself; a long row joining later adds a segment and spans both. The
+    logits equal those of the same run with one segment wide enough for everything from the start."""
+    short = _request(1, [5, 6, 7], P=3, new=30)
+    long = _request(0, [3 + i % 100 for i in range(200)], P=5, new=40)
+    split_engine = _engine(max_prefill_tokens=64)
+    split = _run(split_engine, {0: [short], 3: [long]})
+    assert len(split_engine.cache.k) >= 2, "the long row added a segment"
+    whole_engine = _engine(max_prefill_tokens=64)
+    whole_engine.cache.ensure_width(256)
+    whole = _run(whole_engine, {0: [short], 3: [long]})
+    for rid in ("r0", "r1"):
+        _close(split[rid], whole[rid])
