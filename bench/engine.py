@@ -1,189 +1,616 @@
-"""Mixed-task throughput, measured side by side in one run.
+"""The engine at scale, measured side by side in one run: tasks hosted, prefix length, cache churn, PEFT, the bare
+backbone, key/value memory, FLOP/s, and the decode stall of chunked prefill.
 
-For each number of distinct tasks k, the same workload (N requests, prompt T tokens, G new tokens, prefix P)
-runs three ways:
-  (a) prefix-serve, requests spread over k tasks (mixed-task batches),
-  (b) prefix-serve, every request on one task,
-  (c) PEFT: requests grouped by task, each group through PeftModel.generate with its adapter active.
-It prints generated tokens/s and the ratios a/b (the cost of mixing, ideally 1) and a/c (the gain over one task
-per batch). The backbone is a random-initialised GPT-2 of configurable size: weights do not change speed.
+Every figure comes from the real serving stack (embedded Redis -> host cache -> device pool -> engine -> scheduler)
+in this process, with a random-initialised backbone (weights do not change speed) and tasks published as P-Tuning v2
+artifacts. Throughput is generated tokens per second over a burst of requests, median of `--repeats` interleaved
+runs, every prefix resident unless the scenario says otherwise.
 
-    python bench/engine.py                                      # CPU-sized defaults
-    python bench/engine.py --layers 24 --hidden 1024 --heads 16 --device cuda   # GPT-2-medium-sized
+  hosted    throughput with 1 .. 10,000 tasks hosted (requests spread over as many of them as there are requests),
+            as a ratio to 1 task
+  prefix    throughput at P = 16 .. 256, 64 tasks
+  churn     1,000 tasks vs 5 with the host cache sized for 16 prefixes and the device pool for the running rows'
+            prefixes plus 16 (most requests reload from Redis)
+  bare      every request on the bare backbone (no prefix) through the same engine, vs 64 tasks
+  peft      ours vs PEFT running each task's requests as one batch (`--peft-tasks`), and the achieved FLOP/s of our
+            run as a fraction of this machine's fp32 matrix-multiply peak (a 2048^3 GEMM measured in the same run)
+  memory    key/value bytes the engine holds (pool + slot buffers) vs the ideal (unique prefixes + tokens), sampled
+            at every step, at 1 task with P = 128 and at 64 tasks with P = 16
+  stall     decode stall p99 (time between two tokens of the decoding rows) while long prompts arrive, with chunked
+            prefill (chunks of `--chunk`) and without
+  loads     microseconds per prefix load from each tier: the Redis read, decoding (checksum and checks), placing
+            key/values in the device pool, and the forward that turns a soft prompt into key/values
+
+    python bench/engine.py                       # everything, CPU-sized defaults (about 10 minutes on 2 cores)
+    python bench/engine.py --only hosted churn   # some scenarios
+    python bench/engine.py --layers 24 --hidden 1024 --heads 16 --device cuda --dtype bfloat16   # GPT-2 medium
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import shutil
 import statistics
 import tempfile
 import time
 import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import torch
-from peft import PrefixTuningConfig, get_peft_model
-from safetensors.torch import save as st_save
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from prefix_store import BackboneFingerprint, PrefixStore, import_peft_adapter, open_store
+from prefix_store import BackboneFingerprint, PrefixArtifact, open_store
 from service.runtime import SamplingParams, Scheduler, build_serving, wrap_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ["hosted", "prefix", "churn", "bare", "peft", "memory", "stall", "loads"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=256)
-    p.add_argument("--prompt", type=int, default=64, help="prompt tokens per request")
-    p.add_argument("--new", type=int, default=32, help="new tokens per request")
-    p.add_argument("--prefix", type=int, default=16, help="virtual tokens per task")
-    p.add_argument("--tasks", type=int, nargs="+", default=[1, 8, 64, 256])
+    p.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS)
+    p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=None, help="llama: key/value heads (default heads // 4)")
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--max-batch", type=int, default=64, help="prefix-serve's max rows per batch")
-    p.add_argument("--repeats", type=int, default=3, help="runs of (a) and (b) per task count; medians reported")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
+    p.add_argument("--new", type=int, default=16, help="new tokens per request")
+    p.add_argument("--prefix", type=int, default=16, help="virtual tokens per task")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=6, help="interleaved runs of each workload; medians reported")
+    p.add_argument("--hosted", type=int, nargs="+", default=[1, 10, 64, 100, 1000, 10000])
+    p.add_argument("--prefix-lengths", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    p.add_argument("--churn-tasks", type=int, default=1000)
+    p.add_argument("--peft-tasks", type=int, default=64)
+    p.add_argument("--peft-prompt", type=int, default=64)
+    p.add_argument("--peft-new", type=int, default=32)
+    p.add_argument(
+        "--peft-max-batch", type=int, default=256, help="our max batch in the PEFT/FLOP/s run (PEFT batches per task)"
+    )
+    p.add_argument("--chunk", type=int, default=128, help="max prefill tokens per step in the stall scenario")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--plots", default=str(ROOT / "bench" / "plots"))
     return p.parse_args(argv)
 
 
-def build_model(args: argparse.Namespace) -> GPT2LMHeadModel:
+# -- the model and the tasks -------------------------------------------------------------------------------------
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=args.layers,
-        n_embd=args.hidden,
-        n_head=args.heads,
-        vocab_size=args.vocab,
-        n_positions=max(1024, args.prefix + args.prompt + args.new),
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    dtype = getattr(torch, args.dtype)
-    return GPT2LMHeadModel(cfg).to(device=args.device, dtype=dtype).eval()
+    positions = max(1024, args.prefix + args.prompt + args.new, max(args.prefix_lengths) + args.prompt + args.new)
+    if args.arch == "gpt2":
+        cfg = GPT2Config(
+            n_layer=args.layers,
+            n_embd=args.hidden,
+            n_head=args.heads,
+            vocab_size=args.vocab,
+            n_positions=positions,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(
+            hidden_size=args.hidden,
+            intermediate_size=2 * args.hidden,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads or max(1, args.heads // 4),
+            num_hidden_layers=args.layers,
+            vocab_size=args.vocab,
+            max_position_embeddings=positions,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+        model = LlamaForCausalLM(cfg)
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
 
 
-def add_adapters(peft_model, names: list[str], P: int) -> None:
-    for i, name in enumerate(names):
-        if name not in peft_model.peft_config:
-            peft_model.add_adapter(name, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-        torch.manual_seed(100 + i)
-        peft_model.prompt_encoder[name].embedding.weight.data.normal_(0, 0.5)
+def random_artifact(name: str, fp: BackboneFingerprint, P: int, seed: int) -> PrefixArtifact:
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(fp.num_layers, 2, fp.num_kv_heads, P, fp.head_dim, generator=g) * 0.5
+    return PrefixArtifact(task=name, method="p_tuning_v2", fingerprint=fp, kv=kv)
 
 
-async def publish(store: PrefixStore, peft_model, names: list[str], fp: BackboneFingerprint) -> None:
-    for name in names:
-        flat = peft_model.get_prompt_embedding_to_save(name).detach().float().cpu()
-        cfg = peft_model.peft_config[name].to_dict()
-        cfg["peft_type"], cfg["task_type"] = "PREFIX_TUNING", "CAUSAL_LM"
-        art = import_peft_adapter(cfg, st_save({"prompt_embeddings": flat.contiguous()}), task=name, backbone=fp)
-        await store.put(art)
+def prefix_bytes(fp: BackboneFingerprint, P: int, dtype: torch.dtype) -> int:
+    return 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * P * torch.empty((), dtype=dtype).element_size()
 
 
-async def run_ours(scheduler: Scheduler, tasks: list[str], prompts: list[list[int]], new: int) -> float:
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.model = build_model(args)
+        self.backbone = wrap_model(self.model, None, name=f"{args.arch}-random")
+        self.fp = self.backbone.fingerprint
+        self.data_dir = tempfile.mkdtemp(prefix="ps-bench-")
+        self.store, self.server = open_store(None, self.data_dir, namespace=f"bench-{uuid.uuid4().hex[:8]}")
+        self.published: dict[int, list[str]] = {}  # P -> task names published with that prefix length
+        self.last_runs: list[list[float]] = []
+        g = torch.Generator().manual_seed(0)
+        self.prompts = torch.randint(2, args.vocab, (args.requests, max(args.prompt, args.peft_prompt)), generator=g)
+
+    async def tasks(self, n: int, P: int) -> list[str]:
+        names = self.published.setdefault(P, [])
+        while len(names) < n:
+            name = f"p{P}-t{len(names)}"
+            await self.store.put(random_artifact(name, self.fp, P, seed=len(names)))
+            names.append(name)
+        return names[:n]
+
+    @asynccontextmanager
+    async def stack(self, **kw):
+        a = self.args
+        settings = dict(
+            max_batch_size=a.max_batch,
+            max_queue=max(4 * a.requests, 20000),
+            max_batch_tokens=a.max_batch * 2048,
+            device_cache_bytes=4 * 1024**3,
+            host_cache_bytes=8 * 1024**3,
+        )
+        scheduler = build_serving(self.backbone, self.store, **(settings | kw))
+        scheduler.host_cache.start()
+        await asyncio.wait_for(scheduler.host_cache.subscribed.wait(), 10)
+        scheduler.start()
+        try:
+            yield scheduler
+        finally:
+            await scheduler.stop()
+            await scheduler.host_cache.stop()
+
+    async def close(self) -> None:
+        await self.store.aclose()
+        self.server.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+async def burst(scheduler: Scheduler, tasks: list[str | None], prompts: torch.Tensor, prompt: int, new: int) -> float:
+    """Submits one request per task entry at once; generated tokens per second until the last finishes."""
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
-    # Warm-up: one request per distinct task fills the prefix caches (timing excludes first loads).
-    await asyncio.gather(
-        *(scheduler.submit(t, prompts[0], SamplingParams(max_new_tokens=1)).result() for t in sorted(set(tasks)))
-    )
     start = time.perf_counter()
     results = await asyncio.gather(
-        *(scheduler.submit(t, p, params).result() for t, p in zip(tasks, prompts, strict=True))
+        *(
+            scheduler.submit(t, prompts[i % len(prompts), :prompt].tolist(), params).result()
+            for i, t in enumerate(tasks)
+        )
     )
     elapsed = time.perf_counter() - start
     assert all(r.completion_tokens == new for r in results)
     return sum(r.completion_tokens for r in results) / elapsed
 
 
-def run_peft(peft_model, tasks: list[str], prompts: list[list[int]], new: int, device: str) -> float:
+async def warm(scheduler: Scheduler, tasks: list[str | None], prompts: torch.Tensor) -> None:
+    """One short request per distinct task, in waves, so every prefix is loaded before timing."""
+    distinct = list(dict.fromkeys(tasks))
+    for start in range(0, len(distinct), 512):
+        await asyncio.gather(
+            *(
+                scheduler.submit(t, prompts[0, :4].tolist(), SamplingParams(max_new_tokens=1)).result()
+                for t in distinct[start : start + 512]
+            )
+        )
+
+
+def spread(names: list[str], n: int) -> list[str | None]:
+    """n requests over the hosted tasks: request i goes to task i * len(names) // n (every task when n >= len)."""
+    return [names[(i * len(names)) // n if len(names) > n else i % len(names)] for i in range(n)]
+
+
+async def median_ratio(
+    runs: list[tuple[Scheduler, list[str | None]]], b: Bench, prompt: int, new: int, repeats: int
+) -> list[float]:
+    """Several workloads run in turn, `repeats` times, the order reversed every other time (ABBA), so slow spells of
+    the machine fall on each alike. Returns the median tok/s of each; compare them with `pair_ratio`."""
+    results: list[list[float]] = [[] for _ in runs]
+    for r in range(repeats):
+        order = list(range(len(runs))) if r % 2 == 0 else list(reversed(range(len(runs))))
+        for i in order:
+            sched, tasks = runs[i]
+            results[i].append(await burst(sched, tasks, b.prompts, prompt, new))
+    b.last_runs = results
+    return [statistics.median(r) for r in results]
+
+
+def pair_ratio(b: Bench, i: int = 1, j: int = 0) -> float:
+    """The median over repeats of run i's throughput / run j's, each pair measured back to back."""
+    runs = b.last_runs
+    return statistics.median(x / y for x, y in zip(runs[i], runs[j], strict=True))
+
+
+# -- scenarios ---------------------------------------------------------------------------------------------------
+async def hosted(b: Bench, report: dict) -> None:
+    a = b.args
+    one = spread(await b.tasks(1, a.prefix), a.requests)
+    rows = []
+    async with b.stack() as sched:
+        await warm(sched, one, b.prompts)
+        for k in a.hosted:
+            names = await b.tasks(k, a.prefix)
+            await warm(sched, names, b.prompts)
+            many = spread(names, a.requests)
+            _, tok_k = await median_ratio([(sched, one), (sched, many)], b, a.prompt, a.new, a.repeats)
+            ratio = pair_ratio(b)
+            rows.append((k, tok_k, ratio))
+            print(f"  hosted {k:>6} tasks: {tok_k:8.1f} tok/s, {ratio:.3f} of 1 task", flush=True)
+        pairs = {}
+        for many_k, few_k in ((64, 1), (1000, 5)):
+            if many_k not in a.hosted:
+                continue
+            few, many = (
+                spread(await b.tasks(few_k, a.prefix), a.requests),
+                spread(await b.tasks(many_k, a.prefix), a.requests),
+            )
+            await median_ratio([(sched, few), (sched, many)], b, a.prompt, a.new, 2 * a.repeats)
+            pairs[(many_k, few_k)] = pair_ratio(b)
+            print(f"  {many_k} tasks vs {few_k}: {pairs[(many_k, few_k)]:.3f}", flush=True)
+    report["hosted"] = rows
+    report["pairs"] = pairs
+
+
+async def prefix_lengths(b: Bench, report: dict) -> None:
+    a = b.args
+    rows = []
+    async with b.stack() as sched:
+        for P in a.prefix_lengths:
+            tasks = spread(await b.tasks(64, P), a.requests)
+            await warm(sched, tasks, b.prompts)
+            (tok,) = await median_ratio([(sched, tasks)], b, a.prompt, a.new, a.repeats)
+            rows.append((P, tok))
+            print(f"  P = {P:>4}: {tok:8.1f} tok/s", flush=True)
+    report["prefix"] = rows
+
+
+async def churn(b: Bench, report: dict) -> None:
+    a = b.args
+    one_prefix = prefix_bytes(b.fp, a.prefix, b.backbone.dtype)
+    small = dict(device_cache_bytes=(a.max_batch + 16) * one_prefix, host_cache_bytes=16 * one_prefix)
+    few = spread(await b.tasks(5, a.prefix), a.requests)
+    many = spread(await b.tasks(a.churn_tasks, a.prefix), a.requests)
+    async with b.stack(**small) as s_few, b.stack(**small) as s_many:
+        await warm(s_few, few, b.prompts)
+        await burst(s_many, many, b.prompts, a.prompt, a.new)  # warm the code paths; the caches cannot hold 1,000
+        host = s_many.host_cache.lru.stats.copy()
+        tok_few, tok_many = await median_ratio([(s_few, few), (s_many, many)], b, a.prompt, a.new, a.repeats)
+        ratio = pair_ratio(b)
+        host_after = s_many.host_cache.lru.stats
+        misses = host_after["misses"] - host["misses"]
+        lookups = misses + host_after["hits"] - host["hits"]
+    report["churn"] = (tok_few, tok_many, ratio, misses / max(1, lookups))
+    print(
+        f"  churn: 5 tasks {tok_few:.1f} tok/s, {a.churn_tasks} tasks {tok_many:.1f} tok/s "
+        f"({ratio:.3f}); host-cache miss rate {misses / max(1, lookups):.0%}",
+        flush=True,
+    )
+
+
+async def bare(b: Bench, report: dict) -> None:
+    a = b.args
+    tasks = spread(await b.tasks(64, a.prefix), a.requests)
+    base: list[str | None] = [None] * a.requests
+    async with b.stack() as sched:
+        await warm(sched, tasks, b.prompts)
+        tok_tasks, tok_base = await median_ratio([(sched, tasks), (sched, base)], b, a.prompt, a.new, a.repeats)
+    ratio = pair_ratio(b, 0, 1)
+    report["bare"] = (tok_tasks, tok_base, ratio)
+    print(f"  64 tasks {tok_tasks:.1f} tok/s, bare backbone {tok_base:.1f} tok/s ({ratio:.3f})")
+
+
+def gemm_peak(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a 2048^3 matrix multiply on this machine, best of 5."""
+    x = torch.randn(2048, 2048, device=device, dtype=dtype)
+    y = torch.randn(2048, 2048, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x @ y
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048**3 / best
+
+
+def flops_per_request(b: Bench, prompt: int, new: int, P: int) -> float:
+    """Matrix-multiply FLOPs of one request: every linear layer on every processed token, the LM head on every
+    sampled position, and attention scores and values over prefix + context."""
+    linear = sum(
+        m.weight.numel()
+        for name, m in b.backbone.body.named_modules()
+        if hasattr(m, "weight")
+        and m.weight is not None
+        and m.weight.ndim == 2
+        and "wte" not in name
+        and "wpe" not in name
+        and "embed" not in name
+    )
+    head = b.fp.hidden_size * b.fp.vocab_size
+    H, D, L = b.fp.num_attention_heads, b.fp.head_dim, b.fp.num_layers
+    tokens = prompt + new - 1  # the last sampled token is never fed back
+    attn = sum(4 * H * D * (P + t + 1) for t in range(tokens)) * L
+    return 2 * linear * tokens + 2 * head * new + attn
+
+
+async def peft(b: Bench, report: dict) -> None:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    a = b.args
+    names = await b.tasks(a.peft_tasks, a.prefix)
+    tasks = spread(names, a.requests)
+    async with b.stack(max_batch_size=a.peft_max_batch, max_batch_tokens=a.peft_max_batch * 2048) as sched:
+        await warm(sched, tasks, b.prompts)
+        (ours,) = await median_ratio([(sched, tasks)], b, a.peft_prompt, a.peft_new, a.repeats)
+    peak = gemm_peak(a.device, getattr(torch, a.dtype))
+    achieved = ours / a.peft_new * flops_per_request(b, a.peft_prompt, a.peft_new, a.prefix)
+    pm = get_peft_model(b.model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=a.prefix), names[0])
+    for i, name in enumerate(names):
+        if name not in pm.peft_config:
+            pm.add_adapter(name, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=a.prefix))
+        art = random_artifact(name, b.fp, a.prefix, seed=i)
+        pm.prompt_encoder[name].embedding.weight.data = art.kv.permute(3, 0, 1, 2, 4).reshape(a.prefix, -1)
+    pm.eval()
     groups: dict[str, list[list[int]]] = {}
-    for t, p in zip(tasks, prompts, strict=True):
-        groups.setdefault(t, []).append(p)
-    generated = 0
-    start = time.perf_counter()
+    for i, t in enumerate(tasks):
+        groups.setdefault(t, []).append(b.prompts[i, : a.peft_prompt].tolist())  # type: ignore[arg-type]
+    start, generated = time.perf_counter(), 0
     with torch.inference_mode():
         for task, rows in groups.items():
-            peft_model.set_adapter(task)
-            ids = torch.tensor(rows, device=device)
-            out = peft_model.generate(
+            pm.set_adapter(task)
+            ids = torch.tensor(rows, device=a.device)
+            out = pm.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
+                max_new_tokens=a.peft_new,
+                min_new_tokens=a.peft_new,
                 do_sample=False,
                 pad_token_id=0,
             )
             generated += (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return generated / (time.perf_counter() - start)
-
-
-async def main(args: argparse.Namespace) -> None:
-    model = build_model(args)
-    fp = BackboneFingerprint.from_config(model.config)
-    max_tasks = max(args.tasks)
-    names = [f"task-{i}" for i in range(max_tasks)]
-    peft_model = get_peft_model(
-        model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.prefix), adapter_name=names[0]
-    )
-    add_adapters(peft_model, names, args.prefix)
-    peft_model.eval()
-
-    data_dir = tempfile.mkdtemp(prefix="ps-bench-")
-    store, server = open_store(None, data_dir, namespace=f"bench-{uuid.uuid4().hex[:8]}")
-    await publish(store, peft_model, names, fp)
-    backbone = wrap_model(peft_model.get_base_model(), None, name="gpt2-random")
-    scheduler = build_serving(
-        backbone,
-        store,
-        max_batch_size=args.max_batch,
-        max_queue=args.requests * 2,
-        max_batch_tokens=args.max_batch * (args.prefix + args.prompt + args.new),
-    )
-    cache = scheduler.host_cache
-    cache.start()
-    scheduler.start()
-
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(2, args.vocab, (args.requests, args.prompt), generator=g).tolist()
+    theirs = generated / (time.perf_counter() - start)
+    report["peft"] = (ours, theirs, achieved, peak)
     print(
-        f"backbone: GPT-2 random, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab "
-        f"{args.vocab}, {args.dtype} on {args.device}; torch threads {torch.get_num_threads()}"
+        f"  {a.peft_tasks} tasks, {a.peft_prompt}+{a.peft_new}, our max batch {a.peft_max_batch}: ours {ours:.1f} "
+        f"tok/s, PEFT {theirs:.1f} tok/s "
+        f"({ours / theirs:.1f}x); {achieved / 1e9:.1f} GFLOP/s of a {peak / 1e9:.1f} GFLOP/s GEMM peak "
+        f"({achieved / peak:.0%})",
+        flush=True,
     )
-    print(
-        f"workload: {args.requests} requests x (prompt {args.prompt} + {args.new} new tokens), prefix "
-        f"{args.prefix} virtual tokens; prefix-serve max batch {args.max_batch}\n"
-    )
-    print(f"{'tasks':>6} {'(a) mixed tok/s':>16} {'(b) same tok/s':>15} {'(c) PEFT tok/s':>15} {'a/b':>6} {'a/c':>7}")
-    try:
-        warm = [names[i % len(names)] for i in range(args.requests)]
-        await run_ours(scheduler, warm, prompts, args.new)  # warm-up: threads, allocator, caches
-        ours = {}
-        for k in args.tasks:
-            mixed = [names[i % k] for i in range(args.requests)]
-            same = [names[0]] * args.requests
-            # Interleaved repeats, median of each: a and b see the same machine conditions.
-            runs = [
-                (
-                    await run_ours(scheduler, mixed, prompts, args.new),
-                    await run_ours(scheduler, same, prompts, args.new),
-                )
-                for _ in range(args.repeats)
+
+
+async def memory(b: Bench, report: dict) -> None:
+    a = b.args
+    rows = []
+    for label, n_tasks, P in (("1 task, P = 128", 1, 128), ("64 tasks, P = 16", 64, 16)):
+        tasks = spread(await b.tasks(n_tasks, P), a.requests)
+        async with b.stack() as sched:
+            await warm(sched, tasks, b.prompts)
+            samples: list[tuple[int, int]] = []
+            engine = sched.engine
+
+            def sample(_rows: int, engine=engine, samples=samples) -> None:
+                batch = engine.batch
+                if batch is None or not batch.rows:
+                    return
+                token = engine.pool.token_bytes
+                ideal_tokens = sum(int(batch.lengths[r.slot]) for r in batch.rows) * token
+                unique = {r.prefix.key: r.kv_len for r in batch.rows if r.prefix is not None}
+                ideal = ideal_tokens + sum(unique.values()) * token
+                held = engine.cache.nbytes + engine.pool.used_bytes
+                samples.append((held, ideal))
+
+            sched.on_step = sample
+            await burst(sched, tasks, b.prompts, a.prompt, a.new)
+        held, ideal = max(samples, key=lambda s: s[1])  # at the peak of the ideal
+        mean_ratio = statistics.mean(h / i for h, i in samples if i)
+        rows.append((label, held, ideal, held / ideal, mean_ratio))
+        print(
+            f"  {label}: held {held / 2**20:.2f} MiB vs ideal {ideal / 2**20:.2f} MiB at the peak "
+            f"({held / ideal:.2f}x; mean over steps {mean_ratio:.2f}x)",
+            flush=True,
+        )
+    report["memory"] = rows
+
+
+def _gap_watcher(gaps: list[float]):
+    async def watch(handle) -> None:
+        last = None
+        async for _ in handle.events():
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+
+    return watch
+
+
+async def stall(b: Bench, report: dict) -> None:
+    a = b.args
+    short_tasks = spread(await b.tasks(32, a.prefix), 32)
+    long_prompt = min(900, b.backbone.max_positions - a.prefix - 8)
+    long_ids = torch.randint(2, a.vocab, (4, long_prompt), generator=torch.Generator().manual_seed(1))
+    rows = []
+    for label, chunk in (("chunked", a.chunk), ("unchunked", 1 << 20)):
+        async with b.stack(max_prefill_tokens=chunk, max_batch_tokens=a.max_batch * 4096) as sched:
+            await warm(sched, short_tasks, b.prompts)
+            params = SamplingParams(max_new_tokens=160, ignore_eos=True)
+            handles = [
+                sched.submit(t, b.prompts[i % len(b.prompts), :16].tolist(), params) for i, t in enumerate(short_tasks)
             ]
-            ours[k] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
-        # PEFT runs after all of ours: its large one-task batches leave the allocator in a state that slowed
-        # whatever ran next in the same process by up to a third (seen on CPU), which would skew a and b.
-        for k in args.tasks:
-            a, b = ours[k]
-            c = run_peft(peft_model, [names[i % k] for i in range(args.requests)], prompts, args.new, args.device)
-            print(f"{k:>6} {a:>16.1f} {b:>15.1f} {c:>15.1f} {a / b:>6.2f} {a / c:>7.1f}", flush=True)
+            gaps: list[float] = []
+            watch = _gap_watcher(gaps)
+
+            watchers = [asyncio.create_task(watch(h)) for h in handles]
+            await asyncio.sleep(0.3)
+            longs = []
+            for i in range(4):
+                longs.append(sched.submit(short_tasks[i], long_ids[i].tolist(), SamplingParams(max_new_tokens=2)))
+                await asyncio.sleep(0.25)
+            await asyncio.gather(*watchers, *(h.result() for h in longs))
+        p99 = statistics.quantiles(gaps, n=100)[98]
+        rows.append((label, chunk, statistics.median(gaps), p99, max(gaps)))
+        print(
+            f"  {label} (max prefill {chunk if chunk < 1 << 20 else 'unbounded'}): inter-token p50 "
+            f"{statistics.median(gaps) * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, max {max(gaps) * 1e3:.1f} ms",
+            flush=True,
+        )
+    report["stall"] = rows
+
+
+async def loads(b: Bench, report: dict) -> None:
+    from prefix_store import decode
+
+    a = b.args
+    names = await b.tasks(64, a.prefix)
+    soft_names = []
+    for i in range(64):
+        art = PrefixArtifact(
+            task=f"soft-{i}",
+            method="prompt_tuning",
+            fingerprint=b.fp,
+            soft_prompt=torch.randn(a.prefix, b.fp.hidden_size, generator=torch.Generator().manual_seed(i)),
+        )
+        soft_names.append((await b.store.put(art)).task)
+    client, ns = b.store.client, b.store.ns
+    t0 = time.perf_counter()
+    blobs = [await client.hget(f"{ns}:task:{n}:v:1", "blob") for n in names]
+    redis_us = (time.perf_counter() - t0) / len(names) * 1e6
+    t0 = time.perf_counter()
+    arts = [decode(blob) for blob in blobs]
+    decode_us = (time.perf_counter() - t0) / len(arts) * 1e6
+    soft_arts = [await b.store.get(n) for n in soft_names]
+    async with b.stack() as sched:
+        engine = sched.engine
+        from service.runtime import EngineRequest
+
+        def place(artifacts: list[PrefixArtifact]) -> float:
+            reqs = [EngineRequest.classify(f"load-{i}", [1], art) for i, art in enumerate(artifacts)]
+            t0 = time.perf_counter()
+            engine.load(reqs)
+            return (time.perf_counter() - t0) / len(reqs) * 1e6
+
+        kv_us = place(arts)
+        soft_us = place(soft_arts)
+    rows = [
+        ("Redis read (HGET of the blob)", redis_us),
+        ("decode: checksum, dtypes, shapes, finiteness", decode_us),
+        ("device: place key/values in the pool", kv_us),
+        ("device: soft prompt -> key/values (a forward)", soft_us),
+    ]
+    report["loads"] = rows
+    size = len(blobs[0])
+    for label, us in rows:
+        print(f"  {label:<48} {us:9.0f} us  (P = {a.prefix}, {size / 1024:.0f} KiB artifacts)", flush=True)
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+def summary(report: dict, args: argparse.Namespace) -> None:
+    print("\nfigure                                                      value     goal")
+    for (many, few), ratio in report.get("pairs", {}).items():
+        label = f"{many} tasks vs {few}, every prefix resident"
+        print(f" {label:<58}{ratio:>6.3f}   >= 0.97")
+    if "churn" in report:
+        ratio = report["churn"][2]
+        print(f" {args.churn_tasks} tasks vs 5 under cache churn                          {ratio:>6.3f}   >= 0.80")
+    if "peft" in report:
+        ours, theirs, achieved, peak = report["peft"]
+        print(
+            f" ours vs PEFT, {args.peft_tasks} tasks                                     {ours / theirs:>6.1f}x  >= 10x"
+        )
+        print(f" achieved FLOP/s / fp32 GEMM peak                          {achieved / peak:>6.0%}   >= 40%")
+    if "bare" in report:
+        ratio = report["bare"][2]
+        print(f" cost of serving prefixes (1 - 64 tasks / bare)            {1 - ratio:>6.1%}   <= 5%")
+    if "memory" in report:
+        for label, _, _, peak, mean in report["memory"]:
+            print(f" key/value bytes held / ideal, {label:<18}        {peak:>6.2f}x  <= 1.1x (mean {mean:.2f}x)")
+    if "stall" in report:
+        for label, _, _, p99, worst in report["stall"]:
+            print(f" decode stall p99 / max, {label:<10}                   {p99 * 1e3:>6.1f} / {worst * 1e3:.0f} ms")
+
+
+def plot(report: dict, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.plots)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    if "hosted" in report:
+        ks = [k for k, _, _ in report["hosted"]]
+        axes[0].plot(ks, [r for _, _, r in report["hosted"]], marker="o")
+        axes[0].axhline(0.97, ls="--", c="gray", lw=1)
+        axes[0].set(xscale="log", xlabel="tasks hosted", ylabel="throughput / 1 task", ylim=(0.5, 1.2))
+        axes[0].set_title("mixing and hosting tasks")
+    if "prefix" in report:
+        ps = [p for p, _ in report["prefix"]]
+        axes[1].plot(ps, [t for _, t in report["prefix"]], marker="o")
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_xticks(ps, [str(p) for p in ps])
+        axes[1].minorticks_off()
+        axes[1].set(xlabel="prefix length P", ylabel="generated tok/s", ylim=(0, None))
+        axes[1].set_title("prefix length (64 tasks)")
+    bars, labels = [], []
+    if "churn" in report:
+        bars += [1.0, report["churn"][2]]
+        labels += ["5 tasks", f"{args.churn_tasks} tasks\n(churn)"]
+    if "bare" in report:
+        bars += [report["bare"][2]]
+        labels += ["64 tasks\nvs bare"]
+    if bars:
+        axes[2].bar(labels, bars, color=["C0", "C1", "C2"][: len(bars)])
+        axes[2].axhline(0.8, ls="--", c="gray", lw=1)
+        axes[2].set(ylabel="throughput ratio", ylim=(0, 1.2))
+        axes[2].set_title("cache churn, cost of prefixes")
+    fig.tight_layout()
+    fig.savefig(out / "engine.png", dpi=110)
+    if "stall" in report:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        labels = [r[0] for r in report["stall"]]
+        ax.bar(labels, [r[3] * 1e3 for r in report["stall"]], color=["C0", "C3"])
+        ax.set(ylabel="inter-token p99 (ms)", title="decode stall while long prompts arrive")
+        fig.tight_layout()
+        fig.savefig(out / "stall.png", dpi=110)
+    print(f"plots: {out / 'engine.png'}" + (f", {out / 'stall.png'}" if "stall" in report else ""))
+
+
+async def main(args: argparse.Namespace) -> dict:
+    b = Bench(args)
+    print(
+        f"backbone: {args.arch} random, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab "
+        f"{args.vocab}, {args.dtype} on {args.device}; torch threads {torch.get_num_threads()}; "
+        f"{args.requests} requests of {args.prompt} + {args.new} tokens, P = {args.prefix}, max batch {args.max_batch}"
+    )
+    report: dict = {}
+    runners = {
+        "hosted": hosted,
+        "prefix": prefix_lengths,
+        "churn": churn,
+        "bare": bare,
+        "memory": memory,
+        "stall": stall,
+        "loads": loads,
+        "peft": peft,  # last: PEFT wraps the model
+    }
+    try:
+        for name, run in runners.items():
+            if name in args.only:
+                print(f"[{name}]", flush=True)
+                await run(b, report)
     finally:
-        await scheduler.stop()
-        await cache.stop()
-        await store.aclose()
-        server.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        await b.close()
+    summary(report, args)
+    plot(report, args)
+    saved = {k: v for k, v in report.items() if k != "pairs"}
+    saved["pairs"] = [[many, few, ratio] for (many, few), ratio in report.get("pairs", {}).items()]
+    (Path(args.plots) / "engine.json").write_text(json.dumps(saved, default=str, indent=1))
+    return report
 
 
 if __name__ == "__main__":
