@@ -35,9 +35,34 @@ class JobNotFound(PrefixStoreError, LookupError):
     pass
 
 
+Method = Literal["prefix_tuning", "p_tuning_v2", "prompt_tuning", "p_tuning"]
+
+
+class SweepGrid(BaseModel):
+    """A grid of training runs over one job's data: every combination of the listed methods, learning rates and
+    prompt lengths (an omitted axis keeps the job's value, or the method's default). Each run is evaluated on the dev
+    set through the serving engine; the best is published."""
+
+    methods: list[Method] | None = Field(None, min_length=1, max_length=4)
+    lrs: list[float] | None = Field(None, min_length=1, max_length=16)
+    num_virtual_tokens: list[int] | None = Field(None, min_length=1, max_length=16)
+    parallel: int = Field(1, ge=1, le=16, description="runs trained at once (processes sharing the machine's cores)")
+
+    @model_validator(mode="after")
+    def _size(self) -> SweepGrid:
+        n = len(self.methods or [0]) * len(self.lrs or [0]) * len(self.num_virtual_tokens or [0])
+        if n > 64:
+            raise ValueError(f"sweep: expected at most 64 runs, the grid has {n}")
+        if any(not 0 < lr <= 10 for lr in self.lrs or []):
+            raise ValueError("sweep lrs: expected values in (0, 10]")
+        if any(not 1 <= p <= 512 for p in self.num_virtual_tokens or []):
+            raise ValueError("sweep num_virtual_tokens: expected values in [1, 512]")
+        return self
+
+
 class TrainSpec(BaseModel):
     task: str = Field(description="task name to publish under", examples=["sst2"])
-    method: Literal["prefix_tuning", "p_tuning_v2", "prompt_tuning", "p_tuning"]
+    method: Method
     data: str | None = Field(None, description="training file (JSONL, CSV, TSV) on the trainer's machine")
     examples: list[dict[str, Any]] | None = Field(None, max_length=100_000, description="inline training records")
     dev_data: str | None = Field(None, description="dev file; default: hold out dev_fraction of train")
@@ -48,7 +73,7 @@ class TrainSpec(BaseModel):
     dev_fraction: float = Field(0.1, gt=0, lt=1)
     labels: list[str] | None = Field(None, description="class names in head order (default: sorted labels)")
 
-    num_virtual_tokens: int = Field(16, ge=1, le=512)
+    num_virtual_tokens: int | None = Field(None, ge=1, le=512, description="default: the method's (trainer.methods)")
     reparam: bool | None = Field(None, description="MLP reparametrisation (default: on for prefix_tuning only)")
     reparam_hidden: int = Field(512, ge=8, le=8192)
     prompt_encoder: Literal["lstm", "mlp"] = "lstm"
@@ -57,9 +82,9 @@ class TrainSpec(BaseModel):
     steps: int = Field(200, ge=1, le=10_000_000)
     batch_size: int = Field(16, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=1024)
-    lr: float = Field(5e-3, gt=0, le=10)
+    lr: float | None = Field(None, gt=0, le=10, description="default: the method's (trainer.methods)")
     weight_decay: float = Field(0.0, ge=0, le=1)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="default: the method's (trainer.methods)")
     max_length: int = Field(128, ge=4, le=8192, description="truncate inputs (and targets) to this many tokens")
     max_new_tokens: int = Field(64, ge=1, le=4096, description="generation length at evaluation")
     eval_every: int = Field(50, ge=1)
@@ -67,6 +92,15 @@ class TrainSpec(BaseModel):
     checkpoint_every: int = Field(50, ge=1)
     seed: int = Field(0, ge=0)
     gate: float | None = Field(None, description="publish only if the best dev metric reaches this")
+    publish_degenerate: bool = Field(
+        False,
+        description="publish even a run whose dev accuracy never rose above the majority class, or whose loss did "
+        "not fall (by default such a run is reported and not published)",
+    )
+    pooling: Literal["pooler", "cls", "mean", "last_token"] | None = Field(
+        None, description="what the classification head reads; default: what the backbone was trained with"
+    )
+    sweep: SweepGrid | None = Field(None, description="train a grid of runs and publish the best (see SweepGrid)")
     export_peft: str | None = Field(None, description="also write a PEFT adapter directory here")
 
     @field_validator("task")
@@ -172,4 +206,4 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-__all__ = ["Claimed", "JobNotFound", "JobQueue", "TrainSpec"]
+__all__ = ["Claimed", "JobNotFound", "JobQueue", "SweepGrid", "TrainSpec"]

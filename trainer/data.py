@@ -2,7 +2,7 @@
 
 Generation records: {"input", "output"}. Classification: {"text", "label"} or {"text", "text_pair", "label"}.
 Files with other column names take a mapping (`{"input": "mr", "output": "ref"}`); the E2E files (mr, ref) and
-the SST-2 files (sentence, label) are recognised as they are.
+the SST-2 files (sentence, label) and the MRPC files (#1 String, #2 String, Quality) are recognised as they are.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ KNOWN_COLUMNS = [  # column names -> our fields, tried in order when no mapping 
     {"text": "text", "label": "label"},
     {"input": "mr", "output": "ref"},  # E2E NLG
     {"text": "sentence", "label": "label"},  # SST-2 / GLUE
+    {"text": "#1 String", "text_pair": "#2 String", "label": "Quality"},  # MRPC / GLUE
 ]
 
 
@@ -61,7 +62,7 @@ def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, A
         return records
     delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: GLUE's MRPC files start with a byte-order mark
         for row in csv.DictReader(f, delimiter=delimiter, quoting=quoting):
             records.append(row)
             if limit and len(records) >= limit:

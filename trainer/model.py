@@ -47,8 +47,9 @@ class TaskModel(nn.Module):
     """Args:
     backbone: the frozen backbone (shared with evaluation through the serving engine).
     method: one of the four methods; prefix: its module (trainer.methods).
-    num_labels: adds a linear head (encoders: over the pooler output, with bias; causal LMs: over the last real
-        token, without bias, like transformers' score heads).
+    num_labels: adds a linear head (encoders: with bias; causal LMs: without, like transformers' score heads).
+    pooling: what the head reads, as the server will read it (service/runtime/runner.py head_logits): "pooler",
+        "cls" (column 0), "mean" (the real input tokens), "last_token".
     """
 
     def __init__(
@@ -58,9 +59,11 @@ class TaskModel(nn.Module):
         prefix: nn.Module,
         num_labels: int | None = None,
         head_dropout: float = 0.1,
+        pooling: str | None = None,
     ) -> None:
         super().__init__()
         self.bb, self.method, self.prefix = backbone, method, prefix
+        self.pooling = pooling or backbone.pooling
         self.body = backbone.body
         self.lm_head = backbone.lm_head
         self.fp: BackboneFingerprint = backbone.fingerprint
@@ -122,12 +125,20 @@ class TaskModel(nn.Module):
 
     def class_logits(self, h: torch.Tensor, pooled: torch.Tensor | None, off: int, batch: Batch) -> torch.Tensor:
         assert self.head is not None
-        if self.bb.is_encoder:
-            x = pooled  # the pooler reads column 0: [CLS], or the first soft-prompt token, as PEFT
-        else:
-            last = torch.tensor(batch.lengths, device=h.device) - 1 + off
-            x = h[torch.arange(h.shape[0], device=h.device), last]  # (B, hidden): last real token
-        return self.head(self.dropout(x)).float()
+        return self.head(self.dropout(self.pool(h, pooled, off, batch))).float()
+
+    def pool(self, h: torch.Tensor, pooled: torch.Tensor | None, off: int, batch: Batch) -> torch.Tensor:
+        """(B, hidden) states the head reads. h (B, off + T, hidden): `off` soft-prompt columns, then the tokens."""
+        if self.pooling == "pooler":
+            assert pooled is not None, "the backbone has no pooler"
+            return pooled
+        if self.pooling == "cls":
+            return h[:, 0]  # column 0, as the server reads it (the first soft-prompt token for soft prompts, as PEFT)
+        if self.pooling == "mean":
+            m = batch.mask[..., None].to(h.dtype)  # (B, T, 1)
+            return (h[:, off : off + batch.ids.shape[1]] * m).sum(1) / m.sum(1)
+        last = torch.tensor(batch.lengths, device=h.device) - 1 + off
+        return h[torch.arange(h.shape[0], device=h.device), last]  # last real token
 
     @torch.no_grad()
     def artifact(self, task: str, labels: list[str] | None, training: dict) -> PrefixArtifact:
@@ -135,12 +146,7 @@ class TaskModel(nn.Module):
         head = None
         if self.head is not None:
             bias = self.head.bias.detach().float().cpu() if self.head.bias is not None else None
-            head = ClassificationHead(
-                self.head.weight.detach().float().cpu(),
-                bias,
-                list(labels or []),
-                "pooler" if self.bb.is_encoder else "last_token",
-            )
+            head = ClassificationHead(self.head.weight.detach().float().cpu(), bias, list(labels or []), self.pooling)
         kv = x if self.method in KV_METHODS else None
         return PrefixArtifact(
             task=task,

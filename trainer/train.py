@@ -24,7 +24,7 @@ from prefix_store.jobs import TrainSpec
 from service.runtime import Backbone, Engine, EngineRequest, SamplingParams, StepPlan
 
 from .data import Dataset, Example, load_dataset
-from .methods import build_prefix
+from .methods import build_prefix, with_method_defaults
 from .model import Batch, TaskModel, make_batch
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class TrainResult:
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
     passed_gate: bool = True
+    degenerate: str | None = None  # why the run learned nothing worth serving, if it did not
 
 
 class Trainer:
@@ -51,6 +52,7 @@ class Trainer:
     def __init__(
         self, backbone: Backbone, spec: TrainSpec, work_dir: str | Path | None = None, progress: Progress | None = None
     ) -> None:
+        spec = with_method_defaults(spec)
         self.bb, self.spec = backbone, spec
         self.work_dir = Path(work_dir) if work_dir else None
         self.progress = progress or (lambda info: None)
@@ -87,7 +89,16 @@ class Trainer:
             generator=self.gen,
         )
         n_labels = len(self.labels) if self.data.kind == "classification" else None
-        self.model = TaskModel(backbone, spec.method, prefix.to(backbone.device), n_labels).to(backbone.device)
+        pooling = spec.pooling or backbone.pooling
+        if n_labels and pooling not in backbone.poolings:
+            raise ValueError(f"pooling {pooling!r} does not fit {backbone.name}: expected one of {backbone.poolings}")
+        if n_labels and spec.export_peft and pooling not in ("pooler", "last_token"):
+            raise ValueError(
+                f"export_peft: a PEFT classification head reads the pooler or the last token; this head pools with "
+                f"{pooling!r} (set pooling to 'pooler' to export it)"
+            )
+        model = TaskModel(backbone, spec.method, prefix.to(backbone.device), n_labels, pooling=pooling)
+        self.model = model.to(backbone.device)
         # Evaluation: each round's artifact is a new version; the device cache keeps room for two.
         fp = backbone.fingerprint
         prefix_bytes = 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * spec.num_virtual_tokens * 4
@@ -125,6 +136,29 @@ class Trainer:
             )  # type: ignore[arg-type]
         return make_batch([i for i, _, _ in enc], self.bb.device, pad, labels=[lab for _, lab, _ in enc])
 
+    def _epoch_order(self) -> list[int]:
+        """One pass over the training data, batched by similar length: a seeded shuffle cut into pools of 50
+        batches, each pool sorted by length and cut into batches, the batches shuffled. A batch pads to its longest
+        example, so this spends the compute on tokens rather than padding (SST-2's sentences run from 2 to 60
+        tokens), while every batch still draws from a random sample of the data."""
+        n, bs = len(self.data.train), self.spec.batch_size
+        order = torch.randperm(n, generator=self.gen).tolist()
+        lengths = self._lengths()
+        batches: list[list[int]] = []
+        pool = 50 * bs
+        for start in range(0, n, pool):
+            chunk = sorted(order[start : start + pool], key=lengths.__getitem__)
+            batches += [chunk[i : i + bs] for i in range(0, len(chunk), bs)]
+        full = [b for b in batches if len(b) == bs]
+        short = [i for b in batches if len(b) < bs for i in b]  # the pools' remainders: one last, smaller batch
+        shuffled = torch.randperm(len(full), generator=self.gen).tolist()
+        return [i for b in shuffled for i in full[b]] + short
+
+    def _lengths(self) -> list[int]:
+        if not hasattr(self, "_length_cache"):
+            self._length_cache = [len(self._encode(e)[0]) for e in self.data.train]
+        return self._length_cache
+
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         spec, model = self.spec, self.model
@@ -141,8 +175,8 @@ class Trainer:
             self.bb.model.train()  # frozen weights, but dropout on, as in P-Tuning v2
             opt.zero_grad(set_to_none=True)
             for _ in range(spec.grad_accum):
-                if len(self.order) < spec.batch_size:
-                    self.order += torch.randperm(len(self.data.train), generator=self.gen).tolist()
+                if not self.order:
+                    self.order = self._epoch_order()
                 idx, self.order = self.order[: spec.batch_size], self.order[spec.batch_size :]
                 with autocast:
                     loss = model.loss(self._batch([self.data.train[i] for i in idx])) / spec.grad_accum
@@ -167,7 +201,30 @@ class Trainer:
         best = self._best_artifact()
         metrics = best.training.get("metrics", {})
         passed = spec.gate is None or metrics.get(self.metric_name, -math.inf) >= spec.gate
-        return TrainResult(best, metrics, state["step"], state["history"], passed)
+        degenerate = self.degenerate(metrics, state["history"])
+        if degenerate:
+            log.warning("%s: %s", spec.task, degenerate)
+            best.training["degenerate"] = degenerate
+        return TrainResult(best, metrics, state["step"], state["history"], passed, degenerate)
+
+    def degenerate(self, metrics: dict[str, float], history: list[dict[str, Any]]) -> str | None:
+        """Why a run learned nothing worth serving: its best dev accuracy never rose above always answering the most
+        frequent dev label, or its training loss did not fall. None when it did learn."""
+        if self.data.kind == "classification" and self.data.dev:
+            counts: dict[str, int] = {}
+            for ex in self.data.dev:
+                counts[ex.label or ""] = counts.get(ex.label or "", 0) + 1
+            majority = max(counts.values()) / len(self.data.dev)
+            acc = metrics.get("accuracy", 0.0)
+            if acc <= majority + 0.005:
+                return (
+                    f"dev accuracy {acc:.4f} never rose above the majority-class baseline {majority:.4f} "
+                    "(always answering the most frequent label)"
+                )
+        losses = [h["train_loss"] for h in history if math.isfinite(h.get("train_loss", math.nan))]
+        if len(losses) >= 2 and losses[-1] >= 0.98 * losses[0]:
+            return f"training loss did not fall: {losses[0]:.4f} at the first evaluation, {losses[-1]:.4f} at the last"
+        return None
 
     @property
     def metric_name(self) -> str:

@@ -6,6 +6,7 @@ Encoders are loaded without an LM head (classification only, through per-task he
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ class Backbone:
     dtype: torch.dtype
     max_positions: int  # the context window: prefix + prompt + new tokens must fit in it
     cache_arg: str = "past_key_values"  # the keyword the model's forward takes its key/value cache under
+    # How a classification head should pool this backbone's states unless told otherwise: what the checkpoint was
+    # trained with (see default_pooling).
+    pooling: str = "pooler"
 
     def with_cache(self, cache: Any) -> dict[str, Any]:
         """The forward keyword argument carrying `cache`, under the name this transformers version expects."""
@@ -93,6 +97,7 @@ class Backbone:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "max_positions": self.max_positions,
+            "pooling": self.pooling,
             "fingerprint": self.fingerprint.to_dict(),
         }
 
@@ -128,7 +133,26 @@ def load_backbone(
     torch_dtype, dev = DTYPES[dtype], resolve_device(device)
     model = model_cls.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    return wrap_model(model, tokenizer, name=name, device=dev)
+    return wrap_model(model, tokenizer, name=name, device=dev, source=source)
+
+
+def default_pooling(model: Any, source: str | None) -> str:
+    """The pooling a classification head should use on this checkpoint, as the checkpoint says.
+
+    Causal LMs: the last real token (transformers' sequence-classification heads read it). Encoders: a
+    sentence-transformers model's own pooling config (`1_Pooling/config.json`: mean for all-MiniLM-L6-v2, whose
+    pooler dense layer was never trained for its embeddings); otherwise the pooler where the model has one (BERT's
+    pre-training trains it), else the [CLS] state.
+    """
+    if model.config.model_type not in ENCODER_TYPES:
+        return "last_token"
+    config = Path(source) / "1_Pooling" / "config.json" if source else None
+    if config is not None and config.is_file():
+        modes = json.loads(config.read_text())
+        if modes.get("pooling_mode_cls_token"):
+            return "cls"
+        return "mean"  # mean tokens, and the max / sqrt-length variants, which no head here implements, as mean
+    return "pooler" if getattr(model, "pooler", None) is not None else "cls"
 
 
 def fuse_activations(model: Any) -> int:
@@ -152,7 +176,9 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def wrap_model(model: Any, tokenizer: Any, *, name: str, device: torch.device | None = None) -> Backbone:
+def wrap_model(
+    model: Any, tokenizer: Any, *, name: str, device: torch.device | None = None, source: str | None = None
+) -> Backbone:
     """Freezes an already-built model (tests build tiny ones from configs) and describes it."""
     config = model.config
     is_encoder = config.model_type in ENCODER_TYPES
@@ -187,4 +213,5 @@ def wrap_model(model: Any, tokenizer: Any, *, name: str, device: torch.device | 
         dtype=next(model.parameters()).dtype,
         max_positions=int(max_positions or 0),
         cache_arg=cache_argument(model),
+        pooling=default_pooling(model, source),
     )
