@@ -1,4 +1,6 @@
 """python -m trainer train --task NAME --method M --data FILE [options]   train one prefix and publish it
+python -m trainer sweep --task NAME --method M --data FILE --lrs A B --prompt-lengths P Q [--methods ...]
+                                                                        train a grid, print it, publish the best
 python -m trainer worker                                                take jobs from the Redis queue forever
 
 Options of `train` are the fields of prefix_store.jobs.TrainSpec (--steps, --lr, --num-virtual-tokens, --dev-data,
@@ -29,10 +31,16 @@ from .worker import Worker, run_job
 log = logging.getLogger("trainer")
 
 
-def _spec_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train one prefix and publish it")
+def _spec_parser(sub: argparse._SubParsersAction, command: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(command, help=help_text)
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="work directory name under PREFIXSERVE_WORK_DIR: give the same id "
+        "again to resume an interrupted run from its checkpoints (default: a fresh one)",
+    )
     for name, field in TrainSpec.model_fields.items():
-        if name in ("examples", "dev_examples"):
+        if name in ("examples", "dev_examples", "sweep"):
             continue
         flag = "--" + name.replace("_", "-")
         kind = _scalar(field.annotation)
@@ -63,6 +71,9 @@ def _spec_from(args: argparse.Namespace) -> TrainSpec:
         values["columns"] = dict(pair.split("=", 1) for pair in values["columns"].split(","))
     if "labels" in values:
         values["labels"] = [x.strip() for x in values["labels"].split(",")]
+    if getattr(args, "command", None) == "sweep":
+        grid = {"methods": args.methods, "lrs": args.lrs, "num_virtual_tokens": args.prompt_lengths}
+        values["sweep"] = {**{k: v for k, v in grid.items() if v}, "parallel": args.parallel}
     return TrainSpec(**values)
 
 
@@ -75,13 +86,13 @@ def _open_store(settings: TrainerSettings) -> tuple[PrefixStore, EmbeddedRedis |
     )
 
 
-async def _train(settings: TrainerSettings, spec: TrainSpec) -> dict[str, Any]:
+async def _train(settings: TrainerSettings, spec: TrainSpec, run_id: str | None) -> dict[str, Any]:
     backbone = load_backbone(
         settings.backbone, dtype=settings.dtype, device=settings.device, local_files_only=settings.local_files_only
     )
     store, embedded = _open_store(settings)
     try:
-        return await run_job(backbone, store, spec, settings, f"cli-{spec.task}-{uuid.uuid4().hex[:8]}")
+        return await run_job(backbone, store, spec, settings, run_id or f"cli-{spec.task}-{uuid.uuid4().hex[:8]}")
     finally:
         await store.aclose()
         if embedded:
@@ -110,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _spec_parser(sub)
+    _spec_parser(sub, "train", "train one prefix and publish it")
+    sweep = _spec_parser(sub, "sweep", "train a grid of runs, print their table, publish the best")
+    sweep.add_argument("--methods", nargs="+", default=None, help="methods to try (default: --method)")
+    sweep.add_argument("--lrs", nargs="+", type=float, default=None, help="learning rates (default: --lr)")
+    sweep.add_argument(
+        "--prompt-lengths", nargs="+", type=int, default=None, help="virtual tokens (default: --num-virtual-tokens)"
+    )
+    sweep.add_argument("--parallel", type=int, default=1, help="runs trained at once, in separate processes")
     sub.add_parser("worker", help="consume training jobs from Redis")
     args = parser.parse_args(argv)
     settings = TrainerSettings()
@@ -124,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        result = asyncio.run(_train(settings, spec))
+        result = asyncio.run(_train(settings, spec, args.run_id))
     except ValueError as e:  # bad data or a spec the backbone cannot train (DataError is a ValueError)
         log.error("%s", e)
         return 2
-    sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2) + "\n")
+    if "table" in result:
+        sys.stderr.write(result["table"] + "\n")
+    sys.stdout.write(json.dumps({k: v for k, v in result.items() if k not in ("history", "table")}, indent=2) + "\n")
     return 0 if result.get("published") or spec.gate is not None else 1
 
 

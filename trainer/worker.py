@@ -16,6 +16,7 @@ from prefix_store.jobs import Claimed, JobQueue, TrainSpec
 from service.runtime import Backbone
 
 from .settings import TrainerSettings
+from .sweep import run_sweep
 from .train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -29,22 +30,57 @@ async def run_job(
     job_id: str,
     on_progress: Any = None,
 ) -> dict[str, Any]:
-    """Trains in a thread (the event loop keeps heartbeats going), then publishes unless the gate says no."""
+    """Trains in a thread (the event loop keeps heartbeats going), then publishes unless the gate (or the guard
+    against a run that learned nothing) says no. A spec with a sweep trains its grid and publishes the best run."""
+    if spec.sweep is not None:
+        return await _run_sweep(backbone, store, spec, settings, job_id, on_progress)
     result: TrainResult = await asyncio.to_thread(train, backbone, spec, settings.work_dir / job_id, on_progress)
-    summary: dict[str, Any] = {
-        "metrics": result.metrics,
-        "steps": result.steps,
-        "published": False,
-        "history": result.history,
+    summary: dict[str, Any] = {"metrics": result.metrics, "steps": result.steps, "history": result.history}
+    if result.degenerate:
+        summary["degenerate"] = result.degenerate
+    return await _publish(store, spec, result.artifact, result.metrics, result.degenerate, summary, backbone)
+
+
+async def _run_sweep(
+    backbone: Backbone, store: PrefixStore, spec: TrainSpec, settings: TrainerSettings, job_id: str, on_progress: Any
+) -> dict[str, Any]:
+    loader = {
+        "name": settings.backbone,
+        "dtype": settings.dtype,
+        "device": settings.device,
+        "local_files_only": settings.local_files_only,
     }
-    if result.passed_gate:
-        stored = await store.put(result.artifact)
-        summary.update(published=True, version=stored.version)
+    sweep = await asyncio.to_thread(run_sweep, backbone, spec, settings.work_dir / job_id, on_progress, loader)
+    summary: dict[str, Any] = {"runs": sweep.rows, "table": sweep.table}
+    if sweep.best is None or sweep.artifact is None:
+        summary.update(published=False, reason="not published: every run of the sweep was degenerate")
+        return summary
+    best = sweep.rows[sweep.best]
+    summary.update(best=best, metrics=best["metrics"], steps=best["steps"])
+    return await _publish(store, spec, sweep.artifact, best["metrics"], best.get("degenerate"), summary, backbone)
+
+
+async def _publish(
+    store: PrefixStore,
+    spec: TrainSpec,
+    artifact: Any,
+    metrics: dict[str, float],
+    degenerate: str | None,
+    summary: dict[str, Any],
+    backbone: Backbone,
+) -> dict[str, Any]:
+    """Publishes `artifact` unless it is degenerate (and not asked for) or below the gate; exports PEFT if asked."""
+    metric = artifact.training.get("metric", "metric")
+    summary["published"] = False
+    if degenerate and not spec.publish_degenerate:
+        summary["reason"] = f"not published: {degenerate} (set publish_degenerate to publish it anyway)"
+    elif spec.gate is not None and metrics.get(metric, float("-inf")) < spec.gate:
+        summary["reason"] = f"dev {metric} {metrics.get(metric, float('nan')):.4f} is below the gate {spec.gate}"
     else:
-        metric = result.artifact.training.get("metric", "metric")
-        summary["reason"] = f"dev {metric} {result.metrics.get(metric, float('nan')):.4f} is below the gate {spec.gate}"
+        stored = await store.put(artifact)
+        summary.update(published=True, version=stored.version)
     if spec.export_peft:
-        export_peft_adapter(result.artifact, spec.export_peft, base_model_name_or_path=backbone.name)
+        export_peft_adapter(artifact, spec.export_peft, base_model_name_or_path=backbone.name)
         summary["peft_dir"] = spec.export_peft
     return summary
 

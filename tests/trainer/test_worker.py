@@ -98,6 +98,28 @@ async def test_service_queues_worker_trains_next_request_serves(model_dir, redis
                         break
                     await asyncio.sleep(0.05)
                 assert r.status_code == 200 and r.json()["version"] == 1
+
+                # A sweep through the API: the worker trains the grid and publishes the best run as version 2.
+                sweep = {
+                    "task": "e2e",
+                    "method": "prefix_tuning",
+                    "examples": DATA,
+                    "steps": 20,
+                    "eval_every": 10,
+                    "max_new_tokens": 4,
+                    "publish_degenerate": True,
+                    "sweep": {"lrs": [0.01, 0.05], "num_virtual_tokens": [2, 4]},
+                }
+                r = await c.post("/v1/train", json=sweep)
+                assert r.status_code == 202, r.text
+                job = await _job(c, r.json()["job_id"], lambda j: j["state"] == "succeeded")
+                result = job["result"]
+                assert len(result["runs"]) == 4 and result["published"] and result["version"] == 2
+                assert job["progress"]["runs"] == 4 and "| run | method |" in result["table"]
+                too_big = {**sweep, "sweep": {"lrs": [0.01] * 16, "num_virtual_tokens": list(range(1, 6))}}
+                r = await c.post("/v1/train", json=too_big)
+                assert r.status_code == 422 and "at most 64 runs" in r.json()["error"]["message"]
+
                 bad = await c.post("/v1/train", json={"task": "e2e", "method": "lora", "examples": DATA})
                 assert bad.status_code == 422
                 assert (await c.get("/v1/train/nope")).status_code == 404
