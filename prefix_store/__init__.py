@@ -1,6 +1,7 @@
 """Prefix artifacts, their codec, PEFT interchange, and the Redis store that versions them."""
 
 from .artifact import (
+    BIAS_METHODS,
     DTYPES,
     KV_METHODS,
     METHODS,
@@ -9,6 +10,8 @@ from .artifact import (
     ClassificationHead,
     PrefixArtifact,
     VersionKey,
+    check_template,
+    render_template,
     validate_task_name,
 )
 from .codec import decode, encode
@@ -37,6 +40,9 @@ __all__ = [
     "DTYPES",
     "KV_METHODS",
     "METHODS",
+    "BIAS_METHODS",
+    "check_template",
+    "render_template",
     "SOFT_PROMPT_METHODS",
     "ArtifactError",
     "ArtifactFormatError",

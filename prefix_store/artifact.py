@@ -3,6 +3,9 @@
 Shapes use the project's letters: L layers, H_kv key/value heads, P virtual tokens, D head dim, C labels.
 Key/value methods (prefix_tuning, p_tuning_v2) carry `kv` (L, 2, H_kv, P, D), index 0 = keys, 1 = values.
 Soft-prompt methods (prompt_tuning, p_tuning) carry `soft_prompt` (P, hidden).
+Bias methods (bitfit) carry `biases`, per module path a delta (out,) added to that module's bias (tuned - base), and
+may carry a `kv` prefix too. A head is linear (weight over a pooled state) or a verbalizer (one vocabulary token per
+label, scored at the [MASK] position); a `template` ("{text} [MASK]") says how the task writes its input.
 An artifact that exists has passed validation: constructing one checks every invariant below.
 """
 
@@ -21,14 +24,18 @@ from .errors import ArtifactFormatError, ArtifactShapeError, BackboneMismatch, I
 
 KV_METHODS = ("prefix_tuning", "p_tuning_v2")
 SOFT_PROMPT_METHODS = ("prompt_tuning", "p_tuning")
-METHODS = KV_METHODS + SOFT_PROMPT_METHODS
+BIAS_METHODS = ("bitfit",)
+METHODS = KV_METHODS + SOFT_PROMPT_METHODS + BIAS_METHODS
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-POOLINGS = ("pooler", "cls", "mean", "last_token")
+POOLINGS = ("pooler", "cls", "mean", "last_token", "mask")  # "mask": a verbalizer reads the [MASK] position
+MAX_BIAS_MODULES = 4096
+MAX_TEMPLATE_CHARS = 1000
 # (task, version) names one stored version's tensors: versions are immutable and their numbers never reused, so every
 # cache tier keys by it.
 VersionKey = tuple[str, int]
 
 _TASK_NAME = re.compile(r"[a-z0-9._-]{1,64}")
+_MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 def validate_task_name(name: object) -> str:
@@ -119,12 +126,23 @@ class BackboneFingerprint:
 
 @dataclass
 class ClassificationHead:
-    """A per-task linear head over a pooled hidden state."""
+    """A per-task head: linear over a pooled hidden state, or a verbalizer.
 
-    weight: torch.Tensor  # (C, hidden)
-    bias: torch.Tensor | None  # (C,)
-    labels: list[str]  # C names, index i names row i of weight
-    pooling: str  # "pooler" (BERT pooler output), "cls", "mean", or "last_token" (causal LMs)
+    weight (C, hidden), bias (C,): the linear head (None for a verbalizer).
+    labels: C names, index i names row i of weight (or token_ids[i]).
+    pooling: "pooler" (BERT pooler output), "cls", "mean", "last_token" (causal LMs), or "mask" for a verbalizer.
+    token_ids: a verbalizer's C vocabulary tokens: label i scores as token_ids[i] at the [MASK] position.
+    """
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    labels: list[str]
+    pooling: str
+    token_ids: list[int] | None = None
+
+    @property
+    def verbalizer(self) -> bool:
+        return self.token_ids is not None
 
 
 @dataclass
@@ -139,6 +157,10 @@ class PrefixArtifact:
         kv: (L, 2, H_kv, P, D) for KV_METHODS, else None.
         soft_prompt: (P, hidden) for SOFT_PROMPT_METHODS, else None.
         head: optional classification head, same dtype as the prefix.
+        biases: for BIAS_METHODS, module path -> bias delta (out,), e.g. "encoder.layer.0.attention.self.query"
+            (transformers' parameter names without the base model's prefix and the ".bias").
+        template: how the task writes its input for the backbone, with "{text}" (and "{text_pair}"), e.g.
+            "{text} [MASK]" (null prompts); None: the text as it comes.
         training: free-form training metadata (dataset, metrics, ...), JSON-serialisable.
         created_at: ISO-8601 UTC timestamp.
     """
@@ -152,6 +174,8 @@ class PrefixArtifact:
     version: int | None = None
     training: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
+    biases: dict[str, torch.Tensor] | None = None
+    template: str | None = None
 
     def __post_init__(self) -> None:
         validate_task_name(self.task)
@@ -160,8 +184,11 @@ class PrefixArtifact:
         if self.version is not None and (not isinstance(self.version, int) or self.version < 1):
             raise ArtifactFormatError(f"version: expected a positive int or None, got {self.version!r}")
         self._check_prefix_tensor()
+        self._check_biases()
         if self.head is not None:
             self._check_head(self.head)
+        if self.template is not None:
+            check_template(self.template)
         try:
             json.dumps(self.training)
         except (TypeError, ValueError) as e:
@@ -170,12 +197,22 @@ class PrefixArtifact:
     # -- validation -----------------------------------------------------------------------------------------------
     def _check_prefix_tensor(self) -> None:
         fp = self.fingerprint
-        if self.method in KV_METHODS:
+        if self.method in BIAS_METHODS:
+            if self.soft_prompt is not None:
+                raise ArtifactFormatError(
+                    f"method {self.method} carries bias deltas and optionally 'kv', not a soft prompt"
+                )
+            if self.kv is None:
+                return
+            name, tensor = "kv", self.kv
+        elif self.method in KV_METHODS:
             name, tensor, other = "kv", self.kv, self.soft_prompt
+            if tensor is None or other is not None:
+                raise ArtifactFormatError(f"method {self.method} carries exactly one tensor, {name!r}")
         else:
             name, tensor, other = "soft_prompt", self.soft_prompt, self.kv
-        if tensor is None or other is not None:
-            raise ArtifactFormatError(f"method {self.method} carries exactly one tensor, {name!r}")
+            if tensor is None or other is not None:
+                raise ArtifactFormatError(f"method {self.method} carries exactly one tensor, {name!r}")
         if tensor.dtype not in DTYPES.values():
             raise ArtifactFormatError(f"{name} dtype: expected one of {', '.join(DTYPES)}, got {tensor.dtype}")
         if name == "kv":
@@ -192,24 +229,63 @@ class PrefixArtifact:
             raise ArtifactShapeError(f"{name}: expected at least one virtual token, got P = {self.num_virtual_tokens}")
         _require_finite(name, tensor)
 
+    def _check_biases(self) -> None:
+        if self.method not in BIAS_METHODS:
+            if self.biases is not None:
+                raise ArtifactFormatError(f"method {self.method} carries no bias deltas (only {BIAS_METHODS} do)")
+            return
+        if not self.biases or not isinstance(self.biases, dict):
+            raise ArtifactFormatError(f"method {self.method}: expected at least one bias delta")
+        self.biases = dict(sorted(self.biases.items()))  # one canonical order: encoding is deterministic
+        if len(self.biases) > MAX_BIAS_MODULES:
+            raise ArtifactShapeError(f"biases: at most {MAX_BIAS_MODULES} modules, got {len(self.biases)}")
+        dtypes = {t.dtype for t in self.biases.values()} | ({self.kv.dtype} if self.kv is not None else set())
+        if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES.values():
+            got = sorted(map(str, dtypes))
+            raise ArtifactFormatError(f"biases: expected one dtype among {', '.join(DTYPES)}, got {got}")
+        for path, t in self.biases.items():
+            if not isinstance(path, str) or len(path) > 200 or not _MODULE_PATH.fullmatch(path):
+                raise ArtifactFormatError(f"bias module path {path!r:.80}: expected dotted module names")
+            if t.ndim != 1 or t.numel() < 1:
+                raise ArtifactShapeError(f"bias delta {path}: expected a vector (out,), got shape {tuple(t.shape)}")
+            _require_finite(f"bias delta {path}", t)
+
     def _check_head(self, head: ClassificationHead) -> None:
         num_labels = len(head.labels)
         if num_labels < 1 or len(set(head.labels)) != num_labels or not all(isinstance(x, str) for x in head.labels):
-            raise ArtifactFormatError(f"head labels: expected distinct strings, got {head.labels!r}")
+            raise ArtifactFormatError(f"head labels: expected distinct strings, got {head.labels!r:.200}")
+        if head.pooling not in POOLINGS:
+            raise ArtifactFormatError(f"head pooling {head.pooling!r}: expected one of {', '.join(POOLINGS)}")
+        if head.verbalizer:
+            self._check_verbalizer(head)
+            return
+        if head.weight is None or head.pooling == "mask":
+            raise ArtifactFormatError("head: a linear head needs a weight and a pooling other than 'mask'")
         want = (num_labels, self.fingerprint.hidden_size)
         if tuple(head.weight.shape) != want:
             got = tuple(head.weight.shape)
             raise ArtifactShapeError(f"head.weight shape: expected (C, hidden) = {want}, got {got}")
         if head.bias is not None and tuple(head.bias.shape) != (num_labels,):
             raise ArtifactShapeError(f"head.bias shape: expected (C,) = ({num_labels},), got {tuple(head.bias.shape)}")
-        if head.pooling not in POOLINGS:
-            raise ArtifactFormatError(f"head pooling {head.pooling!r}: expected one of {', '.join(POOLINGS)}")
         for name, t in (("head.weight", head.weight), ("head.bias", head.bias)):
             if t is None:
                 continue
             if t.dtype != self.dtype:
                 raise ArtifactFormatError(f"{name} dtype: expected {self.dtype_name} like the prefix, got {t.dtype}")
             _require_finite(name, t)
+
+    def _check_verbalizer(self, head: ClassificationHead) -> None:
+        ids = head.token_ids or []
+        vocab = self.fingerprint.vocab_size
+        if head.weight is not None or head.bias is not None or head.pooling != "mask":
+            raise ArtifactFormatError("verbalizer head: expected token ids only, pooling 'mask', no weight or bias")
+        if len(ids) != len(head.labels):
+            raise ArtifactShapeError(f"verbalizer: expected one token per label ({len(head.labels)}), got {len(ids)}")
+        bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab]
+        if bad:
+            raise ArtifactFormatError(f"verbalizer token ids: expected ids in [0, {vocab}), got {bad[:5]}")
+        if len(set(ids)) != len(ids):
+            raise ArtifactFormatError(f"verbalizer token ids: expected one distinct token per label, got {ids}")
 
     # -- derived --------------------------------------------------------------------------------------------------
     @property
@@ -220,46 +296,67 @@ class PrefixArtifact:
         return (self.task, self.version)
 
     @property
-    def prefix_tensor(self) -> torch.Tensor:
-        return self.kv if self.kv is not None else self.soft_prompt  # type: ignore[return-value]
+    def prefix_tensor(self) -> torch.Tensor | None:
+        """The key/value prefix or the soft prompt; None for a bias-only artifact."""
+        return self.kv if self.kv is not None else self.soft_prompt
 
     @property
     def num_virtual_tokens(self) -> int:
-        return self.kv.shape[3] if self.kv is not None else self.soft_prompt.shape[0]  # type: ignore[union-attr]
+        if self.kv is not None:
+            return self.kv.shape[3]
+        return self.soft_prompt.shape[0] if self.soft_prompt is not None else 0
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.prefix_tensor.dtype
+        t = self.prefix_tensor
+        if t is None:
+            assert self.biases, "an artifact carries a prefix or bias deltas"
+            t = next(iter(self.biases.values()))
+        return t.dtype
 
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the artifact carries."""
+        out = [t for t in (self.kv, self.soft_prompt) if t is not None]
+        out += list((self.biases or {}).values())
+        if self.head is not None:
+            out += [t for t in (self.head.weight, self.head.bias) if t is not None]
+        return out
+
     @property
     def nbytes(self) -> int:
-        tensors = [self.prefix_tensor]
-        if self.head is not None:
-            tensors += [t for t in (self.head.weight, self.head.bias) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def with_task(self, task: str) -> PrefixArtifact:
         return self if task == self.task else dataclasses.replace(self, task=validate_task_name(task))
 
     def to(self, dtype: torch.dtype) -> PrefixArtifact:
         """A copy with every tensor cast to `dtype` (e.g. fp32 PEFT import served in bf16)."""
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(dtype)
+
         head = self.head
         if head is not None:
-            bias = head.bias.to(dtype) if head.bias is not None else None
-            head = dataclasses.replace(head, weight=head.weight.to(dtype), bias=bias)
-        kv = self.kv.to(dtype) if self.kv is not None else None
-        soft = self.soft_prompt.to(dtype) if self.soft_prompt is not None else None
-        return dataclasses.replace(self, kv=kv, soft_prompt=soft, head=head)
+            head = dataclasses.replace(head, weight=cast(head.weight), bias=cast(head.bias))
+        biases = None if self.biases is None else {k: v.to(dtype) for k, v in self.biases.items()}
+        return dataclasses.replace(self, kv=cast(self.kv), soft_prompt=cast(self.soft_prompt), head=head, biases=biases)
 
     def summary(self) -> dict[str, Any]:
         """Everything but the tensors: what listing endpoints show without loading the prefix."""
         head = None
         if self.head is not None:
             head = {"labels": list(self.head.labels), "pooling": self.head.pooling, "bias": self.head.bias is not None}
+            if self.head.verbalizer:
+                head["token_ids"] = list(self.head.token_ids or [])
+        extra: dict[str, Any] = {}
+        if self.biases is not None:
+            extra["bias_modules"] = sorted(self.biases)
+        if self.template is not None:
+            extra["template"] = self.template
         return {
             "task": self.task,
             "version": self.version,
@@ -271,7 +368,38 @@ class PrefixArtifact:
             "head": head,
             "training": self.training,
             "created_at": self.created_at,
+            **extra,
         }
+
+
+def check_template(template: object) -> str:
+    """A task's input template: at most MAX_TEMPLATE_CHARS, with the field {text} and optionally {text_pair}."""
+    import string
+
+    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
+        raise ArtifactFormatError(f"template: expected a string of at most {MAX_TEMPLATE_CHARS} characters")
+    try:
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ArtifactFormatError(f"template {template!r:.80}: {e}") from None
+    if any(spec or conv for _, spec, conv in parts):
+        raise ArtifactFormatError(f"template {template!r:.80}: expected plain fields, without conversions or specs")
+    fields = {f for f, _, _ in parts}
+    if "text" not in fields or fields - {"text", "text_pair"}:
+        raise ArtifactFormatError(
+            f"template {template!r:.80}: expected the field {{text}} and optionally {{text_pair}}, got {sorted(fields)}"
+        )
+    return template
+
+
+def render_template(template: str | None, text: str, text_pair: str | None) -> tuple[str, str | None]:
+    """A task's input as the backbone reads it: (text, text_pair) through the task's template. A template with
+    {text_pair} makes one sequence of both; one with only {text} leaves the pair as the second segment."""
+    if template is None:
+        return text, text_pair
+    if "{text_pair}" in template:
+        return template.format(text=text, text_pair=text_pair or ""), None
+    return template.format(text=text), text_pair
 
 
 def _require_finite(name: str, tensor: torch.Tensor) -> None:

@@ -1,7 +1,8 @@
 """Artifact <-> bytes: a safetensors file whose header metadata holds the artifact's JSON description.
 
-Layout: tensors "kv" (L, 2, H_kv, P, D) or "soft_prompt" (P, hidden), optionally "head.weight" (C, hidden) and
-"head.bias" (C,); `__metadata__["prefix_serve"]` is the JSON of `PrefixArtifact.summary()` plus a format
+Layout: tensors "kv" (L, 2, H_kv, P, D) or "soft_prompt" (P, hidden), "bias.<module path>" (out,) for bias deltas
+(with or without "kv"), optionally "head.weight" (C, hidden) and "head.bias" (C,) (a verbalizer head has its token
+ids in the metadata instead); `__metadata__["prefix_serve"]` is the JSON of `PrefixArtifact.summary()` plus a format
 version and a sha256 checksum of the tensor bytes. Decoding never unpickles: uploaded bytes are parsed as a
 safetensors header first and everything is checked before an artifact is built.
 """
@@ -122,35 +123,52 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+BIAS_PREFIX = "bias."  # tensor "bias.<module path>": that module's bias delta
+
+
 def _tensors_of(artifact: PrefixArtifact) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     if artifact.kv is not None:
-        tensors["kv"] = artifact.kv.detach().cpu().contiguous()
+        tensors["kv"] = artifact.kv
     if artifact.soft_prompt is not None:
-        tensors["soft_prompt"] = artifact.soft_prompt.detach().cpu().contiguous()
-    if artifact.head is not None:
-        tensors["head.weight"] = artifact.head.weight.detach().cpu().contiguous()
+        tensors["soft_prompt"] = artifact.soft_prompt
+    for path, delta in (artifact.biases or {}).items():
+        tensors[BIAS_PREFIX + path] = delta
+    if artifact.head is not None and artifact.head.weight is not None:
+        tensors["head.weight"] = artifact.head.weight
         if artifact.head.bias is not None:
-            tensors["head.bias"] = artifact.head.bias.detach().cpu().contiguous()
-    return tensors
+            tensors["head.bias"] = artifact.head.bias
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PrefixArtifact:
     head_meta = meta.get("head")
-    expected = {"kv" if "kv" in tensors else "soft_prompt"}
-    if head_meta:
+    bias_modules = meta.get("bias_modules")
+    expected = {name for name in ("kv", "soft_prompt") if name in tensors}
+    if bias_modules is not None:
+        if not isinstance(bias_modules, list) or not all(isinstance(m, str) for m in bias_modules):
+            raise ArtifactFormatError("metadata bias_modules: expected a list of module paths")
+        expected |= {BIAS_PREFIX + m for m in bias_modules}
+    elif not expected:
+        expected = {"kv or soft_prompt"}
+    if head_meta and not head_meta.get("token_ids"):
         expected |= {"head.weight"} | ({"head.bias"} if head_meta.get("bias") else set())
     if set(tensors) != expected:
-        raise ArtifactFormatError(f"tensors: expected {sorted(expected)}, got {sorted(tensors)}")
+        names = sorted(tensors)
+        raise ArtifactFormatError(f"tensors: expected {sorted(expected)[:20]}, got {names[:20]} ({len(names)} tensors)")
     try:
         head = None
         if head_meta:
             head = ClassificationHead(
-                weight=tensors["head.weight"],
+                weight=tensors.get("head.weight"),
                 bias=tensors.get("head.bias"),
                 labels=list(head_meta["labels"]),
                 pooling=head_meta["pooling"],
+                token_ids=list(head_meta["token_ids"]) if head_meta.get("token_ids") else None,
             )
+        biases = None
+        if bias_modules is not None:
+            biases = {m: tensors[BIAS_PREFIX + m] for m in bias_modules}
         return PrefixArtifact(
             task=meta["task"],
             version=meta["version"],
@@ -161,6 +179,8 @@ def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Pr
             head=head,
             training=meta.get("training") or {},
             created_at=meta.get("created_at") or "",
+            biases=biases,
+            template=meta.get("template"),
         )
     except (KeyError, TypeError) as e:
         raise ArtifactFormatError(f"artifact metadata is missing or mistypes field {e}") from None

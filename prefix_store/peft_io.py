@@ -105,6 +105,11 @@ def export_peft_adapter(
     artifact: PrefixArtifact, out_dir: str | Path, *, base_model_name_or_path: str | None = None
 ) -> Path:
     """Writes a directory that `PeftModel.from_pretrained(base_model, out_dir)` loads (in inference mode)."""
+    if artifact.method not in _PEFT_TYPE_OF:
+        raise UnsupportedAdapter(
+            f"PEFT has no adapter type for {artifact.method!r} (bias deltas): export it as a state dict instead "
+            "(prefix_store.bitfit_io.export_bias_state_dict, GET /v1/tasks/{task}/export?format=state_dict)"
+        )
     fp, out = artifact.fingerprint, Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     peft_type = _PEFT_TYPE_OF[artifact.method]

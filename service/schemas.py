@@ -9,8 +9,9 @@ from pydantic import BaseModel, Field
 
 class HeadInfo(BaseModel):
     labels: list[str]
-    pooling: str
+    pooling: str = Field(description="pooler | cls | mean | last_token | mask (a verbalizer reads [MASK])")
     bias: bool
+    token_ids: list[int] | None = Field(default=None, description="a verbalizer's token per label")
 
 
 class VersionSummary(BaseModel):
@@ -18,7 +19,7 @@ class VersionSummary(BaseModel):
 
     task: str
     version: int
-    method: str = Field(description="prefix_tuning | p_tuning_v2 | prompt_tuning | p_tuning")
+    method: str = Field(description="prefix_tuning | p_tuning_v2 | prompt_tuning | p_tuning | bitfit")
     backbone: dict[str, Any] = Field(description="fingerprint of the backbone the prefix was made for")
     num_virtual_tokens: int
     dtype: str
@@ -26,6 +27,8 @@ class VersionSummary(BaseModel):
     head: HeadInfo | None = None
     training: dict[str, Any] = Field(default_factory=dict, description="dataset, metrics, source, ...")
     created_at: str
+    bias_modules: list[str] | None = Field(default=None, description="bitfit: the modules whose biases it shifts")
+    template: str | None = Field(default=None, description='how the task writes its input, e.g. "{text} [MASK]"')
 
     model_config = {
         "json_schema_extra": {

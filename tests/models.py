@@ -8,6 +8,7 @@ import zlib
 import torch
 from transformers import (
     BertConfig,
+    BertForMaskedLM,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
@@ -19,6 +20,18 @@ from transformers import (
 )
 
 VOCAB = 128
+
+
+def _bert_config(**kw) -> BertConfig:
+    return BertConfig(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        **kw,
+    )
 
 
 def _llama_config(**kw) -> LlamaConfig:
@@ -62,17 +75,8 @@ BUILDERS = {
         )
     ),
     "llama-cls": lambda: LlamaForSequenceClassification(_llama_config(num_labels=3)),
-    "bert-cls": lambda: BertForSequenceClassification(
-        BertConfig(
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            vocab_size=VOCAB,
-            max_position_embeddings=128,
-            num_labels=3,
-        )
-    ),
+    "bert-cls": lambda: BertForSequenceClassification(_bert_config(num_labels=3)),
+    "bert-mlm": lambda: BertForMaskedLM(_bert_config()),
 }
 
 
@@ -99,13 +103,24 @@ def seeded_init(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(x / math.sqrt(p.shape[-1]))
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer over VOCAB words "w3".."w127" (0 pad, 1 eos, 2 unk), built offline."""
+MASK_ID = VOCAB - 1  # "[MASK]" in tiny_tokenizer(mask=True), in place of "w127"
+
+
+def tiny_tokenizer(mask: bool = False):
+    """A word-level tokenizer over VOCAB words "w3".."w127" (0 pad, 1 eos, 2 unk), built offline. mask=True: the
+    last word is "[MASK]", the mask token (MASK_ID)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    extra = {}
+    if mask:
+        del vocab[f"w{MASK_ID}"]
+        vocab["[MASK]"] = MASK_ID
+        extra = {"mask_token": "[MASK]"}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", **extra
+    )

@@ -159,10 +159,8 @@ def _row(run: TrainSpec, result: TrainResult) -> dict[str, Any]:
 
 
 def served_parameters(artifact: PrefixArtifact) -> int:
-    """The parameters a task serves: its prefix (key/values or soft prompt, as exported) and its head."""
-    head = artifact.head
-    tensors = [artifact.prefix_tensor] + ([head.weight, head.bias] if head is not None else [])
-    return sum(t.numel() for t in tensors if t is not None)
+    """The parameters a task serves: its prefix (key/values or soft prompt, as exported), bias deltas and head."""
+    return sum(t.numel() for t in artifact.tensors())
 
 
 # -- parallel runs (one process each, spawned) ---------------------------------------------------------------------

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from prefix_store import render_template
+
 from .. import dispatch
 from ..auth import InferenceAuth
 from ..dispatch import TokenEvent
@@ -120,13 +122,17 @@ async def classify(body: ClassifyRequest, request: Request, services: ServicesDe
         raise InvalidRequest(f"give exactly one of 'text', 'texts' and 'input_ids', got {given or 'none'}")
     if body.text_pair is not None and body.text is None:
         raise InvalidRequest("'text_pair' goes with 'text'")
+    version = await services.host_cache.current_version(task)  # one version for every input of the call
+    template = (await services.host_cache.get(task, version)).template  # the task decides how its input reads
+    confirm_task(request)
     if body.input_ids is not None:
         inputs = [(dispatch.check_ids(services, body.input_ids), None)]
     else:
         texts = [body.text] if body.text is not None else body.texts
-        inputs = [await dispatch.encode_pair(services, t, body.text_pair) for t in texts]  # type: ignore[union-attr]
-    version = await services.host_cache.current_version(task)  # one version for every input of the call
-    confirm_task(request)
+        inputs = [
+            await dispatch.encode_pair(services, *render_template(template, t, body.text_pair))
+            for t in texts  # type: ignore[union-attr]
+        ]
     handles = dispatch.submit_all(services, task, inputs, version=version)
     results = await dispatch.results(request, handles)
     services.metrics.ttft.observe(first_latency(handles[0]))

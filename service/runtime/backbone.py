@@ -1,6 +1,8 @@
 """The frozen backbone: one Hugging Face model (decoder-only causal LM or BERT-family encoder) and its tokenizer.
 
-Encoders are loaded without an LM head (classification only, through per-task heads); decoders with theirs.
+Encoders are loaded for classification through per-task heads: the encoder with its pooler, and the masked-LM
+head's transform and decoder when the checkpoint has them (verbalizer tasks read label tokens at [MASK]). Decoders
+are loaded with their LM head.
 """
 
 from __future__ import annotations
@@ -13,16 +15,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from prefix_store import DTYPES, BackboneFingerprint, BackboneMismatch, PrefixArtifact
 
+from .bias import bias_targets
 from .settings import DEFAULT_BACKBONE
 
 log = logging.getLogger(__name__)
 
 # Encoders whose self-attention takes a key/value cache (the BERT attention code), so prefixes apply.
 ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
+
+
+@dataclass
+class MaskedLMHead:
+    """What turns an encoder state at [MASK] into vocabulary logits: `transform(h) @ weight.T + bias`.
+
+    transform: BERT's `cls.predictions.transform` (dense, activation, LayerNorm), or None when the checkpoint has no
+        masked-LM head (all-MiniLM-L6-v2 ships the encoder only): the state is scored against the input embeddings.
+    weight: (V, hidden) the decoder, tied to the input embeddings.
+    bias: (V,) the decoder's bias, or None.
+    """
+
+    transform: Any
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def source(self) -> str:
+        if self.transform is None:
+            return "tied input embeddings (the checkpoint has no masked-LM head)"
+        return "the checkpoint's masked-LM head (cls.predictions)"
 
 
 @dataclass
@@ -46,6 +70,7 @@ class Backbone:
     # How a classification head should pool this backbone's states unless told otherwise: what the checkpoint was
     # trained with (see default_pooling).
     pooling: str = "pooler"
+    mlm: MaskedLMHead | None = None  # encoders: what verbalizer tasks score [MASK] with
 
     def with_cache(self, cache: Any) -> dict[str, Any]:
         """The forward keyword argument carrying `cache`, under the name this transformers version expects."""
@@ -54,7 +79,7 @@ class Backbone:
     @property
     def body(self) -> Any:
         """The transformer without its LM head: the encoder itself, or a decoder's base model."""
-        return self.model if self.is_encoder else self.model.base_model
+        return self.model.base_model  # BertModel.base_model is itself; *ForMaskedLM's is its encoder
 
     @property
     def lm_head(self) -> Any:
@@ -66,9 +91,15 @@ class Backbone:
         """The input embedding table, nn.Embedding (V, hidden)."""
         return self.body.get_input_embeddings()
 
+    def bias_sizes(self) -> dict[str, int]:
+        """Every bias a bias task may shift, by module path, and its size (see bias.bias_targets)."""
+        return {name: t.numel() for name, t in bias_targets(self).items()}
+
     def check(self, artifact: PrefixArtifact) -> None:
         """Refuses a prefix this backbone cannot serve, naming the difference."""
         artifact.fingerprint.require_match(self.fingerprint)
+        if artifact.biases is not None:
+            self._check_biases(artifact.biases)
         P = artifact.num_virtual_tokens
         if self.max_positions and P >= self.max_positions:
             raise BackboneMismatch(
@@ -83,12 +114,38 @@ class Backbone:
                 f"{', '.join(self.poolings)}"
             )
 
+        if head is not None and head.verbalizer and self.mask_token_id is None:
+            raise BackboneMismatch("a verbalizer head reads the [MASK] position: this tokenizer has no mask token")
+
+    def _check_biases(self, biases: dict[str, torch.Tensor]) -> None:
+        sizes = self.bias_sizes()
+        if not sizes:
+            raise BackboneMismatch(
+                f"backbone {self.name} ({self.fingerprint.model_type}) has no bias terms: its linear and norm "
+                "layers are bias-free, so a bias (bitfit) task cannot be served on it"
+            )
+        unknown = sorted(set(biases) - set(sizes))
+        if unknown:
+            raise BackboneMismatch(
+                f"bias deltas for {len(unknown)} modules this backbone does not have, e.g. {unknown[:3]}; its "
+                f"{len(sizes)} bias modules are named like {sorted(sizes)[:3]}"
+            )
+        for name, delta in biases.items():
+            if delta.numel() != sizes[name]:
+                raise BackboneMismatch(f"bias delta {name}: expected shape ({sizes[name]},), got {tuple(delta.shape)}")
+
+    @property
+    def mask_token_id(self) -> int | None:
+        tok = self.tokenizer
+        return None if tok is None or not self.is_encoder else tok.mask_token_id
+
     @property
     def poolings(self) -> tuple[str, ...]:
         if not self.is_encoder:
             return ("last_token", "mean")
-        has_pooler = getattr(self.model, "pooler", None) is not None
-        return ("pooler", "cls", "mean") if has_pooler else ("cls", "mean")
+        has_pooler = getattr(self.body, "pooler", None) is not None
+        base = ("pooler", "cls", "mean") if has_pooler else ("cls", "mean")
+        return (*base, "mask")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -98,6 +155,7 @@ class Backbone:
             "device": str(self.device),
             "max_positions": self.max_positions,
             "pooling": self.pooling,
+            "verbalizer_scoring": self.mlm.source if self.mlm is not None else None,
             "fingerprint": self.fingerprint.to_dict(),
         }
 
@@ -132,8 +190,15 @@ def load_backbone(
     model_cls = AutoModel if is_encoder else AutoModelForCausalLM
     torch_dtype, dev = DTYPES[dtype], resolve_device(device)
     model = model_cls.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs)
+    mlm = None
+    if is_encoder and any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in config.architectures or ()):
+        # The encoder keeps its pooler (AutoModel); the masked-LM head comes from the same checkpoint.
+        full = AutoModelForMaskedLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        mlm = getattr(full, "cls", None)
+        if mlm is not None:
+            mlm.predictions.decoder.weight = model.get_input_embeddings().weight
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    return wrap_model(model, tokenizer, name=name, device=dev, source=source)
+    return wrap_model(model, tokenizer, name=name, device=dev, source=source, mlm_head=mlm)
 
 
 def default_pooling(model: Any, source: str | None) -> str:
@@ -146,6 +211,7 @@ def default_pooling(model: Any, source: str | None) -> str:
     """
     if model.config.model_type not in ENCODER_TYPES:
         return "last_token"
+    model = model.base_model
     config = Path(source) / "1_Pooling" / "config.json" if source else None
     if config is not None and config.is_file():
         modes = json.loads(config.read_text())
@@ -176,19 +242,40 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def masked_lm_head(model: Any, mlm_head: Any | None) -> MaskedLMHead | None:
+    """The encoder's masked-LM head: `mlm_head` (BERT's `cls` module) or the model's own `cls` (a *ForMaskedLM
+    model), else the tied input embeddings."""
+    if model.config.model_type not in ENCODER_TYPES:
+        return None
+    head = mlm_head if mlm_head is not None else getattr(model, "cls", None)
+    predictions = getattr(head, "predictions", None)
+    if predictions is None:
+        return MaskedLMHead(None, model.get_input_embeddings().weight, None)
+    return MaskedLMHead(predictions.transform, predictions.decoder.weight, predictions.bias)
+
+
 def wrap_model(
-    model: Any, tokenizer: Any, *, name: str, device: torch.device | None = None, source: str | None = None
+    model: Any,
+    tokenizer: Any,
+    *,
+    name: str,
+    device: torch.device | None = None,
+    source: str | None = None,
+    mlm_head: Any | None = None,
 ) -> Backbone:
-    """Freezes an already-built model (tests build tiny ones from configs) and describes it."""
+    """Freezes an already-built model (tests build tiny ones from configs: an encoder, a *ForMaskedLM, or a causal
+    LM) and describes it. `mlm_head`: BERT's `cls` module loaded beside a bare encoder."""
     config = model.config
     is_encoder = config.model_type in ENCODER_TYPES
     if not is_encoder and config.is_encoder_decoder:
         raise ValueError(f"{name}: encoder-decoder models are not supported (model_type {config.model_type})")
     device = device or next(model.parameters()).device
-    model.requires_grad_(False)
-    model.eval()
-    fuse_activations(model)
-    model.to(device)
+    for m in (model, mlm_head):
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+            fuse_activations(m)
+            m.to(device)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -214,4 +301,5 @@ def wrap_model(
         max_positions=int(max_positions or 0),
         cache_arg=cache_argument(model),
         pooling=default_pooling(model, source),
+        mlm=masked_lm_head(model, mlm_head),
     )

@@ -64,6 +64,7 @@ class RunningBatch:
     tokens, lengths, positions: (R,) long per slot: the token a decoder feeds next, the tokens in the slot, the
         position id of the next token.
     prefix_index: (R, Pcap) long per slot, its row's prefix positions in the pool; prefix_len: (R,) long.
+    bias_slot: (R,) long per slot, its row's slot in the bias table (0: no bias deltas).
     """
 
     cache: SlotCache
@@ -77,6 +78,7 @@ class RunningBatch:
         self.positions = torch.zeros(R, dtype=torch.long, device=dev)
         self.prefix_len = torch.zeros(R, dtype=torch.long, device=dev)
         self.prefix_index = torch.zeros(R, 0, dtype=torch.long, device=dev)
+        self.bias_slot = torch.zeros(R, dtype=torch.long, device=dev)
         self._free = list(range(R))  # free slots; decoders take the lowest, prefilling rows the highest
 
     @property
@@ -159,17 +161,18 @@ class RunningBatch:
             wider[:, : self.prefix_index.shape[1]] = self.prefix_index
             self.prefix_index = wider
         self.prefix_len[slot] = P
+        self.bias_slot[slot] = 0 if row.prefix is None else row.prefix.bias_slot
         if P:
             self.prefix_index[slot, :P] = row.prefix.index  # type: ignore[union-attr]
 
     def _move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst, int(self.lengths[src]))
-        for t in (self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index):
+        for t in (self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index, self.bias_slot):
             t[dst] = t[src]
 
     def _swap(self, a: int, b: int) -> None:
         self.cache.swap(a, b, int(self.lengths[a]), int(self.lengths[b]))
-        for t in (self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index):
+        for t in (self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index, self.bias_slot):
             t[[a, b]] = t[[b, a]]
 
     def _release(self, slot: int) -> None:

@@ -61,7 +61,7 @@ class DeviceCache:
 
     @property
     def resident_bytes(self) -> int:
-        return self.pool.used_bytes + self.other_bytes
+        return self.pool.used_bytes + self.other_bytes + self.runner.biases.nbytes
 
     def __contains__(self, key: VersionKey) -> bool:
         return key in self.entries
@@ -116,6 +116,7 @@ class DeviceCache:
     def _load(self, artifact: PrefixArtifact) -> DevicePrefix:
         kv, soft = self.runner.prefix_tensors(artifact)
         head = self.runner.head_tensors(artifact)
+        deltas = self.runner.bias_tensors(artifact)
         index = None
         if kv is not None:
             P = kv.shape[3]
@@ -129,6 +130,10 @@ class DeviceCache:
         entry = DevicePrefix(
             artifact.task, artifact.version, artifact.method, artifact.num_virtual_tokens, index, soft, head
         )
+        if deltas is not None:
+            entry.bias_slot = self.runner.biases.alloc(deltas)
+        if head is not None and head.token_ids is not None:
+            entry.verbalizer = torch.tensor(head.token_ids, device=self.runner.bb.device)
         self.other_bytes += _nbytes(entry)
         self.entries[entry.key] = entry
         return entry
@@ -145,10 +150,12 @@ class DeviceCache:
         entry = self.entries.pop(key)
         if entry.index is not None:
             self.pool.release(entry.index)
+        self.runner.biases.release(entry.bias_slot)
         self.other_bytes -= _nbytes(entry)
 
 
 def _nbytes(entry: DevicePrefix) -> int:
+    """Device bytes an entry holds outside the pool (its bias deltas are counted by the bias table's size)."""
     ts = [entry.soft_prompt] + ([entry.head.weight, entry.head.bias] if entry.head is not None else [])
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
@@ -283,7 +290,8 @@ class Engine:
         assert b is not None
         n = len(b.decoding)
         index, plen = b.decode_prefix()
-        logits = self.runner.decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen)
+        bias_slots = b.bias_slot[:n] if any(r.prefix is not None and r.prefix.bias_slot for r in b.decoding) else None
+        logits = self.runner.decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen, bias_slots)
         outputs, finished, tokens = self._sample(b.decoding, logits)
         b.advance(tokens)
         self._end(finished)

@@ -16,6 +16,7 @@ from prefix_store import ClassificationHead, PrefixArtifact, VersionKey
 
 from .attention import ForwardState, serving
 from .backbone import Backbone
+from .bias import BiasTable
 from .kv_cache import PrefixPool, SlotCache
 from .prefix_kv import right_pad, token_positions
 
@@ -28,6 +29,8 @@ class DevicePrefix:
         whose key/values do not depend on what follows them under causal attention); None for encoder soft prompts.
     soft_prompt: (P, hidden) for soft prompts on encoders, where attention is bidirectional: fed as embeddings.
     head: the classification head, its tensors on the device.
+    bias_slot: the task's slot in the BiasTable (bias methods), 0 for none.
+    verbalizer: (C,) long, a verbalizer head's label tokens on the device.
     """
 
     task: str
@@ -37,6 +40,8 @@ class DevicePrefix:
     index: torch.Tensor | None
     soft_prompt: torch.Tensor | None
     head: ClassificationHead | None
+    bias_slot: int = 0
+    verbalizer: torch.Tensor | None = None
 
     @property
     def key(self) -> VersionKey:
@@ -82,6 +87,7 @@ class ModelRunner:
     def __init__(self, backbone: Backbone, pool: PrefixPool, cache: SlotCache | None) -> None:
         self.bb = backbone
         self.pool, self.cache = pool, cache
+        self.biases = BiasTable(backbone)
         self.body = backbone.body
         self.lm_head = backbone.lm_head
         self.embed = backbone.embeddings
@@ -106,8 +112,17 @@ class ModelRunner:
         if head is None:
             return None
         dev, dt = self.bb.device, self.bb.dtype
-        bias = head.bias.to(device=dev, dtype=dt) if head.bias is not None else None
-        return ClassificationHead(head.weight.to(device=dev, dtype=dt), bias, list(head.labels), head.pooling)
+
+        def put(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=dev, dtype=dt)
+
+        return ClassificationHead(put(head.weight), put(head.bias), list(head.labels), head.pooling, head.token_ids)
+
+    def bias_tensors(self, artifact: PrefixArtifact) -> dict[str, torch.Tensor] | None:
+        """A bias task's deltas, path -> (out,), on the device in its dtype (checked by prefix_tensors)."""
+        if artifact.biases is None:
+            return None
+        return {k: v.to(device=self.bb.device, dtype=self.bb.dtype) for k, v in artifact.biases.items()}
 
     def _soft_prompt_kv(self, soft: torch.Tensor) -> torch.Tensor:
         """Keys/values of a soft prompt at positions 0..P-1: (P, hidden) -> (L, 2, H_kv, P, D)."""
@@ -141,7 +156,7 @@ class ModelRunner:
             slots=torch.tensor([c.slot for c in chunks], device=dev),
             past=past,
         )
-        with serving(self.body.config):
+        with serving(self.body.config), self.biases.rows(self._bias_slots([c.prefix for c in chunks])):
             h = self.body(input_ids=ids, position_ids=pos, use_cache=False, prefix_serve=state).last_hidden_state
         results = []
         for i, c in enumerate(chunks):  # h: (B, T, hidden)
@@ -157,14 +172,15 @@ class ModelRunner:
         past: torch.Tensor,
         prefix_index: torch.Tensor,
         prefix_len: torch.Tensor,
+        bias_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One token per row for rows in slots 0..B-1: tokens, positions, past (tokens in each slot) (B,), prefix
-        positions (B, Pmax) and lengths (B,). Appends the tokens' key/values to the slots; returns next-token logits
-        (B, V) fp32."""
+        positions (B, Pmax) and lengths (B,), bias slots (B,). Appends the tokens' key/values to the slots; returns
+        next-token logits (B, V) fp32."""
         state = ForwardState(
             "decode", self.pool, prefix_index, prefix_len, new=torch.ones_like(past), cache=self.cache, past=past
         )
-        with serving(self.body.config):
+        with serving(self.body.config), self.biases.rows(bias_slots):
             h = self.body(
                 input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False, prefix_serve=state
             ).last_hidden_state
@@ -199,10 +215,10 @@ class ModelRunner:
                 if n_soft[i]:
                     embeds[i, : n_soft[i]] = it.prefix.soft_prompt  # type: ignore[union-attr]
             inputs = {"inputs_embeds": embeds}
-        state = ForwardState(
-            "encode", self.pool, *self._prefix_index([it.prefix for it in items]), new=torch.tensor(lengths, device=dev)
-        )
-        with serving(self.body.config):
+        prefixes = [it.prefix for it in items]
+        state = ForwardState("encode", self.pool, *self._prefix_index(prefixes), new=torch.tensor(lengths, device=dev))
+        bias_slots = self._bias_slots(prefixes)
+        with serving(self.body.config), self.biases.rows(bias_slots):
             out = self.body(
                 **inputs,
                 token_type_ids=types,
@@ -210,15 +226,56 @@ class ModelRunner:
                 prefix_serve=state,
             )
         h = out.last_hidden_state  # (B, T, hidden)
-        pooled = out.pooler_output  # (B, hidden) or None
-        return [
-            head_logits(
+        pooled = getattr(out, "pooler_output", None)  # (B, hidden) or None
+        logits: list[torch.Tensor | None] = [
+            None
+            if it.prefix is not None and it.prefix.verbalizer is not None
+            else head_logits(
                 it.prefix, h[i, n_soft[i] : lengths[i]].mean(0), h[i, 0], pooled[i] if pooled is not None else None
             )
             for i, it in enumerate(items)
         ]
+        verbal = [i for i, x in enumerate(logits) if x is None]
+        if verbal:
+            mask_id = self.bb.mask_token_id
+            pos = [n_soft[i] + items[i].input_ids.index(mask_id) for i in verbal]  # the first [MASK] of each row
+            states = h[verbal, pos]  # (n, hidden)
+            slots = bias_slots[verbal] if bias_slots is not None else None
+            for i, row_logits in zip(verbal, self.verbalize(states, [prefixes[i] for i in verbal], slots), strict=True):
+                logits[i] = row_logits
+        return logits  # type: ignore[return-value]
+
+    def verbalize(
+        self, states: torch.Tensor, prefixes: list[DevicePrefix | None], slots: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """Label logits (C_i,) fp32 of verbalizer rows from their [MASK] states (n, hidden): the masked-LM head at
+        each row's verbalizer tokens only, `transform(h) . E[verb]^T + b_dec[verb] + delta_dec[verb]`."""
+        mlm = self.bb.mlm
+        assert mlm is not None, "verbalizer tasks are refused on backbones without a masked-LM scoring"
+        z = states
+        if mlm.transform is not None:
+            with self.biases.rows(slots):  # the transform's dense and LayerNorm carry bias deltas too
+                z = mlm.transform(states)  # (n, hidden)
+        out = []
+        for i, p in enumerate(prefixes):
+            assert p is not None and p.verbalizer is not None
+            verb = p.verbalizer  # (C,)
+            logits = z[i] @ mlm.weight[verb].T  # (C,)
+            if mlm.bias is not None:
+                logits = logits + mlm.bias[verb]
+            if p.bias_slot:
+                delta = self.biases.decoder_bias(torch.tensor([p.bias_slot], device=verb.device), verb[None])
+                if delta is not None:
+                    logits = logits + delta[0]
+            out.append(logits.float())
+        return out
 
     # -- shared -----------------------------------------------------------------------------------------------------
+    def _bias_slots(self, prefixes: list[DevicePrefix | None]) -> torch.Tensor | None:
+        """(B,) long, each row's slot in the bias table; None when no row has bias deltas."""
+        slots = [0 if p is None else p.bias_slot for p in prefixes]
+        return torch.tensor(slots, device=self.bb.device) if any(slots) else None
+
     def _prefix_index(self, prefixes: list[DevicePrefix | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Pmax) pool positions and (B,) lengths of the rows' key/value prefixes."""
         dev = self.bb.device

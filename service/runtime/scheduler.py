@@ -260,6 +260,13 @@ class Scheduler:
         if req.kind is Kind.CLASSIFY and (art is None or art.head is None):
             what = "the bare backbone" if art is None else f"task {art.task!r} v{art.version}"
             raise Unsupported(f"{what} has no classification head: classification needs a task trained with one")
+        if req.kind is Kind.CLASSIFY and art is not None and art.head is not None and art.head.verbalizer:
+            mask = self.engine.bb.mask_token_id
+            if mask not in req.prompt_ids:
+                template = f" (its template: {art.template!r})" if art.template else ""
+                raise Unsupported(
+                    f"task {art.task!r} reads its label at the mask token {mask}: the input has none{template}"
+                )
         er = req.engine_request()
         new = req.params.max_new_tokens if req.params else 0
         if self.max_positions and er.reserved_tokens > self.max_positions:

@@ -12,6 +12,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -64,6 +65,7 @@ class Case:
     ref_tokens: list[list[int]]
     ref_logits: list[torch.Tensor]
     types: list[list[int] | None] = field(default_factory=list)
+    tokenizer: Any = None
 
     def __post_init__(self) -> None:
         self.types = self.types or [None] * len(self.tasks)
@@ -257,7 +259,7 @@ async def serve(store, case: Case, first_group: int = 3) -> list[list]:
         await store.put(art)
     params = SamplingParams(max_new_tokens=STEPS, return_logits=True, ignore_eos=True)
     n = len(case.tasks)
-    async with serving_stack(store, backbone_of(case.kind), max_batch_size=8) as stack:
+    async with serving_stack(store, backbone_of(case.kind), case.tokenizer, max_batch_size=8) as stack:
 
         def start(i: int):
             p = params if case.generate[i] else None

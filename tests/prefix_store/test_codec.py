@@ -30,12 +30,17 @@ def assert_same(a, b):
         b.training,
         b.created_at,
     )
-    assert a.prefix_tensor.dtype == b.prefix_tensor.dtype and torch.equal(a.prefix_tensor, b.prefix_tensor)
+    assert a.dtype == b.dtype and a.template == b.template
+    assert len(a.tensors()) == len(b.tensors())
+    assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
+    assert (a.biases is None) == (b.biases is None)
+    if a.biases is not None:
+        assert a.biases.keys() == b.biases.keys()
+        assert all(torch.equal(a.biases[k], b.biases[k]) for k in a.biases)
     assert (a.head is None) == (b.head is None)
     if a.head is not None:
-        assert torch.equal(a.head.weight, b.head.weight)
-        assert (a.head.bias is None and b.head.bias is None) or torch.equal(a.head.bias, b.head.bias)
         assert a.head.labels == b.head.labels and a.head.pooling == b.head.pooling
+        assert a.head.token_ids == b.head.token_ids
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -22,15 +22,34 @@ def artifacts(draw) -> PrefixArtifact:
     dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
     P = draw(st.integers(1, 6))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
-    kv_method = method in ("prefix_tuning", "p_tuning_v2")
+    bias_method = method == "bitfit"
+    kv_method = method in ("prefix_tuning", "p_tuning_v2") or (bias_method and draw(st.booleans()))
     shape = (FP.num_layers, 2, FP.num_kv_heads, P, FP.head_dim) if kv_method else (P, FP.hidden_size)
     prefix = torch.randn(shape, generator=g).to(dtype)
+    biases = None
+    if bias_method:
+        paths = draw(
+            st.lists(
+                st.from_regex(r"[a-z_]{1,12}(\.[0-9a-z_]{1,12}){0,6}", fullmatch=True),
+                min_size=1,
+                max_size=8,
+                unique=True,
+            )
+        )
+        biases = {p: torch.randn(draw(st.integers(1, 40)), generator=g).to(dtype) for p in paths}
     head = None
     labels = draw(st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=6, unique=True) | st.none())
-    if labels is not None:
+    if labels is not None and draw(st.booleans()):
+        ids = draw(st.lists(st.integers(0, FP.vocab_size - 1), min_size=len(labels), max_size=len(labels), unique=True))
+        head = ClassificationHead(None, None, labels, "mask", token_ids=ids)
+    elif labels is not None:
         weight = torch.randn(len(labels), FP.hidden_size, generator=g).to(dtype)
         bias = torch.randn(len(labels), generator=g).to(dtype) if draw(st.booleans()) else None
         head = ClassificationHead(weight, bias, labels, draw(st.sampled_from(["pooler", "cls", "mean", "last_token"])))
+    template = draw(
+        st.none()
+        | st.builds(lambda a, b: a + "{text}" + b, st.text("ab [MASK]", max_size=20), st.text("xy [MASK]", max_size=20))
+    )
     training = draw(
         st.dictionaries(st.text(max_size=30), JSON_TEXT | st.integers() | st.floats(allow_nan=False), max_size=5)
     )
@@ -39,7 +58,9 @@ def artifacts(draw) -> PrefixArtifact:
         method=method,
         fingerprint=FP,
         kv=prefix if kv_method else None,
-        soft_prompt=None if kv_method else prefix,
+        soft_prompt=None if kv_method or bias_method else prefix,
+        biases=biases,
+        template=template,
         head=head,
         version=draw(st.integers(1, 10**9) | st.none()),
         training=training,

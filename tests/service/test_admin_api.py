@@ -56,7 +56,7 @@ def test_upload_list_inspect_rollback_delete(redis_url, bert, tmp_path):
         assert r.status_code == 201, r.text
         body = r.json()
         assert body["version"] == 1 and body["method"] == "p_tuning_v2" and body["num_virtual_tokens"] == 4
-        assert body["head"] == {"labels": ["neg", "neu", "pos"], "pooling": "pooler", "bias": True}
+        assert body["head"] == {"labels": ["neg", "neu", "pos"], "pooling": "pooler", "bias": True, "token_ids": None}
 
         r = client.put(
             "/v1/tasks/sentiment",

@@ -35,6 +35,7 @@ def test_default_backbone_is_the_bundled_minilm_offline():
     bb = load_backbone(DEFAULT_BACKBONE, local_files_only=True)
     assert bb.is_encoder and bb.fingerprint.model_type == "bert" and bb.fingerprint.num_layers == 6
     assert bb.fingerprint.hidden_size == 384 and bb.max_positions == 512
-    assert bb.poolings == ("pooler", "cls", "mean")
+    assert bb.poolings == ("pooler", "cls", "mean", "mask")
+    assert bb.mlm is not None and bb.mlm.transform is None, "MiniLM ships no MLM head: verbalizers use the embeddings"
     assert not any(p.requires_grad for p in bb.model.parameters()) and not bb.model.training
     assert bb.tokenizer("a great film")["input_ids"][0] == 101

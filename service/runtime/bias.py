@@ -1,0 +1,135 @@
+"""Per-task bias deltas (BitFit, Logan IV et al. 2021) served row by row in a mixed batch.
+
+A bias task shifts the bias of modules of the frozen backbone: row r of task t computes, in module m,
+`y = x W^T + b + delta_m[t]` (LayerNorm: `gamma * norm(x) + beta + delta_m[t]`). The deltas of the resident bias
+tasks live in one table per module, (S, out), slot 0 all zeros; a forward carries each row's slot (B,), and a
+forward hook on the module adds `table[slot]` to its output in place. Rows of other methods take slot 0, so bias
+rows, prefix rows and bare rows share one forward; the prefix enters through attention, the deltas through the token
+projections, and the two compose.
+
+Module paths are transformers' parameter names without the base model's prefix and without ".bias"
+("encoder.layer.0.attention.self.query", "h.0.mlp.c_fc"); the masked-LM head's are as in *ForMaskedLM
+("cls.predictions.transform.dense"), and "cls.predictions" is the decoder's bias (V,), applied only at the
+verbalizer's columns when a verbalizer task scores [MASK] (never through a hook: the full vocabulary is never
+computed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+MLM_BIAS = "cls.predictions"  # the masked-LM decoder's bias (V,), tied to cls.predictions.decoder.bias
+Backbone = Any  # backbone.Backbone (which imports this module to check bias artifacts)
+
+
+def bias_modules(backbone: Backbone) -> dict[str, torch.nn.Module]:
+    """The modules with a bias parameter a bias task may shift, by path: the body's and the masked-LM transform's."""
+    out: dict[str, torch.nn.Module] = {}
+    roots = [("", backbone.body)]
+    if backbone.mlm is not None and backbone.mlm.transform is not None:
+        roots.append((MLM_BIAS + ".transform.", backbone.mlm.transform))
+    for prefix, root in roots:
+        for name, module in root.named_modules():
+            bias = getattr(module, "bias", None)
+            if name and isinstance(bias, torch.nn.Parameter) and bias.ndim == 1:
+                out[prefix + name] = module
+    return out
+
+
+def bias_targets(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """Every bias a task may shift, by path, as the backbone holds it (the MLM decoder's included)."""
+    out = {name: m.bias for name, m in bias_modules(backbone).items()}
+    if backbone.mlm is not None and backbone.mlm.bias is not None:
+        out[MLM_BIAS] = backbone.mlm.bias
+    return out
+
+
+class BiasTable:
+    """The bias deltas of the resident bias tasks, one table per module, and the hooks that apply them.
+
+    tables: path -> (S, out) in the backbone's dtype; row 0 is zeros (rows without deltas), row s a task's slot.
+    A task without a delta for some module has zeros there. Hooks are registered while at least one task is
+    resident, so a server without bias tasks runs its forwards untouched.
+    """
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.bb = backbone
+        self.modules = bias_modules(backbone)
+        self.sizes = {name: t.numel() for name, t in bias_targets(backbone).items()}
+        self.tables: dict[str, torch.Tensor] = {}
+        self.capacity = 1  # slot 0
+        self._free: list[int] = []
+        self._used = 0
+        self._rows: torch.Tensor | None = None  # (B,) the current forward's slots, or None: no row has deltas
+        self._hooks: list[Any] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tables.values())
+
+    def alloc(self, deltas: dict[str, torch.Tensor]) -> int:
+        """Writes a task's deltas (path -> (out,), checked against the backbone) into a free slot; returns it."""
+        if not self._free:
+            self._grow(max(2, 2 * self.capacity))
+        slot = self._free.pop()
+        for name, table in self.tables.items():
+            delta = deltas.get(name)
+            if delta is None:
+                table[slot].zero_()
+            else:
+                table[slot].copy_(delta)
+        self._used += 1
+        if not self._hooks:
+            self._hooks = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot <= 0:
+            return
+        self._free.append(slot)
+        self._used -= 1
+        if self._used == 0:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+
+    def _grow(self, capacity: int) -> None:
+        dev, dt = self.bb.device, self.bb.dtype
+        for name, size in self.sizes.items():
+            wider = torch.zeros(capacity, size, dtype=dt, device=dev)
+            if name in self.tables:
+                wider[: self.capacity] = self.tables[name]
+            self.tables[name] = wider
+        self._free += range(capacity - 1, self.capacity - 1, -1)  # lowest slot handed out first
+        self.capacity = capacity
+
+    @contextlib.contextmanager
+    def rows(self, slots: torch.Tensor | None) -> Iterator[None]:
+        """The forward inside applies the deltas of `slots` (B,) row by row; None (or all zeros): none."""
+        self._rows = slots if slots is not None and self._used and bool(slots.any()) else None
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    def _hook(self, name: str):
+        def add_delta(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+            slots = self._rows
+            if slots is None:
+                return
+            delta = self.tables[name][slots]  # (B, out)
+            out.add_(delta.view(delta.shape[0], *([1] * (out.ndim - 2)), delta.shape[1]))  # out (B, ..., out)
+
+        return add_delta
+
+    def decoder_bias(self, slots: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """The MLM decoder-bias deltas of rows `slots` (n,) at their verbalizer tokens `token_ids` (n, C); None when
+        the backbone has no decoder bias."""
+        table = self.tables.get(MLM_BIAS)
+        if table is None:
+            return None
+        return table[slots[:, None], token_ids]  # (n, C)
