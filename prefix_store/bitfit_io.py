@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .artifact import BackboneFingerprint, ClassificationHead, PrefixArtifact
+from .codec import load_tensors, parse_json, read_safetensors_header
 from .errors import ArtifactFormatError, ArtifactShapeError, BackboneMismatch, UnsupportedAdapter
 
 BASE_PREFIXES = ("bert.", "transformer.", "model.", "roberta.", "electra.", "base_model.")
@@ -50,6 +51,38 @@ def canonical_name(key: str, known: Iterable[str]) -> tuple[str, str] | None:
         if c in known:
             return c, kind
     return None
+
+
+MAX_VERBALIZER_LABELS = 256
+
+
+def parse_verbalizer(raw: str) -> list[tuple[str, str]]:
+    """(label, word) pairs from "negative=terrible,positive=great" or a JSON object {"negative": "terrible", ...}."""
+    raw = raw.strip()
+    if raw.startswith("{"):
+        parsed = parse_json(raw, "verbalizer")
+        if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+            raise ArtifactFormatError(f"verbalizer: expected a JSON object of label -> word, got {raw[:80]!r}")
+        pairs = list(parsed.items())
+    else:
+        pairs = []
+        for item in raw.split(","):
+            label, sep, word = item.partition("=")
+            if not sep or not label.strip() or not word.strip():
+                raise ArtifactFormatError(
+                    f"verbalizer: expected label=word pairs separated by commas, got {item!r:.80}"
+                )
+            pairs.append((label.strip(), word.strip()))
+    if not pairs or len(pairs) > MAX_VERBALIZER_LABELS:
+        raise ArtifactFormatError(f"verbalizer: expected 1 to {MAX_VERBALIZER_LABELS} labels, got {len(pairs)}")
+    return pairs
+
+
+def import_bias_state_dict(data: bytes, *, max_bytes: int, **kwargs: Any) -> PrefixArtifact:
+    """`import_bias_checkpoint` over the bytes of a safetensors state dict (size-capped, never unpickled)."""
+    read_safetensors_header(data, max_bytes=max_bytes)
+    tensors = load_tensors(data)
+    return import_bias_checkpoint(tensors, tensors.__getitem__, **kwargs)
 
 
 def import_bias_checkpoint(

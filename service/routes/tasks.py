@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
-from prefix_store import PrefixArtifact, decode, import_peft_adapter, validate_task_name
+from prefix_store import PrefixArtifact, check_template, decode, import_peft_adapter, validate_task_name
+from prefix_store.bitfit_io import import_bias_state_dict, parse_verbalizer
 
 from ..auth import AdminAuth
 from ..http_errors import BadRequest, PayloadTooLarge
 from ..metrics import confirm_task, name_task
+from ..runtime.bias import checkpoint_references, verbalizer_tokens
 from ..schemas import BASE_TASK, ErrorBody, RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
 from ..state import Services, ServicesDep
 
@@ -65,10 +68,12 @@ async def get_task(task: str, services: ServicesDep) -> TaskDetail:
     "/{task}",
     response_model=VersionSummary,
     status_code=201,
-    summary="Upload a new version (a PEFT adapter or a prefix-serve artifact)",
+    summary="Upload a new version (a PEFT adapter, a BitFit checkpoint or a prefix-serve artifact)",
     description="multipart/form-data with either `adapter_config` (PEFT adapter_config.json) and `adapter_model` "
-    "(PEFT adapter_model.safetensors), or `artifact` (a prefix-serve artifact). The prefix is checked against the "
-    "serving backbone, stored as the task's next version, and made current.",
+    "(PEFT adapter_model.safetensors), or `state_dict` (a BitFit fine-tune's safetensors state dict: its biases "
+    "minus the backbone's become a bitfit task; other weights must equal the backbone's), or `artifact` (a "
+    "prefix-serve artifact). The adapter is checked against the serving backbone, stored as the task's next "
+    "version, and made current.",
 )
 async def upload(
     task: str,
@@ -80,14 +85,29 @@ async def upload(
     method: Annotated[
         str | None, Form(description="prefix_tuning or p_tuning_v2 (PEFT cannot tell them apart)")
     ] = None,
+    state_dict: Annotated[UploadFile | None, File(description="a BitFit checkpoint (.safetensors state dict)")] = None,
+    verbalizer: Annotated[
+        str | None, Form(description="with state_dict: label=word pairs read at [MASK], e.g. neg=terrible,pos=great")
+    ] = None,
+    template: Annotated[
+        str | None, Form(description='with state_dict: the input template, e.g. "{text} [MASK]"')
+    ] = None,
 ) -> VersionSummary:
     validate_task_name(task)
     if task == BASE_TASK:
         raise BadRequest(f"{BASE_TASK!r} is reserved for the bare backbone: choose another task name")
     limit = services.settings.max_artifact_bytes
-    if artifact is not None and adapter_config is None and adapter_model is None:
+    parts = [n for n, p in (("adapter_config", adapter_config), ("adapter_model", adapter_model)) if p is not None]
+    parts += [n for n, p in (("artifact", artifact), ("state_dict", state_dict)) if p is not None]
+    if state_dict is not None and parts == ["state_dict"]:
+        art = await _import_bitfit(
+            services, task, await _read(state_dict, limit, "state_dict"), labels, verbalizer, template
+        )
+    elif (verbalizer, template) != (None, None):
+        raise BadRequest("'verbalizer' and 'template' go with a 'state_dict' upload")
+    elif artifact is not None and adapter_config is None and adapter_model is None and state_dict is None:
         art = decode(await _read(artifact, limit, "artifact"), max_bytes=limit).with_task(task)
-    elif artifact is None and adapter_config is not None and adapter_model is not None:
+    elif parts == ["adapter_config", "adapter_model"]:
         art = import_peft_adapter(
             await _read(adapter_config, 1024**2, "adapter_config"),
             await _read(adapter_model, limit, "adapter_model"),
@@ -98,7 +118,10 @@ async def upload(
             max_bytes=limit,
         )
     else:
-        raise BadRequest("expected either the two parts 'adapter_config' and 'adapter_model', or one part 'artifact'")
+        raise BadRequest(
+            "expected either the two parts 'adapter_config' and 'adapter_model', or one part 'artifact' or "
+            f"'state_dict'; got {parts or 'none'}"
+        )
     stored = await _publish(services, art)
     return VersionSummary(**stored.summary())
 
@@ -125,6 +148,35 @@ async def delete_task(
 async def rollback(task: str, body: RollbackRequest, services: ServicesDep) -> VersionSummary:
     await services.store.rollback(task, body.version)
     return VersionSummary(**await services.store.get_summary(task, body.version))
+
+
+async def _import_bitfit(
+    services: Services, task: str, data: bytes, labels: str | None, verbalizer: str | None, template: str | None
+) -> PrefixArtifact:
+    bb = services.backbone
+    label_names, token_ids = _labels(labels), None
+    if verbalizer is not None:
+        if len(verbalizer) > 20_000:
+            raise BadRequest(f"verbalizer: expected at most 20000 characters, got {len(verbalizer)}")
+        try:
+            label_names, token_ids = verbalizer_tokens(bb.tokenizer, parse_verbalizer(verbalizer))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+    if template is not None:
+        check_template(template)
+    base, weights = checkpoint_references(bb)
+    return await asyncio.to_thread(  # compares every weight with the backbone's: off the event loop
+        import_bias_state_dict,
+        data,
+        max_bytes=services.settings.max_artifact_bytes,
+        task=task,
+        backbone=bb.fingerprint,
+        base=base,
+        base_weights=weights,
+        labels=label_names,
+        verbalizer=token_ids,
+        template=template,
+    )
 
 
 async def _publish(services: Services, art: PrefixArtifact) -> PrefixArtifact:

@@ -133,3 +133,36 @@ class BiasTable:
         if table is None:
             return None
         return table[slots[:, None], token_ids]  # (n, C)
+
+
+def checkpoint_references(backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What a BitFit checkpoint is compared with on import (prefix_store.bitfit_io): the biases by module path, and
+    every other parameter by name (body names relative to the base model, masked-LM transform names as in
+    *ForMaskedLM)."""
+    weights = {n: p for n, p in backbone.body.named_parameters() if not n.endswith(".bias")}
+    if backbone.mlm is not None and backbone.mlm.transform is not None:
+        prefix = MLM_BIAS + ".transform."
+        weights |= {prefix + n: p for n, p in backbone.mlm.transform.named_parameters() if not n.endswith(".bias")}
+    return bias_targets(backbone), weights
+
+
+def verbalizer_tokens(tokenizer: Any, pairs: list[tuple[str, str]]) -> tuple[list[str], list[int]]:
+    """Labels and their one vocabulary token each, from (label, word) pairs; a word that is not exactly one token
+    of this tokenizer is refused, naming how it splits."""
+    if tokenizer is None:
+        raise ValueError("a verbalizer needs the backbone's tokenizer to find its words' tokens")
+    vocab = tokenizer.get_vocab()
+    labels, ids = [], []
+    for label, word in pairs:
+        tid = vocab.get(word)
+        if tid is None:
+            pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(pieces) != 1:
+                shown = tokenizer.convert_ids_to_tokens(pieces)[:8]
+                raise ValueError(
+                    f"verbalizer word {word!r} (label {label!r}) is {len(pieces)} tokens {shown}: expected one"
+                )
+            tid = pieces[0]
+        labels.append(label)
+        ids.append(int(tid))
+    return labels, ids

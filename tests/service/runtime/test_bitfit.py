@@ -16,7 +16,7 @@ from prefix_store import BackboneFingerprint, BackboneMismatch, ClassificationHe
 from prefix_store.bitfit_io import export_bias_state_dict, import_bias_checkpoint
 from prefix_store.errors import UnsupportedAdapter
 from service.runtime import wrap_model
-from service.runtime.bias import bias_targets
+from service.runtime.bias import bias_targets, checkpoint_references
 from tests.golden.cases import STEPS, Case, assert_matches, differences, serve
 from tests.models import MASK_ID, tiny_model, tiny_tokenizer
 
@@ -269,9 +269,7 @@ def tuned_checkpoint(model, seed: int) -> dict[str, torch.Tensor]:
 
 
 def import_from(bb, sd: dict[str, torch.Tensor], **kw) -> PrefixArtifact:
-    base = bias_targets(bb)
-    weights = {n: p for n, p in bb.body.named_parameters() if not n.endswith("bias")}
-    weights |= {"cls.predictions.transform." + n: p for n, p in bb.mlm.transform.named_parameters()}
+    base, weights = checkpoint_references(bb)
     return import_bias_checkpoint(
         sd, sd.__getitem__, task="ft", backbone=bb.fingerprint, base=base, base_weights=weights, **kw
     )
