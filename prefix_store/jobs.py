@@ -24,8 +24,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .artifact import validate_task_name
-from .errors import PrefixStoreError, StoreUnavailable
+from .artifact import check_template, validate_task_name
+from .errors import ArtifactError, PrefixStoreError, StoreUnavailable
 
 GROUP = "trainers"
 _JSON_FIELDS = ("spec", "progress", "result")
@@ -35,7 +35,7 @@ class JobNotFound(PrefixStoreError, LookupError):
     pass
 
 
-Method = Literal["prefix_tuning", "p_tuning_v2", "prompt_tuning", "p_tuning"]
+Method = Literal["prefix_tuning", "p_tuning_v2", "prompt_tuning", "p_tuning", "bitfit"]
 
 
 class SweepGrid(BaseModel):
@@ -43,7 +43,7 @@ class SweepGrid(BaseModel):
     prompt lengths (an omitted axis keeps the job's value, or the method's default). Each run is evaluated on the dev
     set through the serving engine; the best is published."""
 
-    methods: list[Method] | None = Field(None, min_length=1, max_length=4)
+    methods: list[Method] | None = Field(None, min_length=1, max_length=5)
     lrs: list[float] | None = Field(None, min_length=1, max_length=16)
     num_virtual_tokens: list[int] | None = Field(None, min_length=1, max_length=16)
     parallel: int = Field(1, ge=1, le=16, description="runs trained at once (processes sharing the machine's cores)")
@@ -100,6 +100,16 @@ class TrainSpec(BaseModel):
     pooling: Literal["pooler", "cls", "mean", "last_token"] | None = Field(
         None, description="what the classification head reads; default: what the backbone was trained with"
     )
+    template: str | None = Field(
+        None,
+        max_length=1000,
+        description='how the task writes its input, with {text} (and {text_pair}); "{text} [MASK]" is a null prompt',
+    )
+    verbalizer: dict[str, str] | None = Field(
+        None,
+        max_length=256,
+        description="label -> one vocabulary word, read at [MASK] by the masked-LM head instead of a linear head",
+    )
     sweep: SweepGrid | None = Field(None, description="train a grid of runs and publish the best (see SweepGrid)")
     export_peft: str | None = Field(None, description="also write a PEFT adapter directory here")
 
@@ -114,6 +124,13 @@ class TrainSpec(BaseModel):
             raise ValueError("give exactly one of 'data' (a file) and 'examples' (inline records)")
         if self.dev_data is not None and self.dev_examples is not None:
             raise ValueError("give at most one of 'dev_data' and 'dev_examples'")
+        if self.template is not None:
+            try:
+                check_template(self.template)
+            except ArtifactError as e:
+                raise ValueError(str(e)) from None
+        if self.verbalizer is not None and self.pooling is not None:
+            raise ValueError("a verbalizer reads [MASK]: give no pooling with it")
         return self
 
 

@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 from prefix_store import EmbeddedRedis, PrefixStore, open_store
+from prefix_store.bitfit_io import parse_verbalizer
 from prefix_store.jobs import JobQueue, TrainSpec
 from service.runtime import load_backbone
 
@@ -47,7 +48,7 @@ def _spec_parser(sub: argparse._SubParsersAction, command: str, help_text: str) 
         help_text = field.description or ""
         if kind is bool:
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None, help=help_text)
-        elif name in ("columns",):
+        elif name in ("columns", "verbalizer"):
             p.add_argument(flag, default=None, help=help_text + " (k=v,k=v)")
         elif name == "labels":
             p.add_argument(flag, default=None, help=help_text + " (comma-separated)")
@@ -69,6 +70,8 @@ def _spec_from(args: argparse.Namespace) -> TrainSpec:
     values = {k: v for k, v in vars(args).items() if k in TrainSpec.model_fields and v is not None}
     if "columns" in values:
         values["columns"] = dict(pair.split("=", 1) for pair in values["columns"].split(","))
+    if "verbalizer" in values:
+        values["verbalizer"] = dict(parse_verbalizer(values["verbalizer"]))
     if "labels" in values:
         values["labels"] = [x.strip() for x in values["labels"].split(",")]
     if getattr(args, "command", None) == "sweep":

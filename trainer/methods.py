@@ -5,6 +5,9 @@ training-time only: the exported artifact holds their output, as in the papers a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -21,6 +24,8 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     # 1e-2 85.3%, 3e-2 85.6% (Lester et al. train with 0.3 under Adafactor; AdamW wants less)
     "prompt_tuning": {"lr": 3e-2, "num_virtual_tokens": 32, "warmup_ratio": 0.06},
     "p_tuning": {"lr": 3e-3, "num_virtual_tokens": 32, "warmup_ratio": 0.06},
+    # BitFit: biases only (no prompt length)
+    "bitfit": {"lr": 2e-3, "warmup_ratio": 0.06},
 }
 
 
@@ -30,6 +35,36 @@ def with_method_defaults(spec: TrainSpec) -> TrainSpec:
     if "num_virtual_tokens" in unset:
         unset["num_virtual_tokens"] = int(unset["num_virtual_tokens"])
     return spec.model_copy(update=unset)
+
+
+class BiasDeltas(nn.Module):
+    """BitFit (Ben Zaken et al.; Logan IV et al. with null prompts): a trainable delta for every bias of the frozen
+    backbone, added to the module's output while the task model runs (`applied`), from zeros (the backbone as it
+    is). forward() returns path -> delta (out,), what the artifact stores."""
+
+    def __init__(self, targets: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.paths = list(targets)
+        self.deltas = nn.ParameterList(
+            nn.Parameter(torch.zeros(t.numel(), dtype=torch.float32)) for t in targets.values()
+        )
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.paths, self.deltas, strict=True))
+
+    @contextlib.contextmanager
+    def applied(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        """Every module in `modules` (path -> module) adds its delta to its output, out of place (autograd)."""
+        handles = []
+        for path, delta in self().items():
+            module = modules.get(path)
+            if module is not None:  # the masked-LM decoder's bias is applied by the verbalizer, not by a hook
+                handles.append(module.register_forward_hook(lambda m, a, out, d=delta: out + d.to(out.dtype)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 class DirectKV(nn.Module):
@@ -107,6 +142,7 @@ def build_prefix(
     encoder: str = "lstm",
     init_ids: list[int] | None = None,
     generator: torch.Generator | None = None,
+    bias_targets: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """The trainable module of `method`.
 
@@ -114,7 +150,12 @@ def build_prefix(
         word_embeddings: (V, hidden) the backbone's input embeddings, to initialise soft prompts.
         reparam: Prefix-Tuning's MLP; on by default for prefix_tuning, off for p_tuning_v2.
         init_ids: prompt tuning from a text: its token ids (repeated to P); otherwise random vocabulary tokens.
+        bias_targets: bitfit: the backbone's biases by module path (service.runtime.bias.bias_targets).
     """
+    if method == "bitfit":
+        if not bias_targets:
+            raise ValueError("bitfit: this backbone has no bias terms to train")
+        return BiasDeltas(bias_targets)
     if method in ("prefix_tuning", "p_tuning_v2"):
         use_mlp = (method == "prefix_tuning") if reparam is None else reparam
         return ReparamKV(fp, P, mid) if use_mlp else DirectKV(fp, P)

@@ -5,6 +5,7 @@ prompts as the first P input embeddings with positions from 0, right padding. So
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,10 @@ from transformers import DynamicCache
 
 from prefix_store import KV_METHODS, BackboneFingerprint, ClassificationHead, PrefixArtifact
 from service.runtime import Backbone
+from service.runtime.bias import MLM_BIAS, bias_modules
 from service.runtime.prefix_kv import right_pad, token_positions
+
+from .methods import BiasDeltas
 
 
 @dataclass
@@ -50,6 +54,8 @@ class TaskModel(nn.Module):
     num_labels: adds a linear head (encoders: with bias; causal LMs: without, like transformers' score heads).
     pooling: what the head reads, as the server will read it (service/runtime/runner.py head_logits): "pooler",
         "cls" (column 0), "mean" (the real input tokens), "last_token".
+    verbalizer: instead of a linear head, one vocabulary token per label, scored by the masked-LM head at the first
+        [MASK] of each row (as runner.verbalize serves it).
     """
 
     def __init__(
@@ -60,10 +66,15 @@ class TaskModel(nn.Module):
         num_labels: int | None = None,
         head_dropout: float = 0.1,
         pooling: str | None = None,
+        verbalizer: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.bb, self.method, self.prefix = backbone, method, prefix
-        self.pooling = pooling or backbone.pooling
+        self.verbalizer = verbalizer
+        if verbalizer is not None:
+            num_labels = None  # the masked-LM head scores the labels: no linear head
+        self._bias_modules = bias_modules(backbone) if isinstance(prefix, BiasDeltas) else {}
+        self.pooling = "mask" if verbalizer is not None else (pooling or backbone.pooling)
         self.body = backbone.body
         self.lm_head = backbone.lm_head
         self.fp: BackboneFingerprint = backbone.fingerprint
@@ -83,6 +94,15 @@ class TaskModel(nn.Module):
         x = self.prefix()
         B, T = batch.ids.shape
         dev = batch.ids.device
+        if isinstance(self.prefix, BiasDeltas):  # the deltas enter through hooks (see loss): a plain forward
+            kwargs = {"token_type_ids": batch.types} if self.bb.is_encoder else {}
+            out = self.body(
+                input_ids=batch.ids,
+                attention_mask=batch.mask.long(),
+                position_ids=token_positions([0] * B, batch.lengths, T, dev),
+                **kwargs,
+            )
+            return out.last_hidden_state, getattr(out, "pooler_output", None), 0
         if self.method in KV_METHODS:  # x: (L, 2, H_kv, P, D)
             P = x.shape[3]
             cache = DynamicCache()
@@ -112,7 +132,17 @@ class TaskModel(nn.Module):
         out = self.body(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos, **kwargs)
         return out.last_hidden_state, getattr(out, "pooler_output", None), P
 
+    def applied(self) -> contextlib.AbstractContextManager[None]:
+        """The bias deltas in effect (bitfit), for the forward inside."""
+        if isinstance(self.prefix, BiasDeltas):
+            return self.prefix.applied(self._bias_modules)
+        return contextlib.nullcontext()
+
     def loss(self, batch: Batch) -> torch.Tensor:
+        with self.applied():
+            return self._loss(batch)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
         h, pooled, off = self.hidden(batch)
         if batch.classes is not None:
             return F.cross_entropy(self.class_logits(h, pooled, off, batch), batch.classes)
@@ -124,8 +154,28 @@ class TaskModel(nn.Module):
         return F.cross_entropy(logits.float(), targets[keep])
 
     def class_logits(self, h: torch.Tensor, pooled: torch.Tensor | None, off: int, batch: Batch) -> torch.Tensor:
+        if self.verbalizer is not None:
+            return self.verbalize(h, off, batch)
         assert self.head is not None
         return self.head(self.dropout(self.pool(h, pooled, off, batch))).float()
+
+    def verbalize(self, h: torch.Tensor, off: int, batch: Batch) -> torch.Tensor:
+        """(B, C) label logits: the masked-LM head at each row's first [MASK], at the verbalizer's tokens only."""
+        mlm, mask_id = self.bb.mlm, self.bb.mask_token_id
+        assert mlm is not None and mask_id is not None and self.verbalizer is not None
+        at = (batch.ids == mask_id).int().argmax(1) + off  # (B,) every row has one: the trainer checks
+        z = h[torch.arange(h.shape[0], device=h.device), at]  # (B, hidden)
+        if mlm.transform is not None:
+            z = mlm.transform(z)
+        verb = torch.tensor(self.verbalizer, device=h.device)  # (C,)
+        logits = z @ mlm.weight[verb].T  # (B, C)
+        if mlm.bias is not None:
+            logits = logits + mlm.bias[verb]
+        if isinstance(self.prefix, BiasDeltas):
+            delta = self.prefix().get(MLM_BIAS)
+            if delta is not None:
+                logits = logits + delta[verb].to(logits.dtype)
+        return logits.float()
 
     def pool(self, h: torch.Tensor, pooled: torch.Tensor | None, off: int, batch: Batch) -> torch.Tensor:
         """(B, hidden) states the head reads. h (B, off + T, hidden): `off` soft-prompt columns, then the tokens."""
@@ -141,12 +191,27 @@ class TaskModel(nn.Module):
         return h[torch.arange(h.shape[0], device=h.device), last]  # last real token
 
     @torch.no_grad()
-    def artifact(self, task: str, labels: list[str] | None, training: dict) -> PrefixArtifact:
-        x = self.prefix().detach().float().cpu().clone()  # a copy: the parameter keeps training
+    def artifact(
+        self, task: str, labels: list[str] | None, training: dict, template: str | None = None
+    ) -> PrefixArtifact:
         head = None
-        if self.head is not None:
+        if self.verbalizer is not None:
+            head = ClassificationHead(None, None, list(labels or []), "mask", token_ids=list(self.verbalizer))
+        elif self.head is not None:
             bias = self.head.bias.detach().float().cpu() if self.head.bias is not None else None
             head = ClassificationHead(self.head.weight.detach().float().cpu(), bias, list(labels or []), self.pooling)
+        if isinstance(self.prefix, BiasDeltas):
+            biases = {k: v.detach().float().cpu().clone() for k, v in self.prefix().items()}
+            return PrefixArtifact(
+                task=task,
+                method=self.method,
+                fingerprint=self.fp,
+                biases=biases,
+                head=head,
+                template=template,
+                training=training,
+            )
+        x = self.prefix().detach().float().cpu().clone()  # a copy: the parameter keeps training
         kv = x if self.method in KV_METHODS else None
         return PrefixArtifact(
             task=task,
@@ -155,5 +220,6 @@ class TaskModel(nn.Module):
             kv=kv,
             soft_prompt=None if kv is not None else x,
             head=head,
+            template=template,
             training=training,
         )

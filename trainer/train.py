@@ -19,9 +19,10 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from prefix_store import PrefixArtifact, decode, encode
+from prefix_store import PrefixArtifact, decode, encode, render_template
 from prefix_store.jobs import TrainSpec
 from service.runtime import Backbone, Engine, EngineRequest, SamplingParams, StepPlan
+from service.runtime.bias import bias_targets, verbalizer_tokens
 
 from .data import Dataset, Example, load_dataset
 from .methods import build_prefix, with_method_defaults
@@ -71,8 +72,12 @@ class Trainer:
         if self.data.kind == "generation" and backbone.is_encoder:
             raise ValueError(f"generation data needs a causal LM backbone; {backbone.name} is an encoder")
         self.labels = spec.labels or self.data.labels
+        self.verbalizer: list[int] | None = None
+        if spec.verbalizer is not None:
+            self._check_verbalizer(backbone, spec)
+            self.labels, self.verbalizer = verbalizer_tokens(self.tok, list(spec.verbalizer.items()))
         if self.data.kind == "classification" and set(self.data.labels) - set(self.labels):
-            raise ValueError(f"labels {spec.labels} do not cover the data's labels {self.data.labels}")
+            raise ValueError(f"labels {self.labels} do not cover the data's labels {self.data.labels}")
         torch.manual_seed(spec.seed)
         self.gen = torch.Generator().manual_seed(spec.seed)
         embeddings = backbone.embeddings.weight
@@ -87,40 +92,68 @@ class Trainer:
             encoder=spec.prompt_encoder,
             init_ids=init_ids,
             generator=self.gen,
+            bias_targets=bias_targets(backbone) if spec.method == "bitfit" else None,
         )
         n_labels = len(self.labels) if self.data.kind == "classification" else None
         pooling = spec.pooling or backbone.pooling
-        if n_labels and pooling not in backbone.poolings:
+        if n_labels and self.verbalizer is None and pooling not in backbone.poolings:
             raise ValueError(f"pooling {pooling!r} does not fit {backbone.name}: expected one of {backbone.poolings}")
+        if spec.export_peft and spec.method == "bitfit":
+            raise ValueError("export_peft: PEFT has no adapter type for bias deltas (bitfit)")
         if n_labels and spec.export_peft and pooling not in ("pooler", "last_token"):
             raise ValueError(
                 f"export_peft: a PEFT classification head reads the pooler or the last token; this head pools with "
                 f"{pooling!r} (set pooling to 'pooler' to export it)"
             )
-        model = TaskModel(backbone, spec.method, prefix.to(backbone.device), n_labels, pooling=pooling)
+        model = TaskModel(
+            backbone, spec.method, prefix.to(backbone.device), n_labels, pooling=pooling, verbalizer=self.verbalizer
+        )
         self.model = model.to(backbone.device)
         # Evaluation: each round's artifact is a new version; the device cache keeps room for two.
         fp = backbone.fingerprint
-        prefix_bytes = 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * spec.num_virtual_tokens * 4
+        prefix_bytes = 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * (spec.num_virtual_tokens or 0) * 4
         self.engine = Engine(backbone, device_cache_bytes=2 * prefix_bytes + 2**20, max_rows=64)
         self.order: list[int] = []  # indices of the examples still to visit in this pass over the data
 
+    def _check_verbalizer(self, backbone: Backbone, spec: TrainSpec) -> None:
+        if self.data.kind != "classification" or backbone.mask_token_id is None or backbone.mlm is None:
+            raise ValueError("a verbalizer reads [MASK]: it needs classification data and an encoder with a mask token")
+        mask = self.tok.mask_token
+        if spec.template is None or mask not in spec.template:
+            raise ValueError(f"a verbalizer reads the mask token: give a template with it, e.g. '{{text}} {mask}'")
+        missing = set(self.data.labels) - set(spec.verbalizer or {})
+        if missing:
+            raise ValueError(f"verbalizer: no word for the labels {sorted(missing)}")
+
     # -- batches ------------------------------------------------------------------------------------------------
     def _encode(self, ex: Example) -> tuple[list[int], list[int] | None, list[int] | None]:
-        """(ids, labels, token types) of one example, truncated to max_length."""
+        """(ids, labels, token types) of one example, truncated to max_length (a templated input loses words of
+        its text, so the template's own tokens, [MASK] included, always stay)."""
         L = self.spec.max_length
         if self.data.kind == "classification":
-            enc = (
-                self.tok(ex.text, ex.text_pair, truncation=True, max_length=L)
-                if ex.text_pair
-                else self.tok(ex.text, truncation=True, max_length=L)
-            )
-            return enc["input_ids"], None, enc.get("token_type_ids")
+            text, pair = ex.text, ex.text_pair
+            for _ in range(8):
+                enc = self._classification_tokens(text, pair, truncate=self.spec.template is None)
+                if len(enc["input_ids"]) <= L:
+                    break
+                words = text.split()  # cut the text in proportion to the excess and try again
+                text = " ".join(words[: max(0, len(words) * L // len(enc["input_ids"]) - 1)])
+            ids = enc["input_ids"][:L]
+            if self.verbalizer is not None and self.bb.mask_token_id not in ids:
+                raise ValueError(
+                    f"an example does not fit max_length {L} with its template's mask token: {ex.text[:80]!r}"
+                )
+            return ids, None, (enc.get("token_type_ids") or [])[:L] or None
         prompt = self.tok(ex.text, truncation=True, max_length=L)["input_ids"]
         target = self.tok(" " + (ex.target or ""), add_special_tokens=False)["input_ids"][:L]
         if self.tok.eos_token_id is not None:
             target = target + [self.tok.eos_token_id]
         return prompt + target, [-100] * len(prompt) + target, None
+
+    def _classification_tokens(self, text: str, pair: str | None, truncate: bool) -> dict[str, Any]:
+        text, pair = render_template(self.spec.template, text, pair)
+        kw: dict[str, Any] = {"truncation": True, "max_length": self.spec.max_length} if truncate else {}
+        return self.tok(text, pair, **kw) if pair else self.tok(text, **kw)
 
     def _batch(self, examples: list[Example]) -> Batch:
         enc = [self._encode(e) for e in examples]
@@ -270,7 +303,8 @@ class Trainer:
             "metric": self.metric_name,
             **extra,
         }
-        art = self.model.artifact(s.task, self.labels if self.data.kind == "classification" else None, training)
+        labels = self.labels if self.data.kind == "classification" else None
+        art = self.model.artifact(s.task, labels, training, template=s.template)
         art.created_at = datetime.now(UTC).isoformat(timespec="seconds")
         return art
 

@@ -144,7 +144,9 @@ async def test_readers_never_see_a_torn_or_mismatched_version(redis_url, store):
                 fill = float(i * 10 + k)
                 art = await s.put(make_artifact("race", P=8, fill=fill))
                 fills[art.version] = fill
-                await asyncio.sleep(0.01)
+                target = len(seen) + 2  # let the readers read between writes, however loaded the machine is
+                while len(seen) < target:
+                    await asyncio.sleep(0.001)
         finally:
             await s.aclose()
 

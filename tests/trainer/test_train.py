@@ -120,3 +120,66 @@ def test_spec_validation():
         TrainSpec(task="t", method="p_tuning_v2")
     with pytest.raises(ValueError, match="lower-case"):
         TrainSpec(task="Bad", method="p_tuning_v2", data="x.jsonl")
+
+
+# -- bitfit: biases only, with a linear head or a null prompt and a verbalizer ------------------------------------
+def _mlm_backbone():
+    return wrap_model(tiny_model("bert-mlm"), tiny_tokenizer(mask=True), name="mlm")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("head", ["verbalizer", "linear"])
+async def test_bitfit_trained_is_what_is_served(head, store):
+    """The trainer's own forward (bias deltas through autograd hooks) and the engine serving the published artifact
+    (delta tables, in-place hooks, [MASK] verbalizer) give the same logits."""
+    bb = _mlm_backbone()
+    kw = dict(template="{text} [MASK]", verbalizer={"neg": "w10", "pos": "w11"}) if head == "verbalizer" else {}
+    result = train(bb, spec("bitfit", CLS, lr=5e-2, steps=200, eval_every=100, **kw))
+    art = result.artifact
+    assert art.method == "bitfit" and art.biases and "cls.predictions.transform.dense" in art.biases
+    if head == "verbalizer":
+        assert art.head.token_ids == [10, 11] and art.head.pooling == "mask" and art.template == "{text} [MASK]"
+        assert "cls.predictions" in art.biases
+    assert result.metrics["accuracy"] > 0.6, result.history
+    stored = await store.put(art)
+    text = "w4 w6"
+    trainer_model = _trainer_logits(bb, art, text, kw)
+    async with serving_stack(store, tiny_model("bert-mlm"), tiny_tokenizer(mask=True)) as stack:
+        ids = tiny_tokenizer(mask=True)(text + (" [MASK]" if kw else ""))["input_ids"]
+        (ev,) = [ev async for ev in stack.scheduler.submit(stored.task, ids).events()]
+    assert (ev.logits - trainer_model).abs().max().item() <= 1e-5
+
+
+def _trainer_logits(bb, art, text, kw):
+    from trainer.methods import BiasDeltas
+    from trainer.model import TaskModel, make_batch
+
+    deltas = BiasDeltas({k: v for k, v in art.biases.items()})
+    with torch.no_grad():
+        for p, v in zip(deltas.deltas, art.biases.values(), strict=True):
+            p.copy_(v)
+    model = TaskModel(bb, "bitfit", deltas, len(art.head.labels), head_dropout=0.0, verbalizer=art.head.token_ids)
+    if model.head is not None:
+        with torch.no_grad():
+            model.head.weight.copy_(art.head.weight)
+            model.head.bias.copy_(art.head.bias)
+    model.pooling = art.head.pooling
+    ids = bb.tokenizer(text + (" [MASK]" if kw else ""))["input_ids"]
+    batch = make_batch([ids], bb.device, 0, types=[[0] * len(ids)])
+    with torch.no_grad(), model.applied():
+        h, pooled, off = model.hidden(batch)
+        return model.class_logits(h, pooled, off, batch)[0]
+
+
+def test_verbalizer_needs_a_template_with_the_mask():
+    with pytest.raises(ValueError, match="template"):
+        train(_mlm_backbone(), spec("bitfit", CLS, verbalizer={"neg": "w10", "pos": "w11"}))
+    with pytest.raises(ValueError, match="expected one"):
+        train(
+            _mlm_backbone(), spec("bitfit", CLS, template="{text} [MASK]", verbalizer={"neg": "w10 w12", "pos": "w11"})
+        )
+
+
+def test_bitfit_on_a_bias_free_backbone_is_refused():
+    with pytest.raises(ValueError, match="no bias terms"):
+        train(wrap_model(tiny_model("llama"), tiny_tokenizer(), name="t"), spec("bitfit", GEN))
