@@ -12,6 +12,8 @@ runs, every prefix resident unless the scenario says otherwise.
   churn     1,000 tasks vs 5 with the host cache sized for 16 prefixes and the device pool for the running rows'
             prefixes plus 16 (most requests reload from Redis)
   bare      every request on the bare backbone (no prefix) through the same engine, vs 64 tasks
+  bias      64 bias (bitfit) tasks mixed with 64 prefix tasks, half the requests each, vs the 64 prefix tasks alone
+            (on a GPT-2 of the same size when --arch has no biases)
   peft      ours vs PEFT running each task's requests as one batch (`--peft-tasks`), and the achieved FLOP/s of our
             run as a fraction of this machine's fp32 matrix-multiply peak (a 2048^3 GEMM measured in the same run)
   memory    key/value bytes the engine holds (pool + slot buffers) vs the ideal (unique prefixes + tokens), sampled
@@ -47,7 +49,7 @@ from prefix_store import BackboneFingerprint, PrefixArtifact, open_store
 from service.runtime import SamplingParams, Scheduler, build_serving, wrap_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ["hosted", "prefix", "churn", "bare", "peft", "memory", "stall", "loads"]
+SCENARIOS = ["hosted", "prefix", "churn", "bare", "bias", "peft", "memory", "stall", "loads"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,6 +120,13 @@ def random_artifact(name: str, fp: BackboneFingerprint, P: int, seed: int) -> Pr
     return PrefixArtifact(task=name, method="p_tuning_v2", fingerprint=fp, kv=kv)
 
 
+def random_bias_artifact(name: str, backbone, seed: int) -> PrefixArtifact:
+    """A bitfit task shifting every bias of the backbone."""
+    g = torch.Generator().manual_seed(seed)
+    deltas = {path: 0.1 * torch.randn(size, generator=g) for path, size in backbone.bias_sizes().items()}
+    return PrefixArtifact(task=name, method="bitfit", fingerprint=backbone.fingerprint, biases=deltas)
+
+
 def prefix_bytes(fp: BackboneFingerprint, P: int, dtype: torch.dtype) -> int:
     return 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * P * torch.empty((), dtype=dtype).element_size()
 
@@ -134,6 +143,14 @@ class Bench:
         self.last_runs: list[list[float]] = []
         g = torch.Generator().manual_seed(0)
         self.prompts = torch.randint(2, args.vocab, (args.requests, max(args.prompt, args.peft_prompt)), generator=g)
+
+    async def bias_tasks(self, n: int) -> list[str]:
+        names = self.published.setdefault(-1, [])
+        while len(names) < n:
+            name = f"bias-t{len(names)}"
+            await self.store.put(random_bias_artifact(name, self.backbone, seed=len(names)))
+            names.append(name)
+        return names[:n]
 
     async def tasks(self, n: int, P: int) -> list[str]:
         names = self.published.setdefault(P, [])
@@ -298,6 +315,26 @@ async def bare(b: Bench, report: dict) -> None:
     ratio = pair_ratio(b, 0, 1)
     report["bare"] = (tok_tasks, tok_base, ratio)
     print(f"  64 tasks {tok_tasks:.1f} tok/s, bare backbone {tok_base:.1f} tok/s ({ratio:.3f})")
+
+
+async def bias(b: Bench, report: dict) -> None:
+    a = b.args
+    own = b if b.backbone.bias_sizes() else Bench(argparse.Namespace(**{**vars(a), "arch": "gpt2"}))
+    try:
+        prefix_tasks = spread(await own.tasks(64, a.prefix), a.requests)
+        bias_tasks = spread(await own.bias_tasks(64), a.requests)
+        mixed = [prefix_tasks[i] if i % 2 == 0 else bias_tasks[i] for i in range(a.requests)]
+        async with own.stack() as sched:
+            await warm(sched, prefix_tasks + bias_tasks, own.prompts)
+            tok_alone, tok_mixed = await median_ratio(
+                [(sched, prefix_tasks), (sched, mixed)], own, a.prompt, a.new, a.repeats
+            )
+        ratio = pair_ratio(own)
+    finally:
+        if own is not b:
+            await own.close()
+    report["bias"] = (tok_alone, tok_mixed, ratio)
+    print(f"  64 prefix tasks {tok_alone:.1f} tok/s, + 64 bias tasks mixed in {tok_mixed:.1f} tok/s ({ratio:.3f})")
 
 
 def gemm_peak(device: str, dtype: torch.dtype) -> float:
@@ -525,6 +562,9 @@ def summary(report: dict, args: argparse.Namespace) -> None:
     if "bare" in report:
         ratio = report["bare"][2]
         print(f" cost of serving prefixes (1 - 64 tasks / bare)            {1 - ratio:>6.1%}   <= 5%")
+    if "bias" in report:
+        ratio = report["bias"][2]
+        print(f" bias tasks mixed with prefix tasks / prefix tasks alone   {ratio:>6.3f}   >= 0.95")
     if "memory" in report:
         for label, _, _, peak, mean in report["memory"]:
             print(f" key/value bytes held / ideal, {label:<18}        {peak:>6.2f}x  <= 1.1x (mean {mean:.2f}x)")
@@ -563,11 +603,14 @@ def plot(report: dict, args: argparse.Namespace) -> None:
     if "bare" in report:
         bars += [report["bare"][2]]
         labels += ["64 tasks\nvs bare"]
+    if "bias" in report:
+        bars += [report["bias"][2]]
+        labels += ["bias tasks\nmixed in"]
     if bars:
-        axes[2].bar(labels, bars, color=["C0", "C1", "C2"][: len(bars)])
+        axes[2].bar(labels, bars, color=["C0", "C1", "C2", "C4"][: len(bars)])
         axes[2].axhline(0.8, ls="--", c="gray", lw=1)
         axes[2].set(ylabel="throughput ratio", ylim=(0, 1.2))
-        axes[2].set_title("cache churn, cost of prefixes")
+        axes[2].set_title("cache churn, cost of prefixes and biases")
     fig.tight_layout()
     fig.savefig(out / "engine.png", dpi=110)
     if "stall" in report:
@@ -593,6 +636,7 @@ async def main(args: argparse.Namespace) -> dict:
         "prefix": prefix_lengths,
         "churn": churn,
         "bare": bare,
+        "bias": bias,
         "memory": memory,
         "stall": stall,
         "loads": loads,

@@ -20,5 +20,6 @@ def test_engine_benchmark_smoke(tmp_path, capsys):
     ours, theirs, achieved, peak = report["peft"]
     assert ours > 0 and theirs > 0 and 0 < achieved < peak
     assert all(held >= ideal > 0 for _, held, ideal, _, _ in report["memory"])
+    assert report["bias"][0] > 0 and report["bias"][1] > 0
     assert (tmp_path / "engine.png").exists() and (tmp_path / "stall.png").exists()
     assert "achieved FLOP/s / fp32 GEMM peak" in capsys.readouterr().out
