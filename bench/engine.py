@@ -324,17 +324,18 @@ async def bias(b: Bench, report: dict) -> None:
         prefix_tasks = spread(await own.tasks(64, a.prefix), a.requests)
         bias_tasks = spread(await own.bias_tasks(64), a.requests)
         mixed = [prefix_tasks[i] if i % 2 == 0 else bias_tasks[i] for i in range(a.requests)]
+        bare_rows: list[str | None] = [None] * a.requests
         async with own.stack() as sched:
             await warm(sched, prefix_tasks + bias_tasks, own.prompts)
-            tok_alone, tok_mixed = await median_ratio(
-                [(sched, prefix_tasks), (sched, mixed)], own, a.prompt, a.new, a.repeats
-            )
-        ratio = pair_ratio(own)
+            runs = [(sched, prefix_tasks), (sched, mixed), (sched, bare_rows), (sched, bias_tasks)]
+            tok_alone, tok_mixed, tok_bare, tok_bias = await median_ratio(runs, own, a.prompt, a.new, a.repeats)
+        ratio, hooks = pair_ratio(own, 1, 0), pair_ratio(own, 3, 2)
     finally:
         if own is not b:
             await own.close()
-    report["bias"] = (tok_alone, tok_mixed, ratio)
+    report["bias"] = (tok_alone, tok_mixed, ratio, tok_bare, tok_bias, hooks)
     print(f"  64 prefix tasks {tok_alone:.1f} tok/s, + 64 bias tasks mixed in {tok_mixed:.1f} tok/s ({ratio:.3f})")
+    print(f"  bare backbone {tok_bare:.1f} tok/s, 64 bias tasks only {tok_bias:.1f} tok/s ({hooks:.3f})")
 
 
 def gemm_peak(device: str, dtype: torch.dtype) -> float:
@@ -565,6 +566,7 @@ def summary(report: dict, args: argparse.Namespace) -> None:
     if "bias" in report:
         ratio = report["bias"][2]
         print(f" bias tasks mixed with prefix tasks / prefix tasks alone   {ratio:>6.3f}   >= 0.95")
+        print(f" 64 bias tasks / bare backbone (the hooks' cost)            {report['bias'][5]:>6.3f}")
     if "memory" in report:
         for label, _, _, peak, mean in report["memory"]:
             print(f" key/value bytes held / ideal, {label:<18}        {peak:>6.2f}x  <= 1.1x (mean {mean:.2f}x)")

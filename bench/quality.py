@@ -3,10 +3,14 @@ budget and batch size, mean and spread over seeds, trainable parameter counts, a
 
     .venv/bin/python bench/quality.py                          # both datasets, every method, 3 seeds (CPU: hours)
     .venv/bin/python bench/quality.py --datasets mrpc --methods p_tuning_v2 finetune --seeds 0
+    .venv/bin/python bench/quality.py --few-shot 32 --seeds 0 1 2 3 4 --methods null_prompt bitfit probe
 
 Methods: a linear probe on frozen features, full fine-tuning (both with the backbone's own mean pooling, as the
-trainer's heads), and the trainer's four prompt-learning methods (its method defaults: trainer/methods.py), whose
-accuracy is the served one: the trainer evaluates the final artifact through the serving engine. Train on
+trainer's heads), the trainer's four prompt-learning methods (its method defaults: trainer/methods.py), BitFit with a
+linear head, and a null prompt + BitFit (Logan IV et al.: "{text} [MASK]", the label read at [MASK] over a
+verbalizer; MiniLM has no MLM head, so [MASK] is scored against the tied input embeddings). Their accuracy is the
+served one: the trainer evaluates the final artifact through the serving engine. --few-shot N trains every method on
+N random training examples per seed (the paper's setting: 32, five seeds). Train on
 shared/data/<dataset>/train.tsv, report accuracy on all of dev.tsv (tune there; the held-out test sets are not here).
 """
 
@@ -31,8 +35,12 @@ from trainer.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-PROMPT_METHODS = ["p_tuning_v2", "prefix_tuning", "prompt_tuning", "p_tuning"]
+PROMPT_METHODS = ["p_tuning_v2", "prefix_tuning", "prompt_tuning", "p_tuning", "bitfit", "null_prompt"]
 ALL_METHODS = ["probe", "finetune", *PROMPT_METHODS]
+NULL_PROMPT = {  # template and verbalizer per dataset
+    "sst2": ("{text} [MASK]", {"0": "terrible", "1": "great"}),
+    "mrpc": ("{text} [MASK]", {"0": "no", "1": "yes"}),  # the second sentence stays the second segment
+}
 LABELS = {
     "probe": "linear probe (frozen, mean-pooled)",
     "finetune": "full fine-tuning",
@@ -40,6 +48,8 @@ LABELS = {
     "prefix_tuning": "Prefix-Tuning (MLP reparametrisation)",
     "prompt_tuning": "prompt tuning",
     "p_tuning": "P-Tuning (LSTM prompt encoder)",
+    "bitfit": "BitFit (linear head, mean-pooled)",
+    "null_prompt": "null prompt + BitFit (verbalizer at [MASK])",
 }
 
 
@@ -53,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float, default=5e-5)
     p.add_argument("--probe-lr", type=float, default=1e-2)
     p.add_argument("--dev-limit", type=int, default=None, help="evaluate on the first N dev examples")
+    p.add_argument("--few-shot", type=int, default=None, help="train on N random examples per seed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "plots")
     return p.parse_args(argv)
 
@@ -64,6 +75,20 @@ def max_length(dataset: str) -> int:
 def data_of(dataset: str, dev_limit: int | None) -> Dataset:
     d = DATA / dataset
     return load_dataset(d / "train.tsv", d / "dev.tsv", dev_limit=dev_limit)
+
+
+def few_shot(data: Dataset, n: int, seed: int) -> Dataset:
+    """n training examples drawn at random (seeded); dev unchanged."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    picked = [data.train[i] for i in torch.randperm(len(data.train), generator=g)[:n].tolist()]
+    return Dataset(data.kind, picked, data.dev, data.labels)
+
+
+def records(examples) -> list[dict]:
+    return [
+        {"text": e.text, "label": e.label} | ({"text_pair": e.text_pair} if e.text_pair is not None else {})
+        for e in examples
+    ]
 
 
 # -- baselines outside the trainer: a probe and full fine-tuning, pooled as the trainer's heads pool -------------------
@@ -105,7 +130,7 @@ def baseline(kind: str, data: Dataset, args, seed: int, length: int) -> tuple[fl
         params, lr = list(model.parameters()) + list(head.parameters()), args.finetune_lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = get_linear_schedule_with_warmup(opt, int(0.06 * args.steps), args.steps)
-    for idx in batches(len(data.train), args.steps, args.batch_size, seed):
+    for idx in batches(len(data.train), args.steps, min(args.batch_size, len(data.train)), seed):
         ex = [data.train[i] for i in idx]
         with torch.set_grad_enabled(kind == "finetune"):
             x = mean_pool(model, encode(tok, ex, length))
@@ -126,16 +151,24 @@ def baseline(kind: str, data: Dataset, args, seed: int, length: int) -> tuple[fl
     return correct / len(data.dev), trainable
 
 
-def prompt_method(method: str, dataset: str, args, seed: int, backbone) -> tuple[float, int]:
+def prompt_method(method: str, dataset: str, args, seed: int, backbone, data: Dataset) -> tuple[float, int]:
     d = DATA / dataset
+    source: dict = {"data": str(d / "train.tsv")}
+    if args.few_shot:
+        source = {"examples": records(data.train)}
+    extra: dict = {}
+    if method == "null_prompt":
+        template, verbalizer = NULL_PROMPT[dataset]
+        extra = {"template": template, "verbalizer": verbalizer}
     spec = TrainSpec(
         task=dataset,
-        method=method,
-        data=str(d / "train.tsv"),
+        method="bitfit" if method == "null_prompt" else method,
+        **source,
+        **extra,
         dev_data=str(d / "dev.tsv"),
         dev_limit=args.dev_limit or 100_000,
         steps=args.steps,
-        batch_size=args.batch_size,
+        batch_size=min(args.batch_size, len(data.train)),
         max_length=max_length(dataset),
         eval_every=args.steps,  # one evaluation, of the final artifact, as served
         patience=1_000,
@@ -150,6 +183,7 @@ def main(args: argparse.Namespace) -> dict:
     backbone = load_backbone(DEFAULT_BACKBONE, local_files_only=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
+    name = "quality-few-shot.json" if args.few_shot else "quality.json"
     for dataset in args.datasets:
         data = data_of(dataset, args.dev_limit)
         majority = max(sum(e.label == lab for e in data.dev) for lab in data.labels) / len(data.dev)
@@ -158,28 +192,30 @@ def main(args: argparse.Namespace) -> dict:
             f"{args.steps} steps of {args.batch_size}; torch threads {torch.get_num_threads()}",
             flush=True,
         )
-        results[dataset] = {"majority": majority, "methods": {}}
+        results[dataset] = {"majority": majority, "methods": {}, "few_shot": args.few_shot, "steps": args.steps}
         for method in args.methods:
             accs, trainable, seconds = [], 0, 0.0
             for seed in args.seeds:
                 start = time.perf_counter()
+                run_data = few_shot(data, args.few_shot, seed) if args.few_shot else data
                 if method in ("probe", "finetune"):
-                    acc, trainable = baseline(method, data, args, seed, max_length(dataset))
+                    acc, trainable = baseline(method, run_data, args, seed, max_length(dataset))
                 else:
-                    acc, trainable = prompt_method(method, dataset, args, seed, backbone)
+                    acc, trainable = prompt_method(method, dataset, args, seed, backbone, run_data)
                 seconds += time.perf_counter() - start
                 accs.append(acc)
                 print(f"  {method:<14} seed {seed}: {acc:.2%}  ({time.perf_counter() - start:.0f} s)", flush=True)
             results[dataset]["methods"][method] = {"accs": accs, "trainable": trainable, "seconds": seconds}
-            (args.out / "quality.json").write_text(json.dumps(results, indent=1))
+            (args.out / name).write_text(json.dumps(results, indent=1))
     print_table(results)
-    plot(results, args.out / "quality.png")
+    plot(results, args.out / ("quality-few-shot.png" if args.few_shot else "quality.png"))
     return results
 
 
 def print_table(results: dict) -> None:
     for dataset, r in results.items():
-        print(f"\n{dataset} (dev; majority class {r['majority']:.2%})\n")
+        shots = f"{r['few_shot']} training examples per seed, " if r.get("few_shot") else ""
+        print(f"\n{dataset} (dev; {shots}majority class {r['majority']:.2%})\n")
         print("| method | trainable parameters | dev accuracy, mean ± std over seeds | seeds |")
         print("|---|---:|---:|---:|")
         for method, m in r["methods"].items():

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from safetensors.torch import save as st_save
 
 from prefix_store import PrefixArtifact, check_template, decode, import_peft_adapter, validate_task_name
-from prefix_store.bitfit_io import import_bias_state_dict, parse_verbalizer
+from prefix_store.bitfit_io import export_bias_state_dict, import_bias_state_dict, parse_verbalizer
 
 from ..auth import AdminAuth
 from ..http_errors import BadRequest, PayloadTooLarge
@@ -124,6 +125,28 @@ async def upload(
         )
     stored = await _publish(services, art)
     return VersionSummary(**stored.summary())
+
+
+@router.get(
+    "/{task}/state_dict",
+    summary="A bias (bitfit) task as a state dict of its tuned biases",
+    description="safetensors bytes: the serving backbone's biases plus the task's deltas, under transformers' "
+    "parameter names (with `base_prefix`, e.g. `bert.` for BertForMaskedLM), and a linear head as `classifier.*` "
+    "or `score.*`; `model.load_state_dict(sd, strict=False)` applies it.",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, 400: {"model": ErrorBody}},
+)
+async def export_state_dict(
+    task: str,
+    services: ServicesDep,
+    version: Annotated[int | None, Query(ge=1, description="default: the current version")] = None,
+    base_prefix: Annotated[str, Query(max_length=64, pattern=r"^([A-Za-z_][A-Za-z0-9_]*\.)?$")] = "",
+) -> Response:
+    art = await services.store.get(task, version)
+    base, _ = checkpoint_references(services.backbone)
+    services.backbone.check(art)
+    tensors = export_bias_state_dict(art, base, base_prefix=base_prefix)
+    return Response(st_save(tensors), media_type="application/octet-stream")
 
 
 @router.delete(

@@ -9,6 +9,7 @@ import uuid
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from prefix_store import ArtifactFormatError, BackboneFingerprint, ClassificationHead, PrefixArtifact, encode
@@ -70,6 +71,17 @@ def test_state_dict_upload_with_verbalizer_and_template_classifies_through_them(
 
         r = client.post("/v1/classify", json={"task": "nli", "input_ids": [5, 6, 7]})
         assert r.status_code == 400 and "mask token" in r.json()["error"]["message"]
+
+        # Exported back as a state dict, the tuned biases load into the model as they were trained.
+        r = client.get("/v1/tasks/nli/state_dict", params={"base_prefix": "bert."})
+        assert r.status_code == 200, r.text
+        fresh = copy.deepcopy(mlm)
+        _, unexpected = fresh.load_state_dict(st_load(r.content), strict=False)
+        assert not unexpected
+        for name, p in fresh.named_parameters():
+            if name.endswith("bias"):
+                assert torch.allclose(p, renamed[name], atol=1e-6), name
+        assert client.get("/v1/tasks/nli/state_dict", params={"base_prefix": "../x"}).status_code == 422
 
 
 def _bad(fp: BackboneFingerprint, **kw) -> PrefixArtifact:
