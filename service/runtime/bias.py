@@ -49,39 +49,48 @@ def bias_targets(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 
 class BiasTable:
-    """The bias deltas of the resident bias tasks, one table per module, and the hooks that apply them.
+    """The bias deltas of the resident bias tasks, and the hooks that apply them.
 
-    tables: path -> (S, out) in the backbone's dtype; row 0 is zeros (rows without deltas), row s a task's slot.
-    A task without a delta for some module has zeros there. Hooks are registered while at least one task is
-    resident, so a server without bias tasks runs its forwards untouched.
+    table: (S, total) in the backbone's dtype, every module's deltas side by side (module m in columns
+        offsets[m] : offsets[m] + sizes[m]); row 0 is zeros (rows without deltas), row s a task's slot. A task
+        without a delta for some module has zeros there.
+    A forward gathers its rows' deltas once, (B, total), and each module's hook adds its columns of that in place:
+    one gather per forward, one add per module. Hooks are registered while at least one task is resident, so a
+    server without bias tasks runs its forwards untouched.
     """
 
     def __init__(self, backbone: Backbone) -> None:
         self.bb = backbone
         self.modules = bias_modules(backbone)
         self.sizes = {name: t.numel() for name, t in bias_targets(backbone).items()}
-        self.tables: dict[str, torch.Tensor] = {}
-        self.capacity = 1  # slot 0
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, size in self.sizes.items():
+            self.offsets[name] = total
+            total += size
+        self.table = torch.zeros(1, total, dtype=backbone.dtype, device=backbone.device)
         self._free: list[int] = []
         self._used = 0
-        self._rows: torch.Tensor | None = None  # (B,) the current forward's slots, or None: no row has deltas
+        self._rows: torch.Tensor | None = None  # (B, total) the current forward's deltas, or None: no row has any
         self._hooks: list[Any] = []
 
     @property
+    def capacity(self) -> int:
+        return self.table.shape[0]
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tables.values())
+        return 0 if self.capacity == 1 else self.table.numel() * self.table.element_size()
 
     def alloc(self, deltas: dict[str, torch.Tensor]) -> int:
         """Writes a task's deltas (path -> (out,), checked against the backbone) into a free slot; returns it."""
         if not self._free:
             self._grow(max(2, 2 * self.capacity))
         slot = self._free.pop()
-        for name, table in self.tables.items():
-            delta = deltas.get(name)
-            if delta is None:
-                table[slot].zero_()
-            else:
-                table[slot].copy_(delta)
+        row = self.table[slot]
+        row.zero_()
+        for name, delta in deltas.items():
+            row[self.offsets[name] : self.offsets[name] + self.sizes[name]] = delta
         self._used += 1
         if not self._hooks:
             self._hooks = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
@@ -98,41 +107,40 @@ class BiasTable:
             self._hooks = []
 
     def _grow(self, capacity: int) -> None:
-        dev, dt = self.bb.device, self.bb.dtype
-        for name, size in self.sizes.items():
-            wider = torch.zeros(capacity, size, dtype=dt, device=dev)
-            if name in self.tables:
-                wider[: self.capacity] = self.tables[name]
-            self.tables[name] = wider
+        wider = self.table.new_zeros(capacity, self.table.shape[1])
+        wider[: self.capacity] = self.table
         self._free += range(capacity - 1, self.capacity - 1, -1)  # lowest slot handed out first
-        self.capacity = capacity
+        self.table = wider
 
     @contextlib.contextmanager
     def rows(self, slots: torch.Tensor | None) -> Iterator[None]:
         """The forward inside applies the deltas of `slots` (B,) row by row; None (or all zeros): none."""
-        self._rows = slots if slots is not None and self._used and bool(slots.any()) else None
+        active = slots is not None and self._used and bool(slots.any())
+        self._rows = self.table[slots] if active else None  # (B, total)
         try:
             yield
         finally:
             self._rows = None
 
     def _hook(self, name: str):
+        start, size = self.offsets[name], self.sizes[name]
+
         def add_delta(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
-            slots = self._rows
-            if slots is None:
+            rows = self._rows
+            if rows is None:
                 return
-            delta = self.tables[name][slots]  # (B, out)
-            out.add_(delta.view(delta.shape[0], *([1] * (out.ndim - 2)), delta.shape[1]))  # out (B, ..., out)
+            delta = rows[:, start : start + size]  # (B, out)
+            out.add_(delta.view(delta.shape[0], *([1] * (out.ndim - 2)), size))  # out (B, ..., out)
 
         return add_delta
 
     def decoder_bias(self, slots: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor | None:
         """The MLM decoder-bias deltas of rows `slots` (n,) at their verbalizer tokens `token_ids` (n, C); None when
         the backbone has no decoder bias."""
-        table = self.tables.get(MLM_BIAS)
-        if table is None:
+        start = self.offsets.get(MLM_BIAS)
+        if start is None:
             return None
-        return table[slots[:, None], token_ids]  # (n, C)
+        return self.table[slots[:, None], start + token_ids]  # (n, C)
 
 
 def checkpoint_references(backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
