@@ -189,7 +189,13 @@ def load_backbone(
     is_encoder = config.model_type in ENCODER_TYPES
     model_cls = AutoModel if is_encoder else AutoModelForCausalLM
     torch_dtype, dev = DTYPES[dtype], resolve_device(device)
-    model = model_cls.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation, **kwargs)
+    model, info = model_cls.from_pretrained(
+        source, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True, **kwargs
+    )
+    if is_encoder and any(k.startswith("pooler.") for k in info.get("missing_keys", ())):
+        # A checkpoint without pooler weights (a *ForMaskedLM one): transformers would initialise the pooler at
+        # random, differently in every replica. No pooler then; heads pool with [CLS] or the mean.
+        model.pooler = None
     mlm = None
     if is_encoder and any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in config.architectures or ()):
         # The encoder keeps its pooler (AutoModel); the masked-LM head comes from the same checkpoint.

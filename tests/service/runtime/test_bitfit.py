@@ -299,3 +299,21 @@ def test_checkpoint_that_changed_weights_is_refused():
     sd["bert.encoder.layer.1.output.dense.weight"] = sd["bert.encoder.layer.1.output.dense.weight"] + 0.01
     with pytest.raises(UnsupportedAdapter, match="changed weights other than biases"):
         import_from(bb, sd)
+
+
+def test_a_masked_lm_checkpoint_loads_with_its_head_and_no_random_pooler(tmp_path):
+    """load_backbone on a *ForMaskedLM directory: the encoder without a pooler (its weights are not in the
+    checkpoint) and the masked-LM head, whose scores at [MASK] are the checkpoint's own."""
+    from service.runtime import load_backbone
+
+    model = tiny_model("bert-mlm")
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer(mask=True).save_pretrained(tmp_path)
+    bb = load_backbone(str(tmp_path), device="cpu")
+    assert bb.mlm is not None and bb.mlm.transform is not None and "pooler" not in bb.poolings
+    x = torch.tensor([[5, 9, MASK_ID]])
+    with torch.no_grad():
+        want = model(input_ids=x).logits[0, -1, [10, 20]]
+        h = bb.body(input_ids=x).last_hidden_state[0, -1]
+        got = bb.mlm.transform(h) @ bb.mlm.weight[[10, 20]].T + bb.mlm.bias[[10, 20]]
+    assert torch.allclose(got, want, atol=1e-5)
