@@ -135,6 +135,7 @@ async def test_readers_never_see_a_torn_or_mismatched_version(redis_url, store):
     await store.put(make_artifact("race", fill=-1.0))
     fills[1] = -1.0
     stop = asyncio.Event()
+    turn = asyncio.Lock()
     seen = []
 
     async def writer(i):
@@ -142,11 +143,13 @@ async def test_readers_never_see_a_torn_or_mismatched_version(redis_url, store):
         try:
             for k in range(3):
                 fill = float(i * 10 + k)
-                art = await s.put(make_artifact("race", P=8, fill=fill))
-                fills[art.version] = fill
-                target = len(seen) + 2  # let the readers read between writes, however loaded the machine is
-                while len(seen) < target:
-                    await asyncio.sleep(0.001)
+                # Writers take turns (concurrent writers are the fifty-writers test's subject); the readers race
+                # each write, and the next waits until a reader has read this one, however loaded the machine is.
+                async with turn:
+                    art = await s.put(make_artifact("race", P=8, fill=fill))
+                    fills[art.version] = fill
+                    while not seen or max(v for v, _ in seen) < art.version:
+                        await asyncio.sleep(0.001)
         finally:
             await s.aclose()
 
