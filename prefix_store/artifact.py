@@ -3,6 +3,8 @@
 Shapes use the project's letters: L layers, H_kv key/value heads, P virtual tokens, D head dim, C labels.
 Key/value methods (prefix_tuning, p_tuning_v2) carry `kv` (L, 2, H_kv, P, D), index 0 = keys, 1 = values.
 Soft-prompt methods (prompt_tuning, p_tuning) carry `soft_prompt` (P, hidden).
+Visual prompts (VPT, Jia et al.): `vpt_shallow` carries `soft_prompt` (P, hidden), tokens inserted after [CLS] at the
+input; `vpt_deep` carries `deep_prompt` (L, P, hidden), layer i's prompt tokens, served as that layer's key/values.
 Bias methods (bitfit) carry `biases`, per module path a delta (out,) added to that module's bias (tuned - base), and
 may carry a `kv` prefix too. A head is linear (weight over a pooled state) or a verbalizer (one vocabulary token per
 label, scored at the [MASK] position); a `template` ("{text} [MASK]") says how the task writes its input.
@@ -25,7 +27,10 @@ from .errors import ArtifactFormatError, ArtifactShapeError, BackboneMismatch, I
 KV_METHODS = ("prefix_tuning", "p_tuning_v2")
 SOFT_PROMPT_METHODS = ("prompt_tuning", "p_tuning")
 BIAS_METHODS = ("bitfit",)
-METHODS = KV_METHODS + SOFT_PROMPT_METHODS + BIAS_METHODS
+VPT_METHODS = ("vpt_shallow", "vpt_deep")  # visual prompts of image backbones
+METHODS = KV_METHODS + SOFT_PROMPT_METHODS + BIAS_METHODS + VPT_METHODS
+_PREFIX_TENSOR = {m: "kv" for m in KV_METHODS} | {m: "soft_prompt" for m in SOFT_PROMPT_METHODS}
+_PREFIX_TENSOR |= {"vpt_shallow": "soft_prompt", "vpt_deep": "deep_prompt"}
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POOLINGS = ("pooler", "cls", "mean", "last_token", "mask")  # "mask": a verbalizer reads the [MASK] position
 MAX_BIAS_MODULES = 4096
@@ -71,8 +76,9 @@ class BackboneFingerprint:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ArtifactFormatError(f"fingerprint {f.name}: expected a positive int, got {value!r}")
+            least = 0 if f.name == "vocab_size" else 1  # image backbones have no vocabulary
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ArtifactFormatError(f"fingerprint {f.name}: expected an int >= {least}, got {value!r}")
         if not isinstance(self.model_type, str) or not self.model_type:
             raise ArtifactFormatError(f"backbone fingerprint model_type: expected a string, got {self.model_type!r}")
 
@@ -88,7 +94,7 @@ class BackboneFingerprint:
             num_attention_heads=heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
-            vocab_size=config.vocab_size,
+            vocab_size=getattr(config, "vocab_size", 0) or 0,  # image backbones have none
         )
 
     @classmethod
@@ -176,6 +182,7 @@ class PrefixArtifact:
     created_at: str = ""
     biases: dict[str, torch.Tensor] | None = None
     template: str | None = None
+    deep_prompt: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         validate_task_name(self.task)
@@ -197,30 +204,29 @@ class PrefixArtifact:
     # -- validation -----------------------------------------------------------------------------------------------
     def _check_prefix_tensor(self) -> None:
         fp = self.fingerprint
-        if self.method in BIAS_METHODS:
-            if self.soft_prompt is not None:
+        present = {n for n in ("kv", "soft_prompt", "deep_prompt") if getattr(self, n) is not None}
+        required = _PREFIX_TENSOR.get(self.method)
+        if self.method in BIAS_METHODS:  # a key/value prefix is optional
+            if present - {"kv"}:
                 raise ArtifactFormatError(
-                    f"method {self.method} carries bias deltas and optionally 'kv', not a soft prompt"
+                    f"method {self.method} carries bias deltas and optionally 'kv', got {sorted(present)}"
                 )
-            if self.kv is None:
+            if not present:
                 return
-            name, tensor = "kv", self.kv
-        elif self.method in KV_METHODS:
-            name, tensor, other = "kv", self.kv, self.soft_prompt
-            if tensor is None or other is not None:
-                raise ArtifactFormatError(f"method {self.method} carries exactly one tensor, {name!r}")
-        else:
-            name, tensor, other = "soft_prompt", self.soft_prompt, self.kv
-            if tensor is None or other is not None:
-                raise ArtifactFormatError(f"method {self.method} carries exactly one tensor, {name!r}")
+            required = "kv"
+        elif present != {required}:
+            raise ArtifactFormatError(
+                f"method {self.method} carries exactly one tensor, {required!r}; got {sorted(present)}"
+            )
+        assert required is not None
+        name, tensor = required, getattr(self, required)
         if tensor.dtype not in DTYPES.values():
             raise ArtifactFormatError(f"{name} dtype: expected one of {', '.join(DTYPES)}, got {tensor.dtype}")
-        if name == "kv":
-            expected = (fp.num_layers, 2, fp.num_kv_heads, None, fp.head_dim)
-            labels = "(L, 2, H_kv, P, D)"
-        else:
-            expected = (None, fp.hidden_size)
-            labels = "(P, hidden)"
+        expected, labels = {
+            "kv": ((fp.num_layers, 2, fp.num_kv_heads, None, fp.head_dim), "(L, 2, H_kv, P, D)"),
+            "soft_prompt": ((None, fp.hidden_size), "(P, hidden)"),
+            "deep_prompt": ((fp.num_layers, None, fp.hidden_size), "(L, P, hidden)"),
+        }[name]
         shape = tuple(tensor.shape)
         if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape, strict=True)):
             want = tuple("P" if e is None else e for e in expected)
@@ -297,13 +303,18 @@ class PrefixArtifact:
 
     @property
     def prefix_tensor(self) -> torch.Tensor | None:
-        """The key/value prefix or the soft prompt; None for a bias-only artifact."""
-        return self.kv if self.kv is not None else self.soft_prompt
+        """The key/value prefix, the soft prompt or the deep visual prompts; None for a bias-only artifact."""
+        for t in (self.kv, self.soft_prompt, self.deep_prompt):
+            if t is not None:
+                return t
+        return None
 
     @property
     def num_virtual_tokens(self) -> int:
         if self.kv is not None:
             return self.kv.shape[3]
+        if self.deep_prompt is not None:
+            return self.deep_prompt.shape[1]
         return self.soft_prompt.shape[0] if self.soft_prompt is not None else 0
 
     @property
@@ -320,7 +331,7 @@ class PrefixArtifact:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the artifact carries."""
-        out = [t for t in (self.kv, self.soft_prompt) if t is not None]
+        out = [t for t in (self.kv, self.soft_prompt, self.deep_prompt) if t is not None]
         out += list((self.biases or {}).values())
         if self.head is not None:
             out += [t for t in (self.head.weight, self.head.bias) if t is not None]
@@ -343,7 +354,14 @@ class PrefixArtifact:
         if head is not None:
             head = dataclasses.replace(head, weight=cast(head.weight), bias=cast(head.bias))
         biases = None if self.biases is None else {k: v.to(dtype) for k, v in self.biases.items()}
-        return dataclasses.replace(self, kv=cast(self.kv), soft_prompt=cast(self.soft_prompt), head=head, biases=biases)
+        return dataclasses.replace(
+            self,
+            kv=cast(self.kv),
+            soft_prompt=cast(self.soft_prompt),
+            deep_prompt=cast(self.deep_prompt),
+            head=head,
+            biases=biases,
+        )
 
     def summary(self) -> dict[str, Any]:
         """Everything but the tensors: what listing endpoints show without loading the prefix."""

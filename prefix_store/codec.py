@@ -1,10 +1,11 @@
 """Artifact <-> bytes: a safetensors file whose header metadata holds the artifact's JSON description.
 
-Layout: tensors "kv" (L, 2, H_kv, P, D) or "soft_prompt" (P, hidden), "bias.<module path>" (out,) for bias deltas
-(with or without "kv"), optionally "head.weight" (C, hidden) and "head.bias" (C,) (a verbalizer head has its token
-ids in the metadata instead); `__metadata__["prefix_serve"]` is the JSON of `PrefixArtifact.summary()` plus a format
-version and a sha256 checksum of the tensor bytes. Decoding never unpickles: uploaded bytes are parsed as a
-safetensors header first and everything is checked before an artifact is built.
+Layout: tensors "kv" (L, 2, H_kv, P, D), "soft_prompt" (P, hidden) or "deep_prompt" (L, P, hidden),
+"bias.<module path>" (out,) for bias deltas (with or without "kv"), optionally "head.weight" (C, hidden) and
+"head.bias" (C,) (a verbalizer head has its token ids in the metadata instead); `__metadata__["prefix_serve"]` is
+the JSON of `PrefixArtifact.summary()` plus a format version and a sha256 checksum of the tensor bytes. Decoding
+never unpickles: uploaded bytes are parsed as a safetensors header first and everything is checked before an
+artifact is built.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def _tensors_of(artifact: PrefixArtifact) -> dict[str, torch.Tensor]:
         tensors["kv"] = artifact.kv
     if artifact.soft_prompt is not None:
         tensors["soft_prompt"] = artifact.soft_prompt
+    if artifact.deep_prompt is not None:
+        tensors["deep_prompt"] = artifact.deep_prompt
     for path, delta in (artifact.biases or {}).items():
         tensors[BIAS_PREFIX + path] = delta
     if artifact.head is not None and artifact.head.weight is not None:
@@ -144,7 +147,7 @@ def _tensors_of(artifact: PrefixArtifact) -> dict[str, torch.Tensor]:
 def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PrefixArtifact:
     head_meta = meta.get("head")
     bias_modules = meta.get("bias_modules")
-    expected = {name for name in ("kv", "soft_prompt") if name in tensors}
+    expected = {name for name in ("kv", "soft_prompt", "deep_prompt") if name in tensors}
     if bias_modules is not None:
         if not isinstance(bias_modules, list) or not all(isinstance(m, str) for m in bias_modules):
             raise ArtifactFormatError("metadata bias_modules: expected a list of module paths")
@@ -176,6 +179,7 @@ def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Pr
             fingerprint=BackboneFingerprint.from_dict(meta["backbone"]),
             kv=tensors.get("kv"),
             soft_prompt=tensors.get("soft_prompt"),
+            deep_prompt=tensors.get("deep_prompt"),
             head=head,
             training=meta.get("training") or {},
             created_at=meta.get("created_at") or "",

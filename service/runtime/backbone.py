@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from prefix_store import DTYPES, BackboneFingerprint, BackboneMismatch, PrefixArtifact
+from prefix_store import DTYPES, SOFT_PROMPT_METHODS, BackboneFingerprint, BackboneMismatch, PrefixArtifact
+from prefix_store.artifact import VPT_METHODS
 
 from .bias import bias_targets
 from .settings import DEFAULT_BACKBONE
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Encoders whose self-attention takes a key/value cache (the BERT attention code), so prefixes apply.
 ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
+# Image encoders: classification of images; visual prompts enter through the same registered attention.
+IMAGE_TYPES = frozenset({"vit"})
 
 
 @dataclass
@@ -72,6 +75,10 @@ class Backbone:
     pooling: str = "pooler"
     mlm: MaskedLMHead | None = None  # encoders: what verbalizer tasks score [MASK] with
 
+    @property
+    def is_image(self) -> bool:
+        return self.fingerprint.model_type in IMAGE_TYPES
+
     def with_cache(self, cache: Any) -> dict[str, Any]:
         """The forward keyword argument carrying `cache`, under the name this transformers version expects."""
         return {self.cache_arg: cache}
@@ -100,6 +107,13 @@ class Backbone:
         artifact.fingerprint.require_match(self.fingerprint)
         if artifact.biases is not None:
             self._check_biases(artifact.biases)
+        image_method = artifact.method in VPT_METHODS
+        if self.is_image and artifact.method in SOFT_PROMPT_METHODS or image_method and not self.is_image:
+            kind = "an image backbone" if self.is_image else "a text backbone"
+            raise BackboneMismatch(
+                f"method {artifact.method} does not fit {kind} ({self.name}): visual prompts (vpt_shallow, vpt_deep) "
+                "go with image backbones, soft prompts of tokens with text ones"
+            )
         P = artifact.num_virtual_tokens
         if self.max_positions and P >= self.max_positions:
             raise BackboneMismatch(
@@ -143,6 +157,8 @@ class Backbone:
     def poolings(self) -> tuple[str, ...]:
         if not self.is_encoder:
             return ("last_token", "mean")
+        if self.is_image:
+            return ("cls", "mean")  # [CLS] after the final LayerNorm, as ViTForImageClassification reads it
         has_pooler = getattr(self.body, "pooler", None) is not None
         base = ("pooler", "cls", "mean") if has_pooler else ("cls", "mean")
         return (*base, "mask")
@@ -186,7 +202,7 @@ def load_backbone(
     source = resolve_source(name)
     kwargs: dict[str, Any] = {"local_files_only": local_files_only or Path(source).is_dir()}
     config = AutoConfig.from_pretrained(source, **kwargs)
-    is_encoder = config.model_type in ENCODER_TYPES
+    is_encoder = config.model_type in ENCODER_TYPES | IMAGE_TYPES
     model_cls = AutoModel if is_encoder else AutoModelForCausalLM
     torch_dtype, dev = DTYPES[dtype], resolve_device(device)
     model, info = model_cls.from_pretrained(
@@ -203,7 +219,7 @@ def load_backbone(
         mlm = getattr(full, "cls", None)
         if mlm is not None:
             mlm.predictions.decoder.weight = model.get_input_embeddings().weight
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer = None if config.model_type in IMAGE_TYPES else AutoTokenizer.from_pretrained(source, **kwargs)
     return wrap_model(model, tokenizer, name=name, device=dev, source=source, mlm_head=mlm)
 
 
@@ -215,6 +231,8 @@ def default_pooling(model: Any, source: str | None) -> str:
     pooler dense layer was never trained for its embeddings); otherwise the pooler where the model has one (BERT's
     pre-training trains it), else the [CLS] state.
     """
+    if model.config.model_type in IMAGE_TYPES:
+        return "cls"
     if model.config.model_type not in ENCODER_TYPES:
         return "last_token"
     model = model.base_model
@@ -240,6 +258,19 @@ def fuse_activations(model: Any) -> int:
                 setattr(parent, name, GELUTanh())
                 swapped += 1
     return swapped
+
+
+def number_attention_layers(body: Any) -> None:
+    """ViT's attention modules do not know their layer; the registered attention function reads `layer_idx` to find
+    the layer's prefix in the pool."""
+    for i, layer in enumerate(vit_layers(body)):
+        layer.attention.layer_idx = i
+
+
+def vit_layers(body: Any) -> Any:
+    """A ViT's transformer layers (`layers` in transformers 5.2x, `encoder.layer` before)."""
+    layers = getattr(body, "layers", None)
+    return layers if layers is not None else body.encoder.layer
 
 
 def cache_argument(model: Any) -> str:
@@ -272,7 +303,9 @@ def wrap_model(
     """Freezes an already-built model (tests build tiny ones from configs: an encoder, a *ForMaskedLM, or a causal
     LM) and describes it. `mlm_head`: BERT's `cls` module loaded beside a bare encoder."""
     config = model.config
-    is_encoder = config.model_type in ENCODER_TYPES
+    is_encoder = config.model_type in ENCODER_TYPES | IMAGE_TYPES
+    if config.model_type in IMAGE_TYPES:
+        number_attention_layers(model.base_model)
     if not is_encoder and config.is_encoder_decoder:
         raise ValueError(f"{name}: encoder-decoder models are not supported (model_type {config.model_type})")
     device = device or next(model.parameters()).device

@@ -27,7 +27,7 @@ from .backbone import Backbone
 from .batch import Row, RunningBatch
 from .kv_cache import PrefixPool, SlotCache
 from .output import TextStream, class_probabilities
-from .runner import Chunk, DevicePrefix, EncodeItem, ModelRunner, head_logits
+from .runner import Chunk, DevicePrefix, EncodeItem, ImageItem, ModelRunner, head_logits
 from .sampling import make_generator, sample, token_logprobs
 from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan
 
@@ -352,10 +352,14 @@ class Engine:
             except Exception as e:
                 outputs.append(self._out(req.request_id, finish_reason=FinishReason.ERROR, error=e))
                 continue
-            items.append(EncodeItem(prefix, req.prompt_ids, req.token_type_ids))
+            if req.pixel_values is not None:
+                items.append(ImageItem(prefix, req.pixel_values))
+            else:
+                items.append(EncodeItem(prefix, req.prompt_ids, req.token_type_ids))
             reqs.append(req)
         if items:
-            for req, logits in zip(reqs, self.runner.classify_encoder(items), strict=True):
+            run = self.runner.classify_images if self.bb.is_image else self.runner.classify_encoder
+            for req, logits in zip(reqs, run(items), strict=True):  # type: ignore[arg-type]
                 outputs.append(self._classified(req, logits))
         for req in reqs:
             if req.artifact is not None:

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from prefix_store import ClassificationHead, PrefixArtifact, VersionKey
 
 from .attention import ForwardState, serving
-from .backbone import Backbone
+from .backbone import Backbone, vit_layers
 from .bias import BiasTable
 from .kv_cache import PrefixPool, SlotCache
 from .prefix_kv import right_pad, token_positions
@@ -77,6 +77,12 @@ class ChunkResult:
 
 
 @dataclass
+class ImageItem:
+    prefix: DevicePrefix | None
+    pixel_values: torch.Tensor  # (C, H, W)
+
+
+@dataclass
 class EncodeItem:
     prefix: DevicePrefix | None
     input_ids: list[int]
@@ -105,6 +111,8 @@ class ModelRunner:
         soft = artifact.soft_prompt.to(device=dev, dtype=dt) if artifact.soft_prompt is not None else None
         if soft is not None and not self.bb.is_encoder:
             kv, soft = self._soft_prompt_kv(soft), None
+        if artifact.deep_prompt is not None:
+            kv = self._deep_prompt_kv(artifact.deep_prompt.to(device=dev, dtype=dt))
         return kv, soft
 
     def head_tensors(self, artifact: PrefixArtifact) -> ClassificationHead | None:
@@ -132,6 +140,21 @@ class ModelRunner:
         self.body(inputs_embeds=soft[None], position_ids=pos, use_cache=True, **self.bb.with_cache(cache))
         layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each (2, H_kv, P, D)
         return torch.stack(layers)
+
+    def _deep_prompt_kv(self, prompts: torch.Tensor) -> torch.Tensor:
+        """VPT-deep: layer i's prompt tokens p_i (L, P, hidden) only ever serve as keys/values of the image tokens
+        (their outputs are discarded), so each layer's prefix is `k_proj(LN1(p_i))`, `v_proj(LN1(p_i))`, computed
+        once here: (L, 2, H, P, D). ViT is pre-LN: the LayerNorm belongs in it."""
+        fp = self.bb.fingerprint
+        L, P, _ = prompts.shape
+        out = []
+        for i, layer in enumerate(vit_layers(self.body)):
+            x = layer.layernorm_before(prompts[i])  # (P, hidden)
+            att = layer.attention
+            k = att.k_proj(x).view(P, fp.num_kv_heads, fp.head_dim).transpose(0, 1)  # (H, P, D)
+            v = att.v_proj(x).view(P, fp.num_kv_heads, fp.head_dim).transpose(0, 1)
+            out.append(torch.stack([k, v]))
+        return torch.stack(out)
 
     # -- causal LM --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -244,6 +267,37 @@ class ModelRunner:
             for i, row_logits in zip(verbal, self.verbalize(states, [prefixes[i] for i in verbal], slots), strict=True):
                 logits[i] = row_logits
         return logits  # type: ignore[return-value]
+
+    # -- image encoder ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def classify_images(self, items: list[ImageItem]) -> list[torch.Tensor]:
+        """Head logits (C,) per image on a ViT, rows of any mix of tasks in one forward. A row reads
+        `[CLS, shallow prompts (no position embedding), patches, padding]` (attention is bidirectional and positions
+        are in the embeddings, so where the padding sits does not matter, and right padding keeps the key mask a
+        length); deep prompts and key/value prefixes come from the pool through the registered attention."""
+        dev = self.bb.device
+        pixels = torch.stack([it.pixel_values for it in items]).to(device=dev, dtype=self.bb.dtype)  # (B, C, H, W)
+        emb = self.body.embeddings(pixels)  # (B, 1 + N, hidden): [CLS] and patches, position embeddings added
+        B, N = emb.shape[0], emb.shape[1] - 1
+        shallow = [
+            0 if it.prefix is None or it.prefix.soft_prompt is None else it.prefix.num_virtual_tokens for it in items
+        ]
+        lengths = [1 + s + N for s in shallow]
+        x = emb.new_zeros(B, max(lengths), emb.shape[2])  # (B, T, hidden)
+        x[:, 0] = emb[:, 0]
+        for i, it in enumerate(items):
+            if shallow[i]:
+                x[i, 1 : 1 + shallow[i]] = it.prefix.soft_prompt  # type: ignore[union-attr]
+            x[i, 1 + shallow[i] : lengths[i]] = emb[i, 1:]
+        prefixes = [it.prefix for it in items]
+        state = ForwardState("encode", self.pool, *self._prefix_index(prefixes), new=torch.tensor(lengths, device=dev))
+        with serving(self.body.config), self.biases.rows(self._bias_slots(prefixes)):
+            for layer in vit_layers(self.body):
+                x = layer(x, None, prefix_serve=state)
+        h = self.body.layernorm(x)  # (B, T, hidden)
+        return [
+            head_logits(it.prefix, h[i, 1 + shallow[i] : lengths[i]].mean(0), h[i, 0]) for i, it in enumerate(items)
+        ]
 
     def verbalize(
         self, states: torch.Tensor, prefixes: list[DevicePrefix | None], slots: torch.Tensor | None

@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from prefix_store import PrefixArtifact, PrefixStore
 
 from .backbone import Backbone
@@ -47,6 +49,7 @@ class _Request:
     token_type_ids: list[int] | None
     deadline: float | None
     version: int | None = None  # pin a version; None: the task's current one when the request is prepared
+    pixel_values: torch.Tensor | None = None  # an image backbone's input (C, H, W)
     # Outputs are appended to `history`; a streaming reader waits on `signal`, a non-streaming one only on
     # `finished`, so a request awaiting its result is not woken once per token.
     history: list[RowOutput] = field(default_factory=list)
@@ -61,7 +64,9 @@ class _Request:
     first_output_at: float | None = None
 
     def engine_request(self) -> EngineRequest:
-        return EngineRequest(self.id, self.kind, self.prompt_ids, self.artifact, self.params, self.token_type_ids)
+        return EngineRequest(
+            self.id, self.kind, self.prompt_ids, self.artifact, self.params, self.token_type_ids, self.pixel_values
+        )
 
 
 class RequestHandle:
@@ -202,9 +207,11 @@ class Scheduler:
         token_type_ids: list[int] | None = None,
         timeout_s: float | None = None,
         version: int | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> RequestHandle:
         """Queues a generation (params given) or classification (params None) request for `task` (None: the bare
-        backbone). Raises QueueFull at once when the queue is at its bound."""
+        backbone); an image backbone classifies `pixel_values` (C, H, W) instead of prompt ids. Raises QueueFull at
+        once when the queue is at its bound."""
         if self._waiting >= self.max_queue:
             raise QueueFull(f"queue full: {self._waiting} requests waiting (limit {self.max_queue}); retry later")
         kind = Kind.CLASSIFY if params is None else Kind.GENERATE
@@ -212,10 +219,15 @@ class Scheduler:
             raise Unsupported(
                 f"generation needs a causal LM backbone; {self.engine.bb.name} is an encoder (classification only)"
             )
-        if not prompt_ids:
+        if self.engine.bb.is_image != (pixel_values is not None):
+            what = "an image (pixel_values)" if self.engine.bb.is_image else "text (prompt ids)"
+            raise Unsupported(f"backbone {self.engine.bb.name} classifies {what}")
+        if not prompt_ids and pixel_values is None:
             raise InputTooLong("the prompt is empty: expected at least one token")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        req = _Request(f"req-{next(_ids)}", kind, task, list(prompt_ids), params, token_type_ids, deadline, version)
+        req = _Request(
+            f"req-{next(_ids)}", kind, task, list(prompt_ids), params, token_type_ids, deadline, version, pixel_values
+        )
         self._waiting += 1
         self._live[req.id] = req
         asyncio.create_task(self._prepare(req))

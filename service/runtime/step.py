@@ -40,6 +40,7 @@ class EngineRequest:
         artifact: the exact task version to run; None: the bare backbone.
         params: sampling and stopping, for GENERATE.
         token_type_ids: segment ids of a sentence pair (encoders).
+        pixel_values: (C, H, W) the preprocessed image of an image backbone (prompt_ids empty then).
     """
 
     request_id: str
@@ -48,6 +49,7 @@ class EngineRequest:
     artifact: PrefixArtifact | None = None
     params: SamplingParams | None = None
     token_type_ids: list[int] | None = None
+    pixel_values: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.kind is Kind.GENERATE) != (self.params is not None):

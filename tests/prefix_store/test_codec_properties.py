@@ -24,7 +24,10 @@ def artifacts(draw) -> PrefixArtifact:
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     bias_method = method == "bitfit"
     kv_method = method in ("prefix_tuning", "p_tuning_v2") or (bias_method and draw(st.booleans()))
+    deep = method == "vpt_deep"
     shape = (FP.num_layers, 2, FP.num_kv_heads, P, FP.head_dim) if kv_method else (P, FP.hidden_size)
+    if deep:
+        shape = (FP.num_layers, P, FP.hidden_size)
     prefix = torch.randn(shape, generator=g).to(dtype)
     biases = None
     if bias_method:
@@ -58,7 +61,8 @@ def artifacts(draw) -> PrefixArtifact:
         method=method,
         fingerprint=FP,
         kv=prefix if kv_method else None,
-        soft_prompt=None if kv_method or bias_method else prefix,
+        soft_prompt=None if kv_method or bias_method or deep else prefix,
+        deep_prompt=prefix if deep else None,
         biases=biases,
         template=template,
         head=head,
