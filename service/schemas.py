@@ -223,8 +223,21 @@ class ClassifyRequest(BaseModel):
     texts: list[PromptText] | None = Field(None, min_length=1, max_length=MAX_TEXTS)
     input_ids: TokenIds | None = None
     text_pair: PromptText | None = Field(None, description="second segment, with `text`")
+    images: list[Annotated[str, Field(max_length=1_400_000)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=16,
+        description="image backbones: base64 images or data:image/...;base64, URLs (PNG, JPEG, ...)",
+    )
 
-    model_config = {"json_schema_extra": {"examples": [{"task": "sst2", "texts": ["a gripping film", "dull"]}]}}
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {"task": "sst2", "texts": ["a gripping film", "dull"]},
+                {"task": "digits", "images": ["data:image/png;base64,iVBORw0KGgo..."]},
+            ]
+        }
+    }
 
 
 class Classification(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -12,7 +13,8 @@ from prefix_store import render_template
 from .. import dispatch
 from ..auth import InferenceAuth
 from ..dispatch import TokenEvent
-from ..http_errors import InvalidRequest
+from ..http_errors import BadRequest, InvalidRequest
+from ..images import decode_image, pixel_values
 from ..metrics import confirm_task, name_task
 from ..runtime import RequestHandle, Unsupported
 from ..schemas import (
@@ -117,9 +119,14 @@ async def classify(body: ClassifyRequest, request: Request, services: ServicesDe
     task = dispatch.task_of(body.task)
     if task is None:
         raise Unsupported(f"the {BASE_TASK!r} task has no classification head")
-    given = [name for name in ("text", "texts", "input_ids") if getattr(body, name) is not None]
+    given = [name for name in ("text", "texts", "input_ids", "images") if getattr(body, name) is not None]
     if len(given) != 1:
-        raise InvalidRequest(f"give exactly one of 'text', 'texts' and 'input_ids', got {given or 'none'}")
+        raise InvalidRequest(f"give exactly one of 'text', 'texts', 'input_ids' and 'images', got {given or 'none'}")
+    if services.backbone.is_image != (body.images is not None):
+        what = "'images'" if services.backbone.is_image else "text ('text', 'texts' or 'input_ids')"
+        raise BadRequest(f"backbone {services.backbone.name} classifies {what}, got {given[0]!r}")
+    if body.images is not None:
+        return await _classify_images(body, request, services, task)
     if body.text_pair is not None and body.text is None:
         raise InvalidRequest("'text_pair' goes with 'text'")
     version = await services.host_cache.current_version(task)  # one version for every input of the call
@@ -134,6 +141,29 @@ async def classify(body: ClassifyRequest, request: Request, services: ServicesDe
             for t in texts  # type: ignore[union-attr]
         ]
     handles = dispatch.submit_all(services, task, inputs, version=version)
+    results = await dispatch.results(request, handles)
+    services.metrics.ttft.observe(first_latency(handles[0]))
+    return ClassifyResponse(
+        task=body.task, version=version, results=[Classification(label=r.label, scores=r.scores) for r in results]
+    )
+
+
+async def _classify_images(body: ClassifyRequest, request: Request, services: Services, task: str) -> ClassifyResponse:
+    version = await services.host_cache.current_version(task)
+    confirm_task(request)
+    processor = services.backbone.image_processor
+    limit = services.settings.max_body_bytes
+
+    def prepare() -> list:
+        images = [decode_image(x, i, max_bytes=limit) for i, x in enumerate(body.images or [])]
+        return pixel_values(processor, images)
+
+    loop = asyncio.get_running_loop()
+    pixels = await loop.run_in_executor(services.tokenizer_pool, prepare)  # decoding is CPU work: off the loop
+    handles = services.scheduler.submit_all(
+        [dict(task=task, prompt_ids=[], version=version, pixel_values=p) for p in pixels],
+        timeout_s=services.settings.request_timeout_s,
+    )
     results = await dispatch.results(request, handles)
     services.metrics.ttft.observe(first_latency(handles[0]))
     return ClassifyResponse(

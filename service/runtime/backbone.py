@@ -74,6 +74,7 @@ class Backbone:
     # trained with (see default_pooling).
     pooling: str = "pooler"
     mlm: MaskedLMHead | None = None  # encoders: what verbalizer tasks score [MASK] with
+    image_processor: Any = None  # image backbones: PIL images -> pixel_values (C, H, W)
 
     @property
     def is_image(self) -> bool:
@@ -219,8 +220,17 @@ def load_backbone(
         mlm = getattr(full, "cls", None)
         if mlm is not None:
             mlm.predictions.decoder.weight = model.get_input_embeddings().weight
-    tokenizer = None if config.model_type in IMAGE_TYPES else AutoTokenizer.from_pretrained(source, **kwargs)
-    return wrap_model(model, tokenizer, name=name, device=dev, source=source, mlm_head=mlm)
+    tokenizer, processor = None, None
+    if config.model_type in IMAGE_TYPES:
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(source, use_fast=False, **kwargs)
+        except OSError:  # no preprocessor_config.json: the ViT defaults at the model's image size
+            processor = None
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return wrap_model(model, tokenizer, name=name, device=dev, source=source, mlm_head=mlm, image_processor=processor)
 
 
 def default_pooling(model: Any, source: str | None) -> str:
@@ -299,6 +309,7 @@ def wrap_model(
     device: torch.device | None = None,
     source: str | None = None,
     mlm_head: Any | None = None,
+    image_processor: Any | None = None,
 ) -> Backbone:
     """Freezes an already-built model (tests build tiny ones from configs: an encoder, a *ForMaskedLM, or a causal
     LM) and describes it. `mlm_head`: BERT's `cls` module loaded beside a bare encoder."""
@@ -306,6 +317,11 @@ def wrap_model(
     is_encoder = config.model_type in ENCODER_TYPES | IMAGE_TYPES
     if config.model_type in IMAGE_TYPES:
         number_attention_layers(model.base_model)
+        if image_processor is None:
+            from transformers import ViTImageProcessor
+
+            side = config.image_size
+            image_processor = ViTImageProcessor(size={"height": side, "width": side})
     if not is_encoder and config.is_encoder_decoder:
         raise ValueError(f"{name}: encoder-decoder models are not supported (model_type {config.model_type})")
     device = device or next(model.parameters()).device
@@ -341,4 +357,5 @@ def wrap_model(
         cache_arg=cache_argument(model),
         pooling=default_pooling(model, source),
         mlm=masked_lm_head(model, mlm_head),
+        image_processor=image_processor,
     )
