@@ -35,7 +35,7 @@ class JobNotFound(PrefixStoreError, LookupError):
     pass
 
 
-Method = Literal["prefix_tuning", "p_tuning_v2", "prompt_tuning", "p_tuning", "bitfit"]
+Method = Literal["prefix_tuning", "p_tuning_v2", "prompt_tuning", "p_tuning", "bitfit", "vpt_shallow", "vpt_deep"]
 
 
 class SweepGrid(BaseModel):
@@ -43,7 +43,7 @@ class SweepGrid(BaseModel):
     prompt lengths (an omitted axis keeps the job's value, or the method's default). Each run is evaluated on the dev
     set through the serving engine; the best is published."""
 
-    methods: list[Method] | None = Field(None, min_length=1, max_length=5)
+    methods: list[Method] | None = Field(None, min_length=1, max_length=7)
     lrs: list[float] | None = Field(None, min_length=1, max_length=16)
     num_virtual_tokens: list[int] | None = Field(None, min_length=1, max_length=16)
     parallel: int = Field(1, ge=1, le=16, description="runs trained at once (processes sharing the machine's cores)")

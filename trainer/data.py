@@ -21,7 +21,9 @@ KNOWN_COLUMNS = [  # column names -> our fields, tried in order when no mapping 
     {"input": "mr", "output": "ref"},  # E2E NLG
     {"text": "sentence", "label": "label"},  # SST-2 / GLUE
     {"text": "#1 String", "text_pair": "#2 String", "label": "Quality"},  # MRPC / GLUE
+    {"text": "path", "label": "label"},  # images: a CSV of path,label (paths relative to the CSV's folder)
 ]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class DataError(ValueError):
@@ -44,8 +46,23 @@ class Dataset:
     labels: list[str]  # sorted label names (classification), else []
 
 
+def load_image_folder(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """An image folder: one sub-folder per class, its images the class's examples (sorted: a stable order)."""
+    records = [
+        {"path": str(f), "label": d.name}
+        for d in sorted(p for p in path.iterdir() if p.is_dir())
+        for f in sorted(d.iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not records:
+        raise DataError(f"{path}: expected one sub-folder of images per class, found no images")
+    return records[:limit] if limit else records
+
+
 def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     path = Path(path)
+    if path.is_dir():
+        return load_image_folder(path, limit)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     records: list[dict[str, Any]] = []
@@ -64,6 +81,8 @@ def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, A
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: GLUE's MRPC files start with a byte-order mark
         for row in csv.DictReader(f, delimiter=delimiter, quoting=quoting):
+            if row.get("path") and not Path(row["path"]).is_absolute():
+                row["path"] = str(path.parent / row["path"])
             records.append(row)
             if limit and len(records) >= limit:
                 break

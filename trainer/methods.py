@@ -6,6 +6,7 @@ training-time only: the exported artifact holds their output, as in the papers a
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -26,6 +27,11 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "p_tuning": {"lr": 3e-3, "num_virtual_tokens": 32, "warmup_ratio": 0.06},
     # BitFit, biases only (no prompt length), linear head; 150 steps, 600 dev: lr 2e-3 83.8%, 1e-2 82.0%
     "bitfit": {"lr": 2e-3, "warmup_ratio": 0.06},
+}
+# Visual prompts (Jia et al.: P = 10 to 100 in the paper); not tuned here on real images (no pretrained ViT offline).
+METHOD_DEFAULTS |= {
+    "vpt_shallow": {"lr": 1e-2, "num_virtual_tokens": 10, "warmup_ratio": 0.06},
+    "vpt_deep": {"lr": 1e-2, "num_virtual_tokens": 10, "warmup_ratio": 0.06},
 }
 # A null prompt's verbalizer starts from the masked-LM scores of its words and wants a larger step: same run,
 # lr 2e-3 79.3%, 1e-2 81.2%.
@@ -71,6 +77,19 @@ class BiasDeltas(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+
+
+class VisualPrompt(nn.Module):
+    """VPT (Jia et al.): prompt tokens, (P, hidden) for VPT-shallow or (L, P, hidden) for VPT-deep, initialised as
+    the reference code does: uniform in +-sqrt(6 / (3 * patch^2 + hidden))."""
+
+    def __init__(self, shape: tuple[int, ...], patch_size: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        bound = math.sqrt(6.0 / (3 * patch_size * patch_size + shape[-1]))
+        self.prompt = nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound)
+
+    def forward(self) -> torch.Tensor:
+        return self.prompt
 
 
 class DirectKV(nn.Module):
@@ -142,13 +161,14 @@ def build_prefix(
     fp: BackboneFingerprint,
     P: int,
     *,
-    word_embeddings: torch.Tensor,
+    word_embeddings: torch.Tensor | None,
     reparam: bool | None = None,
     mid: int = 512,
     encoder: str = "lstm",
     init_ids: list[int] | None = None,
     generator: torch.Generator | None = None,
     bias_targets: dict[str, torch.Tensor] | None = None,
+    patch_size: int = 16,
 ) -> nn.Module:
     """The trainable module of `method`.
 
@@ -158,6 +178,9 @@ def build_prefix(
         init_ids: prompt tuning from a text: its token ids (repeated to P); otherwise random vocabulary tokens.
         bias_targets: bitfit: the backbone's biases by module path (service.runtime.bias.bias_targets).
     """
+    if method in ("vpt_shallow", "vpt_deep"):
+        shape = (P, fp.hidden_size) if method == "vpt_shallow" else (fp.num_layers, P, fp.hidden_size)
+        return VisualPrompt(shape, patch_size, generator)
     if method == "bitfit":
         if not bias_targets:
             raise ValueError("bitfit: this backbone has no bias terms to train")
@@ -166,6 +189,7 @@ def build_prefix(
         use_mlp = (method == "prefix_tuning") if reparam is None else reparam
         return ReparamKV(fp, P, mid) if use_mlp else DirectKV(fp, P)
     if method == "prompt_tuning":
+        assert word_embeddings is not None, "prompt tuning starts from the backbone's word embeddings"
         V = word_embeddings.shape[0]
         ids = init_ids if init_ids else torch.randint(0, V, (P,), generator=generator).tolist()
         ids = (ids * (P // len(ids) + 1))[:P]

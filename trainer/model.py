@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 from prefix_store import KV_METHODS, BackboneFingerprint, ClassificationHead, PrefixArtifact
 from service.runtime import Backbone
+from service.runtime.backbone import vit_layers
 from service.runtime.bias import MLM_BIAS, bias_modules
 from service.runtime.prefix_kv import right_pad, token_positions
 
@@ -29,6 +30,7 @@ class Batch:
     labels: torch.Tensor | None = None  # generation: (B, T) next-token targets aligned to ids (-100: ignore)
     classes: torch.Tensor | None = None  # classification: (B,) class indices
     types: torch.Tensor | None = None  # (B, T) token type ids (encoders)
+    pixels: torch.Tensor | None = None  # (B, C, H, W) images (image backbones; ids are then a placeholder)
 
 
 def make_batch(
@@ -91,6 +93,8 @@ class TaskModel(nn.Module):
     def hidden(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Runs the backbone with the prefix. Returns (hidden of the tokens (B, T, hidden), pooler output or None,
         offset of the first token column in the body's output)."""
+        if batch.pixels is not None:
+            return self._image_hidden(batch)
         x = self.prefix()
         B, T = batch.ids.shape
         dev = batch.ids.device
@@ -131,6 +135,25 @@ class TaskModel(nn.Module):
             kwargs["token_type_ids"] = torch.cat([types.new_zeros(B, P), types], 1)
         out = self.body(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos, **kwargs)
         return out.last_hidden_state, getattr(out, "pooler_output", None), P
+
+    def _image_hidden(self, batch: Batch) -> tuple[torch.Tensor, None, int]:
+        """A ViT with visual prompts, as Jia et al. run it: shallow prompts inserted after [CLS] once the position
+        embeddings are in; deep prompts inserted at every layer's input and their outputs dropped. (B, T, hidden)
+        after the final LayerNorm; the server gets the same from the prompts' keys/values (runner.classify_images)."""
+        assert batch.pixels is not None
+        p = self.prefix().to(self.bb.dtype)
+        x = self.body.embeddings(batch.pixels.to(self.bb.dtype))  # (B, 1 + N, hidden)
+        B = x.shape[0]
+        if self.method == "vpt_shallow":
+            x = torch.cat([x[:, :1], p[None].expand(B, -1, -1), x[:, 1:]], 1)
+        for i, layer in enumerate(vit_layers(self.body)):
+            if self.method == "vpt_deep":
+                P = p.shape[1]
+                x = layer(torch.cat([x[:, :1], p[i][None].expand(B, -1, -1), x[:, 1:]], 1), None)
+                x = torch.cat([x[:, :1], x[:, 1 + P :]], 1)
+            else:
+                x = layer(x, None)
+        return self.body.layernorm(x), None, 0
 
     def applied(self) -> contextlib.AbstractContextManager[None]:
         """The bias deltas in effect (bitfit), for the forward inside."""
@@ -213,12 +236,14 @@ class TaskModel(nn.Module):
             )
         x = self.prefix().detach().float().cpu().clone()  # a copy: the parameter keeps training
         kv = x if self.method in KV_METHODS else None
+        deep = x if self.method == "vpt_deep" else None
         return PrefixArtifact(
             task=task,
             method=self.method,
             fingerprint=self.fp,
             kv=kv,
-            soft_prompt=None if kv is not None else x,
+            deep_prompt=deep,
+            soft_prompt=None if kv is not None or deep is not None else x,
             head=head,
             template=template,
             training=training,

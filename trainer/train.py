@@ -21,7 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from prefix_store import PrefixArtifact, decode, encode, render_template
 from prefix_store.jobs import TrainSpec
-from service.runtime import Backbone, Engine, EngineRequest, SamplingParams, StepPlan
+from service.runtime import Backbone, Engine, EngineRequest, Kind, SamplingParams, StepPlan
 from service.runtime.bias import bias_targets, verbalizer_tokens
 
 from .data import Dataset, Example, load_dataset
@@ -58,7 +58,7 @@ class Trainer:
         self.work_dir = Path(work_dir) if work_dir else None
         self.progress = progress or (lambda info: None)
         self.tok = backbone.tokenizer
-        if self.tok is None:
+        if self.tok is None and not backbone.is_image:
             raise ValueError("training needs the backbone's tokenizer")
         self.data: Dataset = load_dataset(
             spec.examples or spec.data,
@@ -71,6 +71,12 @@ class Trainer:
         )
         if self.data.kind == "generation" and backbone.is_encoder:
             raise ValueError(f"generation data needs a causal LM backbone; {backbone.name} is an encoder")
+        if backbone.is_image != (spec.method in ("vpt_shallow", "vpt_deep")):
+            raise ValueError(
+                f"method {spec.method} does not fit {backbone.name}: image backbones train vpt_shallow or vpt_deep, "
+                "and only image backbones do"
+            )
+        self._pixel_cache: dict[str, torch.Tensor] = {}
         self.labels = spec.labels or self.data.labels
         self.verbalizer: list[int] | None = None
         if spec.verbalizer is not None:
@@ -80,8 +86,10 @@ class Trainer:
             raise ValueError(f"labels {self.labels} do not cover the data's labels {self.data.labels}")
         torch.manual_seed(spec.seed)
         self.gen = torch.Generator().manual_seed(spec.seed)
-        embeddings = backbone.embeddings.weight
-        init_ids = self.tok(spec.init_text, add_special_tokens=False)["input_ids"] if spec.init_text else None
+        embeddings = None if backbone.is_image else backbone.embeddings.weight  # soft prompts start from these
+        init_ids = None
+        if spec.init_text and self.tok is not None:
+            init_ids = self.tok(spec.init_text, add_special_tokens=False)["input_ids"]
         prefix = build_prefix(
             spec.method,
             backbone.fingerprint,
@@ -93,9 +101,12 @@ class Trainer:
             init_ids=init_ids,
             generator=self.gen,
             bias_targets=bias_targets(backbone) if spec.method == "bitfit" else None,
+            patch_size=getattr(backbone.model.config, "patch_size", 16),
         )
         n_labels = len(self.labels) if self.data.kind == "classification" else None
         pooling = spec.pooling or backbone.pooling
+        if backbone.is_image and pooling != "cls":
+            raise ValueError(f"pooling {pooling!r}: visual prompts train a head over [CLS] (pooling 'cls')")
         if n_labels and self.verbalizer is None and pooling not in backbone.poolings:
             raise ValueError(f"pooling {pooling!r} does not fit {backbone.name}: expected one of {backbone.poolings}")
         if spec.export_peft and spec.method == "bitfit":
@@ -155,7 +166,31 @@ class Trainer:
         kw: dict[str, Any] = {"truncation": True, "max_length": self.spec.max_length} if truncate else {}
         return self.tok(text, pair, **kw) if pair else self.tok(text, **kw)
 
+    def _pixels(self, ex: Example) -> torch.Tensor:
+        """An image example's pixel values (C, H, W), prepared by the backbone's image processor (cached)."""
+        px = self._pixel_cache.get(ex.text)
+        if px is None:
+            from PIL import Image
+
+            try:
+                with Image.open(ex.text) as img:
+                    rgb = img.convert("RGB")
+            except (OSError, SyntaxError) as e:
+                raise ValueError(f"image {ex.text}: cannot be read ({e})") from None
+            px = self.bb.image_processor(images=[rgb], return_tensors="pt")["pixel_values"][0]
+            self._pixel_cache[ex.text] = px
+        return px
+
     def _batch(self, examples: list[Example]) -> Batch:
+        if self.bb.is_image:
+            B, dev = len(examples), self.bb.device
+            return Batch(
+                ids=torch.zeros(B, 1, dtype=torch.long, device=dev),
+                mask=torch.ones(B, 1, dtype=torch.bool, device=dev),
+                lengths=[1] * B,
+                classes=torch.tensor([self.labels.index(e.label) for e in examples], device=dev),
+                pixels=torch.stack([self._pixels(e) for e in examples]).to(dev),
+            )
         enc = [self._encode(e) for e in examples]
         pad = self.tok.pad_token_id or 0
         if self.data.kind == "classification":
@@ -189,7 +224,10 @@ class Trainer:
 
     def _lengths(self) -> list[int]:
         if not hasattr(self, "_length_cache"):
-            self._length_cache = [len(self._encode(e)[0]) for e in self.data.train]
+            if self.bb.is_image:  # every image is the same length
+                self._length_cache = [0] * len(self.data.train)
+            else:
+                self._length_cache = [len(self._encode(e)[0]) for e in self.data.train]
         return self._length_cache
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -320,6 +358,10 @@ class Trainer:
                 chunk = dev[start : start + 64]
                 reqs = []
                 for i, ex in enumerate(chunk):
+                    if self.bb.is_image:
+                        px = self._pixels(ex)
+                        reqs.append(EngineRequest(f"eval-{start + i}", Kind.CLASSIFY, [], art, pixel_values=px))
+                        continue
                     ids, _, types = self._encode(ex)
                     reqs.append(
                         EngineRequest.classify(f"eval-{start + i}", ids, art, types if self.bb.is_encoder else None)
