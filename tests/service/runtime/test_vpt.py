@@ -169,3 +169,16 @@ def test_methods_fit_only_their_backbone_kind():
     deep = PrefixArtifact(task="t", method="vpt_deep", fingerprint=fp, deep_prompt=torch.randn(fp.num_layers, 2, 64))
     with pytest.raises(BackboneMismatch, match="visual prompts"):
         gpt2.check(deep)
+
+
+def test_a_vit_directory_loads_as_an_image_backbone(tmp_path):
+    from transformers import ViTImageProcessor
+
+    from service.runtime import load_backbone
+
+    tiny_vit().save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path)
+    bb = load_backbone(str(tmp_path), device="cpu")
+    assert bb.is_image and bb.is_encoder and bb.tokenizer is None and bb.pooling == "cls"
+    assert bb.image_processor.size == {"height": 16, "width": 16}
+    assert [layer.attention.layer_idx for layer in bb.body.layers] == [0, 1, 2]
