@@ -318,10 +318,13 @@ def wrap_model(
     if config.model_type in IMAGE_TYPES:
         number_attention_layers(model.base_model)
         if image_processor is None:
-            from transformers import ViTImageProcessor
+            try:  # the Pillow backend (the default one needs torchvision, which this project does not install)
+                from transformers import ViTImageProcessorPil as Processor
+            except ImportError:
+                from transformers import ViTImageProcessor as Processor
 
             side = config.image_size
-            image_processor = ViTImageProcessor(size={"height": side, "width": side})
+            image_processor = Processor(size={"height": side, "width": side})
     if not is_encoder and config.is_encoder_decoder:
         raise ValueError(f"{name}: encoder-decoder models are not supported (model_type {config.model_type})")
     device = device or next(model.parameters()).device
