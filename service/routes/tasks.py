@@ -12,6 +12,8 @@ from safetensors.torch import save as st_save
 
 from prefix_store import PrefixArtifact, check_template, decode, import_peft_adapter, validate_task_name
 from prefix_store.bitfit_io import export_bias_state_dict, import_bias_state_dict, parse_verbalizer
+from prefix_store.codec import load_tensors, read_safetensors_header
+from prefix_store.vpt_io import import_vpt_checkpoint
 
 from ..auth import AdminAuth
 from ..http_errors import BadRequest, PayloadTooLarge
@@ -93,6 +95,9 @@ async def upload(
     template: Annotated[
         str | None, Form(description='with state_dict: the input template, e.g. "{text} [MASK]"')
     ] = None,
+    vpt_checkpoint: Annotated[
+        UploadFile | None, File(description="a VPT reference-code checkpoint converted to safetensors")
+    ] = None,
 ) -> VersionSummary:
     validate_task_name(task)
     if task == BASE_TASK:
@@ -100,13 +105,20 @@ async def upload(
     limit = services.settings.max_artifact_bytes
     parts = [n for n, p in (("adapter_config", adapter_config), ("adapter_model", adapter_model)) if p is not None]
     parts += [n for n, p in (("artifact", artifact), ("state_dict", state_dict)) if p is not None]
-    if state_dict is not None and parts == ["state_dict"]:
+    parts += ["vpt_checkpoint"] if vpt_checkpoint is not None else []
+    if parts == ["vpt_checkpoint"]:
+        data = await _read(vpt_checkpoint, limit, "vpt_checkpoint")  # type: ignore[arg-type]
+        read_safetensors_header(data, max_bytes=limit)
+        art = import_vpt_checkpoint(
+            load_tensors(data), task=task, backbone=services.backbone.fingerprint, labels=_labels(labels)
+        )
+    elif state_dict is not None and parts == ["state_dict"]:
         art = await _import_bitfit(
             services, task, await _read(state_dict, limit, "state_dict"), labels, verbalizer, template
         )
     elif (verbalizer, template) != (None, None):
         raise BadRequest("'verbalizer' and 'template' go with a 'state_dict' upload")
-    elif artifact is not None and adapter_config is None and adapter_model is None and state_dict is None:
+    elif parts == ["artifact"]:
         art = decode(await _read(artifact, limit, "artifact"), max_bytes=limit).with_task(task)
     elif parts == ["adapter_config", "adapter_model"]:
         art = import_peft_adapter(
@@ -120,8 +132,8 @@ async def upload(
         )
     else:
         raise BadRequest(
-            "expected either the two parts 'adapter_config' and 'adapter_model', or one part 'artifact' or "
-            f"'state_dict'; got {parts or 'none'}"
+            "expected either the two parts 'adapter_config' and 'adapter_model', or one part 'artifact', "
+            f"'state_dict' or 'vpt_checkpoint'; got {parts or 'none'}"
         )
     stored = await _publish(services, art)
     return VersionSummary(**stored.summary())

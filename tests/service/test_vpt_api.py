@@ -13,6 +13,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from safetensors.torch import save as st_save
 
 from prefix_store import PrefixArtifact, encode
 from service.app import create_app
@@ -99,3 +100,38 @@ def test_images_on_a_text_backbone_are_400(redis_url):
     with client(redis_url, tiny_model("bert-cls").bert) as c:
         r = c.post("/v1/classify", json={"task": "x", "images": [b64(png(np.zeros((4, 4, 3), dtype=np.uint8)))]})
         assert r.status_code == 400 and "classifies text" in r.text
+
+
+def test_a_vpt_reference_checkpoint_uploads_with_its_projection_folded_in(redis_url):
+    """The reference code's layout (prompt_embeddings (1, P, hidden), deep_prompt_embeddings (L-1, P, hidden),
+    prompt_proj, head.last_layer): served, it equals the reference forward of the projected prompts."""
+    vit = tiny_vit()
+    g = torch.Generator().manual_seed(3)
+    L, P, H = 3, 4, 32
+    ck = {
+        "enc.transformer.prompt_embeddings": torch.randn(1, P, H, generator=g),
+        "enc.transformer.deep_prompt_embeddings": torch.randn(L - 1, P, H, generator=g),
+        "enc.transformer.prompt_proj.weight": torch.randn(H, H, generator=g) / H**0.5,
+        "enc.transformer.prompt_proj.bias": torch.randn(H, generator=g),
+        "head.last_layer.weight": torch.randn(3, H, generator=g),
+        "head.last_layer.bias": torch.randn(3, generator=g),
+    }
+    proj = lambda x: x @ ck["enc.transformer.prompt_proj.weight"].T + ck["enc.transformer.prompt_proj.bias"]  # noqa: E731
+    deep = torch.cat(
+        [proj(ck["enc.transformer.prompt_embeddings"]), proj(ck["enc.transformer.deep_prompt_embeddings"])]
+    )
+    want_art = vpt(vit, "ref", "vpt_deep", P, 0)
+    want_art.deep_prompt = deep
+    want_art.head = type(want_art.head)(ck["head.last_layer.weight"], ck["head.last_layer.bias"], LABELS, "cls")
+    img = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    with client(redis_url, vit) as c:
+        r = c.put("/v1/tasks/ref", files={"vpt_checkpoint": ("ck.safetensors", st_save(ck))}, data={"labels": "a,b,c"})
+        assert r.status_code == 201 and r.json()["method"] == "vpt_deep", r.text
+        r = c.post("/v1/classify", json={"task": "ref", "images": [b64(png(img))]})
+        assert r.status_code == 200, r.text
+        px = c.app.state.services.backbone.image_processor(images=[Image.fromarray(img)], return_tensors="pt")
+        want = torch.softmax(reference(vit, px["pixel_values"][0], want_art), -1).tolist()
+        assert [r.json()["results"][0]["scores"][x] for x in LABELS] == pytest.approx(want, abs=1e-5)
+        bad = dict(ck, **{"enc.transformer.deep_prompt_embeddings": torch.zeros(5, P, H)})
+        r = c.put("/v1/tasks/ref", files={"vpt_checkpoint": ("ck", st_save(bad))})
+        assert r.status_code == 409 and "deep_prompt_embeddings" in r.text
