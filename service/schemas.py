@@ -103,6 +103,7 @@ class TaskList(BaseModel):
 
 
 class RollbackRequest(BaseModel):
+    model_config = {"extra": "forbid"}
     version: int = Field(ge=1, description="an existing version to make current", examples=[2])
 
 
@@ -162,6 +163,7 @@ class ErrorBody(BaseModel):
 
 
 class SamplingFields(BaseModel):
+    model_config = {"extra": "forbid"}  # a field this server does not know is refused, never silently ignored
     max_new_tokens: int = Field(16, ge=1, le=4096, description="most tokens to generate")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -231,6 +233,7 @@ class ClassifyRequest(BaseModel):
     )
 
     model_config = {
+        "extra": "forbid",
         "json_schema_extra": {
             "examples": [
                 {"task": "sst2", "texts": ["a gripping film", "dull"]},
@@ -263,6 +266,10 @@ class ClassifyResponse(BaseModel):
 
 # -- OpenAI-compatible ----------------------------------------------------------------------------------------------
 class CompletionRequest(BaseModel):
+    # OpenAI fields this server does not implement (best_of, top_k, response_format, ...) are refused by name
+    # rather than dropped: the client must not believe it got what it asked for.
+    model_config = {"extra": "forbid"}
+
     model: TaskName = Field(description="the task name", examples=["e2e"])
     prompt: (
         PromptText

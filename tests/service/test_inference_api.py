@@ -111,6 +111,10 @@ async def test_generate_errors(store, make_app, llama, tmp_path):
             assert status == 409 and "num_kv_heads" in msg
             status, msg = await post(stream=True, task="missing")
             assert status == 404  # errors before the first token keep their status when streaming
+            status, msg = await post(repetition_penalty=1.2)  # unknown fields are refused by name, never dropped
+            assert status == 422 and "repetition_penalty" in msg, msg
+            r = await c.post("/v1/completions", json={"model": "alpha", "prompt": "w5", "best_of": 2})
+            assert r.status_code == 422 and "best_of" in r.json()["error"]["message"], r.text
             r = await c.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
             assert r.status_code == 422 and r.json()["error"]["type"] == "RequestValidationError"
 
