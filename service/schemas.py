@@ -239,7 +239,7 @@ class ClassifyRequest(BaseModel):
                 {"task": "sst2", "texts": ["a gripping film", "dull"]},
                 {"task": "digits", "images": ["data:image/png;base64,iVBORw0KGgo..."]},
             ]
-        }
+        },
     }
 
 
