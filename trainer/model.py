@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -223,28 +224,19 @@ class TaskModel(nn.Module):
         elif self.head is not None:
             bias = self.head.bias.detach().float().cpu() if self.head.bias is not None else None
             head = ClassificationHead(self.head.weight.detach().float().cpu(), bias, list(labels or []), self.pooling)
+        # The trained tensors, copied (the parameters keep training), under the artifact field of the method.
+        tensors: dict[str, Any]
         if isinstance(self.prefix, BiasDeltas):
-            biases = {k: v.detach().float().cpu().clone() for k, v in self.prefix().items()}
-            return PrefixArtifact(
-                task=task,
-                method=self.method,
-                fingerprint=self.fp,
-                biases=biases,
-                head=head,
-                template=template,
-                training=training,
-            )
-        x = self.prefix().detach().float().cpu().clone()  # a copy: the parameter keeps training
-        kv = x if self.method in KV_METHODS else None
-        deep = x if self.method == "vpt_deep" else None
+            tensors = {"biases": {k: v.detach().float().cpu().clone() for k, v in self.prefix().items()}}
+        else:
+            field = "kv" if self.method in KV_METHODS else "deep_prompt" if self.method == "vpt_deep" else "soft_prompt"
+            tensors = {field: self.prefix().detach().float().cpu().clone()}
         return PrefixArtifact(
             task=task,
             method=self.method,
             fingerprint=self.fp,
-            kv=kv,
-            deep_prompt=deep,
-            soft_prompt=None if kv is not None or deep is not None else x,
             head=head,
             template=template,
             training=training,
+            **tensors,
         )

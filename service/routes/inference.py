@@ -125,22 +125,23 @@ async def classify(body: ClassifyRequest, request: Request, services: ServicesDe
     if services.backbone.is_image != (body.images is not None):
         what = "'images'" if services.backbone.is_image else "text ('text', 'texts' or 'input_ids')"
         raise BadRequest(f"backbone {services.backbone.name} classifies {what}, got {given[0]!r}")
-    if body.images is not None:
-        return await _classify_images(body, request, services, task)
     if body.text_pair is not None and body.text is None:
         raise InvalidRequest("'text_pair' goes with 'text'")
     version = await services.host_cache.current_version(task)  # one version for every input of the call
-    template = (await services.host_cache.get(task, version)).template  # the task decides how its input reads
     confirm_task(request)
-    if body.input_ids is not None:
-        inputs = [(dispatch.check_ids(services, body.input_ids), None)]
+    if body.images is not None:
+        handles = await _submit_images(body.images, services, task, version)
     else:
-        texts = [body.text] if body.text is not None else body.texts
-        inputs = [
-            await dispatch.encode_pair(services, *render_template(template, t, body.text_pair))
-            for t in texts  # type: ignore[union-attr]
-        ]
-    handles = dispatch.submit_all(services, task, inputs, version=version)
+        template = (await services.host_cache.get(task, version)).template  # the task decides how its input reads
+        if body.input_ids is not None:
+            inputs = [(dispatch.check_ids(services, body.input_ids), None)]
+        else:
+            texts = [body.text] if body.text is not None else body.texts
+            inputs = [
+                await dispatch.encode_pair(services, *render_template(template, t, body.text_pair))
+                for t in texts  # type: ignore[union-attr]
+            ]
+        handles = dispatch.submit_all(services, task, inputs, version=version)
     results = await dispatch.results(request, handles)
     services.metrics.ttft.observe(first_latency(handles[0]))
     return ClassifyResponse(
@@ -148,26 +149,18 @@ async def classify(body: ClassifyRequest, request: Request, services: ServicesDe
     )
 
 
-async def _classify_images(body: ClassifyRequest, request: Request, services: Services, task: str) -> ClassifyResponse:
-    version = await services.host_cache.current_version(task)
-    confirm_task(request)
+async def _submit_images(images: list[str], services: Services, task: str, version: int) -> list[RequestHandle]:
+    """Decodes and prepares the images off the event loop (CPU work), then queues them all or none."""
     processor = services.backbone.image_processor
     limit = services.settings.max_body_bytes
 
     def prepare() -> list:
-        images = [decode_image(x, i, max_bytes=limit) for i, x in enumerate(body.images or [])]
-        return pixel_values(processor, images)
+        return pixel_values(processor, [decode_image(x, i, max_bytes=limit) for i, x in enumerate(images)])
 
-    loop = asyncio.get_running_loop()
-    pixels = await loop.run_in_executor(services.tokenizer_pool, prepare)  # decoding is CPU work: off the loop
-    handles = services.scheduler.submit_all(
+    pixels = await asyncio.get_running_loop().run_in_executor(services.tokenizer_pool, prepare)
+    return services.scheduler.submit_all(
         [dict(task=task, prompt_ids=[], version=version, pixel_values=p) for p in pixels],
         timeout_s=services.settings.request_timeout_s,
-    )
-    results = await dispatch.results(request, handles)
-    services.metrics.ttft.observe(first_latency(handles[0]))
-    return ClassifyResponse(
-        task=body.task, version=version, results=[Classification(label=r.label, scores=r.scores) for r in results]
     )
 
 
