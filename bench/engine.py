@@ -123,7 +123,7 @@ def random_artifact(name: str, fp: BackboneFingerprint, P: int, seed: int) -> Pr
 def random_bias_artifact(name: str, backbone, seed: int) -> PrefixArtifact:
     """A bitfit task shifting every bias of the backbone."""
     g = torch.Generator().manual_seed(seed)
-    deltas = {path: 0.1 * torch.randn(size, generator=g) for path, size in backbone.bias_sizes().items()}
+    deltas = {path: 0.1 * torch.randn(size, generator=g) for path, size in backbone.bias_sizes.items()}
     return PrefixArtifact(task=name, method="bitfit", fingerprint=backbone.fingerprint, biases=deltas)
 
 
@@ -319,7 +319,7 @@ async def bare(b: Bench, report: dict) -> None:
 
 async def bias(b: Bench, report: dict) -> None:
     a = b.args
-    own = b if b.backbone.bias_sizes() else Bench(argparse.Namespace(**{**vars(a), "arch": "gpt2"}))
+    own = b if b.backbone.bias_sizes else Bench(argparse.Namespace(**{**vars(a), "arch": "gpt2"}))
     try:
         prefix_tasks = spread(await own.tasks(64, a.prefix), a.requests)
         bias_tasks = spread(await own.bias_tasks(64), a.requests)

@@ -7,6 +7,7 @@ are loaded with their LM head.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -99,8 +100,10 @@ class Backbone:
         """The input embedding table, nn.Embedding (V, hidden)."""
         return self.body.get_input_embeddings()
 
+    @functools.cached_property
     def bias_sizes(self) -> dict[str, int]:
-        """Every bias a bias task may shift, by module path, and its size (see bias.bias_targets)."""
+        """Every bias a bias task may shift, by module path, and its size (see bias.bias_targets). The modules do
+        not change after loading, so the walk over them happens once, not at every check of a bias artifact."""
         return {name: t.numel() for name, t in bias_targets(self).items()}
 
     def check(self, artifact: PrefixArtifact) -> None:
@@ -133,7 +136,7 @@ class Backbone:
             raise BackboneMismatch("a verbalizer head reads the [MASK] position: this tokenizer has no mask token")
 
     def _check_biases(self, biases: dict[str, torch.Tensor]) -> None:
-        sizes = self.bias_sizes()
+        sizes = self.bias_sizes
         if not sizes:
             raise BackboneMismatch(
                 f"backbone {self.name} ({self.fingerprint.model_type}) has no bias terms: its linear and norm "
