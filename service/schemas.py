@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -335,6 +335,52 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "prefix-serve"
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = {
+        "extra": "forbid",
+        "json_schema_extra": {
+            "examples": [
+                {"model": "base", "input": ["a gripping film", "dull"]},
+                {"model": "digits", "input": ["data:image/png;base64,iVBORw0KGgo..."]},
+            ]
+        },
+    }
+
+    model: TaskName = Field(description=f"the task whose prefix shapes the embedding; {BASE_TASK!r}: the bare backbone")
+    input: (
+        PromptText
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_TEXTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(
+        description=f"text backbones: a string, up to {MAX_TEXTS} strings, token ids or up to {MAX_PROMPTS} lists of "
+        "them; image backbones: up to 16 base64 images or data:image/...;base64, URLs",
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: the little-endian float32 bytes of each vector, base64-encoded"
+    )
+    dimensions: int | None = Field(None, ge=1, description="must equal the backbone's hidden size if given")
+    user: str | None = Field(None, max_length=256)
+
+
+class EmbeddingData(BaseModel):
+    object: str = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: str = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelList(BaseModel):

@@ -130,7 +130,7 @@ async def classify(body: ClassifyRequest, request: Request, services: ServicesDe
     version = await services.host_cache.current_version(task)  # one version for every input of the call
     confirm_task(request)
     if body.images is not None:
-        handles = await _submit_images(body.images, services, task, version)
+        handles = await submit_images(body.images, services, task, version)
     else:
         template = (await services.host_cache.get(task, version)).template  # the task decides how its input reads
         if body.input_ids is not None:
@@ -149,7 +149,9 @@ async def classify(body: ClassifyRequest, request: Request, services: ServicesDe
     )
 
 
-async def _submit_images(images: list[str], services: Services, task: str, version: int) -> list[RequestHandle]:
+async def submit_images(
+    images: list[str], services: Services, task: str | None, version: int | None, *, embed: bool = False
+) -> list[RequestHandle]:
     """Decodes and prepares the images off the event loop (CPU work), then queues them all or none."""
     processor = services.backbone.image_processor
     limit = services.settings.max_body_bytes
@@ -159,7 +161,7 @@ async def _submit_images(images: list[str], services: Services, task: str, versi
 
     pixels = await asyncio.get_running_loop().run_in_executor(services.tokenizer_pool, prepare)
     return services.scheduler.submit_all(
-        [dict(task=task, prompt_ids=[], version=version, pixel_values=p) for p in pixels],
+        [dict(task=task, prompt_ids=[], version=version, pixel_values=p, embed=embed) for p in pixels],
         timeout_s=services.settings.request_timeout_s,
     )
 

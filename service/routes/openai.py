@@ -1,7 +1,10 @@
-"""OpenAI-compatible POST /v1/completions and GET /v1/models: the `model` field names the task."""
+"""OpenAI-compatible POST /v1/completions, POST /v1/embeddings and GET /v1/models: the `model` field names the
+task."""
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,20 +18,25 @@ from .. import dispatch
 from ..auth import InferenceAuth
 from ..dispatch import TokenEvent
 from ..http_errors import InvalidRequest
+from ..images import MAX_IMAGES
 from ..metrics import confirm_task, name_task
-from ..runtime import GenerationResult, RequestHandle
+from ..runtime import EmbeddingResult, GenerationResult, RequestHandle, Unsupported
 from ..schemas import (
     BASE_TASK,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ModelCard,
     ModelList,
     SamplingFields,
 )
 from ..state import Services, ServicesDep
-from .inference import ERRORS, first_latency, usage
+from .inference import ERRORS, first_latency, submit_images, usage
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[InferenceAuth])
 
@@ -40,8 +48,7 @@ async def models(services: ServicesDep) -> ModelList:
         ModelCard(id=t.name, created=_epoch(t.summary.get("created_at"), now))
         for t in await services.store.list_tasks()
     ]
-    if not services.backbone.is_encoder:
-        cards.insert(0, ModelCard(id=BASE_TASK, created=now))
+    cards.insert(0, ModelCard(id=BASE_TASK, created=now))  # generates on causal LMs, embeds on encoders
     return ModelList(data=cards)
 
 
@@ -90,6 +97,57 @@ async def completions(
     return CompletionResponse(**meta, choices=choices, usage=usage(prompt_tokens, completion_tokens))
 
 
+@router.post(
+    "/embeddings",
+    response_model=EmbeddingResponse,
+    responses=ERRORS,
+    summary="OpenAI-compatible embeddings (`model` = task): the pooled encoder state, unit length",
+)
+async def embeddings(body: EmbeddingRequest, request: Request, services: ServicesDep) -> EmbeddingResponse:
+    """Each input's pooled state as the backbone pools it (all-MiniLM-L6-v2: the mean of its tokens; a ViT: [CLS]
+    after the final LayerNorm), L2-normalised, through the task's prefix (any method) or through the bare backbone
+    (`model` = "base"). Rows of every task share the batch with classification rows. Inputs are embedded as given
+    (a task's classification template is not applied)."""
+    name_task(request, body.model)
+    bb = services.backbone
+    if not bb.is_encoder:
+        raise Unsupported(f"embeddings are pooled encoder states: backbone {bb.name} is a causal LM")
+    if body.dimensions is not None and body.dimensions != bb.fingerprint.hidden_size:
+        raise InvalidRequest(
+            f"dimensions: this backbone embeds in {bb.fingerprint.hidden_size} dimensions (no truncation), "
+            f"got {body.dimensions}"
+        )
+    task = dispatch.task_of(body.model)
+    version = None if task is None else await services.host_cache.current_version(task)
+    if bb.is_image:
+        images = [body.input] if isinstance(body.input, str) else body.input
+        if not all(isinstance(x, str) for x in images) or len(images) > MAX_IMAGES:
+            raise InvalidRequest(
+                f"input: backbone {bb.name} embeds images: expected up to {MAX_IMAGES} base64 images or data URLs"
+            )
+        handles = await submit_images(images, services, task, version, embed=True)  # type: ignore[arg-type]
+    else:
+        prompts = await _prompts(services, body.input, "input")
+        handles = services.scheduler.submit_all(
+            [dict(task=task, prompt_ids=ids, version=version, embed=True) for ids in prompts],
+            timeout_s=services.settings.request_timeout_s,
+        )
+    confirm_task(request)
+    results: list[EmbeddingResult] = await dispatch.results(request, handles)
+    data = [
+        EmbeddingData(index=i, embedding=_b64(r.embedding) if body.encoding_format == "base64" else r.embedding)
+        for i, r in enumerate(results)
+    ]
+    tokens = sum(r.prompt_tokens for r in results)
+    return EmbeddingResponse(
+        data=data, model=body.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    )
+
+
+def _b64(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
 async def _stream(
     services: Services,
     body: CompletionRequest,
@@ -120,16 +178,18 @@ async def _stream(
         ev = await events.__anext__()
 
 
-async def _prompts(services: Services, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+async def _prompts(
+    services: Services, prompt: str | list[str] | list[int] | list[list[int]], field: str = "prompt"
+) -> list[list[int]]:
     if isinstance(prompt, str):
         return [await dispatch.prompt_ids(services, prompt, None)]
     if not prompt:
-        raise InvalidRequest("prompt: expected a string, a list of strings, or token ids; got an empty list")
+        raise InvalidRequest(f"{field}: expected a string, a list of strings, or token ids; got an empty list")
     if all(isinstance(p, int) for p in prompt):
-        return [dispatch.check_ids(services, prompt)]  # type: ignore[arg-type]
+        return [dispatch.check_ids(services, prompt, field)]  # type: ignore[arg-type]
     if all(isinstance(p, str) for p in prompt):
         return [await dispatch.prompt_ids(services, p, None) for p in prompt]  # type: ignore[arg-type]
-    return [dispatch.check_ids(services, p) for p in prompt]  # type: ignore[arg-type]
+    return [dispatch.check_ids(services, p, field) for p in prompt]  # type: ignore[arg-type]
 
 
 def _logprobs(services: Services, ids: list[int], lps: list[float] | None) -> CompletionLogprobs:

@@ -11,7 +11,7 @@ from .backbone import Backbone, load_backbone, resolve_source, wrap_model
 from .engine import DeviceCache, Engine
 from .errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, ServingError, Unsupported
 from .host_cache import HostCache
-from .output import ClassificationResult, GenerationResult, TextStream
+from .output import ClassificationResult, EmbeddingResult, GenerationResult, TextStream
 from .sampling import SamplingParams
 from .scheduler import RequestHandle, Scheduler, build_serving
 from .settings import DEFAULT_BACKBONE, RuntimeSettings
@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "Backbone",
     "ClassificationResult",
+    "EmbeddingResult",
     "DeviceCache",
     "Engine",
     "EngineFailure",

@@ -352,15 +352,20 @@ class Engine:
             except Exception as e:
                 outputs.append(self._out(req.request_id, finish_reason=FinishReason.ERROR, error=e))
                 continue
+            embed = req.kind is Kind.EMBED
             if req.pixel_values is not None:
-                items.append(ImageItem(prefix, req.pixel_values))
+                items.append(ImageItem(prefix, req.pixel_values, embed))
             else:
-                items.append(EncodeItem(prefix, req.prompt_ids, req.token_type_ids))
+                items.append(EncodeItem(prefix, req.prompt_ids, req.token_type_ids, embed))
             reqs.append(req)
         if items:
             run = self.runner.classify_images if self.bb.is_image else self.runner.classify_encoder
-            for req, logits in zip(reqs, run(items), strict=True):  # type: ignore[arg-type]
-                outputs.append(self._classified(req, logits))
+            for req, x in zip(reqs, run(items), strict=True):  # type: ignore[arg-type]
+                if req.kind is Kind.EMBED:  # x: the pooled state (hidden,)
+                    e = torch.nn.functional.normalize(x, dim=0)
+                    outputs.append(self._out(req.request_id, finish_reason=FinishReason.STOP, embedding=e))
+                else:  # x: head logits (C,)
+                    outputs.append(self._classified(req, x))
         for req in reqs:
             if req.artifact is not None:
                 self.device_cache.release(req.artifact.key, req.request_id)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from prefix_store import PrefixArtifact
+
 from .sampling import SamplingParams
 from .step import FinishReason, RowOutput
 
@@ -88,6 +90,14 @@ class ClassificationResult:
     scores: dict[str, float]  # label -> probability
 
 
+@dataclass
+class EmbeddingResult:
+    task: str | None  # None: the bare backbone
+    version: int | None
+    embedding: list[float]  # (hidden,), unit length
+    prompt_tokens: int
+
+
 def class_probabilities(logits: torch.Tensor) -> list[float]:
     """Head logits (C,) -> probabilities, in label order."""
     return torch.softmax(logits.float(), dim=-1).tolist()
@@ -113,3 +123,9 @@ def classification_result(task: str, version: int, labels: list[str], output: Ro
     assert output.probs is not None, "a classification row's output carries its probabilities"
     scores = dict(zip(labels, output.probs, strict=True))
     return ClassificationResult(task, version, max(scores, key=scores.__getitem__), scores)
+
+
+def embedding_result(artifact: PrefixArtifact | None, prompt_tokens: int, output: RowOutput) -> EmbeddingResult:
+    assert output.embedding is not None, "an embedding row's output carries its embedding"
+    task, version = (None, None) if artifact is None else (artifact.task, artifact.version)
+    return EmbeddingResult(task, version, output.embedding.tolist(), prompt_tokens)

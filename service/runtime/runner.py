@@ -80,6 +80,7 @@ class ChunkResult:
 class ImageItem:
     prefix: DevicePrefix | None
     pixel_values: torch.Tensor  # (C, H, W)
+    embed: bool = False  # return the row's pooled state instead of its head's logits
 
 
 @dataclass
@@ -87,6 +88,7 @@ class EncodeItem:
     prefix: DevicePrefix | None
     input_ids: list[int]
     token_type_ids: list[int] | None = None
+    embed: bool = False  # return the row's pooled state instead of its head's logits
 
 
 class ModelRunner:
@@ -215,8 +217,9 @@ class ModelRunner:
     # -- encoder ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def classify_encoder(self, items: list[EncodeItem]) -> list[torch.Tensor]:
-        """Head logits (C,) per item for a BERT-family backbone. Key/value prefixes come from the pool; soft prompts
-        are input embeddings in front of the tokens (positions from 0, as PEFT feeds them)."""
+        """Head logits (C,) per item for a BERT-family backbone, or for an `embed` item its pooled state (hidden,)
+        fp32, pooled as the backbone pools. Key/value prefixes come from the pool; soft prompts are input embeddings
+        in front of the tokens (positions from 0, as PEFT feeds them)."""
         dev = self.bb.device
         n_soft = [
             0 if it.prefix is None or it.prefix.soft_prompt is None else it.prefix.num_virtual_tokens for it in items
@@ -250,14 +253,16 @@ class ModelRunner:
             )
         h = out.last_hidden_state  # (B, T, hidden)
         pooled = getattr(out, "pooler_output", None)  # (B, hidden) or None
-        logits: list[torch.Tensor | None] = [
-            None
-            if it.prefix is not None and it.prefix.verbalizer is not None
-            else head_logits(
-                it.prefix, h[i, n_soft[i] : lengths[i]].mean(0), h[i, 0], pooled[i] if pooled is not None else None
-            )
-            for i, it in enumerate(items)
-        ]
+        logits: list[torch.Tensor | None] = []
+        for i, it in enumerate(items):
+            mean, first = h[i, n_soft[i] : lengths[i]].mean(0), h[i, 0]
+            pooler = pooled[i] if pooled is not None else None
+            if it.embed:
+                logits.append(pool(self.bb.pooling, mean, first, pooler).float())
+            elif it.prefix is not None and it.prefix.verbalizer is not None:
+                logits.append(None)  # scored at [MASK] below
+            else:
+                logits.append(head_logits(it.prefix, mean, first, pooler))
         verbal = [i for i, x in enumerate(logits) if x is None]
         if verbal:
             mask_id = self.bb.mask_token_id
@@ -271,7 +276,8 @@ class ModelRunner:
     # -- image encoder ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def classify_images(self, items: list[ImageItem]) -> list[torch.Tensor]:
-        """Head logits (C,) per image on a ViT, rows of any mix of tasks in one forward. A row reads
+        """Head logits (C,) per image on a ViT (an `embed` item: its pooled state), rows of any mix of tasks and bare
+        rows in one forward. A row reads
         `[CLS, shallow prompts (no position embedding), patches, padding]` (attention is bidirectional and positions
         are in the embeddings, so where the padding sits does not matter, and right padding keeps the key mask a
         length); deep prompts and key/value prefixes come from the pool through the registered attention."""
@@ -295,9 +301,11 @@ class ModelRunner:
             for layer in vit_layers(self.body):
                 x = layer(x, None, prefix_serve=state)
         h = self.body.layernorm(x)  # (B, T, hidden)
-        return [
-            head_logits(it.prefix, h[i, 1 + shallow[i] : lengths[i]].mean(0), h[i, 0]) for i, it in enumerate(items)
-        ]
+        out = []
+        for i, it in enumerate(items):
+            mean, first = h[i, 1 + shallow[i] : lengths[i]].mean(0), h[i, 0]  # patches only; [CLS]
+            out.append(pool(self.bb.pooling, mean, first).float() if it.embed else head_logits(it.prefix, mean, first))
+        return out
 
     def verbalize(
         self, states: torch.Tensor, prefixes: list[DevicePrefix | None], slots: torch.Tensor | None
@@ -351,11 +359,18 @@ def head_logits(
     """
     assert prefix is not None and prefix.head is not None, "classification rows are checked for a head"
     head = prefix.head
-    if head.pooling == "pooler":
-        x = pooler
-    elif head.pooling == "mean":
-        x = mean
-    else:  # "cls" on encoders, "last_token" on causal LMs
-        x = first_or_last
+    x = pool(head.pooling, mean, first_or_last, pooler)
     logits = x @ head.weight.T + (head.bias if head.bias is not None else 0)  # (C,)
     return logits.float()
+
+
+def pool(
+    pooling: str, mean: torch.Tensor, first_or_last: torch.Tensor, pooler: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One row's pooled state (hidden,): "pooler", "mean", or "cls" / "last_token" (first_or_last)."""
+    if pooling == "pooler":
+        assert pooler is not None, "pooler pooling is checked against the backbone"
+        return pooler
+    if pooling == "mean":
+        return mean
+    return first_or_last

@@ -31,7 +31,14 @@ from .backbone import Backbone
 from .engine import DeviceFull, Engine
 from .errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, Unsupported
 from .host_cache import HostCache
-from .output import ClassificationResult, GenerationResult, classification_result, generation_result
+from .output import (
+    ClassificationResult,
+    EmbeddingResult,
+    GenerationResult,
+    classification_result,
+    embedding_result,
+    generation_result,
+)
 from .sampling import SamplingParams
 from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan
 
@@ -100,7 +107,7 @@ class RequestHandle:
             req.signal.clear()
             await req.signal.wait()
 
-    async def result(self) -> GenerationResult | ClassificationResult:
+    async def result(self) -> GenerationResult | ClassificationResult | EmbeddingResult:
         await self._req.finished.wait()
         req, art = self._req, self._req.artifact
         for out in req.history:
@@ -109,6 +116,8 @@ class RequestHandle:
         if req.kind is Kind.CLASSIFY:
             assert art is not None and art.head is not None and art.version is not None
             return classification_result(art.task, art.version, art.head.labels, req.history[-1])
+        if req.kind is Kind.EMBED:
+            return embedding_result(art, len(req.prompt_ids), req.history[-1])
         assert req.params is not None
         return generation_result(req.task, self.version, len(req.prompt_ids), req.history, req.params.logprobs)
 
@@ -208,13 +217,20 @@ class Scheduler:
         timeout_s: float | None = None,
         version: int | None = None,
         pixel_values: torch.Tensor | None = None,
+        embed: bool = False,
     ) -> RequestHandle:
-        """Queues a generation (params given) or classification (params None) request for `task` (None: the bare
-        backbone); an image backbone classifies `pixel_values` (C, H, W) instead of prompt ids. Raises QueueFull at
-        once when the queue is at its bound."""
+        """Queues a generation (params given), classification (params None) or embedding (`embed`, encoders) request
+        for `task` (None: the bare backbone); an image backbone reads `pixel_values` (C, H, W) instead of prompt ids.
+        Raises QueueFull at once when the queue is at its bound."""
         if self._waiting >= self.max_queue:
             raise QueueFull(f"queue full: {self._waiting} requests waiting (limit {self.max_queue}); retry later")
-        kind = Kind.CLASSIFY if params is None else Kind.GENERATE
+        kind = Kind.EMBED if embed else Kind.CLASSIFY if params is None else Kind.GENERATE
+        if kind is Kind.EMBED and (params is not None or not self.engine.bb.is_encoder):
+            raise Unsupported(
+                f"embeddings are pooled encoder states: {self.engine.bb.name} is a causal LM"
+                if not self.engine.bb.is_encoder
+                else "an embedding request takes no sampling parameters"
+            )
         if kind is Kind.GENERATE and self.engine.bb.is_encoder:
             raise Unsupported(
                 f"generation needs a causal LM backbone; {self.engine.bb.name} is an encoder (classification only)"

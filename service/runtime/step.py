@@ -20,6 +20,7 @@ from .sampling import SamplingParams
 class Kind(enum.Enum):
     GENERATE = "generate"  # decodes tokens until a stop condition
     CLASSIFY = "classify"  # one forward; the task's head reads the pooled state
+    EMBED = "embed"  # one forward (encoders); the row's pooled state itself, L2-normalised
 
 
 class FinishReason(enum.StrEnum):
@@ -35,7 +36,8 @@ class EngineRequest:
 
     Args:
         request_id: unique among live requests.
-        kind: GENERATE (params required) or CLASSIFY (the artifact must have a head).
+        kind: GENERATE (params required), CLASSIFY (the artifact must have a head) or EMBED (encoders; any artifact,
+            or none: the bare backbone's embedding).
         prompt_ids: the prompt's token ids, at least one.
         artifact: the exact task version to run; None: the bare backbone.
         params: sampling and stopping, for GENERATE.
@@ -97,7 +99,8 @@ class StepPlan:
 @dataclass
 class RowOutput:
     """What one step produced for one request. A generation row gets one per token, `finish_reason` set on its last;
-    a classification row exactly one, with `probs`; `error` ends a request that failed.
+    a classification row exactly one, with `probs`; an embedding row exactly one, with `embedding`; `error` ends a
+    request that failed.
 
     text: new text since the row's previous output (held back while it could still become a stop string).
     logits: (V,) fp32 next-token logits with SamplingParams.return_logits; (C,) fp32 head logits when classifying.
@@ -111,6 +114,7 @@ class RowOutput:
     finish_reason: FinishReason | None = None
     probs: list[float] | None = None
     logits: torch.Tensor | None = None
+    embedding: torch.Tensor | None = None  # (hidden,) fp32, unit length
     error: Exception | None = None
 
     @property

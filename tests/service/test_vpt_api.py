@@ -61,6 +61,29 @@ def test_vpt_tasks_classify_images_as_the_reference(redis_url):
                 assert got == pytest.approx(want, abs=1e-5)
 
 
+def test_image_embeddings_bare_and_through_a_task(redis_url):
+    """/v1/embeddings on a ViT: [CLS] after the final LayerNorm, unit length, bare or through a VPT task's prompts."""
+    vit = tiny_vit()
+    picture = b64(png(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    with client(redis_url, vit) as c:
+        art = vpt(vit, "deep", "vpt_deep", 3, 1)
+        assert c.put("/v1/tasks/deep", files={"artifact": ("a", encode(art))}).status_code == 201
+        processor = c.app.state.services.backbone.image_processor
+        px = processor(images=[Image.open(io.BytesIO(base64.b64decode(picture))).convert("RGB")], return_tensors="pt")
+        for model, ref_art in (("base", None), ("deep", art)):
+            r = c.post("/v1/embeddings", json={"model": model, "input": [picture]})
+            assert r.status_code == 200, r.text
+            h = reference(vit, px["pixel_values"][0], None if ref_art is None else vpt_without_head(ref_art))
+            got = torch.tensor(r.json()["data"][0]["embedding"])
+            assert (got - torch.nn.functional.normalize(h, dim=0)).abs().max() <= 1e-5, model
+        r = c.post("/v1/embeddings", json={"model": "base", "input": [[1, 2]]})
+        assert r.status_code == 422 and "embeds images" in r.text
+
+
+def vpt_without_head(art: PrefixArtifact) -> PrefixArtifact:
+    return PrefixArtifact(**{**vars(art), "head": None})
+
+
 def test_bad_images_and_wrong_inputs_are_400(redis_url):
     vit = tiny_vit()
     ok = b64(png(np.zeros((8, 8, 3), dtype=np.uint8)))

@@ -86,17 +86,22 @@ def vpt(vit: ViTModel, task: str, method: str, P: int, seed: int) -> PrefixArtif
     )
 
 
-async def serve_all(store, vit, arts: list[PrefixArtifact], images: torch.Tensor) -> list[torch.Tensor]:
-    """Every artifact's row (and a bare one, with no head: it cannot classify) in one batch; returns head logits."""
+async def serve_all(
+    store, vit, arts: list[PrefixArtifact], images: torch.Tensor, bare: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Every artifact's row, and one bare row per image in `bare` (no task: the backbone's embedding, the bare
+    [CLS] state after the final LayerNorm, unit length), all in one forward; returns head logits, then embeddings."""
     for art in arts:
         await store.put(art)
     async with serving_stack(store, copy.deepcopy(vit)) as stack:
         for i, art in enumerate(arts):  # load every prefix first, so all rows share one forward
             await stack.scheduler.submit(art.task, [], pixel_values=images[i]).result()
         handles = [stack.scheduler.submit(a.task, [], pixel_values=images[i]) for i, a in enumerate(arts)]
+        for img in bare if bare is not None else []:
+            handles.append(stack.scheduler.submit(None, [], pixel_values=img, embed=True))
         outs = await asyncio.gather(*(anext(aiter(h.events())) for h in handles))
     assert len({o.step for o in outs}) == 1, "the rows shared one forward"
-    return [o.logits for o in outs]
+    return [o.logits if o.embedding is None else o.embedding for o in outs]
 
 
 def case():
@@ -111,12 +116,16 @@ def case():
     return vit, arts, images
 
 
-async def test_deep_shallow_rows_mixed_match_the_reference(store):
+async def test_deep_shallow_and_bare_rows_mixed_match_the_reference(store):
     vit, arts, images = case()
-    got = await serve_all(store, vit, arts, images)
-    for art, img, logits in zip(arts, images, got, strict=True):
+    bare = images.flip(0)[:2]
+    got = await serve_all(store, vit, arts, images, bare)
+    for art, img, logits in zip(arts, images, got, strict=False):
         diff = (logits - reference(vit, img, art)).abs().max().item()
         assert diff <= 1e-5, (art.task, diff)
+    for img, emb in zip(bare, got[len(arts) :], strict=True):
+        want = torch.nn.functional.normalize(reference(vit, img, None), dim=0)
+        assert (emb - want).abs().max().item() <= 1e-5
 
 
 async def test_control_deep_keys_without_the_layer_norm_fail(store, monkeypatch):
