@@ -77,7 +77,16 @@ class TrainSpec(BaseModel):
     reparam: bool | None = Field(None, description="MLP reparametrisation (default: on for prefix_tuning only)")
     reparam_hidden: int = Field(512, ge=8, le=8192)
     prompt_encoder: Literal["lstm", "mlp"] = "lstm"
-    init_text: str | None = Field(None, description="prompt tuning: initialise from this text's embeddings")
+    init_text: str | None = Field(
+        None,
+        max_length=10_000,
+        description="prompt tuning: initialise from this text's embeddings; P-Tuning v2: from its keys/values",
+    )
+    prefix_init: Literal["activations", "random"] = Field(
+        "activations",
+        description="P-Tuning v2 (no reparametrisation): start from the backbone's keys/values of real tokens "
+        "(init_text, else tokens drawn from the training inputs; Li & Liang sec. 7.2), or N(0, 1) as PEFT does",
+    )
 
     steps: int = Field(200, ge=1, le=10_000_000)
     batch_size: int = Field(16, ge=1, le=4096)

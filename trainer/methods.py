@@ -11,9 +11,11 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from prefix_store import BackboneFingerprint
 from prefix_store.jobs import TrainSpec
+from service.runtime import Backbone
 
 # What each method starts from when a job does not say: learning rate, prompt length and warm-up that train well out
 # of the box on the shared datasets with a MiniLM-sized encoder (SST-2, MRPC: bench/quality.py measures them).
@@ -93,15 +95,32 @@ class VisualPrompt(nn.Module):
 
 
 class DirectKV(nn.Module):
-    """P-Tuning v2 (Liu et al.): the deep prompt of every layer is a free parameter."""
+    """P-Tuning v2 (Liu et al.): the deep prompt of every layer is a free parameter.
 
-    def __init__(self, fp: BackboneFingerprint, P: int) -> None:
+    init: (L, 2, H_kv, P, D) starting keys/values, e.g. the backbone's own for real tokens (`activation_kv`; Li &
+    Liang, sec. 7.2: initialising with activations of real words trains markedly better than random); None: N(0, 1)
+    like PEFT's PrefixEncoder embedding without projection."""
+
+    def __init__(self, fp: BackboneFingerprint, P: int, init: torch.Tensor | None = None) -> None:
         super().__init__()
-        # N(0, 1) like PEFT's PrefixEncoder embedding without projection.
-        self.kv = nn.Parameter(torch.randn(fp.num_layers, 2, fp.num_kv_heads, P, fp.head_dim))
+        shape = (fp.num_layers, 2, fp.num_kv_heads, P, fp.head_dim)
+        if init is not None and tuple(init.shape) != shape:
+            raise ValueError(f"prefix init: expected key/values of shape {shape}, got {tuple(init.shape)}")
+        self.kv = nn.Parameter(init.detach().float().clone() if init is not None else torch.randn(shape))
 
     def forward(self) -> torch.Tensor:
         return self.kv  # (L, 2, H_kv, P, D)
+
+
+@torch.no_grad()
+def activation_kv(backbone: Backbone, ids: list[int]) -> torch.Tensor:
+    """The frozen backbone's keys/values (L, 2, H_kv, P, D) for the tokens `ids` at positions 0..P-1: what a real
+    text of P tokens leaves in the cache (causal LMs: keys with their rotary positions)."""
+    cache = DynamicCache()
+    x = torch.tensor([ids], device=backbone.device)  # (1, P)
+    backbone.body(input_ids=x, use_cache=True, **backbone.with_cache(cache))
+    layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each (2, H_kv, P, D)
+    return torch.stack(layers).float().cpu()
 
 
 class ReparamKV(nn.Module):
@@ -169,6 +188,7 @@ def build_prefix(
     generator: torch.Generator | None = None,
     bias_targets: dict[str, torch.Tensor] | None = None,
     patch_size: int = 16,
+    kv_init: torch.Tensor | None = None,
 ) -> nn.Module:
     """The trainable module of `method`.
 
@@ -177,6 +197,7 @@ def build_prefix(
         reparam: Prefix-Tuning's MLP; on by default for prefix_tuning, off for p_tuning_v2.
         init_ids: prompt tuning from a text: its token ids (repeated to P); otherwise random vocabulary tokens.
         bias_targets: bitfit: the backbone's biases by module path (service.runtime.bias.bias_targets).
+        kv_init: p_tuning_v2 without reparametrisation: starting keys/values (L, 2, H_kv, P, D); None: N(0, 1).
     """
     if method in ("vpt_shallow", "vpt_deep"):
         shape = (P, fp.hidden_size) if method == "vpt_shallow" else (fp.num_layers, P, fp.hidden_size)
@@ -187,7 +208,7 @@ def build_prefix(
         return BiasDeltas(bias_targets)
     if method in ("prefix_tuning", "p_tuning_v2"):
         use_mlp = (method == "prefix_tuning") if reparam is None else reparam
-        return ReparamKV(fp, P, mid) if use_mlp else DirectKV(fp, P)
+        return ReparamKV(fp, P, mid) if use_mlp else DirectKV(fp, P, kv_init)
     if method == "prompt_tuning":
         assert word_embeddings is not None, "prompt tuning starts from the backbone's word embeddings"
         V = word_embeddings.shape[0]

@@ -25,7 +25,7 @@ from service.runtime import Backbone, Engine, EngineRequest, Kind, SamplingParam
 from service.runtime.bias import bias_targets, verbalizer_tokens
 
 from .data import Dataset, Example, load_dataset
-from .methods import build_prefix, with_method_defaults
+from .methods import activation_kv, build_prefix, with_method_defaults
 from .model import Batch, TaskModel, make_batch
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,11 @@ class Trainer:
         init_ids = None
         if spec.init_text and self.tok is not None:
             init_ids = self.tok(spec.init_text, add_special_tokens=False)["input_ids"]
+        kv_init = None
+        P = spec.num_virtual_tokens or 0
+        if spec.method == "p_tuning_v2" and not spec.reparam and spec.prefix_init == "activations":
+            ids = init_ids if init_ids else self._training_tokens(P)
+            kv_init = activation_kv(backbone, (ids * (P // max(len(ids), 1) + 1))[:P])
         prefix = build_prefix(
             spec.method,
             backbone.fingerprint,
@@ -102,6 +107,7 @@ class Trainer:
             generator=self.gen,
             bias_targets=bias_targets(backbone) if spec.method == "bitfit" else None,
             patch_size=getattr(backbone.model.config, "patch_size", 16),
+            kv_init=kv_init,
         )
         n_labels = len(self.labels) if self.data.kind == "classification" else None
         pooling = spec.pooling or backbone.pooling
@@ -125,6 +131,21 @@ class Trainer:
         prefix_bytes = 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * (spec.num_virtual_tokens or 0) * 4
         self.engine = Engine(backbone, device_cache_bytes=2 * prefix_bytes + 2**20, max_rows=64)
         self.order: list[int] = []  # indices of the examples still to visit in this pass over the data
+
+    def _training_tokens(self, n: int) -> list[int]:
+        """n tokens drawn (seeded) from the inputs of up to 64 random training examples, special tokens left out:
+        real words of the task, at their frequency in it."""
+        picked = torch.randperm(len(self.data.train), generator=self.gen)[:64].tolist()
+        special = set(self.tok.all_special_ids)
+        pool = [
+            i
+            for k in picked
+            for i in self.tok(self.data.train[k].text, add_special_tokens=False)["input_ids"]
+            if i not in special
+        ]
+        if not pool:
+            raise ValueError("prefix_init 'activations': the training inputs have no tokens to start from")
+        return [pool[j] for j in torch.randint(0, len(pool), (n,), generator=self.gen).tolist()]
 
     def _check_verbalizer(self, backbone: Backbone, spec: TrainSpec) -> None:
         if self.data.kind != "classification" or backbone.mask_token_id is None or backbone.mlm is None:

@@ -183,3 +183,33 @@ def test_verbalizer_needs_a_template_with_the_mask():
 def test_bitfit_on_a_bias_free_backbone_is_refused():
     with pytest.raises(ValueError, match="no bias terms"):
         train(wrap_model(tiny_model("llama"), tiny_tokenizer(), name="t"), spec("bitfit", GEN))
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_p_tuning_v2_starts_from_the_keys_values_of_real_tokens(kind):
+    """Li & Liang's initialisation: the prefix starts as the frozen backbone's own keys/values of real tokens, here
+    checked against the layers' key/value projections applied by hand (and the random init is not that)."""
+    from trainer.methods import activation_kv
+    from trainer.train import Trainer
+
+    model = tiny_model("bert-cls").bert if kind == "bert" else tiny_model(kind)
+    bb = wrap_model(copy.deepcopy(model), tiny_tokenizer(), name="t")
+    data = CLS if kind == "bert" else GEN
+    run = Trainer(bb, spec("p_tuning_v2", data, init_text="w5 w6 w7", num_virtual_tokens=5))
+    ids = tiny_tokenizer()("w5 w6 w7", add_special_tokens=False)["input_ids"]
+    ids = (ids * 5)[:5]
+    kv = run.model.prefix.kv.detach()
+    assert (kv - activation_kv(bb, ids)).abs().max() == 0
+    if kind == "bert":  # by hand: K_i = key_i(h_i), V_i = value_i(h_i) on the input of layer i
+        with torch.no_grad():
+            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for i, layer in enumerate(model.encoder.layer):
+            att = layer.attention.self
+            H, D = kv.shape[2], kv.shape[4]
+            k = att.key(hs[i][0]).view(5, H, D).transpose(0, 1)
+            v = att.value(hs[i][0]).view(5, H, D).transpose(0, 1)
+            assert (kv[i, 0] - k).abs().max() < 1e-5 and (kv[i, 1] - v).abs().max() < 1e-5
+    drawn = Trainer(bb, spec("p_tuning_v2", data, num_virtual_tokens=5)).model.prefix.kv.detach()
+    assert drawn.shape == kv.shape and not torch.equal(drawn, kv)  # tokens drawn from the training inputs
+    rand = Trainer(bb, spec("p_tuning_v2", data, num_virtual_tokens=5, prefix_init="random")).model.prefix.kv
+    assert abs(rand.detach().std().item() - 1) < 0.1
