@@ -65,6 +65,7 @@ class RunningBatch:
         position id of the next token.
     prefix_index: (R, Pcap) long per slot, its row's prefix positions in the pool; prefix_len: (R,) long.
     bias_slot: (R,) long per slot, its row's slot in the bias table (0: no bias deltas).
+    counts, seen: (R, V) per slot, the penalties' token history (sampling.TokenHistory), once a row needs it.
     """
 
     cache: SlotCache
@@ -79,6 +80,9 @@ class RunningBatch:
         self.prefix_len = torch.zeros(R, dtype=torch.long, device=dev)
         self.prefix_index = torch.zeros(R, 0, dtype=torch.long, device=dev)
         self.bias_slot = torch.zeros(R, dtype=torch.long, device=dev)
+        # The penalties' token history per slot, (R, V) each, allocated when the first row that needs it decodes.
+        self.counts: torch.Tensor | None = None  # float: generated tokens
+        self.seen: torch.Tensor | None = None  # bool: prompt and generated tokens
         self._free = list(range(R))  # free slots; decoders take the lowest, prefilling rows the highest
 
     @property
@@ -129,6 +133,11 @@ class RunningBatch:
         self.decoding.append(row)
         self.tokens[dst] = first_token
         self.positions[dst] = row.kv_len + row.prompt_len
+        if self.counts is not None and self.seen is not None:
+            self.counts[dst] = 0
+            self.counts[dst, first_token] = 1
+            self.seen[dst] = False
+            self.seen[dst, row.request.prompt_ids + [first_token]] = True
 
     def remove(self, rows: list[Row]) -> None:
         """Rows leave (finished or cancelled). A decoder's hole is filled by the last decoder."""
@@ -152,6 +161,21 @@ class RunningBatch:
         self.lengths[:n] += 1
         self.positions[:n] += 1
         self.tokens[:n] = tokens
+        if self.counts is not None and self.seen is not None:
+            rows = torch.arange(n, device=tokens.device)
+            self.counts[rows, tokens] += 1
+            self.seen[rows, tokens] = True
+
+    def ensure_history(self, vocab: int) -> None:
+        """Allocates the penalties' token history (a row that needs it is about to decode)."""
+        if self.counts is None:
+            R, dev = self.cache.rows, self.cache.device
+            self.counts = torch.zeros(R, vocab, dtype=torch.float32, device=dev)
+            self.seen = torch.zeros(R, vocab, dtype=torch.bool, device=dev)
+
+    def _per_slot(self) -> list[torch.Tensor]:
+        per_slot = [self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index, self.bias_slot]
+        return per_slot + ([self.counts, self.seen] if self.counts is not None else [])  # type: ignore[list-item]
 
     # -- per-slot state -------------------------------------------------------------------------------------------
     def _set_prefix(self, slot: int, row: Row) -> None:
@@ -167,12 +191,12 @@ class RunningBatch:
 
     def _move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst, int(self.lengths[src]))
-        for t in (self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index, self.bias_slot):
+        for t in self._per_slot():
             t[dst] = t[src]
 
     def _swap(self, a: int, b: int) -> None:
         self.cache.swap(a, b, int(self.lengths[a]), int(self.lengths[b]))
-        for t in (self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index, self.bias_slot):
+        for t in self._per_slot():
             t[[a, b]] = t[[b, a]]
 
     def _release(self, slot: int) -> None:

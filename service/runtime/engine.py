@@ -28,7 +28,16 @@ from .batch import Row, RunningBatch
 from .kv_cache import PrefixPool, SlotCache
 from .output import TextStream, class_probabilities
 from .runner import Chunk, DevicePrefix, EncodeItem, ImageItem, ModelRunner, head_logits
-from .sampling import make_generator, sample, token_logprobs
+from .sampling import (
+    SamplingParams,
+    TokenHistory,
+    forbid_ending,
+    make_generator,
+    penalise,
+    sample,
+    token_logprobs,
+    top_logprobs,
+)
 from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan
 
 log = logging.getLogger(__name__)
@@ -279,7 +288,7 @@ class Engine:
         if req.kind is Kind.GENERATE:
             p = req.params
             assert p is not None
-            row.generator = None if p.greedy else make_generator(p.seed, self.bb.device)
+            row.generator = None if p.greedy else make_generator(p.seed)
             row.text = TextStream(self.bb.tokenizer, p, self.eos_ids)
         assert self.cache is not None
         self.cache.ensure_width(min(req.reserved_tokens - row.kv_len, self.cache.max_width))
@@ -292,7 +301,10 @@ class Engine:
         index, plen = b.decode_prefix()
         bias_slots = b.bias_slot[:n] if any(r.prefix is not None and r.prefix.bias_slot for r in b.decoding) else None
         logits = self.runner.decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen, bias_slots)
-        outputs, finished, tokens = self._sample(b.decoding, logits)
+        history = None
+        if b.counts is not None and b.seen is not None and any(r.request.params.counts_tokens for r in b.decoding):  # type: ignore[union-attr]
+            history = TokenHistory(b.counts[:n], b.seen[:n])  # decoders sit in slots 0..n-1: views, no gather
+        outputs, finished, tokens = self._sample(b.decoding, logits, history)
         b.advance(tokens)
         self._end(finished)
         return outputs
@@ -334,7 +346,11 @@ class Engine:
         self._end(ended)
         if gen_rows:
             logits = self.runner.lm_logits(torch.stack(gen_states))  # (n, V)
-            outs, finished, tokens = self._sample(gen_rows, logits)
+            history = None
+            if any(r.request.params.counts_tokens for r in gen_rows):  # type: ignore[union-attr]
+                b.ensure_history(logits.shape[-1])
+                history = first_history(gen_rows, logits.shape[-1], logits.device)
+            outs, finished, tokens = self._sample(gen_rows, logits, history)
             outputs += outs
             self._end(finished)
             done = {id(r) for r in finished}
@@ -372,12 +388,28 @@ class Engine:
         return outputs
 
     # -- per-token bookkeeping ----------------------------------------------------------------------------------
-    def _sample(self, rows: list[Row], logits: torch.Tensor) -> tuple[list[RowOutput], list[Row], torch.Tensor]:
-        """Samples one token per row from logits (B, V); returns the outputs, the rows that finished, the tokens."""
-        params = [r.request.params for r in rows]
-        tokens = sample(logits, params, [r.generator for r in rows])  # (B,)
-        want_lp = any(p.logprobs for p in params)
-        lps = token_logprobs(logits, tokens).tolist() if want_lp else None
+    def _sample(
+        self, rows: list[Row], logits: torch.Tensor, history: TokenHistory | None
+    ) -> tuple[list[RowOutput], list[Row], torch.Tensor]:
+        """Samples one token per row from logits (B, V): penalties (from the rows' token history), the minimum
+        length, then each row's sampler. Returns the outputs, the rows that finished, the tokens. Log-probabilities
+        are the model's own (raw logits)."""
+        params: list[SamplingParams] = [r.request.params for r in rows]  # type: ignore[misc]
+        x = penalise(logits.float(), params, history)
+        young = [
+            (i, self._ending_ids(p))
+            for i, (row, p) in enumerate(zip(rows, params, strict=True))
+            if p.min_tokens and len(row.text.token_ids) < p.min_tokens  # type: ignore[union-attr]
+        ]
+        if any(ids for _, ids in young):
+            x = forbid_ending(x.clone() if x is logits else x, young)
+        tokens = sample(x, params, [r.generator for r in rows])  # (B,)
+        lps = token_logprobs(logits, tokens).tolist() if any(p.logprobs for p in params) else None
+        tops = None
+        k = max(p.top_logprobs for p in params)
+        if k:
+            values, ids = top_logprobs(logits, k)  # (B, k) each
+            tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
         outputs, finished = [], []
         for i, (row, p, tok) in enumerate(zip(rows, params, tokens.tolist(), strict=True)):
             text, finish = row.text.push(tok)  # type: ignore[union-attr]
@@ -387,6 +419,7 @@ class Engine:
                     token_id=tok,
                     text=text,
                     logprob=lps[i] if lps is not None and p.logprobs else None,
+                    top_logprobs=tops[i][: p.top_logprobs] if tops is not None and p.top_logprobs else None,
                     finish_reason=finish,
                     logits=logits[i].clone() if p.return_logits else None,
                 )
@@ -394,6 +427,10 @@ class Engine:
             if finish is not None:
                 finished.append(row)
         return outputs, finished, tokens
+
+    def _ending_ids(self, p: SamplingParams) -> list[int]:
+        """The token ids that end a row: what min_tokens holds back."""
+        return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids))
 
     def _classified(self, req: EngineRequest, logits: torch.Tensor) -> RowOutput:
         return self._out(
@@ -428,3 +465,12 @@ class Engine:
     def _let_go(self, row: Row) -> None:
         if row.prefix is not None:
             self.device_cache.release(row.prefix.key, row.request_id)
+
+
+def first_history(rows: list[Row], vocab: int, device: torch.device) -> TokenHistory:
+    """The token history of rows about to draw their first token: nothing generated, their prompts seen."""
+    counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
+    seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):  # once per row in its life
+        seen[i, row.request.prompt_ids] = True
+    return TokenHistory(counts, seen)

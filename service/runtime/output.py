@@ -76,6 +76,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, log-probability), most likely first
 
     @property
     def completion_tokens(self) -> int:
@@ -106,16 +107,24 @@ def class_probabilities(logits: torch.Tensor) -> list[float]:
 def generation_result(
     task: str | None, version: int | None, prompt_tokens: int, outputs: Iterable[RowOutput], logprobs: bool
 ) -> GenerationResult:
-    tokens, texts, lps, last = [], [], [], None
+    tokens, texts, lps, tops, last = [], [], [], [], None
     for out in outputs:
         last = out
         if out.token_id is not None:
             tokens.append(out.token_id)
             lps.append(out.logprob)
+            tops.append(out.top_logprobs)
         texts.append(out.text)
     assert last is not None and last.finish_reason is not None, "a finished request has a last output"
     return GenerationResult(
-        task, version, tokens, "".join(texts), last.finish_reason.value, prompt_tokens, lps if logprobs else None
+        task,
+        version,
+        tokens,
+        "".join(texts),
+        last.finish_reason.value,
+        prompt_tokens,
+        lps if logprobs else None,
+        tops if tops and tops[0] is not None else None,
     )
 
 

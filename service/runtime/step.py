@@ -111,6 +111,7 @@ class RowOutput:
     token_id: int | None = None
     text: str = ""
     logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-probability), most likely first
     finish_reason: FinishReason | None = None
     probs: list[float] | None = None
     logits: torch.Tensor | None = None

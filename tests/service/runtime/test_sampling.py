@@ -23,7 +23,7 @@ def test_greedy_is_argmax():
 )
 def test_top_k_top_p_cuts(top_k, top_p, kept):
     probs = torch.tensor([0.64, 0.24, 0.08, 0.04])
-    x = filter_logits(probs.log(), 1.0, top_k, top_p)
+    x = filter_logits(probs.log()[None], [SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)])[0]
     assert torch.isfinite(x).nonzero().flatten().tolist() == kept
 
 
@@ -32,7 +32,7 @@ def test_seeded_draws_repeat_and_depend_only_on_the_row():
     p = SamplingParams(temperature=1.0, seed=7)
 
     def draw(x):
-        gens = [make_generator(7, torch.device("cpu")) for _ in range(3)]
+        gens = [make_generator(7) for _ in range(3)]
         return [sample(x, [p] * 3, gens).tolist() for _ in range(4)]  # four steps from the same generators
 
     assert draw(logits) == draw(logits)
