@@ -139,6 +139,9 @@ MAX_TEXTS = 256  # texts in one classification request
 MAX_STOP = 16  # stop strings
 MAX_STOP_CHARS = 256  # characters of one stop string
 MAX_STOP_TOKENS = 64
+MAX_TOP_LOGPROBS = 20  # alternatives per token
+MAX_N = 128  # outputs per prompt in a schema; PREFIXSERVE_MAX_N is the operator's cap
+MAX_MESSAGES = 256  # messages of one chat
 
 TaskName = Annotated[str, Field(min_length=1, max_length=MAX_TASK_CHARS)]
 PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
@@ -162,18 +165,34 @@ class ErrorBody(BaseModel):
     }
 
 
-class SamplingFields(BaseModel):
+class SamplingExtras(BaseModel):
+    """Sampling parameters beyond OpenAI's own (vLLM's names and meanings), accepted by every generation route and
+    applied per row inside the mixed batch."""
+
     model_config = {"extra": "forbid"}  # a field this server does not know is refused, never silently ignored
+    top_k: int = Field(0, ge=0, le=100000, description="0: no top-k cut")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens less likely than min_p x the most likely")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="transformers' definition, over prompt and output; 1: none"
+    )
+    min_tokens: int = Field(0, ge=0, le=4096, description="no end-of-sequence or stop token before this many tokens")
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKENS)
+
+
+class SamplingFields(SamplingExtras):
     max_new_tokens: int = Field(16, ge=1, le=4096, description="most tokens to generate")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=100000, description="0: no top-k cut")
     stop: Annotated[list[StopText], Field(max_length=MAX_STOP)] | StopText | None = Field(
         None, description=f"up to {MAX_STOP} stop strings (the text ends before the first match)"
     )
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKENS)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same tokens, whatever the batch")
     logprobs: bool = Field(False, description="return the log-probability of each generated token")
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="and this many most likely alternatives")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's definition")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's definition")
+    n: int = Field(1, ge=1, le=MAX_N, description="outputs per prompt (the server's PREFIXSERVE_MAX_N caps it)")
 
 
 class GenerateRequest(SamplingFields):
@@ -195,13 +214,24 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class GenerateResponse(BaseModel):
-    task: str
-    version: int | None = Field(description="the task version that served the request (None for the base task)")
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class GeneratedText(BaseModel):
     text: str
     token_ids: list[int] = Field(description="generated tokens only")
     finish_reason: str = Field(description="length | stop")
     logprobs: list[float] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = Field(None, description="per token, most likely first")
+
+
+class GenerateResponse(GeneratedText):
+    task: str
+    version: int | None = Field(description="the task version that served the request (None for the base task)")
+    choices: list[GeneratedText] | None = Field(None, description="with n > 1: every output (the first is also above)")
     usage: Usage
 
     model_config = {
@@ -265,12 +295,30 @@ class ClassifyResponse(BaseModel):
 
 
 # -- OpenAI-compatible ----------------------------------------------------------------------------------------------
-class CompletionRequest(BaseModel):
-    # OpenAI fields this server does not implement (best_of, top_k, response_format, ...) are refused by name
-    # rather than dropped: the client must not believe it got what it asked for.
+class StreamOptions(BaseModel):
     model_config = {"extra": "forbid"}
+    include_usage: bool = Field(False, description="a last chunk with the usage and no choices")
 
-    model: TaskName = Field(description="the task name", examples=["e2e"])
+
+class OpenAISampling(SamplingExtras):
+    """OpenAI's sampling fields, shared by completions and chat completions (plus SamplingExtras). OpenAI fields this
+    server does not implement (best_of, logit_bias, ...) are refused by name rather than dropped: the client must not
+    believe it got what it asked for."""
+
+    model: TaskName = Field(description=f"the task name; {BASE_TASK!r}: the bare backbone", examples=["e2e"])
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt (the server's PREFIXSERVE_MAX_N caps it)")
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="choice i is drawn with seed + i")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = Field(None, max_length=256)
+
+
+class CompletionRequest(OpenAISampling):
     prompt: (
         PromptText
         | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
@@ -281,17 +329,69 @@ class CompletionRequest(BaseModel):
         examples=["name[The Vaults], eatType[pub]"],
     )
     max_tokens: int = Field(16, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    logprobs: int | None = Field(None, ge=0, le=1, description="0 or 1: the chosen token's log-probability")
-    stream: bool = False
-    echo: bool = Field(False, description="not supported: must be false")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    user: str | None = Field(None, max_length=256)
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="the chosen token's log-probability and this many alternatives"
+    )
+    echo: bool = Field(False, description="the prompt in front of the completion (with its log-probabilities)")
+
+
+class ChatContentPart(BaseModel):
+    model_config = {"extra": "forbid"}
+    type: Literal["text"] = Field(description="text parts only (images go to /v1/classify on an image backbone)")
+    text: PromptText
+
+
+class ChatMessage(BaseModel):
+    model_config = {"extra": "forbid"}
+    role: Literal["system", "developer", "user", "assistant"]
+    content: PromptText | Annotated[list[ChatContentPart], Field(max_length=64)]
+    name: str | None = Field(None, max_length=64)
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: int | None = Field(None, ge=1, le=4096, description="deprecated by OpenAI: max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096, description="default 256")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: alternatives")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [{"model": "support-bot", "messages": [{"role": "user", "content": "Where is my order?"}]}]
+        }
+    }
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[ChatLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatLogprob] | None
+
+
+class ChatResponseMessage(BaseModel):
+    role: str = "assistant"
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
 
 
 class CompletionLogprobs(BaseModel):

@@ -26,6 +26,7 @@ class ServiceSettings(RuntimeSettings):
     )
     max_prefill_tokens: int = Field(8192, gt=0, description="most prompt tokens prefilled in one step")
     max_queue: int = Field(1024, gt=0, description="most waiting requests; past it, 429")
+    max_n: int = Field(8, ge=1, le=128, description="most outputs per prompt a request may ask for (n)")
     device_cache_bytes: int = Field(1024**3, gt=0, description="device-resident prefix LRU budget")
     host_cache_bytes: int = Field(4 * 1024**3, gt=0, description="host-memory prefix LRU budget")
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of a request, queueing included; past it, 504")

@@ -37,6 +37,7 @@ class Row:
     slot: int = -1
     done: int = 0
     hidden_sum: torch.Tensor | None = None
+    prompt_logprobs: list | None = None  # RowOutput.prompt_logprobs, filled chunk by chunk
 
     @property
     def request_id(self) -> str:

@@ -322,13 +322,16 @@ class Engine:
             final = row.done + take == row.prompt_len
             mean = not row.generates and row.prefix is not None and row.prefix.head is not None
             mean = mean and row.prefix.head.pooling == "mean"  # type: ignore[union-attr]
-            chunks.append(Chunk(row.slot, row.done, ids, row.prefix, final, pool_mean=mean))
+            states = row.generates and row.request.params.prompt_logprobs  # type: ignore[union-attr]
+            chunks.append(Chunk(row.slot, row.done, ids, row.prefix, final, pool_mean=mean, states=states))
             rows.append(row)
             budget -= take
         results = self.runner.prefill(chunks)
         outputs: list[RowOutput] = []
         gen_rows, gen_states, ended = [], [], []
         for row, chunk, res in zip(rows, chunks, results, strict=True):
+            if res.states is not None:
+                self._prompt_logprobs(row, chunk, res.states)
             row.done += len(chunk.ids)
             b.lengths[row.slot] = row.done
             if res.hidden_sum is not None:
@@ -351,6 +354,8 @@ class Engine:
                 b.ensure_history(logits.shape[-1])
                 history = first_history(gen_rows, logits.shape[-1], logits.device)
             outs, finished, tokens = self._sample(gen_rows, logits, history)
+            for row, out in zip(gen_rows, outs, strict=True):
+                out.prompt_logprobs = row.prompt_logprobs
             outputs += outs
             self._end(finished)
             done = {id(r) for r in finished}
@@ -427,6 +432,25 @@ class Engine:
             if finish is not None:
                 finished.append(row)
         return outputs, finished, tokens
+
+    def _prompt_logprobs(self, row: Row, chunk: Chunk, states: torch.Tensor) -> None:
+        """Appends the log-probabilities of the prompt tokens this chunk's states predict (T_chunk, hidden): state j
+        predicts prompt token done + j + 1. The first prompt token has none (None)."""
+        p = row.request.params
+        assert p is not None
+        ids = row.request.prompt_ids
+        if row.prompt_logprobs is None:
+            row.prompt_logprobs = [None]
+        targets = ids[row.done + 1 : row.done + 1 + len(chunk.ids)]  # the final chunk's last state predicts none
+        for start in range(0, len(targets), 256):  # (256, V) logits at a time, whatever the prompt's length
+            part = targets[start : start + 256]
+            lp = torch.log_softmax(self.runner.lm_logits(states[start : start + len(part)]), dim=-1)  # (n, V)
+            chosen = lp.gather(1, torch.tensor(part, device=lp.device)[:, None])[:, 0].tolist()
+            tops: list[list[tuple[int, float]]] = [[] for _ in part]
+            if p.top_logprobs:
+                values, top_ids = torch.topk(lp, p.top_logprobs, dim=-1)
+                tops = [list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), values.tolist(), strict=True)]
+            row.prompt_logprobs.extend(zip(chosen, tops, strict=True))
 
     def _ending_ids(self, p: SamplingParams) -> list[int]:
         """The token ids that end a row: what min_tokens holds back."""

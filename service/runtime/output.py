@@ -77,6 +77,7 @@ class GenerationResult:
     prompt_tokens: int
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, log-probability), most likely first
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None  # RowOutput.prompt_logprobs
 
     @property
     def completion_tokens(self) -> int:
@@ -107,9 +108,10 @@ def class_probabilities(logits: torch.Tensor) -> list[float]:
 def generation_result(
     task: str | None, version: int | None, prompt_tokens: int, outputs: Iterable[RowOutput], logprobs: bool
 ) -> GenerationResult:
-    tokens, texts, lps, tops, last = [], [], [], [], None
+    tokens, texts, lps, tops, last, prompt_lps = [], [], [], [], None, None
     for out in outputs:
         last = out
+        prompt_lps = prompt_lps or out.prompt_logprobs
         if out.token_id is not None:
             tokens.append(out.token_id)
             lps.append(out.logprob)
@@ -125,6 +127,7 @@ def generation_result(
         prompt_tokens,
         lps if logprobs else None,
         tops if tops and tops[0] is not None else None,
+        prompt_lps,
     )
 
 

@@ -59,7 +59,7 @@ class Chunk:
 
     slot: the row's slot; past: tokens already in it; ids: this chunk's token ids; prefix: the row's task (or None);
     final: the chunk ends the prompt (its last token's state is read); pool_mean: add the chunk's hidden states to
-    the row's sum (mean pooling).
+    the row's sum (mean pooling); states: return every token's state (the prompt's log-probabilities).
     """
 
     slot: int
@@ -68,12 +68,14 @@ class Chunk:
     prefix: DevicePrefix | None
     final: bool
     pool_mean: bool = False
+    states: bool = False
 
 
 @dataclass
 class ChunkResult:
     last: torch.Tensor | None  # (hidden,) the final token's state, for final chunks
     hidden_sum: torch.Tensor | None  # (hidden,) sum of the chunk's token states, when pool_mean
+    states: torch.Tensor | None = None  # (T_chunk, hidden) every token's state, when asked
 
 
 @dataclass
@@ -186,7 +188,8 @@ class ModelRunner:
         results = []
         for i, c in enumerate(chunks):  # h: (B, T, hidden)
             last = h[i, lengths[i] - 1] if c.final else None
-            results.append(ChunkResult(last, h[i, : lengths[i]].sum(0) if c.pool_mean else None))
+            states = h[i, : lengths[i]] if c.states else None
+            results.append(ChunkResult(last, h[i, : lengths[i]].sum(0) if c.pool_mean else None, states))
         return results
 
     @torch.inference_mode()

@@ -44,6 +44,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: bool = False  # the log-probability of every prompt token but the first (echo)
     return_logits: bool = False  # tests and benchmarks: hand back each step's full logits row
 
     @property

@@ -112,6 +112,9 @@ class RowOutput:
     text: str = ""
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-probability), most likely first
+    # On a row's first token, with SamplingParams.prompt_logprobs: per prompt token (None for the first), its
+    # log-probability and its top_logprobs alternatives.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     finish_reason: FinishReason | None = None
     probs: list[float] | None = None
     logits: torch.Tensor | None = None

@@ -148,3 +148,24 @@ async def test_greedy_with_penalties_equals_transformers_generate(store, llama, 
     async with serving_stack(store, model) as stack:
         res = await stack.scheduler.submit(None, prompt, SamplingParams(max_new_tokens=8, **kw)).result()
     assert res.token_ids == want
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("chunk", [3, 8192])
+async def test_prompt_logprobs_equal_peft_across_prefill_chunks(store, llama, tmp_path, chunk):
+    """echo's prompt log-probabilities: token t given tokens < t under the task's prefix, as PEFT computes them,
+    also when the prompt is prefilled in chunks of 3 tokens."""
+    pm = trained_peft(llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), seed=7)
+    await publish_peft(store, pm, "t", llama.config, tmp_path / "t")
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12]
+    with torch.no_grad():
+        lp = torch.log_softmax(pm(input_ids=torch.tensor([prompt])).logits[0].float(), -1)  # (T, V)
+    want = lp[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    async with serving_stack(store, copy.deepcopy(llama), max_prefill_tokens=chunk) as stack:
+        params = SamplingParams(max_new_tokens=2, prompt_logprobs=True, top_logprobs=3)
+        res = await stack.scheduler.submit("t", prompt, params).result()
+    got = res.prompt_logprobs
+    assert got[0] is None and len(got) == len(prompt)
+    assert (torch.tensor([g[0] for g in got[1:]]) - want).abs().max() <= 1e-5
+    top = got[1][1]
+    assert [i for i, _ in top] == torch.topk(lp[0], 3).indices.tolist()
