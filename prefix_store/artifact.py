@@ -35,6 +35,7 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 POOLINGS = ("pooler", "cls", "mean", "last_token", "mask")  # "mask": a verbalizer reads the [MASK] position
 MAX_BIAS_MODULES = 4096
 MAX_TEMPLATE_CHARS = 1000
+MAX_CHAT_TEMPLATE_CHARS = 64 * 1024  # Llama 3's is 4 KB, the longest common ones about 10 KB
 # (task, version) names one stored version's tensors: versions are immutable and their numbers never reused, so every
 # cache tier keys by it.
 VersionKey = tuple[str, int]
@@ -167,6 +168,8 @@ class PrefixArtifact:
             (transformers' parameter names without the base model's prefix and the ".bias").
         template: how the task writes its input for the backbone, with "{text}" (and "{text_pair}"), e.g.
             "{text} [MASK]" (null prompts); None: the text as it comes.
+        chat_template: a Jinja chat template (transformers' format) for /v1/chat/completions on this task; None:
+            the backbone tokenizer's own.
         training: free-form training metadata (dataset, metrics, ...), JSON-serialisable.
         created_at: ISO-8601 UTC timestamp.
     """
@@ -183,6 +186,7 @@ class PrefixArtifact:
     biases: dict[str, torch.Tensor] | None = None
     template: str | None = None
     deep_prompt: torch.Tensor | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         validate_task_name(self.task)
@@ -196,6 +200,8 @@ class PrefixArtifact:
             self._check_head(self.head)
         if self.template is not None:
             check_template(self.template)
+        if self.chat_template is not None:
+            check_chat_template(self.chat_template)
         try:
             json.dumps(self.training)
         except (TypeError, ValueError) as e:
@@ -375,6 +381,8 @@ class PrefixArtifact:
             extra["bias_modules"] = sorted(self.biases)
         if self.template is not None:
             extra["template"] = self.template
+        if self.chat_template is not None:
+            extra["chat_template"] = self.chat_template
         return {
             "task": self.task,
             "version": self.version,
@@ -407,6 +415,23 @@ def check_template(template: object) -> str:
         raise ArtifactFormatError(
             f"template {template!r:.80}: expected the field {{text}} and optionally {{text_pair}}, got {sorted(fields)}"
         )
+    return template
+
+
+def check_chat_template(template: object) -> str:
+    """A task's chat template: a string of at most MAX_CHAT_TEMPLATE_CHARS that Jinja parses (it is rendered in
+    transformers' sandboxed environment when a chat request comes)."""
+    if not isinstance(template, str) or not template.strip() or len(template) > MAX_CHAT_TEMPLATE_CHARS:
+        raise ArtifactFormatError(
+            f"chat_template: expected a non-empty string of at most {MAX_CHAT_TEMPLATE_CHARS} chars"
+        )
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(template)
+    except TemplateSyntaxError as e:
+        raise ArtifactFormatError(f"chat_template: not a valid Jinja template (line {e.lineno}: {e.message})") from None
     return template
 
 

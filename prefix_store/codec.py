@@ -185,6 +185,7 @@ def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Pr
             created_at=meta.get("created_at") or "",
             biases=biases,
             template=meta.get("template"),
+            chat_template=meta.get("chat_template"),
         )
     except (KeyError, TypeError) as e:
         raise ArtifactFormatError(f"artifact metadata is missing or mistypes field {e}") from None

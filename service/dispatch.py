@@ -4,6 +4,7 @@ away cancels its request and frees its row), the HTTP layer's stream events, and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from prefix_store import validate_task_name
 
 from .http_errors import ClientGone, InvalidRequest, status_of
 from .runtime import ClassificationResult, GenerationResult, InputTooLong, RequestHandle, SamplingParams, Unsupported
-from .schemas import BASE_TASK, SamplingFields
+from .schemas import BASE_TASK, SamplingExtras
 from .state import Services
 
 DISCONNECT_POLL_S = 0.25
@@ -66,25 +67,55 @@ async def tokenize(services: Services, text: str, pair: str | None = None) -> An
 
 def sampling(
     services: Services,
-    fields: SamplingFields,
+    body: SamplingExtras,
     *,
     max_new_tokens: int | None = None,
     logprobs: bool | None = None,
+    top_logprobs: int | None = None,
+    prompt_logprobs: bool = False,
 ) -> SamplingParams:
-    """The one place a request's sampling fields become SamplingParams (every route goes through it)."""
-    stop = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
+    """The one place a request's sampling fields become SamplingParams (every generation route goes through it).
+    `body` is any generation request; the keyword arguments are the route's own names for the same things."""
+    stop_field = getattr(body, "stop", None)
+    stop = [stop_field] if isinstance(stop_field, str) else list(stop_field or [])
     if any(not s for s in stop):
         raise InvalidRequest("stop: expected non-empty strings")
-    return SamplingParams(
-        max_new_tokens=max_new_tokens or fields.max_new_tokens,
-        temperature=fields.temperature,
-        top_k=fields.top_k,
-        top_p=fields.top_p,
-        seed=fields.seed,
+    n = getattr(body, "n", 1)
+    if n > services.settings.max_n:
+        raise InvalidRequest(f"n: expected at most {services.settings.max_n} (PREFIXSERVE_MAX_N), got {n}")
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens or getattr(body, "max_new_tokens", 16),
+        temperature=getattr(body, "temperature", 0.0),
+        top_k=body.top_k,
+        top_p=getattr(body, "top_p", 1.0),
+        min_p=body.min_p,
+        seed=getattr(body, "seed", None),
         stop=stop,
-        stop_token_ids=check_ids(services, list(fields.stop_token_ids), "stop_token_ids"),
-        logprobs=fields.logprobs if logprobs is None else logprobs,
+        stop_token_ids=check_ids(services, list(body.stop_token_ids), "stop_token_ids"),
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        presence_penalty=getattr(body, "presence_penalty", 0.0),
+        frequency_penalty=getattr(body, "frequency_penalty", 0.0),
+        repetition_penalty=body.repetition_penalty,
+        logprobs=getattr(body, "logprobs", False) if logprobs is None else logprobs,
+        top_logprobs=getattr(body, "top_logprobs", 0) if top_logprobs is None else top_logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
+    if params.min_tokens > params.max_new_tokens:
+        raise InvalidRequest(
+            f"min_tokens: expected at most the output limit ({params.max_new_tokens}), got {params.min_tokens}"
+        )
+    return params
+
+
+def choices(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The parameters of n outputs of one prompt: choice i draws with seed + i (a seed gives n different, repeatable
+    outputs); without a seed each draws from fresh entropy."""
+    if n == 1:
+        return [params]
+    return [
+        dataclasses.replace(params, seed=None if params.seed is None else (params.seed + i) % 2**63) for i in range(n)
+    ]
 
 
 def submit(
@@ -104,12 +135,16 @@ def submit_all(
     inputs: list[tuple[list[int], list[int] | None]],
     params: SamplingParams | None = None,
     version: int | None = None,
+    n: int = 1,
 ) -> list[RequestHandle]:
-    """Queues one request per input, all or none: when the queue cannot take them all, none is queued (429)."""
+    """Queues one request per input (n per input for generation: input-major, choice i with seed + i), all or none:
+    when the queue cannot take them all, none is queued (429)."""
+    per_input = choices(params, n) if params is not None else [None]
     return services.scheduler.submit_all(
         [
-            dict(task=task, prompt_ids=ids, params=params, token_type_ids=types, version=version)
+            dict(task=task, prompt_ids=ids, params=p, token_type_ids=types, version=version)
             for ids, types in inputs
+            for p in per_input
         ],
         timeout_s=services.settings.request_timeout_s,
     )
@@ -124,12 +159,46 @@ class TokenEvent:
     text: str
     logprob: float | None
     finish_reason: str | None
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list | None = None  # on the first event, with echo
 
 
 async def _token_events(handle: RequestHandle) -> AsyncIterator[TokenEvent]:
     async for out in handle.events():
         reason = out.finish_reason.value if out.finish_reason is not None else None
-        yield TokenEvent(out.token_id, out.text, out.logprob, reason)
+        yield TokenEvent(out.token_id, out.text, out.logprob, reason, out.top_logprobs, out.prompt_logprobs)
+
+
+async def first_events(
+    request: Request, handles: list[RequestHandle]
+) -> tuple[list[TokenEvent], AsyncIterator[tuple[int, TokenEvent]]]:
+    """The first event of each of several streams (n choices), awaited before any byte is sent, then the rest of
+    them merged as (index, event) in the order they arrive."""
+    firsts, streams = [], []
+    for h in handles:
+        first, events = await first_event(request, h)
+        firsts.append(first)
+        streams.append(events)
+    return firsts, _merged(streams)
+
+
+async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in sorted(done, key=pending.__getitem__):
+                i = pending.pop(fut)
+                try:
+                    ev = fut.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, ev
+                if ev.finish_reason is None:
+                    pending[asyncio.ensure_future(anext(streams[i]))] = i
+    finally:
+        for fut in pending:
+            fut.cancel()
 
 
 async def first_event(request: Request, handle: RequestHandle) -> tuple[TokenEvent, AsyncIterator[TokenEvent]]:
@@ -175,13 +244,14 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def guarded_stream(stream: AsyncIterator[str], handle: RequestHandle) -> AsyncIterator[str]:
-    """Yields a route's SSE chunks; when the client disconnects Starlette stops iterating, and the request is
-    cancelled so its row frees at the next step. Errors after the first byte become a final error event."""
+async def guarded_stream(stream: AsyncIterator[str], *handles: RequestHandle) -> AsyncIterator[str]:
+    """Yields a route's SSE chunks; when the client disconnects Starlette stops iterating, and the requests are
+    cancelled so their rows free at the next step. Errors after the first byte become a final error event."""
     try:
         async for chunk in stream:
             yield chunk
     except Exception as e:  # the status line is already sent: report in-band
         yield sse({"error": {"message": str(e), "type": type(e).__name__, "code": status_of(e)}})
     finally:
-        handle.cancel()
+        for handle in handles:
+            handle.cancel()

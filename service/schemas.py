@@ -29,6 +29,7 @@ class VersionSummary(BaseModel):
     created_at: str
     bias_modules: list[str] | None = Field(default=None, description="bitfit: the modules whose biases it shifts")
     template: str | None = Field(default=None, description='how the task writes its input, e.g. "{text} [MASK]"')
+    chat_template: str | None = Field(default=None, description="the task's own chat template (Jinja)")
 
     model_config = {
         "json_schema_extra": {
@@ -396,8 +397,8 @@ class ChatCompletionResponse(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 

@@ -16,15 +16,17 @@ from ..dispatch import TokenEvent
 from ..http_errors import BadRequest, InvalidRequest
 from ..images import decode_image, pixel_values
 from ..metrics import confirm_task, name_task
-from ..runtime import RequestHandle, Unsupported
+from ..runtime import GenerationResult, RequestHandle, Unsupported
 from ..schemas import (
     BASE_TASK,
     Classification,
     ClassifyRequest,
     ClassifyResponse,
     ErrorBody,
+    GeneratedText,
     GenerateRequest,
     GenerateResponse,
+    TopLogprob,
     Usage,
 )
 from ..state import Services, ServicesDep
@@ -64,26 +66,47 @@ async def generate(
 ) -> GenerateResponse | StreamingResponse:
     name_task(request, body.task)
     ids = await dispatch.prompt_ids(services, body.prompt, body.input_ids)
-    handle = dispatch.submit(services, dispatch.task_of(body.task), ids, dispatch.sampling(services, body))
+    params = dispatch.sampling(services, body)
+    if body.stream and body.n > 1:
+        raise InvalidRequest(
+            f"stream: /v1/generate streams one output (n 1), got n {body.n}; the OpenAI routes stream n"
+        )
+    handles = dispatch.submit_all(services, dispatch.task_of(body.task), [(ids, None)], params, n=body.n)
     if body.stream:
-        first, events = await dispatch.first_event(request, handle)
+        first, events = await dispatch.first_event(request, handles[0])
         confirm_task(request)
-        services.metrics.ttft.observe(first_latency(handle))
-        stream = _generate_stream(services, body.task, handle, len(ids), first, events)
-        return StreamingResponse(dispatch.guarded_stream(stream, handle), media_type="text/event-stream")
-    res = await dispatch.result(request, handle)
+        services.metrics.ttft.observe(first_latency(handles[0]))
+        stream = _generate_stream(services, body.task, handles[0], len(ids), first, events)
+        return StreamingResponse(dispatch.guarded_stream(stream, handles[0]), media_type="text/event-stream")
+    results: list[GenerationResult] = await dispatch.results(request, handles)
     confirm_task(request)
-    services.metrics.ttft.observe(first_latency(handle))
-    services.metrics.generated.labels(body.task).inc(res.completion_tokens)
+    services.metrics.ttft.observe(first_latency(handles[0]))
+    completion = sum(r.completion_tokens for r in results)
+    services.metrics.generated.labels(body.task).inc(completion)
+    outputs = [generated_text(services, r) for r in results]
     return GenerateResponse(
         task=body.task,
-        version=res.version,
-        text=res.text,
-        token_ids=res.token_ids,
-        finish_reason=res.finish_reason,
-        logprobs=res.logprobs,
-        usage=usage(res.prompt_tokens, res.completion_tokens),
+        version=results[0].version,
+        **outputs[0].model_dump(),
+        choices=outputs if body.n > 1 else None,
+        usage=usage(results[0].prompt_tokens, completion),
     )
+
+
+def generated_text(services: Services, r: GenerationResult) -> GeneratedText:
+    tops = None
+    if r.top_logprobs is not None:
+        tops = [
+            [TopLogprob(token_id=i, token=token_text(services, i), logprob=v) for i, v in t] for t in r.top_logprobs
+        ]
+    return GeneratedText(
+        text=r.text, token_ids=r.token_ids, finish_reason=r.finish_reason, logprobs=r.logprobs, top_logprobs=tops
+    )
+
+
+def token_text(services: Services, token_id: int) -> str:
+    tok = services.backbone.tokenizer
+    return tok.decode([token_id]) if tok is not None else str(token_id)
 
 
 async def _generate_stream(
@@ -98,7 +121,12 @@ async def _generate_stream(
     while True:
         if ev.token_id is not None:
             n += 1
-            yield dispatch.sse({"token_id": ev.token_id, "text": ev.text, "logprob": ev.logprob})
+            event = {"token_id": ev.token_id, "text": ev.text, "logprob": ev.logprob}
+            if ev.top_logprobs is not None:
+                event["top_logprobs"] = [
+                    {"token_id": i, "token": token_text(services, i), "logprob": v} for i, v in ev.top_logprobs
+                ]
+            yield dispatch.sse(event)
         if ev.finish_reason is not None:
             services.metrics.generated.labels(task).inc(n)
             yield dispatch.sse(

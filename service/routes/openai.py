@@ -1,28 +1,36 @@
-"""OpenAI-compatible POST /v1/completions, POST /v1/embeddings and GET /v1/models: the `model` field names the
-task."""
+"""OpenAI-compatible POST /v1/completions, /v1/chat/completions, /v1/embeddings and GET /v1/models: the `model`
+field names the task."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
 
 from .. import dispatch
 from ..auth import InferenceAuth
 from ..dispatch import TokenEvent
-from ..http_errors import InvalidRequest
+from ..http_errors import BadRequest, InvalidRequest
 from ..images import MAX_IMAGES
 from ..metrics import confirm_task, name_task
 from ..runtime import EmbeddingResult, GenerationResult, RequestHandle, Unsupported
 from ..schemas import (
     BASE_TASK,
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprob,
+    ChatResponseMessage,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -33,10 +41,9 @@ from ..schemas import (
     EmbeddingUsage,
     ModelCard,
     ModelList,
-    SamplingFields,
 )
 from ..state import Services, ServicesDep
-from .inference import ERRORS, first_latency, submit_images, usage
+from .inference import ERRORS, first_latency, submit_images, token_text, usage
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[InferenceAuth])
 
@@ -62,39 +69,224 @@ async def completions(
     body: CompletionRequest, request: Request, services: ServicesDep
 ) -> CompletionResponse | StreamingResponse:
     name_task(request, body.model)
-    if body.echo:
-        raise InvalidRequest("echo is not supported")
     task = dispatch.task_of(body.model)
     prompts = await _prompts(services, body.prompt)
-    fields = SamplingFields(temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed)
-    params = dispatch.sampling(services, fields, max_new_tokens=body.max_tokens, logprobs=body.logprobs is not None)
+    k = body.logprobs
+    params = dispatch.sampling(
+        services,
+        body,
+        max_new_tokens=body.max_tokens,
+        logprobs=k is not None,
+        top_logprobs=k or 0,
+        prompt_logprobs=body.echo and k is not None,
+    )
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    handles = dispatch.submit_all(services, task, [(ids, None) for ids in prompts], params, n=body.n)
     if body.stream:
-        if len(prompts) != 1:
-            raise InvalidRequest(f"streaming takes one prompt, got {len(prompts)}")
-        handle = dispatch.submit(services, task, prompts[0], params)
-        first, events = await dispatch.first_event(request, handle)
+        firsts, rest = await dispatch.first_events(request, handles)
         confirm_task(request)
-        services.metrics.ttft.observe(first_latency(handle))
-        stream = _stream(services, body, handle, meta, first, events, len(prompts[0]))
-        return StreamingResponse(dispatch.guarded_stream(stream, handle), media_type="text/event-stream")
-    handles = dispatch.submit_all(services, task, [(ids, None) for ids in prompts], params)
+        services.metrics.ttft.observe(first_latency(handles[0]))
+        stream = _completion_stream(services, body, prompts, meta, firsts, rest)
+        return StreamingResponse(dispatch.guarded_stream(stream, *handles), media_type="text/event-stream")
     results: list[GenerationResult] = await dispatch.results(request, handles)
     confirm_task(request)
     services.metrics.ttft.observe(first_latency(handles[0]))
-    choices = [
-        CompletionChoice(
-            text=r.text,
-            index=i,
-            finish_reason=r.finish_reason,
-            logprobs=_logprobs(services, r.token_ids, r.logprobs) if body.logprobs is not None else None,
-        )
-        for i, r in enumerate(results)
-    ]
+    choices = []
+    for i, r in enumerate(results):
+        prompt = prompts[i // body.n]
+        echoed = _decode(services, prompt) if body.echo else ""
+        lp = None
+        if k is not None:
+            lp = _logprobs(services, r.token_ids, r.logprobs, r.top_logprobs, k, prompt if body.echo else None, r)
+        choices.append(CompletionChoice(text=echoed + r.text, index=i, finish_reason=r.finish_reason, logprobs=lp))
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(r.completion_tokens for r in results)
     services.metrics.generated.labels(body.model).inc(completion_tokens)
     return CompletionResponse(**meta, choices=choices, usage=usage(prompt_tokens, completion_tokens))
+
+
+async def _completion_stream(
+    services: Services,
+    body: CompletionRequest,
+    prompts: list[list[int]],
+    meta: dict[str, Any],
+    firsts: list[TokenEvent],
+    rest: AsyncIterator[tuple[int, TokenEvent]],
+) -> AsyncIterator[str]:
+    """One chunk per token of any choice (its `index` says which), then the usage (with include_usage), then
+    [DONE]. With echo, a choice's first chunk starts with its prompt."""
+    counts = [0] * len(firsts)
+
+    def chunk(i: int, ev: TokenEvent, first: bool) -> str:
+        counts[i] += ev.token_id is not None
+        prompt = prompts[i // body.n]
+        text = (_decode(services, prompt) if body.echo and first else "") + ev.text
+        lp = None
+        if body.logprobs is not None and ev.token_id is not None and ev.logprob is not None:
+            tops = [ev.top_logprobs] if ev.top_logprobs is not None else None
+            lp = _logprobs(services, [ev.token_id], [ev.logprob], tops, body.logprobs).model_dump()
+        choice = {"text": text, "index": i, "logprobs": lp, "finish_reason": ev.finish_reason}
+        return dispatch.sse({**meta, "object": "text_completion", "choices": [choice]})
+
+    for i, ev in enumerate(firsts):
+        yield chunk(i, ev, True)
+    async for i, ev in rest:
+        yield chunk(i, ev, False)
+    completion = sum(counts)
+    services.metrics.generated.labels(body.model).inc(completion)
+    if body.stream_options is not None and body.stream_options.include_usage:
+        prompt_tokens = sum(len(p) for p in prompts) * body.n
+        yield dispatch.sse(
+            {**meta, "object": "text_completion", "choices": [], "usage": _usage(prompt_tokens, completion)}
+        )
+    yield "data: [DONE]\n\n"
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=ERRORS,
+    summary="OpenAI-compatible chat completion (`model` = task), the prompt built by the chat template",
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, services: ServicesDep
+) -> ChatCompletionResponse | StreamingResponse:
+    """The messages go through the task's own chat template (uploaded with the task, or set by the trainer), else
+    the backbone tokenizer's; with neither, a 400 (never a guessed format)."""
+    name_task(request, body.model)
+    bb = services.backbone
+    if bb.is_encoder:
+        raise Unsupported(f"chat needs a causal LM backbone; {bb.name} is an encoder")
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs: goes with logprobs true")
+    task = dispatch.task_of(body.model)
+    version = None if task is None else await services.host_cache.current_version(task)
+    art = None if task is None else await services.host_cache.get(task, version)
+    ids = await _chat_prompt(services, body, art.chat_template if art is not None else None)
+    limit = body.max_completion_tokens or body.max_tokens
+    if limit is None:  # OpenAI's default is "what fits": here what fits, at most DEFAULT_CHAT_TOKENS
+        room = (bb.max_positions or 4096) - len(ids) - (art.num_virtual_tokens if art is not None else 0)
+        limit = max(1, min(DEFAULT_CHAT_TOKENS, room))
+    params = dispatch.sampling(
+        services, body, max_new_tokens=limit, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0
+    )
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    handles = dispatch.submit_all(services, task, [(ids, None)], params, version=version, n=body.n)
+    if body.stream:
+        firsts, rest = await dispatch.first_events(request, handles)
+        confirm_task(request)
+        services.metrics.ttft.observe(first_latency(handles[0]))
+        stream = _chat_stream(services, body, len(ids), meta, firsts, rest)
+        return StreamingResponse(dispatch.guarded_stream(stream, *handles), media_type="text/event-stream")
+    results: list[GenerationResult] = await dispatch.results(request, handles)
+    confirm_task(request)
+    services.metrics.ttft.observe(first_latency(handles[0]))
+    choices = [
+        ChatChoice(
+            index=i,
+            message=ChatResponseMessage(content=r.text),
+            logprobs=_chat_logprobs(services, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
+            finish_reason=r.finish_reason,
+        )
+        for i, r in enumerate(results)
+    ]
+    completion = sum(r.completion_tokens for r in results)
+    services.metrics.generated.labels(body.model).inc(completion)
+    return ChatCompletionResponse(**meta, choices=choices, usage=usage(len(ids) * body.n, completion))
+
+
+DEFAULT_CHAT_TOKENS = 1024
+
+
+async def _chat_prompt(services: Services, body: ChatCompletionRequest, task_template: str | None) -> list[int]:
+    tok = services.backbone.tokenizer
+    if tok is None:
+        raise Unsupported(f"backbone {services.backbone.name} has no tokenizer: chat needs one")
+    template = task_template or getattr(tok, "chat_template", None)
+    if not template:
+        raise BadRequest(
+            f"no chat template: task {body.model!r} has none and backbone {services.backbone.name} has none; upload "
+            "the task with one (PUT /v1/tasks/{task}, form field chat_template) or use /v1/completions"
+        )
+    conversation = [
+        {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content),
+        }
+        for m in body.messages
+    ]
+
+    def render() -> Any:
+        return tok.apply_chat_template(conversation, chat_template=template, add_generation_prompt=True, tokenize=True)
+
+    try:
+        out = await asyncio.get_running_loop().run_in_executor(services.tokenizer_pool, render)
+    except TemplateError as e:
+        raise BadRequest(f"the chat template refused these messages: {e}") from None
+    ids = list(out["input_ids"] if isinstance(out, Mapping) else out)
+    if not ids:
+        raise InvalidRequest("messages: the chat template rendered no tokens")
+    return ids
+
+
+async def _chat_stream(
+    services: Services,
+    body: ChatCompletionRequest,
+    prompt_tokens: int,
+    meta: dict[str, Any],
+    firsts: list[TokenEvent],
+    rest: AsyncIterator[tuple[int, TokenEvent]],
+) -> AsyncIterator[str]:
+    """OpenAI's chunk sequence per choice: a delta with the role, deltas with content, a last one with the
+    finish_reason; then the usage (with include_usage) and [DONE]."""
+    counts = [0] * len(firsts)
+    base = {**meta, "object": "chat.completion.chunk"}
+
+    def chunk(i: int, ev: TokenEvent, first: bool) -> str:
+        counts[i] += ev.token_id is not None
+        delta: dict[str, Any] = {"role": "assistant", "content": ev.text} if first else {"content": ev.text}
+        lp = None
+        if body.logprobs and ev.token_id is not None and ev.logprob is not None:
+            tops = [ev.top_logprobs] if ev.top_logprobs is not None else None
+            lp = _chat_logprobs(services, [ev.token_id], [ev.logprob], tops).model_dump()
+        return dispatch.sse(
+            {**base, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}]}
+        )
+
+    for i, ev in enumerate(firsts):
+        yield chunk(i, ev, True)
+    async for i, ev in rest:
+        yield chunk(i, ev, False)
+    completion = sum(counts)
+    services.metrics.generated.labels(body.model).inc(completion)
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield dispatch.sse({**base, "choices": [], "usage": _usage(prompt_tokens * body.n, completion)})
+    yield "data: [DONE]\n\n"
+
+
+def _chat_logprobs(
+    services: Services, ids: list[int], lps: list[float] | None, tops: list[list[tuple[int, float]]] | None
+) -> ChatChoiceLogprobs:
+    def entry(token_id: int, lp: float, alternatives: list[tuple[int, float]]) -> ChatLogprob:
+        text = token_text(services, token_id)
+        return ChatLogprob(
+            token=text,
+            logprob=lp,
+            bytes=list(text.encode()),
+            top_logprobs=[entry(i, v, []) for i, v in alternatives],
+        )
+
+    alts = tops or [[] for _ in ids]
+    return ChatChoiceLogprobs(content=[entry(i, lp, a) for i, lp, a in zip(ids, lps or [], alts, strict=True)])
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return usage(prompt, completion).model_dump()
+
+
+def _decode(services: Services, ids: list[int]) -> str:
+    tok = services.backbone.tokenizer
+    return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
 
 
 @router.post(
@@ -192,19 +384,42 @@ async def _prompts(
     return [dispatch.check_ids(services, p, field) for p in prompt]  # type: ignore[arg-type]
 
 
-def _logprobs(services: Services, ids: list[int], lps: list[float] | None) -> CompletionLogprobs:
-    tok = services.backbone.tokenizer
-    tokens = [tok.decode([i]) if tok is not None else str(i) for i in ids]
+def _logprobs(
+    services: Services,
+    ids: list[int],
+    lps: list[float] | None,
+    tops: list[list[tuple[int, float]]] | None,
+    k: int,
+    prompt: list[int] | None = None,
+    result: GenerationResult | None = None,
+) -> CompletionLogprobs:
+    """The legacy completions shape; with echo the prompt's tokens come first (the first with no log-probability).
+    top_logprobs: the k most likely tokens per position (k = 0: the chosen token alone)."""
+    tokens: list[str] = []
+    values: list[float | None] = []
+    alternatives: list[dict[str, float] | None] = []
+    if prompt is not None and result is not None and result.prompt_logprobs is not None:
+        for tid, entry in zip(prompt, result.prompt_logprobs, strict=True):
+            tokens.append(token_text(services, tid))
+            values.append(None if entry is None else entry[0])
+            alternatives.append(None if entry is None else _alternatives(services, tid, entry[0], entry[1], k))
+    for j, (tid, lp) in enumerate(zip(ids, lps or [], strict=True)):
+        tokens.append(token_text(services, tid))
+        values.append(lp)
+        alternatives.append(_alternatives(services, tid, lp, tops[j] if tops else [], k))
     offsets, pos = [], 0
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return CompletionLogprobs(
-        tokens=tokens,
-        token_logprobs=list(lps or []),
-        text_offset=offsets,
-        top_logprobs=[{t: lp} for t, lp in zip(tokens, lps or [], strict=True)],
-    )
+    return CompletionLogprobs(tokens=tokens, token_logprobs=values, text_offset=offsets, top_logprobs=alternatives)
+
+
+def _alternatives(
+    services: Services, token_id: int, lp: float, tops: list[tuple[int, float]], k: int
+) -> dict[str, float]:
+    if not k:
+        return {token_text(services, token_id): lp}
+    return {token_text(services, i): v for i, v in tops[:k]}
 
 
 def _epoch(iso: str | None, default: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -10,7 +11,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from safetensors.torch import save as st_save
 
-from prefix_store import PrefixArtifact, check_template, decode, import_peft_adapter, validate_task_name
+from prefix_store import (
+    PrefixArtifact,
+    check_chat_template,
+    check_template,
+    decode,
+    import_peft_adapter,
+    validate_task_name,
+)
 from prefix_store.bitfit_io import export_bias_state_dict, import_bias_state_dict, parse_verbalizer
 from prefix_store.codec import load_tensors, read_safetensors_header
 from prefix_store.vpt_io import import_vpt_checkpoint
@@ -98,6 +106,10 @@ async def upload(
     vpt_checkpoint: Annotated[
         UploadFile | None, File(description="a VPT reference-code checkpoint converted to safetensors")
     ] = None,
+    chat_template: Annotated[
+        str | None,
+        Form(description="with any upload: the task's Jinja chat template for /v1/chat/completions", max_length=65536),
+    ] = None,
 ) -> VersionSummary:
     validate_task_name(task)
     if task == BASE_TASK:
@@ -135,6 +147,10 @@ async def upload(
             "expected either the two parts 'adapter_config' and 'adapter_model', or one part 'artifact', "
             f"'state_dict' or 'vpt_checkpoint'; got {parts or 'none'}"
         )
+    if chat_template is not None:
+        if services.backbone.is_encoder:
+            raise BadRequest(f"chat_template: backbone {services.backbone.name} is an encoder (no generation)")
+        art = dataclasses.replace(art, chat_template=check_chat_template(chat_template))
     stored = await _publish(services, art)
     return VersionSummary(**stored.summary())
 

@@ -111,8 +111,12 @@ async def test_generate_errors(store, make_app, llama, tmp_path):
             assert status == 409 and "num_kv_heads" in msg
             status, msg = await post(stream=True, task="missing")
             assert status == 404  # errors before the first token keep their status when streaming
-            status, msg = await post(repetition_penalty=1.2)  # unknown fields are refused by name, never dropped
-            assert status == 422 and "repetition_penalty" in msg, msg
+            status, msg = await post(logit_bias={"5": 1})  # unknown fields are refused by name, never dropped
+            assert status == 422 and "logit_bias" in msg, msg
+            status, msg = await post(n=9)
+            assert status == 422 and "n: expected at most 8 (PREFIXSERVE_MAX_N), got 9" in msg, msg
+            status, msg = await post(min_tokens=20, max_new_tokens=4)
+            assert status == 422 and "min_tokens" in msg, msg
             r = await c.post("/v1/completions", json={"model": "alpha", "prompt": "w5", "best_of": 2})
             assert r.status_code == 422 and "best_of" in r.json()["error"]["message"], r.text
             r = await c.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
@@ -266,8 +270,8 @@ async def test_completions_and_models(store, make_app, llama, tmp_path):
             assert events[-1] == "[DONE]"
             assert "".join(e["choices"][0]["text"] for e in events[:-1]) == choice["text"]
             assert events[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
-            bad = await c.post("/v1/completions", json={**body, "n": 2})
-            assert bad.status_code == 422
+            two = (await c.post("/v1/completions", json={**body, "n": 2})).json()
+            assert [ch["index"] for ch in two["choices"]] == [0, 1] and two["choices"][0]["text"] == choice["text"]
             assert (await c.post("/v1/completions", json={**body, "model": "nope"})).status_code == 404
 
 
