@@ -91,6 +91,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
+    app.include_router(openai.tokens_router)
     app.include_router(tasks.router)
     app.include_router(train.router)
     return app

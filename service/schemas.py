@@ -431,6 +431,34 @@ class CompletionResponse(BaseModel):
     }
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the task's chat template (the tokens the chat route
+    would feed)."""
+
+    model_config = {"extra": "forbid"}
+    model: TaskName = Field(description=f"the task (its chat template matters for messages); {BASE_TASK!r}: none")
+    prompt: PromptText | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    add_special_tokens: bool = Field(True, description="with prompt: the tokenizer's special tokens")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+    model: TaskName
+    tokens: TokenIds
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class ModelCard(BaseModel):
     id: str
     object: str = "model"

@@ -35,12 +35,16 @@ from ..schemas import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from ..state import Services, ServicesDep
 from .inference import ERRORS, first_latency, submit_images, token_text, usage
@@ -193,6 +197,44 @@ async def chat_completions(
     completion = sum(r.completion_tokens for r in results)
     services.metrics.generated.labels(body.model).inc(completion)
     return ChatCompletionResponse(**meta, choices=choices, usage=usage(len(ids) * body.n, completion))
+
+
+tokens_router = APIRouter(tags=["OpenAI-compatible"], dependencies=[InferenceAuth])
+
+
+@tokens_router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, summary="Tokenize (vLLM's shape)")
+async def tokenize(body: TokenizeRequest, request: Request, services: ServicesDep) -> TokenizeResponse:
+    name_task(request, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequest("give exactly one of 'prompt' and 'messages'")
+    task = dispatch.task_of(body.model)
+    art = None if task is None else await services.host_cache.get(task)
+    confirm_task(request)
+    if body.messages is not None:
+        chat = ChatCompletionRequest(model=body.model, messages=body.messages)
+        ids = await _chat_prompt(services, chat, art.chat_template if art is not None else None)
+    else:
+        tok = services.backbone.tokenizer
+        if tok is None:
+            raise Unsupported(f"backbone {services.backbone.name} has no tokenizer")
+        loop = asyncio.get_running_loop()
+        enc = await loop.run_in_executor(
+            services.tokenizer_pool, lambda: tok(body.prompt, add_special_tokens=body.add_special_tokens)
+        )
+        ids = list(enc["input_ids"])
+    strs = [token_text(services, i) for i in ids]
+    return TokenizeResponse(count=len(ids), max_model_len=services.backbone.max_positions, tokens=ids, token_strs=strs)
+
+
+@tokens_router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, summary="Detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request, services: ServicesDep) -> DetokenizeResponse:
+    name_task(request, body.model)
+    task = dispatch.task_of(body.model)
+    if task is not None:
+        await services.host_cache.current_version(task)  # an unknown task is a 404, as everywhere
+    confirm_task(request)
+    ids = dispatch.check_ids(services, body.tokens, "tokens")
+    return DetokenizeResponse(prompt=_decode(services, ids))
 
 
 DEFAULT_CHAT_TOKENS = 1024

@@ -1,0 +1,138 @@
+"""The official `openai` client against a running server (tiny random Llama, a chat template written here): chat
+(JSON and stream, n, logprobs with alternatives, penalties and vLLM's extras through extra_body), completions
+(echo with prompt log-probabilities), models, tokenize/detokenize; rows of different tasks and parameters mixed in
+one batch give what each gives alone; an unknown parameter is a 422 that names it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from peft import PrefixTuningConfig, PromptTuningConfig
+
+from tests.engine_harness import publish_peft, trained_peft
+from tests.models import tiny_model, tiny_tokenizer
+from tests.service.live import live_server
+from tests.service.test_inference_api import make_app  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.redis
+# The tiny tokenizer knows only "w3".."w127": roles become words, so the rendering is checkable token by token.
+TEMPLATE = (
+    "{% for m in messages %}{{ {'system': 'w3', 'user': 'w4', 'assistant': 'w5'}[m['role']] }} {{ m['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}w6{% endif %}"
+)
+CHAT = [{"role": "system", "content": "w20 w21"}, {"role": "user", "content": "w30 w31 w32"}]
+RENDERED = [3, 20, 21, 4, 30, 31, 32, 6]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+async def publish(store, llama, tmp_path):
+    a = trained_peft(llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), seed=1)
+    await publish_peft(store, a, "chatty", llama.config, tmp_path / "a")
+    b = trained_peft(llama, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), seed=2)
+    await publish_peft(store, b, "plain", llama.config, tmp_path / "b")
+
+
+async def test_chat_completions_through_the_openai_client(store, make_app, llama, tmp_path):  # noqa: F811
+    await publish(store, llama, tmp_path)
+    with live_server(make_app(llama, tiny_tokenizer())) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:  # the task's chat template, set at upload
+            files = {
+                n: (n, (tmp_path / "a" / n).read_bytes()) for n in ("adapter_config.json", "adapter_model.safetensors")
+            }
+            parts = {
+                "adapter_config": files["adapter_config.json"],
+                "adapter_model": files["adapter_model.safetensors"],
+            }
+            r = await c.put("/v1/tasks/chatty", data={"chat_template": TEMPLATE}, files=parts)
+            assert r.status_code == 201 and r.json()["chat_template"] == TEMPLATE, r.text
+            tok = (await c.post("/tokenize", json={"model": "chatty", "messages": CHAT})).json()
+            assert tok["tokens"] == RENDERED and tok["count"] == len(RENDERED)
+            back = (await c.post("/detokenize", json={"model": "chatty", "tokens": RENDERED})).json()
+            assert back["prompt"] == "w3 w20 w21 w4 w30 w31 w32 w6"
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+        greedy = await client.chat.completions.create(model="chatty", messages=CHAT, temperature=0, max_tokens=6)
+        alone = await _generate(url, "chatty", RENDERED, max_new_tokens=6)
+        assert greedy.choices[0].message.content == alone["text"] and greedy.choices[0].message.role == "assistant"
+        assert greedy.usage.prompt_tokens == len(RENDERED) and greedy.object == "chat.completion"
+        stream = await client.chat.completions.create(
+            model="chatty",
+            messages=CHAT,
+            temperature=0,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [ch async for ch in stream]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == alone["text"]
+        assert chunks[-1].usage.completion_tokens == len(alone["token_ids"]) and chunks[-1].choices == []
+        many = await client.chat.completions.create(
+            model="chatty", messages=CHAT, temperature=1.0, seed=11, n=3, max_tokens=5, logprobs=True, top_logprobs=4
+        )
+        assert [ch.index for ch in many.choices] == [0, 1, 2]
+        for i, ch in enumerate(many.choices):  # choice i is the seed + i draw, as /v1/generate draws it alone
+            solo = await _generate(url, "chatty", RENDERED, max_new_tokens=5, temperature=1.0, seed=11 + i)
+            assert ch.message.content == solo["text"]
+            assert all(len(e.top_logprobs) == 4 for e in ch.logprobs.content)
+        streamed = await client.chat.completions.create(
+            model="chatty", messages=CHAT, temperature=1.0, seed=11, n=3, max_tokens=5, stream=True
+        )
+        texts = ["", "", ""]
+        async for ch in streamed:
+            for c in ch.choices:
+                texts[c.index] += c.delta.content or ""
+        assert texts == [ch.message.content for ch in many.choices]
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            await client.chat.completions.create(model="plain", messages=CHAT)
+        with pytest.raises(openai.UnprocessableEntityError, match="logit_bias"):
+            await client.chat.completions.create(model="chatty", messages=CHAT, logit_bias={"5": 1})
+
+
+async def test_parameters_mixed_across_tasks_equal_their_runs_alone(store, make_app, llama, tmp_path):  # noqa: F811
+    await publish(store, llama, tmp_path)
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE  # the backbone's own template serves every task without one
+    requests = [
+        ("chatty", dict(temperature=0, presence_penalty=1.5, frequency_penalty=0.5)),
+        ("plain", dict(temperature=0.9, seed=3, extra_body={"top_k": 6, "repetition_penalty": 1.4})),
+        ("base", dict(temperature=0.8, seed=4, top_p=0.8, extra_body={"min_p": 0.05, "min_tokens": 6})),
+        ("chatty", dict(temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})),
+    ]
+    with live_server(make_app(llama, tok)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+
+        async def ask(task, kw):
+            out = await client.chat.completions.create(model=task, messages=CHAT, max_tokens=8, **kw)
+            return out.choices[0].message.content, out.choices[0].logprobs
+
+        alone = [await ask(t, kw) for t, kw in requests]
+        together = await asyncio.gather(*(ask(t, kw) for t, kw in requests))
+        assert [a[0] for a in alone] == [b[0] for b in together]
+        lp_alone, lp_mixed = alone[3][1].content, together[3][1].content
+        assert [e.token for e in lp_alone] == [e.token for e in lp_mixed]
+        assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(lp_alone, lp_mixed, strict=True))
+        assert len(alone[2][0].split()) >= 6  # min_tokens
+        comp = await client.completions.create(
+            model="chatty", prompt="w5 w6 w7", max_tokens=3, temperature=0, logprobs=2, echo=True
+        )
+        lp = comp.choices[0].logprobs
+        assert comp.choices[0].text.startswith("w5 w6 w7") and lp.token_logprobs[0] is None
+        assert len(lp.tokens) == 3 + 3 and all(len(t) == 2 for t in lp.top_logprobs[1:])
+        models = await client.models.list()
+        assert [m.id for m in models.data] == ["base", "chatty", "plain"]
+        with pytest.raises(openai.UnprocessableEntityError, match="best_of"):
+            await client.completions.create(model="chatty", prompt="w5", best_of=2)
+
+
+async def _generate(url: str, task: str, ids: list[int], **kw) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        r = await c.post("/v1/generate", json={"task": task, "input_ids": ids, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()
