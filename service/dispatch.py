@@ -65,7 +65,7 @@ async def tokenize(services: Services, text: str, pair: str | None = None) -> An
     return await loop.run_in_executor(services.tokenizer_pool, tok, *args)
 
 
-def sampling(
+async def sampling(
     services: Services,
     body: SamplingExtras,
     *,
@@ -101,6 +101,18 @@ def sampling(
         top_logprobs=getattr(body, "top_logprobs", 0) if top_logprobs is None else top_logprobs,
         prompt_logprobs=prompt_logprobs,
     )
+    rf = body.response_format
+    if rf is not None and rf.type != "text":
+        if rf.type == "json_schema" and rf.json_schema is None:
+            raise InvalidRequest("response_format: type json_schema needs a json_schema object")
+        if params.ignore_eos or params.min_tokens:
+            raise InvalidRequest(
+                "response_format: does not go with ignore_eos or min_tokens (the grammar ends the output)"
+            )
+        grammars = services.engine.grammars
+        loop = asyncio.get_running_loop()  # compiling a schema is CPU work: off the event loop
+        grammar = await loop.run_in_executor(services.tokenizer_pool, grammars.compile, rf.model_dump(by_alias=True))
+        params = dataclasses.replace(params, grammar=grammar)
     if params.min_tokens > params.max_new_tokens:
         raise InvalidRequest(
             f"min_tokens: expected at most the output limit ({params.max_new_tokens}), got {params.min_tokens}"

@@ -26,6 +26,7 @@ from prefix_store import (
 from prefix_store.jobs import JobNotFound
 
 from .runtime.errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, ServingError, Unsupported
+from .runtime.grammar import InvalidGrammar
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (ClientGone, 499),
     (InputTooLong, 400),
     (Unsupported, 400),
+    (InvalidGrammar, 400),
     (QueueFull, 429),
     (RequestTimeout, 504),
     (EngineFailure, 500),

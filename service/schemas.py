@@ -166,6 +166,20 @@ class ErrorBody(BaseModel):
     }
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = {"extra": "forbid", "populate_by_name": True}
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=1000)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="a JSON Schema")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
+class ResponseFormat(BaseModel):
+    model_config = {"extra": "forbid"}
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingExtras(BaseModel):
     """Sampling parameters beyond OpenAI's own (vLLM's names and meanings), accepted by every generation route and
     applied per row inside the mixed batch."""
@@ -179,6 +193,9 @@ class SamplingExtras(BaseModel):
     min_tokens: int = Field(0, ge=0, le=4096, description="no end-of-sequence or stop token before this many tokens")
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKENS)
+    response_format: ResponseFormat | None = Field(
+        None, description='structured output: {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}'
+    )
 
 
 class SamplingFields(SamplingExtras):

@@ -34,21 +34,27 @@ def _bert_config(**kw) -> BertConfig:
     )
 
 
-def _llama_config(**kw) -> LlamaConfig:
+def _llama_config(vocab_size: int = VOCAB, **kw) -> LlamaConfig:
     return LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
         num_attention_heads=8,
         num_key_value_heads=2,
         num_hidden_layers=3,
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         max_position_embeddings=256,
         pad_token_id=0,
         **kw,
     )
 
 
+BYTE_EOS = 256  # byte_tokenizer's <|endoftext|>, after the 256 byte tokens
+
 BUILDERS = {
+    # For byte_tokenizer: every byte a token, so any text (JSON included) can be generated.
+    "llama-bytes": lambda: LlamaForCausalLM(
+        _llama_config(vocab_size=BYTE_EOS + 8, bos_token_id=BYTE_EOS, eos_token_id=BYTE_EOS)
+    ),
     "gpt2": lambda: GPT2LMHeadModel(
         GPT2Config(
             n_embd=64,
@@ -124,3 +130,16 @@ def tiny_tokenizer(mask: bool = False):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", **extra
     )
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer without merges (GPT-2's byte alphabet): every byte is one token, ids 0..255, and
+    <|endoftext|> is BYTE_EOS. Built offline; grammar libraries read it as GPT-2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))} | {"<|endoftext|>": BYTE_EOS}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")

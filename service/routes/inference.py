@@ -66,7 +66,7 @@ async def generate(
 ) -> GenerateResponse | StreamingResponse:
     name_task(request, body.task)
     ids = await dispatch.prompt_ids(services, body.prompt, body.input_ids)
-    params = dispatch.sampling(services, body)
+    params = await dispatch.sampling(services, body)
     if body.stream and body.n > 1:
         raise InvalidRequest(
             f"stream: /v1/generate streams one output (n 1), got n {body.n}; the OpenAI routes stream n"

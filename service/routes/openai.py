@@ -76,7 +76,7 @@ async def completions(
     task = dispatch.task_of(body.model)
     prompts = await _prompts(services, body.prompt)
     k = body.logprobs
-    params = dispatch.sampling(
+    params = await dispatch.sampling(
         services,
         body,
         max_new_tokens=body.max_tokens,
@@ -171,7 +171,7 @@ async def chat_completions(
     if limit is None:  # OpenAI's default is "what fits": here what fits, at most DEFAULT_CHAT_TOKENS
         room = (bb.max_positions or 4096) - len(ids) - (art.num_virtual_tokens if art is not None else 0)
         limit = max(1, min(DEFAULT_CHAT_TOKENS, room))
-    params = dispatch.sampling(
+    params = await dispatch.sampling(
         services, body, max_new_tokens=limit, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0
     )
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}

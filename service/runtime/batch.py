@@ -12,6 +12,7 @@ key/values copied, never the whole cache).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,6 +39,7 @@ class Row:
     done: int = 0
     hidden_sum: torch.Tensor | None = None
     prompt_logprobs: list | None = None  # RowOutput.prompt_logprobs, filled chunk by chunk
+    matcher: Any = None  # structured output: the row's grammar state (grammar.Grammars.matcher)
 
     @property
     def request_id(self) -> str:

@@ -25,6 +25,7 @@ from prefix_store import PrefixArtifact, VersionKey
 
 from .backbone import Backbone
 from .batch import Row, RunningBatch
+from .grammar import Grammars, advance, constrain
 from .kv_cache import PrefixPool, SlotCache
 from .output import TextStream, class_probabilities
 from .runner import Chunk, DevicePrefix, EncodeItem, ImageItem, ModelRunner, head_logits
@@ -203,6 +204,8 @@ class Engine:
         self.eos_ids: set[int] = set()
         if tok is not None and tok.eos_token_id is not None:
             self.eos_ids.add(tok.eos_token_id)
+        width = getattr(self.runner.lm_head, "out_features", None) or backbone.fingerprint.vocab_size
+        self.grammars = Grammars(tok, width)
         gen_eos = getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)
         self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
 
@@ -290,6 +293,13 @@ class Engine:
             assert p is not None
             row.generator = None if p.greedy else make_generator(p.seed)
             row.text = TextStream(self.bb.tokenizer, p, self.eos_ids)
+            if p.grammar is not None:
+                try:
+                    row.matcher = self.grammars.matcher(p.grammar)
+                except Exception as e:  # a grammar that compiled but does not start fails its own request
+                    self._let_go(row)
+                    outputs.append(self._out(req.request_id, finish_reason=FinishReason.ERROR, error=e))
+                    return None
         assert self.cache is not None
         self.cache.ensure_width(min(req.reserved_tokens - row.kv_len, self.cache.max_width))
         return row
@@ -408,7 +418,12 @@ class Engine:
         ]
         if any(ids for _, ids in young):
             x = forbid_ending(x.clone() if x is logits else x, young)
+        matchers = [r.matcher for r in rows]
+        if any(m is not None for m in matchers):
+            x = constrain(x.clone() if x is logits else x, matchers)
         tokens = sample(x, params, [r.generator for r in rows])  # (B,)
+        if any(m is not None for m in matchers):
+            advance(matchers, tokens.tolist())
         lps = token_logprobs(logits, tokens).tolist() if any(p.logprobs for p in params) else None
         tops = None
         k = max(p.top_logprobs for p in params)

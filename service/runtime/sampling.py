@@ -45,6 +45,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False  # the log-probability of every prompt token but the first (echo)
+    grammar: str | None = None  # structured output: a compiled grammar (grammar.Grammars.compile)
     return_logits: bool = False  # tests and benchmarks: hand back each step's full logits row
 
     @property

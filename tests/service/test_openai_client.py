@@ -6,6 +6,7 @@ one batch give what each gives alone; an unknown parameter is a 422 that names i
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -136,3 +137,36 @@ async def _generate(url: str, task: str, ids: list[int], **kw) -> dict:
         r = await c.post("/v1/generate", json={"task": task, "input_ids": ids, **kw})
         assert r.status_code == 200, r.text
         return r.json()
+
+
+async def test_response_format_through_the_openai_client(make_app):  # noqa: F811
+    from tests.models import byte_tokenizer
+    from tests.service.runtime.test_structured_output import SCHEMA, valid
+
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
+    with live_server(make_app(tiny_model("llama-bytes"), tok, name="tiny-bytes")) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+        messages = [{"role": "user", "content": "Reply in JSON."}]
+        outs = await asyncio.gather(
+            client.chat.completions.create(model="base", messages=messages, response_format=fmt, max_tokens=80, n=2),
+            client.chat.completions.create(model="base", messages=messages, max_tokens=10),  # a free row beside
+        )
+        for choice in outs[0].choices:
+            assert choice.finish_reason == "stop" and valid(json.loads(choice.message.content)), choice
+        obj = await client.chat.completions.create(
+            model="base", messages=messages, response_format={"type": "json_object"}, max_tokens=120, temperature=0
+        )
+        content = obj.choices[0].message.content  # this random model writes a long key: cut by max_tokens here
+        assert content.startswith('{"') and obj.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            bad = {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "x"}},
+            }
+            await client.chat.completions.create(model="base", messages=messages, response_format=bad)
+        with pytest.raises(openai.UnprocessableEntityError, match="ignore_eos"):
+            await client.chat.completions.create(
+                model="base", messages=messages, response_format=fmt, extra_body={"ignore_eos": True}
+            )
