@@ -16,6 +16,7 @@ runs, every prefix resident unless the scenario says otherwise.
             (on a GPT-2 of the same size when --arch has no biases)
   peft      ours vs PEFT running each task's requests as one batch (`--peft-tasks`), and the achieved FLOP/s of our
             run as a fraction of this machine's fp32 matrix-multiply peak (a 2048^3 GEMM measured in the same run)
+  sampling  every row sampled plainly vs a quarter each with penalties, top logprobs, a JSON schema, plain
   memory    key/value bytes the engine holds (pool + slot buffers) vs the ideal (unique prefixes + tokens), sampled
             at every step, at 1 task with P = 128 and at 64 tasks with P = 16
   stall     decode stall p99 (time between two tokens of the decoding rows) while long prompts arrive, with chunked
@@ -40,6 +41,7 @@ import tempfile
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,7 +51,7 @@ from prefix_store import BackboneFingerprint, PrefixArtifact, open_store
 from service.runtime import SamplingParams, Scheduler, build_serving, wrap_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ["hosted", "prefix", "churn", "bare", "bias", "peft", "memory", "stall", "loads"]
+SCENARIOS = ["hosted", "prefix", "churn", "bare", "bias", "sampling", "peft", "memory", "stall", "loads"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -338,6 +340,57 @@ async def bias(b: Bench, report: dict) -> None:
     print(f"  bare backbone {tok_bare:.1f} tok/s, 64 bias tasks only {tok_bias:.1f} tok/s ({hooks:.3f})")
 
 
+SAMPLING_SCHEMA = {  # never complete within --new tokens, so every row generates the same number of tokens
+    "type": "array",
+    "items": {"type": "string", "maxLength": 8},
+    "minItems": 1000,
+}
+
+
+async def sampling_features(b: Bench, report: dict) -> None:
+    """Every row sampled plainly (temperature 1) vs a mix in the same batch: a quarter with presence, frequency and
+    repetition penalties, a quarter with logprobs and 5 top alternatives, a quarter constrained by a JSON schema
+    (a byte-level BPE tokenizer of the model's vocabulary, trained on the shared datasets, gives the grammar its
+    tokens), a quarter plain."""
+    from bench.grammar_backends import bpe_tokenizer
+    from service.runtime.grammar import Grammars
+
+    a = b.args
+    tasks = spread(await b.tasks(64, a.prefix), a.requests)
+    plain = SamplingParams(max_new_tokens=a.new, ignore_eos=True, temperature=1.0, seed=0)
+    async with b.stack() as sched:
+        sched.engine.grammars = Grammars(bpe_tokenizer(a.vocab), b.backbone.fingerprint.vocab_size)
+        schema = sched.engine.grammars.compile({"type": "json_schema", "json_schema": {"schema": SAMPLING_SCHEMA}})
+        mixed = [
+            plain,
+            replace(plain, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2),
+            replace(plain, logprobs=True, top_logprobs=5),
+            replace(plain, grammar=schema),
+        ]
+        await warm(sched, tasks, b.prompts)
+
+        async def run(params: list[SamplingParams]) -> float:
+            start = time.perf_counter()
+            results = await asyncio.gather(
+                *(
+                    sched.submit(t, b.prompts[i, : a.prompt].tolist(), params[i % len(params)]).result()
+                    for i, t in enumerate(tasks)
+                )
+            )
+            assert all(r.completion_tokens == a.new for r in results)
+            return sum(r.completion_tokens for r in results) / (time.perf_counter() - start)
+
+        runs: list[list[float]] = [[], []]
+        for r in range(a.repeats):  # ABBA, as median_ratio
+            for i in (0, 1) if r % 2 == 0 else (1, 0):
+                runs[i].append(await run([plain] if i == 0 else mixed))
+    b.last_runs = runs
+    tok_plain, tok_mixed = (statistics.median(x) for x in runs)
+    ratio = pair_ratio(b, 1, 0)
+    report["sampling"] = (tok_plain, tok_mixed, ratio)
+    print(f"  all rows plain {tok_plain:.1f} tok/s, mixed features {tok_mixed:.1f} tok/s ({ratio:.3f})")
+
+
 def gemm_peak(device: str, dtype: torch.dtype) -> float:
     """FLOP/s of a 2048^3 matrix multiply on this machine, best of 5."""
     x = torch.randn(2048, 2048, device=device, dtype=dtype)
@@ -567,6 +620,9 @@ def summary(report: dict, args: argparse.Namespace) -> None:
         ratio = report["bias"][2]
         print(f" bias tasks mixed with prefix tasks / prefix tasks alone   {ratio:>6.3f}   >= 0.95")
         print(f" 64 bias tasks / bare backbone (the hooks' cost)            {report['bias'][5]:>6.3f}")
+    if "sampling" in report:
+        ratio = report["sampling"][2]
+        print(f" penalties + top logprobs + JSON schema mixed / plain rows  {ratio:>6.3f}   >= 0.9")
     if "memory" in report:
         for label, _, _, peak, mean in report["memory"]:
             print(f" key/value bytes held / ideal, {label:<18}        {peak:>6.2f}x  <= 1.1x (mean {mean:.2f}x)")
@@ -639,6 +695,7 @@ async def main(args: argparse.Namespace) -> dict:
         "churn": churn,
         "bare": bare,
         "bias": bias,
+        "sampling": sampling_features,
         "memory": memory,
         "stall": stall,
         "loads": loads,
