@@ -352,8 +352,12 @@ async def sampling_features(b: Bench, report: dict) -> None:
     repetition penalties, a quarter with logprobs and 5 top alternatives, a quarter constrained by a JSON schema
     (a byte-level BPE tokenizer of the model's vocabulary, trained on the shared datasets, gives the grammar its
     tokens), a quarter plain."""
-    from bench.grammar_backends import bpe_tokenizer
+    import sys
+
     from service.runtime.grammar import Grammars
+
+    sys.path.insert(0, str(ROOT))  # run as a script, bench/ itself is on the path, not the package
+    from bench.grammar_backends import bpe_tokenizer
 
     a = b.args
     tasks = spread(await b.tasks(64, a.prefix), a.requests)

@@ -152,14 +152,13 @@ def submit_all(
     """Queues one request per input (n per input for generation: input-major, choice i with seed + i), all or none:
     when the queue cannot take them all, none is queued (429)."""
     per_input = choices(params, n) if params is not None else [None]
-    return services.scheduler.submit_all(
-        [
-            dict(task=task, prompt_ids=ids, params=p, token_type_ids=types, version=version)
-            for ids, types in inputs
-            for p in per_input
-        ],
-        timeout_s=services.settings.request_timeout_s,
-    )
+    requests = []
+    for ids, types in inputs:
+        first = len(requests)  # the other choices of this prompt copy its prefill
+        for j, p in enumerate(per_input):
+            req = dict(task=task, prompt_ids=ids, params=p, token_type_ids=types, version=version)
+            requests.append(req | ({"fork_of": first} if j else {}))
+    return services.scheduler.submit_all(requests, timeout_s=services.settings.request_timeout_s)
 
 
 @dataclass(frozen=True)

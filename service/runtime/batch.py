@@ -74,6 +74,9 @@ class RunningBatch:
     cache: SlotCache
     decoding: list[Row] = field(default_factory=list)
     prefilling: list[Row] = field(default_factory=list)
+    # leader request id -> rows of the same prompt and task version that will copy its prefill instead of running
+    # their own (the n choices of one prompt); they take a slot when the leader's prompt is in.
+    forks: dict[str, list[Row]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         R, dev = self.cache.rows, self.cache.device
@@ -90,7 +93,7 @@ class RunningBatch:
 
     @property
     def rows(self) -> list[Row]:
-        return self.decoding + self.prefilling
+        return self.decoding + self.prefilling + [r for waiting in self.forks.values() for r in waiting]
 
     @property
     def free_slots(self) -> int:
@@ -116,6 +119,28 @@ class RunningBatch:
         self.lengths[row.slot] = 0
         self._set_prefix(row.slot, row)
         self.prefilling.append(row)
+
+    def add_fork(self, row: Row, leader_id: str) -> bool:
+        """Lets `row` wait for the prefill of `leader_id` (a row still prefilling the same prompt with the same
+        prefix); False when there is no such leader (the row then prefills itself)."""
+        leader = next((r for r in self.prefilling if r.request_id == leader_id), None)
+        if leader is None or leader.request.prompt_ids != row.request.prompt_ids:
+            return False
+        if (leader.prefix and leader.prefix.key) != (row.prefix and row.prefix.key):
+            return False
+        self.forks.setdefault(leader_id, []).append(row)
+        return True
+
+    def fork(self, leader: Row) -> list[Row]:
+        """The leader's prompt is fully in its slot: each row waiting on it takes a free slot holding a copy of the
+        prompt's key/values (the prefix is shared in the pool), as if it had prefilled the prompt itself."""
+        rows = self.forks.pop(leader.request_id, [])
+        for row in rows:
+            self.add_prefilling(row)
+            self.cache.move(leader.slot, row.slot, leader.prompt_len)
+            self.lengths[row.slot] = leader.prompt_len
+            row.done = leader.prompt_len
+        return rows
 
     def start_decoding(self, row: Row, first_token: int) -> None:
         """A row whose prompt is prefilled joins the decoders: it moves to slot n (one row copied)."""
@@ -145,7 +170,13 @@ class RunningBatch:
     def remove(self, rows: list[Row]) -> None:
         """Rows leave (finished or cancelled). A decoder's hole is filled by the last decoder."""
         leaving = {id(r) for r in rows}
+        for leader_id, waiting in list(self.forks.items()):
+            waiting[:] = [r for r in waiting if id(r) not in leaving]
+            if not waiting:
+                del self.forks[leader_id]
         for row in [r for r in self.prefilling if id(r) in leaving]:
+            for orphan in self.forks.pop(row.request_id, []):  # the leader left before its prompt was in
+                self.add_prefilling(orphan)
             self.prefilling.remove(row)
             self._release(row.slot)
         for row in sorted((r for r in self.decoding if id(r) in leaving), key=lambda r: r.slot, reverse=True):

@@ -275,7 +275,7 @@ class Engine:
             if req.request_id in plan.cancel:
                 continue
             row = self._admit(req, outputs)
-            if row is not None:
+            if row is not None and not (req.group is not None and b.add_fork(row, req.group)):
                 b.add_prefilling(row)
         if b.prefilling:
             outputs += self._prefill()
@@ -352,6 +352,10 @@ class Engine:
             if row.generates:
                 gen_rows.append(row)
                 gen_states.append(res.last)
+                for sibling in b.fork(row):  # the other choices of this prompt: same state, their own draws
+                    sibling.prompt_logprobs = None if row.prompt_logprobs is None else list(row.prompt_logprobs)
+                    gen_rows.append(sibling)
+                    gen_states.append(res.last)
             else:
                 mean = row.hidden_sum / row.prompt_len if row.hidden_sum is not None else res.last
                 outputs.append(self._classified(row.request, head_logits(row.prefix, mean, res.last)))

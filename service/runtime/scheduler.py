@@ -57,6 +57,7 @@ class _Request:
     deadline: float | None
     version: int | None = None  # pin a version; None: the task's current one when the request is prepared
     pixel_values: torch.Tensor | None = None  # an image backbone's input (C, H, W)
+    group: str | None = None  # EngineRequest.group
     # Outputs are appended to `history`; a streaming reader waits on `signal`, a non-streaming one only on
     # `finished`, so a request awaiting its result is not woken once per token.
     history: list[RowOutput] = field(default_factory=list)
@@ -72,7 +73,14 @@ class _Request:
 
     def engine_request(self) -> EngineRequest:
         return EngineRequest(
-            self.id, self.kind, self.prompt_ids, self.artifact, self.params, self.token_type_ids, self.pixel_values
+            self.id,
+            self.kind,
+            self.prompt_ids,
+            self.artifact,
+            self.params,
+            self.token_type_ids,
+            self.pixel_values,
+            self.group,
         )
 
 
@@ -218,6 +226,7 @@ class Scheduler:
         version: int | None = None,
         pixel_values: torch.Tensor | None = None,
         embed: bool = False,
+        group: str | None = None,
     ) -> RequestHandle:
         """Queues a generation (params given), classification (params None) or embedding (`embed`, encoders) request
         for `task` (None: the bare backbone); an image backbone reads `pixel_values` (C, H, W) instead of prompt ids.
@@ -242,7 +251,16 @@ class Scheduler:
             raise InputTooLong("the prompt is empty: expected at least one token")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         req = _Request(
-            f"req-{next(_ids)}", kind, task, list(prompt_ids), params, token_type_ids, deadline, version, pixel_values
+            f"req-{next(_ids)}",
+            kind,
+            task,
+            list(prompt_ids),
+            params,
+            token_type_ids,
+            deadline,
+            version,
+            pixel_values,
+            group=group,
         )
         self._waiting += 1
         self._live[req.id] = req
@@ -251,7 +269,8 @@ class Scheduler:
 
     def submit_all(self, requests: list[dict], *, timeout_s: float | None = None) -> list[RequestHandle]:
         """Queues several requests (each the keyword arguments of `submit`) all or none: QueueFull before any is
-        queued when they do not all fit, and the ones already queued are cancelled if a later one is refused."""
+        queued when they do not all fit, and the ones already queued are cancelled if a later one is refused. A
+        request with "fork_of": i (an earlier index) may share the prefill of request i (n choices of a prompt)."""
         if self._waiting + len(requests) > self.max_queue:
             raise QueueFull(
                 f"queue full: {self._waiting} requests waiting, this call adds {len(requests)} "
@@ -260,7 +279,10 @@ class Scheduler:
         handles: list[RequestHandle] = []
         try:
             for kw in requests:
-                handles.append(self.submit(**kw, timeout_s=timeout_s))
+                kw = dict(kw)
+                leader = kw.pop("fork_of", None)
+                group = handles[leader].id if leader is not None else None
+                handles.append(self.submit(**kw, timeout_s=timeout_s, group=group))
         except BaseException:
             for h in handles:
                 h.cancel()

@@ -43,6 +43,8 @@ class EngineRequest:
         params: sampling and stopping, for GENERATE.
         token_type_ids: segment ids of a sentence pair (encoders).
         pixel_values: (C, H, W) the preprocessed image of an image backbone (prompt_ids empty then).
+        group: the id of a request with the same prompt and task version (another choice of the same prompt): the
+            engine may copy that request's prefill instead of running this one's.
     """
 
     request_id: str
@@ -52,6 +54,7 @@ class EngineRequest:
     params: SamplingParams | None = None
     token_type_ids: list[int] | None = None
     pixel_values: torch.Tensor | None = None
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if (self.kind is Kind.GENERATE) != (self.params is not None):

@@ -114,3 +114,24 @@ def test_rows_spanning_slot_segments_equal_one_segment():
     whole = _run(whole_engine, {0: [short], 3: [long]})
     for rid in ("r0", "r1"):
         _close(split[rid], whole[rid])
+
+
+def _choice(i: int, leader: str | None, prompt: list[int], seed: int = 0) -> EngineRequest:
+    base = _request(0, prompt, P=3)
+    params = SamplingParams(max_new_tokens=5, return_logits=True, ignore_eos=True, temperature=1.0, seed=seed)
+    return EngineRequest(f"c{i}", base.kind, prompt, base.artifact, params, group=leader)
+
+
+def test_forked_choices_survive_their_leader_being_cancelled():
+    """Choices waiting on a leader's prefill: when the leader is cancelled before its prompt is in, they prefill
+    themselves; a waiting choice cancelled itself just leaves. Every remaining choice equals its run alone."""
+    prompt = list(range(3, 40))
+    leader, waiting, dropped = _choice(0, None, prompt), _choice(1, "c0", prompt, 1), _choice(2, "c0", prompt, 2)
+    engine = _engine(max_prefill_tokens=8)  # the leader needs 5 steps to prefill
+    mixed = _run(engine, {0: [leader, waiting, dropped]}, cancel_at={1: {"c0", "c2"}})
+    assert "c2" not in mixed and len(mixed.get("c0", [])) == 0
+    _close(mixed["c1"], _alone(waiting))
+    assert not engine.batch.forks and engine.running == 0
+    both = _run(_engine(max_prefill_tokens=8), {0: [leader, waiting]})  # the fork itself
+    _close(both["c1"], _alone(waiting))
+    _close(both["c0"], _alone(leader))

@@ -169,3 +169,37 @@ async def test_prompt_logprobs_equal_peft_across_prefill_chunks(store, llama, tm
     assert (torch.tensor([g[0] for g in got[1:]]) - want).abs().max() <= 1e-5
     top = got[1][1]
     assert [i for i, _ in top] == torch.topk(lp[0], 3).indices.tolist()
+
+
+@pytest.mark.redis
+async def test_n_choices_prefill_the_prompt_once(store, llama, tmp_path):
+    """The n choices of a prompt: the first prefills it, the others copy its key/values (one prefill of the prompt,
+    not n), and each choice gives the tokens it gives when run alone with its seed."""
+    pm = trained_peft(llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), seed=9)
+    await publish_peft(store, pm, "t", llama.config, tmp_path / "t")
+    prompt = list(range(5, 45))
+    params = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=20 + i, prompt_logprobs=True) for i in range(4)]
+    async with serving_stack(store, copy.deepcopy(llama)) as stack:
+        runner = stack.engine.runner
+        prefilled: list[int] = []
+        original = runner.prefill
+
+        def counting(chunks):
+            prefilled.extend(len(c.ids) for c in chunks)
+            return original(chunks)
+
+        runner.prefill = counting
+        alone = [await stack.scheduler.submit("t", prompt, p).result() for p in params]
+        assert sum(prefilled) == 4 * len(prompt)
+        prefilled.clear()
+        handles = stack.scheduler.submit_all(
+            [dict(task="t", prompt_ids=prompt, params=p) | ({"fork_of": 0} if i else {}) for i, p in enumerate(params)]
+        )
+        forked = [await h.result() for h in handles]
+    assert sum(prefilled) == len(prompt), "one prefill for the four choices"
+    assert [r.token_ids for r in forked] == [r.token_ids for r in alone]
+    for a, f in zip(alone, forked, strict=True):
+        assert all(
+            (x is None and y is None) or abs(x[0] - y[0]) < 1e-5
+            for x, y in zip(a.prompt_logprobs, f.prompt_logprobs, strict=True)
+        )
