@@ -428,12 +428,21 @@ class Engine:
         tokens = sample(x, params, [r.generator for r in rows])  # (B,)
         if any(m is not None for m in matchers):
             advance(matchers, tokens.tolist())
-        lps = token_logprobs(logits, tokens).tolist() if any(p.logprobs for p in params) else None
-        tops = None
-        k = max(p.top_logprobs for p in params)
-        if k:
-            values, ids = top_logprobs(logits, k)  # (B, k) each
-            tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        lps: list[float | None] | None = None
+        want = [i for i, p in enumerate(params) if p.logprobs or p.top_logprobs]  # only these rows pay for it
+        tops: list[list[tuple[int, float]] | None] | None = None
+        if want:
+            idx = torch.tensor(want, device=logits.device)
+            chosen = token_logprobs(logits[idx], tokens[idx]).tolist()
+            lps = [None] * len(rows)
+            for j, i in enumerate(want):
+                lps[i] = chosen[j]
+            k = max(p.top_logprobs for p in params)
+            if k:
+                values, ids = top_logprobs(logits[idx], k)  # (n, k) each
+                tops = [None] * len(rows)
+                for j, (i_ids, i_values) in enumerate(zip(ids.tolist(), values.tolist(), strict=True)):
+                    tops[want[j]] = list(zip(i_ids, i_values, strict=True))
         outputs, finished = [], []
         for i, (row, p, tok) in enumerate(zip(rows, params, tokens.tolist(), strict=True)):
             text, finish = row.text.push(tok)  # type: ignore[union-attr]
@@ -443,7 +452,7 @@ class Engine:
                     token_id=tok,
                     text=text,
                     logprob=lps[i] if lps is not None and p.logprobs else None,
-                    top_logprobs=tops[i][: p.top_logprobs] if tops is not None and p.top_logprobs else None,
+                    top_logprobs=tops[i][: p.top_logprobs] if tops is not None and p.top_logprobs else None,  # type: ignore[index]
                     finish_reason=finish,
                     logits=logits[i].clone() if p.return_logits else None,
                 )

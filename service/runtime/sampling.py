@@ -83,19 +83,29 @@ class TokenHistory:
 
 
 def penalise(logits: torch.Tensor, params: list[SamplingParams], history: TokenHistory | None) -> torch.Tensor:
-    """Repetition, presence and frequency penalties on logits (B, V) float (out of place)."""
-    if history is None or not any(p.counts_tokens for p in params):
+    """Repetition, presence and frequency penalties on logits (B, V) float: only the rows that ask for them are
+    touched (out of place: the result is a new tensor when any row is penalised)."""
+    rows = [i for i, p in enumerate(params) if p.counts_tokens]
+    if history is None or not rows:
         return logits
     dev = logits.device
-    rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]  # (B, 1)
+    idx = torch.tensor(rows, device=dev)
+    x = logits[idx]  # (n, V), a copy
+    rep = torch.tensor([params[i].repetition_penalty for i in rows], device=dev)[:, None]  # (n, 1)
     if bool((rep != 1.0).any()):
-        penalised = torch.where(logits < 0, logits * rep, logits / rep)
-        logits = torch.where(history.seen, penalised, logits)
-    freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
-    pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+        seen = history.seen[idx]  # sparse: the prompt's and the output's tokens, so masked updates are cheap
+        neg = x < 0
+        scale = rep.expand_as(x)
+        x[seen & neg] *= scale[seen & neg]
+        x[seen & ~neg] /= scale[seen & ~neg]
+    freq = torch.tensor([params[i].frequency_penalty for i in rows], device=dev)[:, None]
+    pres = torch.tensor([params[i].presence_penalty for i in rows], device=dev)[:, None]
     if bool((freq != 0).any() or (pres != 0).any()):
-        logits = logits - freq * history.counts - pres * (history.counts > 0).to(logits.dtype)
-    return logits
+        counts = history.counts[idx]
+        x -= freq * counts + pres * counts.clamp(max=1.0)  # counts are whole numbers: clamp is (count > 0)
+    out = logits.clone()
+    out[idx] = x
+    return out
 
 
 def forbid_ending(logits: torch.Tensor, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
