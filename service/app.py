@@ -15,6 +15,7 @@ from prefix_store import open_store
 from .guard import RequestGuard
 from .http_errors import install_error_handlers
 from .metrics import Metrics
+from .request_ids import RequestIds
 from .routes import health, inference, openai, tasks, train
 from .runtime import Backbone, build_serving, load_backbone
 from .settings import ServiceSettings
@@ -87,6 +88,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(RequestIds)  # added last: outermost, so even the guard's refusals carry the id
     metrics.install(app)  # outermost: refused requests are counted too
     app.include_router(health.router)
     app.include_router(inference.router)

@@ -14,6 +14,7 @@ from fastapi import Request
 
 from prefix_store import validate_task_name
 
+from . import request_ids
 from .http_errors import ClientGone, InvalidRequest, status_of
 from .runtime import ClassificationResult, GenerationResult, InputTooLong, RequestHandle, SamplingParams, Unsupported
 from .schemas import BASE_TASK, SamplingExtras
@@ -262,7 +263,13 @@ async def guarded_stream(stream: AsyncIterator[str], *handles: RequestHandle) ->
         async for chunk in stream:
             yield chunk
     except Exception as e:  # the status line is already sent: report in-band
-        yield sse({"error": {"message": str(e), "type": type(e).__name__, "code": status_of(e)}})
+        error = {
+            "message": str(e),
+            "type": type(e).__name__,
+            "code": status_of(e),
+            "request_id": request_ids.current.get(),
+        }
+        yield sse({"error": error})
     finally:
         for handle in handles:
             handle.cancel()

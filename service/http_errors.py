@@ -25,6 +25,7 @@ from prefix_store import (
 )
 from prefix_store.jobs import JobNotFound
 
+from . import request_ids
 from .runtime.errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, ServingError, Unsupported
 from .runtime.grammar import InvalidGrammar
 
@@ -91,7 +92,11 @@ def headers_of(exc: Exception) -> dict[str, str] | None:
 
 
 def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+    error: dict[str, object] = {"message": message, "type": kind, "code": status}
+    rid = request_ids.current.get()
+    if rid is not None:
+        error["request_id"] = rid
+    return JSONResponse({"error": error}, status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -154,6 +154,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str
     code: int
+    request_id: str | None = Field(None, description="the request's id (X-Request-ID), as in the server's logs")
 
 
 class ErrorBody(BaseModel):

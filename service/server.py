@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .request_ids import JsonFormatter, RequestIdFilter
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,17 @@ class LogRateLimit(logging.Filter):
 _limited = logging.getLogger("service.server.limits")
 
 
-def configure_logging(level: str) -> None:
-    """Root logging with the rate limit on its handler; uvicorn's loggers propagate to it (log_config=None)."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Root logging with the request id and the rate limit on its handler; uvicorn's loggers propagate to it
+    (log_config=None). fmt "json": one JSON object per line."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s", force=True
+    )
     for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
         handler.addFilter(LogRateLimit())
+        if fmt == "json":
+            handler.setFormatter(JsonFormatter())
 
 
 def raise_fd_limit() -> None:

@@ -37,6 +37,7 @@ class RuntimeSettings(BaseSettings):
         256 * 1024**2, gt=0, description="largest prefix or upload accepted (admin routes' body limit, plus 1 MiB)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
 
     def apply_torch_threads(self) -> None:
         if self.torch_threads:

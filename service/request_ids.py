@@ -1,0 +1,73 @@
+"""Request ids: every HTTP request gets one (the client's X-Request-ID when it is a sane token, else a new one),
+echoed in the X-Request-ID response header, in error bodies, and in every log line written while the request is
+handled (the id lives in a context variable, which the request's tasks inherit).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+HEADER = b"x-request-id"
+_VALID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+current: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def request_id_of(headers: dict[bytes, bytes]) -> str:
+    """The client's id when it is 1-128 characters of [A-Za-z0-9._:-] (anything else could forge log lines), else
+    a new one."""
+    given = headers.get(HEADER, b"").decode("latin-1")
+    return given if _VALID.match(given) else uuid.uuid4().hex
+
+
+class RequestIds:
+    """Outermost ASGI layer: sets the request's id for everything under it and adds the response header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id_of(dict(scope["headers"]))
+        token = current.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (HEADER, rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            current.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives every record a `request_id` attribute ("-" outside a request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current.get() or "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
