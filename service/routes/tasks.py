@@ -16,6 +16,7 @@ from prefix_store import (
     check_chat_template,
     check_template,
     decode,
+    encode,
     import_peft_adapter,
     validate_task_name,
 )
@@ -175,6 +176,21 @@ async def export_state_dict(
     services.backbone.check(art)
     tensors = export_bias_state_dict(art, base, base_prefix=base_prefix)
     return Response(st_save(tensors), media_type="application/octet-stream")
+
+
+@router.get(
+    "/{task}/artifact",
+    summary="A task version as a prefix-serve artifact (safetensors), to back up or upload elsewhere",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: {"model": ErrorBody}},
+)
+async def export_artifact(
+    task: str,
+    services: ServicesDep,
+    version: Annotated[int | None, Query(ge=1, description="default: the current version")] = None,
+) -> Response:
+    art = await services.store.get(task, version)
+    return Response(encode(art), media_type="application/octet-stream")
 
 
 @router.delete(
