@@ -49,6 +49,18 @@ class PayloadTooLarge(WebError):
     pass
 
 
+class Forbidden(WebError):
+    pass
+
+
+class SourceNotFound(WebError):
+    """An adapter named by reference (a hub repository or a path) that does not exist."""
+
+
+class SourceUnavailable(WebError):
+    """An adapter's source cannot be reached now (the hub offline or unreachable)."""
+
+
 class ClientGone(WebError):
     """The client disconnected before its answer was ready; its request was cancelled."""
 
@@ -58,6 +70,9 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (BadRequest, 400),
     (InvalidRequest, 422),
     (PayloadTooLarge, 413),
+    (Forbidden, 403),
+    (SourceNotFound, 404),
+    (SourceUnavailable, 503),
     (ClientGone, 499),
     (InputTooLong, 400),
     (Unsupported, 400),

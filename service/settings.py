@@ -49,7 +49,13 @@ class ServiceSettings(RuntimeSettings):
         default_factory=list, description="comma-separated bearer keys allowed to call every route"
     )
 
-    @field_validator("api_keys", "admin_keys", mode="before")
+    adapter_dirs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description='comma-separated directories from which PUT /v1/tasks/{task} may take {"source": path}; '
+        "empty: no local sources",
+    )
+
+    @field_validator("api_keys", "admin_keys", "adapter_dirs", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from pydantic import ValidationError
 from safetensors.torch import save as st_save
 
 from prefix_store import (
@@ -25,10 +26,11 @@ from prefix_store.codec import load_tensors, read_safetensors_header
 from prefix_store.vpt_io import import_vpt_checkpoint
 
 from ..auth import AdminAuth
-from ..http_errors import BadRequest, PayloadTooLarge
+from ..http_errors import BadRequest, InvalidRequest, PayloadTooLarge
 from ..metrics import confirm_task, name_task
 from ..runtime.bias import checkpoint_references, verbalizer_tokens
 from ..schemas import BASE_TASK, ErrorBody, RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
+from ..sources import SourceUpload, hub_files, local_files, read_adapter
 from ..state import Services, ServicesDep
 
 
@@ -84,12 +86,15 @@ async def get_task(task: str, services: ServicesDep) -> TaskDetail:
     description="multipart/form-data with either `adapter_config` (PEFT adapter_config.json) and `adapter_model` "
     "(PEFT adapter_model.safetensors), or `state_dict` (a BitFit fine-tune's safetensors state dict: its biases "
     "minus the backbone's become a bitfit task; other weights must equal the backbone's), or `artifact` (a "
-    "prefix-serve artifact). The adapter is checked against the serving backbone, stored as the task's next "
-    "version, and made current.",
+    'prefix-serve artifact). Or, with a JSON body, an adapter by reference: `{"source": "owner/name", '
+    '"revision"?, "subfolder"?}` from the Hugging Face Hub, or `{"source": "/abs/path"}` inside a directory '
+    "PREFIXSERVE_ADAPTER_DIRS allows (403 outside it), plus `labels`, `method`, `chat_template`. The adapter is "
+    "checked against the serving backbone, stored as the task's next version, and made current.",
 )
 async def upload(
     task: str,
     services: ServicesDep,
+    request: Request,
     adapter_config: Annotated[UploadFile | None, File(description="PEFT adapter_config.json")] = None,
     adapter_model: Annotated[UploadFile | None, File(description="PEFT adapter_model.safetensors")] = None,
     artifact: Annotated[UploadFile | None, File(description="a prefix-serve artifact (.safetensors)")] = None,
@@ -116,6 +121,8 @@ async def upload(
     if task == BASE_TASK:
         raise BadRequest(f"{BASE_TASK!r} is reserved for the bare backbone: choose another task name")
     limit = services.settings.max_artifact_bytes
+    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+        return await _upload_from_source(task, services, await request.body())
     parts = [n for n, p in (("adapter_config", adapter_config), ("adapter_model", adapter_model)) if p is not None]
     parts += [n for n, p in (("artifact", artifact), ("state_dict", state_dict)) if p is not None]
     parts += ["vpt_checkpoint"] if vpt_checkpoint is not None else []
@@ -152,6 +159,42 @@ async def upload(
         if services.backbone.is_encoder:
             raise BadRequest(f"chat_template: backbone {services.backbone.name} is an encoder (no generation)")
         art = dataclasses.replace(art, chat_template=check_chat_template(chat_template))
+    stored = await _publish(services, art)
+    return VersionSummary(**stored.summary())
+
+
+async def _upload_from_source(task: str, services: Services, body: bytes) -> VersionSummary:
+    """PUT with a JSON body {"source": ...}: the adapter is fetched (hub) or read (allowed path), then checked and
+    published exactly as an upload of the same files."""
+    try:
+        spec = SourceUpload.model_validate_json(body)
+    except ValidationError as e:
+        where = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+        raise InvalidRequest(where) from None
+    limit = services.settings.max_artifact_bytes
+    kind = spec.kind or ("path" if spec.source.startswith("/") else "hub")
+
+    def fetch() -> tuple[str, dict[str, bytes]]:
+        if kind == "path":
+            return read_adapter(local_files(spec.source, services.settings.adapter_dirs), limit)
+        return read_adapter(hub_files(spec.source, spec.revision, spec.subfolder, limit), limit)
+
+    form, files = await asyncio.to_thread(fetch)  # disk and network: off the event loop
+    if form == "peft":
+        art = import_peft_adapter(
+            files["adapter_config.json"],
+            files["adapter_model.safetensors"],
+            task=task,
+            backbone=services.backbone.fingerprint,
+            labels=spec.labels,
+            method=spec.method,
+            max_bytes=limit,
+        )
+    else:
+        art = decode(files["artifact"], max_bytes=limit).with_task(task)
+    art.training = {**art.training, "source": {"kind": kind, "name": spec.source, "revision": spec.revision}}
+    if spec.chat_template is not None:
+        art = dataclasses.replace(art, chat_template=check_chat_template(spec.chat_template))
     stored = await _publish(services, art)
     return VersionSummary(**stored.summary())
 
