@@ -363,13 +363,18 @@ async def sampling_features(b: Bench, report: dict) -> None:
     tasks = spread(await b.tasks(64, a.prefix), a.requests)
     plain = SamplingParams(max_new_tokens=a.new, ignore_eos=True, temperature=1.0, seed=0)
     async with b.stack() as sched:
-        sched.engine.grammars = Grammars(bpe_tokenizer(a.vocab), b.backbone.fingerprint.vocab_size)
-        schema = sched.engine.grammars.compile({"type": "json_schema", "json_schema": {"schema": SAMPLING_SCHEMA}})
+        constrained = plain
+        if a.vocab >= 512:  # a byte-level tokenizer needs 257 tokens at least
+            sched.engine.grammars = Grammars(bpe_tokenizer(a.vocab), b.backbone.fingerprint.vocab_size)
+            spec = {"type": "json_schema", "json_schema": {"schema": SAMPLING_SCHEMA}}
+            constrained = replace(plain, grammar=sched.engine.grammars.compile(spec))
+        else:
+            print(f"  vocab {a.vocab} < 512: no byte-level tokenizer fits, the JSON-schema quarter runs plain")
         mixed = [
             plain,
             replace(plain, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2),
             replace(plain, logprobs=True, top_logprobs=5),
-            replace(plain, grammar=schema),
+            constrained,
         ]
         await warm(sched, tasks, b.prompts)
 

@@ -46,6 +46,7 @@ LABELS = {"probe": "linear probe", "finetune": "full fine-tuning", "vpt_shallow"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--steps", type=int, default=300, help="adaptation steps of every method")
     p.add_argument("--batch-size", type=int, default=32)
@@ -184,7 +185,7 @@ def main(args: argparse.Namespace) -> dict:
                 (it, yt), (idev, ydev) = split(imgs, labs, seed)
                 tensors = ((pixels(it), torch.tensor(yt)), (pixels(idev), torch.tensor(ydev)))
                 row = results.setdefault(name, {})
-                for method in METHODS:
+                for method in args.methods:
                     if method in ("probe", "finetune"):
                         acc, n = head_only_or_full(method, vit, tensors, args, seed)
                     else:

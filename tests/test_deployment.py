@@ -72,3 +72,57 @@ def test_images_install_the_runtime_lock():
         text = (ROOT / "docker" / f"{name}.Dockerfile").read_text()
         assert "--require-hashes -r requirements/requirements-runtime.txt" in text
         assert "pip install --no-deps --no-build-isolation ." in text and "pip check" in text
+
+
+K8S = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.31.0"
+
+
+def _k8s_documents() -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_k8s_manifests_validate_against_the_schemas():
+    import kubernetes_validate
+
+    docs = _k8s_documents()
+    kinds = sorted(d["kind"] for _, d in docs)
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "Deployment",
+        "Namespace",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "Service",
+        "Service",
+        "StatefulSet",
+    ]
+    for _, doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises with the field at fault
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted({n for n, _ in docs}), "every manifest is in the kustomization"
+
+
+def test_k8s_service_is_wired_as_documented():
+    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in _k8s_documents()}
+    api = docs[("Deployment", "prefix-serve")]["spec"]["template"]["spec"]["containers"][0]
+    assert api["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert api["livenessProbe"]["httpGet"]["path"] == api["startupProbe"]["httpGet"]["path"] == "/health"
+    env = {e["name"]: e for e in api["env"]}
+    assert env["PREFIXSERVE_TORCH_THREADS"]["value"] == api["resources"]["requests"]["cpu"], "a thread per core"
+    assert env["PREFIXSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "prefix-serve-keys"
+    pdb = docs[("PodDisruptionBudget", "prefix-serve")]["spec"]
+    assert pdb["selector"]["matchLabels"] == docs[("Deployment", "prefix-serve")]["spec"]["selector"]["matchLabels"]
+    redis = docs[("StatefulSet", "redis")]["spec"]["template"]["spec"]["containers"][0]
+    assert "--appendonly" in redis["args"]
+    config = docs[("ConfigMap", "prefix-serve-config")]["data"]
+    assert config["PREFIXSERVE_REDIS_URL"] == "redis://redis:6379/0"
+    from service.settings import ServiceSettings
+
+    assert set(config) <= {f"PREFIXSERVE_{k.upper()}" for k in ServiceSettings.model_fields}, "known settings only"
