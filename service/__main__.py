@@ -10,6 +10,7 @@ import sys
 from .app import create_app
 from .server import configure_logging, run
 from .settings import ServiceSettings
+from .tracing import setup as setup_tracing
 
 log = logging.getLogger("service")
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         log.warning("no API keys configured: the service is open to anyone who can reach %s", args.host)
+    setup_tracing(settings)
     run(create_app(settings), settings, args.host, args.port)
     return 0
 

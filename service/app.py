@@ -20,6 +20,7 @@ from .routes import health, inference, openai, tasks, train
 from .runtime import Backbone, build_serving, load_backbone
 from .settings import ServiceSettings
 from .state import Services
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(Tracing)
     app.add_middleware(RequestIds)  # added last: outermost, so even the guard's refusals carry the id
     metrics.install(app)  # outermost: refused requests are counted too
     app.include_router(health.router)

@@ -49,6 +49,11 @@ class ServiceSettings(RuntimeSettings):
         default_factory=list, description="comma-separated bearer keys allowed to call every route"
     )
 
+    otel_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces): traces HTTP routes and engine steps",
+    )
+    otel_service_name: str = Field("prefix-serve", description="the service.name of the traces")
     adapter_dirs: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description='comma-separated directories from which PUT /v1/tasks/{task} may take {"source": path}; '

@@ -23,6 +23,7 @@ import torch
 
 from prefix_store import PrefixArtifact, VersionKey
 
+from . import tracing
 from .backbone import Backbone
 from .batch import Row, RunningBatch
 from .grammar import Grammars, advance, constrain
@@ -258,6 +259,22 @@ class Engine:
     # -- the step -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutput:
+        if not tracing.enabled():
+            return self._step(plan)
+        with tracing.tracer("prefix_serve.engine").start_as_current_span("engine.step") as span:
+            out = self._step(plan)
+            span.set_attributes(
+                {
+                    "prefixserve.step": out.step,
+                    "prefixserve.admitted": len(plan.admit),
+                    "prefixserve.cancelled": len(plan.cancel),
+                    "prefixserve.running": out.running,
+                    "prefixserve.outputs": len(out.rows),
+                }
+            )
+            return out
+
+    def _step(self, plan: StepPlan) -> StepOutput:
         self.step_count += 1
         self.device_cache.apply_pending()
         if self.batch is None:
