@@ -124,16 +124,48 @@ class TaskInfo:
     summary: dict[str, Any]  # PrefixArtifact.summary() of the current version
 
 
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
 def connect(url: str, *, socket_timeout: float = 5.0) -> aioredis.Redis:
     """A client for tensor blobs: bytes responses, and no automatic retries, since the store decides which
-    commands are safe to repeat (reads are; a publish's INCR is not)."""
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=False,
-        retry=Retry(NoBackoff(), 0),
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
+    commands are safe to repeat (reads are; a publish's INCR is not).
+
+    `redis://` / `rediss://` / `unix://`: one server. `redis+sentinel://[:password@]host:port[,host:port...]/service
+    [/db]`: the master Sentinel names for `service`, found again after a failover (each new connection asks)."""
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "retry": Retry(NoBackoff(), 0),
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+    }
+    if not url.startswith(SENTINEL_SCHEME):
+        return aioredis.Redis.from_url(url, **options)
+    from redis.asyncio.sentinel import Sentinel
+
+    sentinels, service, db, password = parse_sentinel_url(url)
+    sentinel = Sentinel(
+        sentinels, sentinel_kwargs={"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
     )
+    return sentinel.master_for(service, db=db, password=password, **options)
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """(sentinel addresses, service name, db, password) of a redis+sentinel:// URL."""
+    rest = url[len(SENTINEL_SCHEME) :]
+    password = None
+    if "@" in rest:
+        auth, rest = rest.rsplit("@", 1)
+        password = auth.split(":", 1)[-1] or None
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts:
+        raise ValueError(f"{url!r}: expected redis+sentinel://host:port[,host:port]/service[/db]")
+    sentinels = []
+    for h in hosts.split(","):
+        host, sep, port = h.rpartition(":")
+        sentinels.append((host, int(port)) if sep else (h, 26379))
+    return sentinels, parts[0], int(parts[1]) if len(parts) > 1 else 0, password
 
 
 def open_store(
@@ -142,6 +174,7 @@ def open_store(
     *,
     namespace: str = "prefixserve",
     max_artifact_bytes: int = DEFAULT_MAX_BYTES,
+    min_replicas: int = 0,
 ) -> tuple[PrefixStore, EmbeddedRedis | None]:
     """A store on `redis_url`, or, when it is None, on an embedded Redis under `data_dir` (returned too, for the
     caller to stop after closing the store). Call it from the main thread: see EmbeddedRedis.start."""
@@ -149,7 +182,10 @@ def open_store(
     if redis_url is None:
         embedded = EmbeddedRedis(data_dir)
         redis_url = embedded.start()
-    return PrefixStore(connect(redis_url), namespace=namespace, max_artifact_bytes=max_artifact_bytes), embedded
+    store = PrefixStore(
+        connect(redis_url), namespace=namespace, max_artifact_bytes=max_artifact_bytes, min_replicas=min_replicas
+    )
+    return store, embedded
 
 
 class PrefixStore:
@@ -160,6 +196,9 @@ class PrefixStore:
         namespace: key prefix, so several deployments or test runs can share one server.
         max_artifact_bytes: the size cap applied when writing and when decoding.
         read_retries / retry_backoff_s: reads are retried with exponential backoff on connection faults.
+        min_replicas: a write is acknowledged only once this many replicas have it (Redis WAIT), so a failover to
+            one of them (Sentinel) cannot lose an acknowledged version; 0: the master's word is enough.
+        replica_wait_s: how long a write waits for them before it is reported unacknowledged (StoreUnavailable).
     """
 
     def __init__(
@@ -170,8 +209,12 @@ class PrefixStore:
         max_artifact_bytes: int = DEFAULT_MAX_BYTES,
         read_retries: int = 3,
         retry_backoff_s: float = 0.05,
+        min_replicas: int = 0,
+        replica_wait_s: float = 2.0,
     ) -> None:
         self.client = client
+        self.min_replicas = min_replicas
+        self.replica_wait_s = replica_wait_s
         self.ns = namespace
         self.channel = f"{namespace}:events"
         self.max_artifact_bytes = max_artifact_bytes
@@ -202,7 +245,7 @@ class PrefixStore:
             raise ArtifactTooLarge(f"prefix tensors are {artifact.nbytes} bytes: the limit is {limit}")
         task = artifact.task
         tk = self._task_key(task)
-        version = int(await self._write(self.client.incr(f"{tk}:seq")))
+        version = int(await self._write(self.client.incr(f"{tk}:seq"), replicate=False))  # the commit waits
         created = artifact.created_at or datetime.now(UTC).isoformat(timespec="seconds")
         stamped = dataclasses.replace(artifact, version=version, created_at=created)
         blob = encode(stamped)
@@ -391,10 +434,20 @@ class PrefixStore:
                 raise StoreUnavailable(f"Redis refused the read: {e}") from e
         raise AssertionError("unreachable")
 
-    async def _write(self, call: Awaitable[T]) -> T:
+    async def _write(self, call: Awaitable[T], *, replicate: bool = True) -> T:
         try:
-            return await call
+            result = await call
+            if self.min_replicas and replicate:
+                # WAIT runs on the connection that wrote; a pooled client may hand out another, but WAIT counts the
+                # replicas that reached the master's offset, which covers every earlier write on any connection.
+                acked = await self.client.execute_command("WAIT", self.min_replicas, int(self.replica_wait_s * 1000))
+                if int(acked) < self.min_replicas:
+                    raise StoreUnavailable(
+                        f"written on the master but {acked} of {self.min_replicas} replicas confirmed it within "
+                        f"{self.replica_wait_s:g}s: not acknowledged (a failover now could lose it); retry"
+                    )
+            return result
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:
-            raise StoreUnavailable(f"Redis unreachable, nothing was written: {e}") from e
+            raise StoreUnavailable(f"Redis unreachable, the write is not acknowledged: {e}") from e
         except ResponseError as e:
             raise StoreUnavailable(f"Redis refused the write: {e}") from e

@@ -43,6 +43,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
             settings.data_dir,
             namespace=settings.namespace,
             max_artifact_bytes=settings.max_artifact_bytes,
+            min_replicas=settings.redis_min_replicas,
         )
         try:
             bb = backbone or await asyncio.to_thread(

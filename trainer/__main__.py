@@ -86,6 +86,7 @@ def _open_store(settings: TrainerSettings) -> tuple[PrefixStore, EmbeddedRedis |
         settings.data_dir,
         namespace=settings.namespace,
         max_artifact_bytes=settings.max_artifact_bytes,
+        min_replicas=settings.redis_min_replicas,
     )
 
 

@@ -30,7 +30,14 @@ class RuntimeSettings(BaseSettings):
         None, gt=0, description="torch intra-op threads; unset keeps torch's default (one per core)"
     )
 
-    redis_url: str | None = Field(None, description="Redis URL; unset starts an embedded Redis under data_dir")
+    redis_url: str | None = Field(
+        None,
+        description="redis://host:port/db, or redis+sentinel://host:port[,host:port]/service[/db] for a master "
+        "Sentinel watches; unset starts an embedded Redis under data_dir",
+    )
+    redis_min_replicas: int = Field(
+        0, ge=0, le=16, description="acknowledge a write only once this many replicas have it (Redis WAIT)"
+    )
     data_dir: Path = Field(Path("data"), description="embedded Redis's append-only file and socket")
     namespace: str = Field("prefixserve", description="Redis key prefix")
     max_artifact_bytes: int = Field(
