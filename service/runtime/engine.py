@@ -37,8 +37,6 @@ from .sampling import (
     make_generator,
     penalise,
     sample,
-    token_logprobs,
-    top_logprobs,
 )
 from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan
 
@@ -431,6 +429,11 @@ class Engine:
         length, then each row's sampler. Returns the outputs, the rows that finished, the tokens. Log-probabilities
         are the model's own (raw logits)."""
         params: list[SamplingParams] = [r.request.params for r in rows]  # type: ignore[misc]
+        # What needs the model's own distribution is taken first; then the transforms work in place on the logits.
+        want = [i for i, p in enumerate(params) if p.logprobs or p.top_logprobs]  # only these rows pay for it
+        idx = torch.tensor(want, device=logits.device)
+        raw_lp = torch.log_softmax(logits[idx].float(), dim=-1) if want else None  # (n, V)
+        raw = {i: logits[i].clone() for i, p in enumerate(params) if p.return_logits}
         x = penalise(logits.float(), params, history)
         young = [
             (i, self._ending_ids(p))
@@ -438,25 +441,23 @@ class Engine:
             if p.min_tokens and len(row.text.token_ids) < p.min_tokens  # type: ignore[union-attr]
         ]
         if any(ids for _, ids in young):
-            x = forbid_ending(x.clone() if x is logits else x, young)
+            x = forbid_ending(x, young)
         matchers = [r.matcher for r in rows]
         if any(m is not None for m in matchers):
-            x = constrain(x.clone() if x is logits else x, matchers)
+            x = constrain(x, matchers)
         tokens = sample(x, params, [r.generator for r in rows])  # (B,)
         if any(m is not None for m in matchers):
             advance(matchers, tokens.tolist())
         lps: list[float | None] | None = None
-        want = [i for i, p in enumerate(params) if p.logprobs or p.top_logprobs]  # only these rows pay for it
         tops: list[list[tuple[int, float]] | None] | None = None
-        if want:
-            idx = torch.tensor(want, device=logits.device)
-            chosen = token_logprobs(logits[idx], tokens[idx]).tolist()
+        if raw_lp is not None:
+            chosen = raw_lp.gather(1, tokens[idx][:, None])[:, 0].tolist()
             lps = [None] * len(rows)
             for j, i in enumerate(want):
                 lps[i] = chosen[j]
             k = max(p.top_logprobs for p in params)
             if k:
-                values, ids = top_logprobs(logits[idx], k)  # (n, k) each
+                values, ids = torch.topk(raw_lp, k, dim=-1)  # (n, k) each
                 tops = [None] * len(rows)
                 for j, (i_ids, i_values) in enumerate(zip(ids.tolist(), values.tolist(), strict=True)):
                     tops[want[j]] = list(zip(i_ids, i_values, strict=True))
@@ -471,7 +472,7 @@ class Engine:
                     logprob=lps[i] if lps is not None and p.logprobs else None,
                     top_logprobs=tops[i][: p.top_logprobs] if tops is not None and p.top_logprobs else None,  # type: ignore[index]
                     finish_reason=finish,
-                    logits=logits[i].clone() if p.return_logits else None,
+                    logits=raw.get(i),
                 )
             )
             if finish is not None:

@@ -13,6 +13,8 @@ import torch
 
 from .errors import ServingError
 
+MAX_CACHED_GRAMMARS = 64
+
 
 class InvalidGrammar(ServingError):
     """A response format that does not compile (an unsupported or malformed JSON schema)."""
@@ -31,6 +33,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self._ll: Any = None
         self._lock = threading.Lock()
+        self._templates: dict[str, Any] = {}  # grammar -> an unused matcher, copied for each row
 
     @property
     def lltokenizer(self) -> Any:
@@ -68,12 +71,33 @@ class Grammars:
         error = llguidance.LLMatcher.validate_grammar(grammar, self.lltokenizer)
         if error:
             raise InvalidGrammar(f"response_format: the JSON schema is not supported: {error.strip()[:500]}")
+        self._warm(grammar)
         return grammar
 
+    def _warm(self, grammar: str) -> None:
+        """Builds the grammar's matcher and its first mask here, on the caller's thread: the first mask of a grammar
+        (and of a tokenizer) takes seconds, which the engine thread, and every row of its batch, would wait for."""
+        import llguidance.torch
+
+        template = self.matcher(grammar)
+        llguidance.torch.fill_next_token_bitmask(template, llguidance.torch.allocate_token_bitmask(1, self.vocab_size))
+
     def matcher(self, grammar: str) -> Any:
+        """A fresh matcher for one row: a copy of a cached one per grammar (the n choices of a prompt, or many
+        requests with one schema, parse it once)."""
         import llguidance
 
-        return llguidance.LLMatcher(self.lltokenizer, grammar)
+        with self._lock:
+            template = self._templates.pop(grammar, None)
+        if template is None:
+            template = llguidance.LLMatcher(self.lltokenizer, grammar)
+            if template.is_error():
+                raise InvalidGrammar(f"response_format: {template.get_error()}")
+        with self._lock:
+            self._templates[grammar] = template  # most recently used last
+            while len(self._templates) > MAX_CACHED_GRAMMARS:
+                self._templates.pop(next(iter(self._templates)))
+        return template.deep_copy()
 
 
 def constrain(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:

@@ -83,8 +83,8 @@ class TokenHistory:
 
 
 def penalise(logits: torch.Tensor, params: list[SamplingParams], history: TokenHistory | None) -> torch.Tensor:
-    """Repetition, presence and frequency penalties on logits (B, V) float: only the rows that ask for them are
-    touched (out of place: the result is a new tensor when any row is penalised)."""
+    """Repetition, presence and frequency penalties on logits (B, V) float, in place: only the rows that ask for them
+    are touched."""
     rows = [i for i, p in enumerate(params) if p.counts_tokens]
     if history is None or not rows:
         return logits
@@ -103,9 +103,8 @@ def penalise(logits: torch.Tensor, params: list[SamplingParams], history: TokenH
     if bool((freq != 0).any() or (pres != 0).any()):
         counts = history.counts[idx]
         x -= freq * counts + pres * counts.clamp(max=1.0)  # counts are whole numbers: clamp is (count > 0)
-    out = logits.clone()
-    out[idx] = x
-    return out
+    logits[idx] = x
+    return logits
 
 
 def forbid_ending(logits: torch.Tensor, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
