@@ -93,16 +93,15 @@ def penalise(logits: torch.Tensor, params: list[SamplingParams], history: TokenH
     x = logits[idx]  # (n, V), a copy
     rep = torch.tensor([params[i].repetition_penalty for i in rows], device=dev)[:, None]  # (n, 1)
     if bool((rep != 1.0).any()):
-        seen = history.seen[idx]  # sparse: the prompt's and the output's tokens, so masked updates are cheap
-        neg = x < 0
-        scale = rep.expand_as(x)
-        x[seen & neg] *= scale[seen & neg]
-        x[seen & ~neg] /= scale[seen & ~neg]
+        # seen is sparse (the prompt's and the output's tokens): update just those entries
+        r, c = history.seen[idx].nonzero(as_tuple=True)
+        v, scale = x[r, c], rep[r, 0]
+        x[r, c] = torch.where(v < 0, v * scale, v / scale)
     freq = torch.tensor([params[i].frequency_penalty for i in rows], device=dev)[:, None]
     pres = torch.tensor([params[i].presence_penalty for i in rows], device=dev)[:, None]
     if bool((freq != 0).any() or (pres != 0).any()):
         counts = history.counts[idx]
-        x -= freq * counts + pres * counts.clamp(max=1.0)  # counts are whole numbers: clamp is (count > 0)
+        x.sub_(counts.mul(freq).add_(counts.clamp(max=1.0).mul_(pres)))  # counts are whole: clamp is (count > 0)
     logits[idx] = x
     return logits
 
