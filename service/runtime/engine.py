@@ -33,6 +33,7 @@ from .runner import Chunk, DevicePrefix, EncodeItem, ImageItem, ModelRunner, hea
 from .sampling import (
     SamplingParams,
     TokenHistory,
+    alternatives,
     forbid_ending,
     make_generator,
     penalise,
@@ -435,8 +436,8 @@ class Engine:
         raw_lp = torch.log_softmax(logits[idx].float(), dim=-1) if want else None  # (n, V)
         raw = {i: logits[i].clone() for i, p in enumerate(params) if p.return_logits}
         x = penalise(logits.float(), params, history)
-        young = [
-            (i, self._ending_ids(p))
+        young = [  # rows under min_tokens: their stop ids (EOS unless ignore_eos) are held back
+            (i, sorted(row.text.stop_ids))  # type: ignore[union-attr]
             for i, (row, p) in enumerate(zip(rows, params, strict=True))
             if p.min_tokens and len(row.text.token_ids) < p.min_tokens  # type: ignore[union-attr]
         ]
@@ -457,10 +458,9 @@ class Engine:
                 lps[i] = chosen[j]
             k = max(p.top_logprobs for p in params)
             if k:
-                values, ids = torch.topk(raw_lp, k, dim=-1)  # (n, k) each
                 tops = [None] * len(rows)
-                for j, (i_ids, i_values) in enumerate(zip(ids.tolist(), values.tolist(), strict=True)):
-                    tops[want[j]] = list(zip(i_ids, i_values, strict=True))
+                for j, alts in enumerate(alternatives(raw_lp, k)):
+                    tops[want[j]] = alts
         outputs, finished = [], []
         for i, (row, p, tok) in enumerate(zip(rows, params, tokens.tolist(), strict=True)):
             text, finish = row.text.push(tok)  # type: ignore[union-attr]
@@ -492,15 +492,8 @@ class Engine:
             part = targets[start : start + 256]
             lp = torch.log_softmax(self.runner.lm_logits(states[start : start + len(part)]), dim=-1)  # (n, V)
             chosen = lp.gather(1, torch.tensor(part, device=lp.device)[:, None])[:, 0].tolist()
-            tops: list[list[tuple[int, float]]] = [[] for _ in part]
-            if p.top_logprobs:
-                values, top_ids = torch.topk(lp, p.top_logprobs, dim=-1)
-                tops = [list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), values.tolist(), strict=True)]
+            tops = alternatives(lp, p.top_logprobs) if p.top_logprobs else [[] for _ in part]
             row.prompt_logprobs.extend(zip(chosen, tops, strict=True))
-
-    def _ending_ids(self, p: SamplingParams) -> list[int]:
-        """The token ids that end a row: what min_tokens holds back."""
-        return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids))
 
     def _classified(self, req: EngineRequest, logits: torch.Tensor) -> RowOutput:
         return self._out(

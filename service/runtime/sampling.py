@@ -167,6 +167,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
 
 
-def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely tokens of each row under the model's own distribution: (values (B, k), ids (B, k))."""
-    return torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+def alternatives(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """The k most likely tokens of each row of log-probabilities (n, V): per row (token id, log-probability), most
+    likely first."""
+    values, ids = torch.topk(logprobs, k, dim=-1)  # (n, k) each
+    return [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
