@@ -131,17 +131,6 @@ def choices(params: SamplingParams, n: int) -> list[SamplingParams]:
     ]
 
 
-def submit(
-    services: Services,
-    task: str | None,
-    ids: list[int],
-    params: SamplingParams | None = None,
-    token_type_ids: list[int] | None = None,
-    version: int | None = None,
-) -> RequestHandle:
-    return submit_all(services, task, [(ids, token_type_ids)], params, version=version)[0]
-
-
 def submit_all(
     services: Services,
     task: str | None,

@@ -8,7 +8,7 @@ import base64
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -50,6 +50,7 @@ from ..state import Services, ServicesDep
 from .inference import ERRORS, first_latency, submit_images, token_text, usage
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[InferenceAuth])
+ChunkBuilder = Callable[[int, TokenEvent, bool], dict[str, Any]]  # (choice index, event, its first?) -> SSE chunk
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS, summary="Tasks, listed as OpenAI models")
@@ -87,14 +88,10 @@ async def completions(
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     handles = dispatch.submit_all(services, task, [(ids, None) for ids in prompts], params, n=body.n)
     if body.stream:
-        firsts, rest = await dispatch.first_events(request, handles)
-        confirm_task(request)
-        services.metrics.ttft.observe(first_latency(handles[0]))
-        stream = _completion_stream(services, body, prompts, meta, firsts, rest)
-        return StreamingResponse(dispatch.guarded_stream(stream, *handles), media_type="text/event-stream")
-    results: list[GenerationResult] = await dispatch.results(request, handles)
-    confirm_task(request)
-    services.metrics.ttft.observe(first_latency(handles[0]))
+        base = {**meta, "object": "text_completion"}
+        chunk = _completion_chunk(services, body, prompts, base)
+        return await _stream_choices(request, services, handles, body, chunk, base, sum(map(len, prompts)) * body.n)
+    results = await _results(request, services, handles)
     choices = []
     for i, r in enumerate(results):
         prompt = prompts[i // body.n]
@@ -109,41 +106,60 @@ async def completions(
     return CompletionResponse(**meta, choices=choices, usage=usage(prompt_tokens, completion_tokens))
 
 
-async def _completion_stream(
-    services: Services,
-    body: CompletionRequest,
-    prompts: list[list[int]],
-    meta: dict[str, Any],
-    firsts: list[TokenEvent],
-    rest: AsyncIterator[tuple[int, TokenEvent]],
-) -> AsyncIterator[str]:
-    """One chunk per token of any choice (its `index` says which), then the usage (with include_usage), then
-    [DONE]. With echo, a choice's first chunk starts with its prompt."""
-    counts = [0] * len(firsts)
+def _completion_chunk(
+    services: Services, body: CompletionRequest, prompts: list[list[int]], base: dict[str, Any]
+) -> ChunkBuilder:
+    """A completion chunk for one token of choice i; with echo, a choice's first chunk starts with its prompt."""
 
-    def chunk(i: int, ev: TokenEvent, first: bool) -> str:
-        counts[i] += ev.token_id is not None
-        prompt = prompts[i // body.n]
-        text = (_decode(services, prompt) if body.echo and first else "") + ev.text
+    def chunk(i: int, ev: TokenEvent, first: bool) -> dict[str, Any]:
+        text = (_decode(services, prompts[i // body.n]) if body.echo and first else "") + ev.text
         lp = None
         if body.logprobs is not None and ev.token_id is not None and ev.logprob is not None:
             tops = [ev.top_logprobs] if ev.top_logprobs is not None else None
             lp = _logprobs(services, [ev.token_id], [ev.logprob], tops, body.logprobs).model_dump()
-        choice = {"text": text, "index": i, "logprobs": lp, "finish_reason": ev.finish_reason}
-        return dispatch.sse({**meta, "object": "text_completion", "choices": [choice]})
+        return {**base, "choices": [{"text": text, "index": i, "logprobs": lp, "finish_reason": ev.finish_reason}]}
 
-    for i, ev in enumerate(firsts):
-        yield chunk(i, ev, True)
-    async for i, ev in rest:
-        yield chunk(i, ev, False)
-    completion = sum(counts)
-    services.metrics.generated.labels(body.model).inc(completion)
-    if body.stream_options is not None and body.stream_options.include_usage:
-        prompt_tokens = sum(len(p) for p in prompts) * body.n
-        yield dispatch.sse(
-            {**meta, "object": "text_completion", "choices": [], "usage": _usage(prompt_tokens, completion)}
-        )
-    yield "data: [DONE]\n\n"
+    return chunk
+
+
+async def _stream_choices(
+    request: Request,
+    services: Services,
+    handles: list[RequestHandle],
+    body: CompletionRequest | ChatCompletionRequest,
+    chunk: ChunkBuilder,
+    base: dict[str, Any],
+    prompt_tokens: int,
+) -> StreamingResponse:
+    """The SSE response of n choices (completions and chat): `chunk(i, event, first)` builds each token's chunk;
+    chunks of the choices interleave as their tokens come (each names its `index`), then `base` with the usage (with
+    stream_options.include_usage) and [DONE]. The first event of every choice is awaited before any byte is sent,
+    so a failure before the first token keeps its HTTP status."""
+    firsts, rest = await dispatch.first_events(request, handles)
+    confirm_task(request)
+    services.metrics.ttft.observe(first_latency(handles[0]))
+
+    async def events() -> AsyncIterator[str]:
+        completion = 0
+        for i, ev in enumerate(firsts):
+            completion += ev.token_id is not None
+            yield dispatch.sse(chunk(i, ev, True))
+        async for i, ev in rest:
+            completion += ev.token_id is not None
+            yield dispatch.sse(chunk(i, ev, False))
+        services.metrics.generated.labels(body.model).inc(completion)
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield dispatch.sse({**base, "choices": [], "usage": usage(prompt_tokens, completion).model_dump()})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(dispatch.guarded_stream(events(), *handles), media_type="text/event-stream")
+
+
+async def _results(request: Request, services: Services, handles: list[RequestHandle]) -> list[GenerationResult]:
+    results = await dispatch.results(request, handles)
+    confirm_task(request)
+    services.metrics.ttft.observe(first_latency(handles[0]))
+    return results
 
 
 @router.post(
@@ -177,14 +193,10 @@ async def chat_completions(
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     handles = dispatch.submit_all(services, task, [(ids, None)], params, version=version, n=body.n)
     if body.stream:
-        firsts, rest = await dispatch.first_events(request, handles)
-        confirm_task(request)
-        services.metrics.ttft.observe(first_latency(handles[0]))
-        stream = _chat_stream(services, body, len(ids), meta, firsts, rest)
-        return StreamingResponse(dispatch.guarded_stream(stream, *handles), media_type="text/event-stream")
-    results: list[GenerationResult] = await dispatch.results(request, handles)
-    confirm_task(request)
-    services.metrics.ttft.observe(first_latency(handles[0]))
+        base = {**meta, "object": "chat.completion.chunk"}
+        chunk = _chat_chunk(services, body, base)
+        return await _stream_choices(request, services, handles, body, chunk, base, len(ids) * body.n)
+    results = await _results(request, services, handles)
     choices = [
         ChatChoice(
             index=i,
@@ -271,39 +283,18 @@ async def _chat_prompt(services: Services, body: ChatCompletionRequest, task_tem
     return ids
 
 
-async def _chat_stream(
-    services: Services,
-    body: ChatCompletionRequest,
-    prompt_tokens: int,
-    meta: dict[str, Any],
-    firsts: list[TokenEvent],
-    rest: AsyncIterator[tuple[int, TokenEvent]],
-) -> AsyncIterator[str]:
-    """OpenAI's chunk sequence per choice: a delta with the role, deltas with content, a last one with the
-    finish_reason; then the usage (with include_usage) and [DONE]."""
-    counts = [0] * len(firsts)
-    base = {**meta, "object": "chat.completion.chunk"}
+def _chat_chunk(services: Services, body: ChatCompletionRequest, base: dict[str, Any]) -> ChunkBuilder:
+    """OpenAI's chat chunk for one token of choice i: the first carries the role, the last the finish_reason."""
 
-    def chunk(i: int, ev: TokenEvent, first: bool) -> str:
-        counts[i] += ev.token_id is not None
+    def chunk(i: int, ev: TokenEvent, first: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": ev.text} if first else {"content": ev.text}
         lp = None
         if body.logprobs and ev.token_id is not None and ev.logprob is not None:
             tops = [ev.top_logprobs] if ev.top_logprobs is not None else None
             lp = _chat_logprobs(services, [ev.token_id], [ev.logprob], tops).model_dump()
-        return dispatch.sse(
-            {**base, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}]}
-        )
+        return {**base, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}]}
 
-    for i, ev in enumerate(firsts):
-        yield chunk(i, ev, True)
-    async for i, ev in rest:
-        yield chunk(i, ev, False)
-    completion = sum(counts)
-    services.metrics.generated.labels(body.model).inc(completion)
-    if body.stream_options is not None and body.stream_options.include_usage:
-        yield dispatch.sse({**base, "choices": [], "usage": _usage(prompt_tokens * body.n, completion)})
-    yield "data: [DONE]\n\n"
+    return chunk
 
 
 def _chat_logprobs(
@@ -320,10 +311,6 @@ def _chat_logprobs(
 
     alts = tops or [[] for _ in ids]
     return ChatChoiceLogprobs(content=[entry(i, lp, a) for i, lp, a in zip(ids, lps or [], alts, strict=True)])
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return usage(prompt, completion).model_dump()
 
 
 def _decode(services: Services, ids: list[int]) -> str:
@@ -380,36 +367,6 @@ async def embeddings(body: EmbeddingRequest, request: Request, services: Service
 
 def _b64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-
-async def _stream(
-    services: Services,
-    body: CompletionRequest,
-    handle: RequestHandle,
-    meta: dict[str, Any],
-    first: TokenEvent,
-    events: AsyncIterator[TokenEvent],
-    prompt_tokens: int,
-) -> AsyncIterator[str]:
-    n, ev = 0, first
-    while True:
-        n += ev.token_id is not None
-        lp = None
-        if body.logprobs is not None and ev.token_id is not None and ev.logprob is not None:
-            lp = _logprobs(services, [ev.token_id], [ev.logprob]).model_dump()
-        chunk = {
-            **meta,
-            "object": "text_completion",
-            "choices": [{"text": ev.text, "index": 0, "logprobs": lp, "finish_reason": ev.finish_reason}],
-        }
-        if ev.finish_reason is not None:
-            chunk["usage"] = usage(prompt_tokens, n).model_dump()
-        yield dispatch.sse(chunk)
-        if ev.finish_reason is not None:
-            services.metrics.generated.labels(body.model).inc(n)
-            yield "data: [DONE]\n\n"
-            return
-        ev = await events.__anext__()
 
 
 async def _prompts(
