@@ -155,12 +155,7 @@ async def upload(
             "expected either the two parts 'adapter_config' and 'adapter_model', or one part 'artifact', "
             f"'state_dict' or 'vpt_checkpoint'; got {parts or 'none'}"
         )
-    if chat_template is not None:
-        if services.backbone.is_encoder:
-            raise BadRequest(f"chat_template: backbone {services.backbone.name} is an encoder (no generation)")
-        art = dataclasses.replace(art, chat_template=check_chat_template(chat_template))
-    stored = await _publish(services, art)
-    return VersionSummary(**stored.summary())
+    return await _publish(services, art, chat_template)
 
 
 async def _upload_from_source(task: str, services: Services, body: bytes) -> VersionSummary:
@@ -193,10 +188,7 @@ async def _upload_from_source(task: str, services: Services, body: bytes) -> Ver
     else:
         art = decode(files["artifact"], max_bytes=limit).with_task(task)
     art.training = {**art.training, "source": {"kind": kind, "name": spec.source, "revision": spec.revision}}
-    if spec.chat_template is not None:
-        art = dataclasses.replace(art, chat_template=check_chat_template(spec.chat_template))
-    stored = await _publish(services, art)
-    return VersionSummary(**stored.summary())
+    return await _publish(services, art, spec.chat_template)
 
 
 @router.get(
@@ -289,9 +281,16 @@ async def _import_bitfit(
     )
 
 
-async def _publish(services: Services, art: PrefixArtifact) -> PrefixArtifact:
+async def _publish(services: Services, art: PrefixArtifact, chat_template: str | None = None) -> VersionSummary:
+    """Every upload's last step, whatever its form: the task's chat template (if given), the check against the
+    serving backbone, the store."""
+    if chat_template is not None:
+        if services.backbone.is_encoder:
+            raise BadRequest(f"chat_template: backbone {services.backbone.name} is an encoder (no generation)")
+        art = dataclasses.replace(art, chat_template=check_chat_template(chat_template))
     services.backbone.check(art)
-    return await services.store.put(art)
+    stored = await services.store.put(art)
+    return VersionSummary(**stored.summary())
 
 
 async def _read(part: UploadFile, limit: int, name: str) -> bytes:
