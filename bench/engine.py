@@ -575,9 +575,9 @@ async def loads(b: Bench, report: dict) -> None:
             soft_prompt=torch.randn(a.prefix, b.fp.hidden_size, generator=torch.Generator().manual_seed(i)),
         )
         soft_names.append((await b.store.put(art)).task)
-    client, ns = b.store.client, b.store.ns
+    client, keys = b.store.client, b.store.keys
     t0 = time.perf_counter()
-    blobs = [await client.hget(f"{ns}:task:{n}:v:1", "blob") for n in names]
+    blobs = [await client.hget(keys.version(n, 1), "blob") for n in names]
     redis_us = (time.perf_counter() - t0) / len(names) * 1e6
     t0 = time.perf_counter()
     arts = [decode(blob) for blob in blobs]

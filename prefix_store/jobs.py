@@ -1,9 +1,12 @@
 """Training jobs: their record (TrainSpec, what the service queues and the trainer runs) and their queue, a Redis
 Stream read through a consumer group, plus one hash per job for its state.
 
-  N:train:jobs        stream of {"job": id}; consumer group "trainers"
-  N:train:job:{id}    hash: state (queued | running | succeeded | failed), spec, progress, result, error, worker,
+  {N:train}:jobs        stream of {"job": id}; consumer group "trainers"
+  {N:train}:job:id      hash: state (queued | running | succeeded | failed), spec, progress, result, error, worker,
                       attempts, created_at, updated_at (JSON where structured)
+
+Both share the hash tag {N:train} (keys.py), so queuing a job (its hash and its stream entry in one MULTI) works on
+Redis Cluster too, where the whole queue lives in one slot.
 
 Several workers share the group, each message going to one of them. A worker keeps its message's idle time low
 with a heartbeat (XCLAIM ... JUSTID) while it trains; a message whose worker died goes idle and the next worker
@@ -18,14 +21,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, field_validator, model_validator
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .artifact import check_template, validate_task_name
 from .errors import ArtifactError, PrefixStoreError, StoreUnavailable
+from .keys import KeyLayout
+from .store import TRANSIENT, Client
 
 GROUP = "trainers"
 _JSON_FIELDS = ("spec", "progress", "result")
@@ -152,10 +154,11 @@ class Claimed:
 
 
 class JobQueue:
-    def __init__(self, client: aioredis.Redis, *, namespace: str = "prefixserve") -> None:
+    def __init__(self, client: Client, *, namespace: str = "prefixserve") -> None:
+        keys = KeyLayout(namespace)
         self.client = client
-        self.stream = f"{namespace}:train:jobs"
-        self.prefix = f"{namespace}:train:job:"
+        self.stream = keys.jobs
+        self.prefix = keys.job_prefix
 
     async def enqueue(self, spec: dict[str, Any]) -> str:
         job_id = uuid.uuid4().hex
@@ -174,14 +177,14 @@ class JobQueue:
                 )
                 pipe.xadd(self.stream, {"job": job_id})
                 await pipe.execute()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+        except TRANSIENT as e:
             raise StoreUnavailable(f"Redis unreachable, job not queued: {e}") from e
         return job_id
 
     async def get(self, job_id: str) -> dict[str, Any]:
         try:
             raw = await self.client.hgetall(self.prefix + job_id)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+        except TRANSIENT as e:
             raise StoreUnavailable(f"Redis unreachable: {e}") from e
         if not raw:
             raise JobNotFound(f"training job {job_id!r} not found")

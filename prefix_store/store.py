@@ -1,17 +1,12 @@
-"""The Redis prefix store: immutable task versions, an atomic "current" pointer, and change events.
-
-Keys, under a namespace N:
-  N:tasks                 set of task names that have at least one version
-  N:task:{t}              hash: current (served version), latest (highest committed version)
-  N:task:{t}:versions     sorted set of stored version numbers
-  N:task:{t}:v:{n}        hash: meta (summary JSON, for listings), blob (the encoded artifact)
-  N:task:{t}:seq          version counter; it survives deleting the task, so a (task, version) pair is never
-                          reused and caches keyed by it can never serve stale tensors
-  N:events                pub/sub channel: one JSON event per publish, delete and rollback
+"""The Redis prefix store: immutable task versions, an atomic "current" pointer, and change events, on one Redis,
+behind Sentinel or on Redis Cluster. Key names are in `keys.py`.
 
 A publish reserves a version with INCR, encodes the artifact with that number inside it, then one Lua script
-writes the version and moves `current` to it only if no higher version was committed meanwhile. Lua scripts run
-atomically, so a reader (also a script) sees either the old or the new version, never half of one.
+writes the version, adds the task to its bucket's index and moves `current` to it only if no higher version was
+committed meanwhile. Lua scripts run atomically, so a reader (also a script) sees either the old or the new version,
+never half of one; every script touches one task's keys and its bucket's index only, which share a hash slot, so
+this holds on a cluster too. Events are plain PUBLISH, which a cluster forwards to every node: a subscriber on any
+node hears every task's changes.
 """
 
 from __future__ import annotations
@@ -20,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,9 +23,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -45,6 +50,8 @@ from .errors import (
     VersionConflict,
     VersionNotFound,
 )
+from .keys import KeyLayout
+from .migrate import Moved, migrate_layout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,20 +132,45 @@ class TaskInfo:
 
 
 SENTINEL_SCHEME = "redis+sentinel://"
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+Client = aioredis.Redis | RedisCluster
+
+# Faults after which the same call may succeed: a lost connection, a cluster failing over (CLUSTERDOWN, TRYAGAIN, a
+# slot no node serves yet), or a cluster client that cannot reach any node to learn the topology.
+TRANSIENT = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    RedisClusterException,
+)
 
 
-def connect(url: str, *, socket_timeout: float = 5.0) -> aioredis.Redis:
+def connect(url: str, *, socket_timeout: float = 5.0) -> Client:
     """A client for tensor blobs: bytes responses, and no automatic retries, since the store decides which
     commands are safe to repeat (reads are; a publish's INCR is not).
 
     `redis://` / `rediss://` / `unix://`: one server. `redis+sentinel://[:password@]host:port[,host:port...]/service
-    [/db]`: the master Sentinel names for `service`, found again after a failover (each new connection asks)."""
+    [/db]`: the master Sentinel names for `service`, found again after a failover (each new connection asks).
+    `redis+cluster://[:password@]host:port[,host:port...]` (`rediss+cluster://` for TLS): a Redis Cluster, any of its
+    nodes as the seed; the client learns the slots and follows MOVED/ASK redirects within a call, and a lost node
+    marks its slot table stale so that the next call reloads it (the call itself is not repeated, as above)."""
     options: dict[str, Any] = {
         "decode_responses": False,
         "retry": Retry(NoBackoff(), 0),
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_timeout,
     }
+    if url.startswith(CLUSTER_SCHEMES):
+        nodes, password, tls = parse_cluster_url(url)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            password=password,
+            ssl=tls,
+            **options,
+        )
     if not url.startswith(SENTINEL_SCHEME):
         return aioredis.Redis.from_url(url, **options)
     from redis.asyncio.sentinel import Sentinel
@@ -150,22 +182,60 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> aioredis.Redis:
     return sentinel.master_for(service, db=db, password=password, **options)
 
 
+def check_redis_url(url: str) -> None:
+    """Raises ValueError naming what is wrong with a URL `connect` would not take."""
+    schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, *CLUSTER_SCHEMES)
+    if not url.startswith(schemes):
+        raise ValueError(f"{url!r}: expected a URL starting with one of {', '.join(schemes)}")
+    if url.startswith(SENTINEL_SCHEME):
+        parse_sentinel_url(url)
+    elif url.startswith(CLUSTER_SCHEMES):
+        parse_cluster_url(url)
+
+
+def _split_auth(rest: str) -> tuple[str | None, str]:
+    """(password, the rest) of `[user:]password@rest`."""
+    if "@" not in rest:
+        return None, rest
+    auth, rest = rest.rsplit("@", 1)
+    return auth.split(":", 1)[-1] or None, rest
+
+
+def _host_ports(hosts: str, default_port: int, url: str, expected: str) -> list[tuple[str, int]]:
+    found = []
+    for h in hosts.split(","):
+        host, sep, port = h.rpartition(":")
+        if not sep:
+            host, port = h, str(default_port)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{url!r}: bad address {h!r}; expected {expected}")
+        found.append((host, int(port)))
+    return found
+
+
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
     """(sentinel addresses, service name, db, password) of a redis+sentinel:// URL."""
-    rest = url[len(SENTINEL_SCHEME) :]
-    password = None
-    if "@" in rest:
-        auth, rest = rest.rsplit("@", 1)
-        password = auth.split(":", 1)[-1] or None
+    expected = "redis+sentinel://host:port[,host:port]/service[/db]"
+    password, rest = _split_auth(url[len(SENTINEL_SCHEME) :])
     hosts, _, path = rest.partition("/")
     parts = [p for p in path.split("/") if p]
     if not hosts or not parts:
-        raise ValueError(f"{url!r}: expected redis+sentinel://host:port[,host:port]/service[/db]")
-    sentinels = []
-    for h in hosts.split(","):
-        host, sep, port = h.rpartition(":")
-        sentinels.append((host, int(port)) if sep else (h, 26379))
-    return sentinels, parts[0], int(parts[1]) if len(parts) > 1 else 0, password
+        raise ValueError(f"{url!r}: expected {expected}")
+    return _host_ports(hosts, 26379, url, expected), parts[0], int(parts[1]) if len(parts) > 1 else 0, password
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, bool]:
+    """(seed node addresses, password, TLS) of a redis+cluster:// or rediss+cluster:// URL. A cluster has one
+    database, so a path other than `/` or `/0` is refused."""
+    expected = "redis+cluster://host:port[,host:port]"
+    tls = url.startswith("rediss+")
+    password, rest = _split_auth(url.split("://", 1)[1])
+    hosts, _, path = rest.partition("/")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError(f"{url!r}: a Redis Cluster has only database 0; expected {expected}")
+    if not hosts:
+        raise ValueError(f"{url!r}: expected {expected}")
+    return _host_ports(hosts, 6379, url, expected), password, tls
 
 
 def open_store(
@@ -192,18 +262,19 @@ class PrefixStore:
     """Versioned prefix artifacts in Redis.
 
     Args:
-        client: a `redis.asyncio.Redis` made with `connect` (bytes responses).
-        namespace: key prefix, so several deployments or test runs can share one server.
+        client: a client made with `connect` (bytes responses): one server, Sentinel's master, or a cluster.
+        namespace: key prefix, so several deployments or test runs can share one server (see keys.py).
         max_artifact_bytes: the size cap applied when writing and when decoding.
-        read_retries / retry_backoff_s: reads are retried with exponential backoff on connection faults.
+        read_retries / retry_backoff_s: reads are retried with exponential backoff on transient faults.
         min_replicas: a write is acknowledged only once this many replicas have it (Redis WAIT), so a failover to
-            one of them (Sentinel) cannot lose an acknowledged version; 0: the master's word is enough.
+            one of them (Sentinel, or a cluster's replica) cannot lose an acknowledged version; 0: the master's word
+            is enough.
         replica_wait_s: how long a write waits for them before it is reported unacknowledged (StoreUnavailable).
     """
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         *,
         namespace: str = "prefixserve",
         max_artifact_bytes: int = DEFAULT_MAX_BYTES,
@@ -213,10 +284,12 @@ class PrefixStore:
         replica_wait_s: float = 2.0,
     ) -> None:
         self.client = client
+        self.cluster = isinstance(client, RedisCluster)
+        self.keys = KeyLayout(namespace)
         self.min_replicas = min_replicas
         self.replica_wait_s = replica_wait_s
         self.ns = namespace
-        self.channel = f"{namespace}:events"
+        self.channel = self.keys.channel
         self.max_artifact_bytes = max_artifact_bytes
         self._read_retries = read_retries
         self.decode_failures = 0  # stored records that failed to decode (a server-side fault; see get)
@@ -227,12 +300,15 @@ class PrefixStore:
         self._delete_version = client.register_script(_DELETE_VERSION)
         self._rollback = client.register_script(_ROLLBACK)
 
-    # -- keys -----------------------------------------------------------------------------------------------------
-    def _task_key(self, task: str) -> str:
-        return f"{self.ns}:task:{task}"
-
-    def _version_prefix(self, task: str) -> str:
-        return f"{self.ns}:task:{task}:v:"
+    async def migrate_layout(self) -> Moved:
+        """Moves this namespace's keys from the untagged layout of earlier releases (migrate.py); a no-op on a
+        cluster, where that layout never ran, and after the first move."""
+        if self.cluster:
+            return Moved()
+        try:
+            return await migrate_layout(self.client, self.ns)
+        except TRANSIENT as e:
+            raise StoreUnavailable(f"Redis unreachable, the key layout was not checked: {e}") from e
 
     # -- writes ---------------------------------------------------------------------------------------------------
     async def put(self, artifact: PrefixArtifact) -> PrefixArtifact:
@@ -243,17 +319,16 @@ class PrefixStore:
         if artifact.nbytes > self.max_artifact_bytes:
             limit = self.max_artifact_bytes
             raise ArtifactTooLarge(f"prefix tensors are {artifact.nbytes} bytes: the limit is {limit}")
-        task = artifact.task
-        tk = self._task_key(task)
-        version = int(await self._write(self.client.incr(f"{tk}:seq"), replicate=False))  # the commit waits
+        task, k = artifact.task, self.keys
+        version = int(await self._write_unacked(self.client.incr(k.seq(task))))  # the commit's WAIT covers it
         created = artifact.created_at or datetime.now(UTC).isoformat(timespec="seconds")
         stamped = dataclasses.replace(artifact, version=version, created_at=created)
         blob = encode(stamped)
         if len(blob) > self.max_artifact_bytes:
             raise ArtifactTooLarge(f"encoded artifact is {len(blob)} bytes: the limit is {self.max_artifact_bytes}")
         meta = json.dumps({**stamped.summary(), "encoded_bytes": len(blob)})
-        keys = [tk, f"{self._version_prefix(task)}{version}", f"{tk}:versions", f"{self.ns}:tasks"]
-        await self._write(self._commit(keys=keys, args=[task, version, meta, blob, self.channel]))
+        keys = [k.task(task), k.version(task, version), k.versions(task), k.index_of(task)]
+        await self._write(self._commit, keys, [task, version, meta, blob, self.channel])
         log.info("published %s v%d (%d bytes)", task, version, len(blob))
         return stamped
 
@@ -265,19 +340,15 @@ class PrefixStore:
     async def delete(self, task: str, version: int | None = None) -> None:
         """Deletes a whole task, or one version of it that is not the current one."""
         validate_task_name(task)
-        tk = self._task_key(task)
+        k = self.keys
         if version is None:
-            n = await self._write(
-                self._delete_task(
-                    keys=[tk, f"{tk}:versions", f"{self.ns}:tasks"],
-                    args=[task, self._version_prefix(task), self.channel],
-                )
-            )
+            keys = [k.task(task), k.versions(task), k.index_of(task)]
+            n = await self._write(self._delete_task, keys, [task, k.version_prefix(task), self.channel])
             if n == 0:
                 raise TaskNotFound(f"task {task!r} not found")
             return
-        keys = [tk, f"{tk}:versions", f"{self._version_prefix(task)}{version}"]
-        rc = await self._write(self._delete_version(keys=keys, args=[task, version, self.channel]))
+        keys = [k.task(task), k.versions(task), k.version(task, version)]
+        rc = await self._write(self._delete_version, keys, [task, version, self.channel])
         if rc == -2:
             raise VersionConflict(
                 f"version {version} is the current version of {task!r}: roll back to another version first, "
@@ -288,10 +359,8 @@ class PrefixStore:
     async def rollback(self, task: str, version: int) -> None:
         """Makes an existing older (or newer) version current again. Later publishes still get fresh numbers."""
         validate_task_name(task)
-        tk = self._task_key(task)
-        rc = await self._write(
-            self._rollback(keys=[tk, f"{self._version_prefix(task)}{version}"], args=[task, version, self.channel])
-        )
+        keys = [self.keys.task(task), self.keys.version(task, version)]
+        rc = await self._write(self._rollback, keys, [task, version, self.channel])
         self._raise_missing(rc, task, version)
 
     # -- reads ----------------------------------------------------------------------------------------------------
@@ -317,7 +386,7 @@ class PrefixStore:
 
     async def current_version(self, task: str) -> int:
         validate_task_name(task)
-        v = await self._read(lambda: self.client.hget(self._task_key(task), "current"))
+        v = await self._read(lambda: self.client.hget(self.keys.task(task), "current"))
         if v is None:
             raise TaskNotFound(f"task {task!r} not found")
         return int(v)
@@ -325,44 +394,28 @@ class PrefixStore:
     async def versions(self, task: str) -> list[dict[str, Any]]:
         """Summaries of every stored version of a task, oldest first."""
         validate_task_name(task)
-        tk = self._task_key(task)
-        numbers = [int(v) for v in await self._read(lambda: self.client.zrange(f"{tk}:versions", 0, -1))]
+        numbers = [int(v) for v in await self._read(lambda: self.client.zrange(self.keys.versions(task), 0, -1))]
         if not numbers:
             raise TaskNotFound(f"task {task!r} not found")
-        prefix = self._version_prefix(task)
-
-        async def metas() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for n in numbers:
-                    pipe.hget(f"{prefix}{n}", "meta")
-                return await pipe.execute()
-
-        return [json.loads(m) for m in await self._read(metas) if m is not None]
+        metas = await self._pipelined([("HGET", self.keys.version(task, n), "meta") for n in numbers])
+        return [json.loads(m) for m in metas if m is not None]
 
     async def list_tasks(self) -> list[TaskInfo]:
-        """Every task with its current version's summary, without loading any tensor."""
-        names = sorted(n.decode() for n in await self._read(lambda: self.client.smembers(f"{self.ns}:tasks")))
-
-        async def heads() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.hget(self._task_key(name), "current")
-                    pipe.zrange(f"{self._task_key(name)}:versions", 0, -1)
-                return await pipe.execute()
-
-        raw = await self._read(heads)
+        """Every task with its current version's summary, without loading any tensor: three pipelined round trips
+        (per cluster node), whatever the number of tasks."""
+        k = self.keys
+        members = await self._pipelined([("SMEMBERS", key) for key in k.indexes()])
+        names = sorted(n.decode() for group in members for n in group)
+        heads = []
+        for name in names:
+            heads += [("HGET", k.task(name), "current"), ("ZRANGE", k.versions(name), 0, -1)]
+        raw = await self._pipelined(heads)
         rows = zip(names, raw[::2], raw[1::2], strict=True)
         found = [(name, int(cur), [int(v) for v in vs]) for name, cur, vs in rows if cur]
-
-        async def metas() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for name, cur, _ in found:
-                    pipe.hget(f"{self._version_prefix(name)}{cur}", "meta")
-                return await pipe.execute()
-
+        metas = await self._pipelined([("HGET", k.version(name, cur), "meta") for name, cur, _ in found])
         infos = []
-        for (name, cur, versions), meta in zip(found, await self._read(metas), strict=True):
-            if meta is not None:  # the task was deleted between the two round trips
+        for (name, cur, versions), meta in zip(found, metas, strict=True):
+            if meta is not None:  # the task was deleted between two round trips
                 infos.append(TaskInfo(name=name, current=cur, versions=versions, summary=json.loads(meta)))
         return infos
 
@@ -373,7 +426,11 @@ class PrefixStore:
         """Yields change events until cancelled; `on_subscribed` runs once the subscription is live. Raises
         StoreUnavailable when the subscription drops: pub/sub does not replay, so a subscriber should treat that
         as "everything may have changed"."""
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            conn = await self._subscriber_client()
+        except TRANSIENT as e:
+            raise StoreUnavailable(f"prefix event subscription failed: {e}") from e
+        pubsub = conn.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
             if on_subscribed is not None:
@@ -386,11 +443,13 @@ class PrefixStore:
                     yield StoreEvent(**json.loads(msg["data"]))
                 except (TypeError, ValueError):
                     log.warning("ignoring malformed store event %r", msg["data"])
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+        except TRANSIENT as e:
             raise StoreUnavailable(f"prefix event subscription lost: {e}") from e
         finally:
             try:
                 await pubsub.aclose()
+                if conn is not self.client:
+                    await conn.aclose()
             except (RedisError, OSError):
                 pass
 
@@ -398,19 +457,51 @@ class PrefixStore:
         await self.client.aclose()
 
     # -- plumbing -------------------------------------------------------------------------------------------------
+    async def _subscriber_client(self) -> aioredis.Redis:
+        """The client to subscribe with. On a cluster, a plain connection to one node, which hears every PUBLISH of
+        the cluster: nodes are tried in random order, so a subscriber whose node died moves to a live one."""
+        if not isinstance(self.client, RedisCluster):
+            return self.client
+        await self.client.initialize()  # a no-op once the slot table is loaded and fresh
+        nodes = self.client.get_nodes()
+        random.shuffle(nodes)
+        last: Exception | None = None
+        for node in nodes:
+            conn = aioredis.Redis(host=node.host, port=node.port, **_node_options(self.client))
+            try:
+                await conn.ping()
+                return conn
+            except TRANSIENT as e:
+                last = e
+                await conn.aclose()
+        raise RedisConnectionError(f"no cluster node answers: {last}")
+
     async def _fetch(self, task: str, version: int | None, field: str) -> tuple[int, bytes]:
         validate_task_name(task)
-        args = [self._version_prefix(task), "" if version is None else version, field]
-        res = await self._read(lambda: self._get(keys=[self._task_key(task)], args=args))
+        args = [self.keys.version_prefix(task), "" if version is None else version, field]
+        res = await self._read(lambda: self._get(keys=[self.keys.task(task)], args=args))
         if res is None:
             raise TaskNotFound(f"task {task!r} not found")
         if len(res) < 2:
             if version is None:  # current pointed at a version deleted in the same instant
                 raise TaskNotFound(f"task {task!r} not found")
-            if not await self._read(lambda: self.client.exists(self._task_key(task))):
+            if not await self._read(lambda: self.client.exists(self.keys.task(task))):
                 raise TaskNotFound(f"task {task!r} not found")
             raise VersionNotFound(f"task {task!r} has no version {version}")
         return int(res[0]), res[1]
+
+    async def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Runs read commands in one pipeline (on a cluster: one per node, in parallel) with the read retries."""
+        if not commands:
+            return []
+
+        async def run() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return await pipe.execute()
+
+        return await self._read(run)
 
     @staticmethod
     def _raise_missing(rc: int, task: str, version: int) -> None:
@@ -424,7 +515,7 @@ class PrefixStore:
         for attempt in range(self._read_retries + 1):
             try:
                 return await call()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            except TRANSIENT as e:
                 if attempt == self._read_retries:
                     raise StoreUnavailable(f"Redis unreachable after {attempt + 1} attempts: {e}") from e
                 log.warning("Redis read failed (%s); retrying in %.2fs", e, delay)
@@ -434,20 +525,44 @@ class PrefixStore:
                 raise StoreUnavailable(f"Redis refused the read: {e}") from e
         raise AssertionError("unreachable")
 
-    async def _write(self, call: Awaitable[T], *, replicate: bool = True) -> T:
+    async def _write(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """Runs a store script once (a write is never repeated here: the caller sees StoreUnavailable and decides).
+        With min_replicas, WAIT follows the script on the same connection: WAIT waits for the replication offset
+        of its own connection's last write, so on another connection it would return at once."""
+        if not self.min_replicas:
+            return await self._write_unacked(script(keys=keys, args=args))
+
+        async def eval_and_wait() -> Any:
+            # EVAL (not EVALSHA): a pipeline cannot load a script the server lacks between its two commands.
+            target = {"target_nodes": self.client.get_node_from_key(keys[0])} if self.cluster else {}
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", self.min_replicas, int(self.replica_wait_s * 1000), **target)
+                return await pipe.execute()
+
+        result, acked = await self._write_unacked(eval_and_wait())
+        if int(acked) < self.min_replicas:
+            raise StoreUnavailable(
+                f"written on the master but {acked} of {self.min_replicas} replicas confirmed it within "
+                f"{self.replica_wait_s:g}s: not acknowledged (a failover now could lose it); retry"
+            )
+        return result
+
+    @staticmethod
+    async def _write_unacked(call: Awaitable[T]) -> T:
         try:
-            result = await call
-            if self.min_replicas and replicate:
-                # WAIT runs on the connection that wrote; a pooled client may hand out another, but WAIT counts the
-                # replicas that reached the master's offset, which covers every earlier write on any connection.
-                acked = await self.client.execute_command("WAIT", self.min_replicas, int(self.replica_wait_s * 1000))
-                if int(acked) < self.min_replicas:
-                    raise StoreUnavailable(
-                        f"written on the master but {acked} of {self.min_replicas} replicas confirmed it within "
-                        f"{self.replica_wait_s:g}s: not acknowledged (a failover now could lose it); retry"
-                    )
-            return result
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            return await call
+        except TRANSIENT as e:
             raise StoreUnavailable(f"Redis unreachable, the write is not acknowledged: {e}") from e
         except ResponseError as e:
             raise StoreUnavailable(f"Redis refused the write: {e}") from e
+
+
+def _node_options(client: RedisCluster) -> dict[str, Any]:
+    """Connection settings of a cluster client that a plain client to one of its nodes takes too."""
+    names = ("password", "username", "ssl", "socket_timeout", "socket_connect_timeout", "decode_responses")
+    kwargs = client.get_connection_kwargs()
+    options = {name: kwargs[name] for name in names if name in kwargs}
+    if "connection_class" in kwargs and kwargs["connection_class"].__name__ == "SSLConnection":
+        options["ssl"] = True
+    return options

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prefix_store.keys import validate_namespace
+from prefix_store.store import check_redis_url
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -32,19 +35,35 @@ class RuntimeSettings(BaseSettings):
 
     redis_url: str | None = Field(
         None,
-        description="redis://host:port/db, or redis+sentinel://host:port[,host:port]/service[/db] for a master "
-        "Sentinel watches; unset starts an embedded Redis under data_dir",
+        description="redis://host:port/db (rediss:// for TLS, unix:///path.sock), "
+        "redis+sentinel://host:port[,host:port]/service[/db] for the master a Sentinel names, or "
+        "redis+cluster://host:port[,host:port] for a Redis Cluster (any nodes as seeds); unset starts an embedded "
+        "Redis under data_dir",
     )
     redis_min_replicas: int = Field(
         0, ge=0, le=16, description="acknowledge a write only once this many replicas have it (Redis WAIT)"
     )
     data_dir: Path = Field(Path("data"), description="embedded Redis's append-only file and socket")
-    namespace: str = Field("prefixserve", description="Redis key prefix")
+    namespace: str = Field(
+        "prefixserve", description="Redis key prefix: letters, digits, '.', '_', '-' (it sits inside hash tags)"
+    )
     max_artifact_bytes: int = Field(
         256 * 1024**2, gt=0, description="largest prefix or upload accepted (admin routes' body limit, plus 1 MiB)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return validate_namespace(v)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_redis_url(v)
+        return v
 
     def apply_torch_threads(self) -> None:
         if self.torch_threads:

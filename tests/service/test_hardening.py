@@ -93,14 +93,14 @@ async def test_every_header_length_is_served_and_a_corrupt_stored_blob_is_a_500(
                 blob = encode(make_artifact(f"t{k}", fp=fp, training={"note": "x" * k}))
                 r = await c.put(f"/v1/tasks/t{k}", files={"artifact": ("a.safetensors", blob)})
                 assert r.status_code == 201, r.text
-                first_bytes.add(raw.hget(f"{store.ns}:task:t{k}:v:1", "blob")[0])
+                first_bytes.add(raw.hget(store.keys.version(f"t{k}", 1), "blob")[0])
                 r = await c.post("/v1/generate", json={"task": f"t{k}", "input_ids": [5, 6], "max_new_tokens": 2})
                 assert r.status_code == 200, (k, r.text)
             assert 0x80 in first_bytes  # the case that used to break was exercised
 
             blob = encode(make_artifact("damaged", fp=fp))
             assert (await c.put("/v1/tasks/damaged", files={"artifact": ("a", blob)})).status_code == 201
-            raw.hset(f"{store.ns}:task:damaged:v:1", "blob", b"\x80garbage")  # a record damaged in the store
+            raw.hset(store.keys.version("damaged", 1), "blob", b"\x80garbage")  # a record damaged in the store
             r = await c.post("/v1/generate", json={"task": "damaged", "input_ids": [5], "max_new_tokens": 1})
             msg = r.json()["error"]["message"]
             assert r.status_code == 500 and "stored prefix 'damaged' v1 does not decode" in msg
