@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from prefix_store import open_store
+from prefix_store import StoreUnavailable, open_store
 
 from .guard import RequestGuard
 from .http_errors import install_error_handlers
@@ -46,6 +46,10 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
             min_replicas=settings.redis_min_replicas,
         )
         try:
+            try:
+                await store.migrate_layout()
+            except StoreUnavailable as e:  # served as not ready until Redis answers; the next start moves the keys
+                log.error("%s", e)
             bb = backbone or await asyncio.to_thread(
                 load_backbone,
                 settings.backbone,

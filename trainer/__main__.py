@@ -21,7 +21,7 @@ import typing
 import uuid
 from typing import Any
 
-from prefix_store import EmbeddedRedis, PrefixStore, open_store
+from prefix_store import EmbeddedRedis, PrefixStore, StoreUnavailable, open_store
 from prefix_store.bitfit_io import parse_verbalizer
 from prefix_store.jobs import JobQueue, TrainSpec
 from service.runtime import load_backbone
@@ -96,6 +96,7 @@ async def _train(settings: TrainerSettings, spec: TrainSpec, run_id: str | None)
     )
     store, embedded = _open_store(settings)
     try:
+        await store.migrate_layout()
         return await run_job(backbone, store, spec, settings, run_id or f"cli-{spec.task}-{uuid.uuid4().hex[:8]}")
     finally:
         await store.aclose()
@@ -113,6 +114,10 @@ async def _worker(settings: TrainerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        try:
+            await store.migrate_layout()
+        except StoreUnavailable as e:  # the worker waits for Redis as it does later; the next start moves the keys
+            log.error("%s", e)
         await Worker(backbone, store, JobQueue(store.client, namespace=settings.namespace), settings).run(stop)
     finally:
         await store.aclose()
