@@ -1,6 +1,6 @@
 """Replicas and a trainer together, as deployed: two service processes (`python -m service`) and one trainer worker
-on one Redis. An upload through A is served by B on its next request; a training job posted to A is trained by the
-worker and served by B; B killed in the middle of a stream leaves A serving."""
+on one Redis, and again on a Redis Cluster. An upload through A is served by B on its next request; a training job
+posted to A is trained by the worker and served by B; B killed in the middle of a stream leaves A serving."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from peft import PrefixTuningConfig
 
 from tests.engine_harness import trained_peft
 from tests.models import tiny_model
+from tests.redis_topologies import redis_cluster
 from tests.service.live import free_port
 from tests.trainer.test_worker import DATA, ROOT, _job, model_dir, start_worker  # noqa: F401 (fixture)
 
@@ -57,7 +58,19 @@ async def ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
             await asyncio.sleep(0.3)
 
 
-async def test_two_replicas_and_a_worker(model_dir, redis_url, tmp_path):  # noqa: F811
+@pytest.fixture(params=["one-redis", "cluster"])
+def deployed_redis(request, tmp_path):
+    """The URL of one Redis, or of a 3-master Redis Cluster (each master with a replica) started here."""
+    if request.param == "one-redis":
+        yield request.getfixturevalue("redis_url")
+        return
+    (tmp_path / "cluster").mkdir()
+    with redis_cluster(tmp_path / "cluster") as cluster:
+        yield cluster["url"]
+
+
+async def test_two_replicas_and_a_worker(model_dir, deployed_redis, tmp_path):  # noqa: F811
+    redis_url = deployed_redis
     ns = f"rep-{uuid.uuid4().hex[:8]}"
     pa, pb = free_port(), free_port()
     a = start_service(model_dir, redis_url, ns, pa, tmp_path / "a.log")
