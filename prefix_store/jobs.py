@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 from .artifact import check_template, validate_task_name
 from .errors import ArtifactError, PrefixStoreError, StoreUnavailable
 from .keys import KeyLayout
-from .store import TRANSIENT, Client
+from .store import TRANSIENT, Client, refresh_slots_on_fault
 
 GROUP = "trainers"
 _JSON_FIELDS = ("spec", "progress", "result")
@@ -164,7 +164,7 @@ class JobQueue:
         job_id = uuid.uuid4().hex
         now = _now()
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
+            async with refresh_slots_on_fault(self.client), self.client.pipeline(transaction=True) as pipe:
                 pipe.hset(
                     self.prefix + job_id,
                     mapping={

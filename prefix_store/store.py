@@ -12,6 +12,7 @@ node hears every task's changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -146,6 +147,19 @@ TRANSIENT = (
     SlotNotCoveredError,
     RedisClusterException,
 )
+
+
+@contextlib.asynccontextmanager
+async def refresh_slots_on_fault(client: Client) -> AsyncIterator[None]:
+    """Around a cluster pipeline or slot lookup: on a transient fault, marks the client's slot table stale so that
+    the next call reloads it. A plain command does that itself when its node is gone or a failover moved its slot;
+    a pipeline (with no retries) and a slot lookup do not, and would go on to the dead node for ever."""
+    try:
+        yield
+    except TRANSIENT:
+        if isinstance(client, RedisCluster):
+            await client.aclose()  # closing is the public way to mark it stale
+        raise
 
 
 def connect(url: str, *, socket_timeout: float = 5.0) -> Client:
@@ -320,7 +334,7 @@ class PrefixStore:
             limit = self.max_artifact_bytes
             raise ArtifactTooLarge(f"prefix tensors are {artifact.nbytes} bytes: the limit is {limit}")
         task, k = artifact.task, self.keys
-        version = int(await self._write_unacked(self.client.incr(k.seq(task))))  # the commit's WAIT covers it
+        version = int(await self._next_version(task))
         created = artifact.created_at or datetime.now(UTC).isoformat(timespec="seconds")
         stamped = dataclasses.replace(artifact, version=version, created_at=created)
         blob = encode(stamped)
@@ -331,6 +345,15 @@ class PrefixStore:
         await self._write(self._commit, keys, [task, version, meta, blob, self.channel])
         log.info("published %s v%d (%d bytes)", task, version, len(blob))
         return stamped
+
+    async def _next_version(self, task: str) -> int:
+        """Reserves the task's next version number. With min_replicas, replicas confirm the reservation before the
+        version is written: a failover must not hand the same number out again, since caches keyed by (task,
+        version) may already hold what a lost write published under it."""
+        seq = self.keys.seq(task)
+        if not self.min_replicas:
+            return await self._write_unacked(self.client.incr(seq))
+        return await self._replicated(("INCR", seq), seq)
 
     async def put_bytes(self, data: bytes, *, task: str | None = None) -> PrefixArtifact:
         """Decodes (and so fully validates) an encoded artifact, then publishes it, optionally under another name."""
@@ -476,6 +499,12 @@ class PrefixStore:
                 await conn.aclose()
         raise RedisConnectionError(f"no cluster node answers: {last}")
 
+    async def _master_of(self, key: str) -> ClusterNode:
+        """The cluster node serving `key`'s slot, from the client's slot table (reloaded first if it is stale)."""
+        assert isinstance(self.client, RedisCluster)
+        await self.client.initialize()  # a no-op unless the table was marked stale
+        return self.client.get_node_from_key(key)
+
     async def _fetch(self, task: str, version: int | None, field: str) -> tuple[int, bytes]:
         validate_task_name(task)
         args = [self.keys.version_prefix(task), "" if version is None else version, field]
@@ -496,7 +525,7 @@ class PrefixStore:
             return []
 
         async def run() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with refresh_slots_on_fault(self.client), self.client.pipeline(transaction=False) as pipe:
                 for command in commands:
                     pipe.execute_command(*command)
                 return await pipe.execute()
@@ -526,21 +555,27 @@ class PrefixStore:
         raise AssertionError("unreachable")
 
     async def _write(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """Runs a store script once (a write is never repeated here: the caller sees StoreUnavailable and decides).
-        With min_replicas, WAIT follows the script on the same connection: WAIT waits for the replication offset
-        of its own connection's last write, so on another connection it would return at once."""
+        """Runs a store script once (a write is never repeated here: the caller sees StoreUnavailable and decides),
+        acknowledged by min_replicas replicas when that is set."""
         if not self.min_replicas:
             return await self._write_unacked(script(keys=keys, args=args))
+        # EVAL (not EVALSHA): a pipeline cannot load a script the server lacks between its commands.
+        return await self._replicated(("EVAL", script.script, len(keys), *keys, *args), keys[0])
 
-        async def eval_and_wait() -> Any:
-            # EVAL (not EVALSHA): a pipeline cannot load a script the server lacks between its two commands.
-            target = {"target_nodes": self.client.get_node_from_key(keys[0])} if self.cluster else {}
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)
-                pipe.execute_command("WAIT", self.min_replicas, int(self.replica_wait_s * 1000), **target)
-                return await pipe.execute()
+    async def _replicated(self, command: tuple[Any, ...], key: str) -> Any:
+        """Runs one write command, then WAIT on the same connection (WAIT waits for the replication offset of its
+        own connection's last write: on another connection it would return at once) and on the master of `key`'s
+        slot. Raises StoreUnavailable unless min_replicas replicas confirmed it."""
 
-        result, acked = await self._write_unacked(eval_and_wait())
+        async def write_and_wait() -> list[Any]:
+            async with refresh_slots_on_fault(self.client):
+                target = {"target_nodes": await self._master_of(key)} if self.cluster else {}
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.execute_command(*command)
+                    pipe.execute_command("WAIT", self.min_replicas, int(self.replica_wait_s * 1000), **target)
+                    return await pipe.execute()
+
+        result, acked = await self._write_unacked(write_and_wait())
         if int(acked) < self.min_replicas:
             raise StoreUnavailable(
                 f"written on the master but {acked} of {self.min_replicas} replicas confirmed it within "

@@ -48,13 +48,15 @@ async def uploads_through_failover(
     tasks: list[str],
     kill: Callable[[], None],
     *,
+    lister: PrefixStore | None = None,
     uploads: int = 15,
     kill_after: int = 5,
     timeout_s: float = 60,
 ) -> Figures:
     """Publishes `uploads` acknowledged versions round-robin over `tasks` through `store` (the first task's master is
     the one `kill` stops, after `kill_after` acknowledgements) while `reader_store` (its own connections, the
-    serving defaults for retries) reads every task's current version; then checks every acknowledged version."""
+    serving defaults for retries) reads every task's current version, and `lister` (if given) lists the tasks; then
+    checks every acknowledged version, and that the lister lists every task again."""
     fig = Figures()
     acked: dict[tuple[str, int], PrefixArtifact] = {}
     done = asyncio.Event()
@@ -75,6 +77,11 @@ async def uploads_through_failover(
                 sent = acked.get((task, got.version))
                 if got.task != task or (sent is not None and not _same(got, sent)):
                     fig.torn += 1
+            if lister is not None:
+                try:
+                    await lister.list_tasks()
+                except StoreUnavailable:
+                    fig.read_refusals += 1
             await asyncio.sleep(0.01)
 
     reading = asyncio.create_task(reader())
@@ -111,7 +118,10 @@ async def uploads_through_failover(
             fig.lost += 1
             continue
         fig.lost += not _same(got, sent)
-    for task in tasks:
+    if lister is not None and sorted(i.name for i in await lister.list_tasks()) != sorted(tasks):
+        fig.errors.append("the lister does not list every task after the failover")
+        fig.lost += 1
+    for task in {t for t, _ in acked}:
         newest = max(v for t, v in acked if t == task)
         if (await store.current_version(task)) < newest:
             fig.lost += 1

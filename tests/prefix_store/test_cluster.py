@@ -140,7 +140,8 @@ async def test_uploads_through_a_cluster_failover_lose_no_acknowledged_version(t
             connect(c["url"], socket_timeout=1.0), namespace=ns, min_replicas=1, replica_wait_s=0.5, read_retries=20
         )
         reader = PrefixStore(connect(c["url"], socket_timeout=1.0), namespace=ns)
-        fig = await uploads_through_failover(store, reader, tasks, c["procs"][victim].kill)
+        lister = PrefixStore(connect(c["url"], socket_timeout=1.0), namespace=ns)  # reads through pipelines only
+        fig = await uploads_through_failover(store, reader, tasks, c["procs"][victim].kill, lister=lister)
         log.info("Cluster failover: %s", fig.line())
         assert fig.recover_s is not None and fig.acked == 15, f"uploads did not resume: {fig.errors[-3:]}"
         assert fig.lost == 0 and fig.torn == 0, fig.line()
@@ -148,5 +149,5 @@ async def test_uploads_through_a_cluster_failover_lose_no_acknowledged_version(t
         assert master_of(ports, keys.task(tasks[0])) != victim, "the victim's replica was promoted"
         alive = [p for p in ports if p != victim]
         until(lambda: ok(lambda: redis.Redis(port=alive[0]).cluster("info")["cluster_state"] == "ok"), 10, "ok")
-        await store.aclose()
-        await reader.aclose()
+        for s in (store, reader, lister):
+            await s.aclose()
