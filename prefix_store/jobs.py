@@ -179,6 +179,8 @@ class JobQueue:
                 await pipe.execute()
         except TRANSIENT as e:
             raise StoreUnavailable(f"Redis unreachable, job not queued: {e}") from e
+        except ResponseError as e:  # e.g. the slot moved by a failover under the MULTI: EXECABORT, then MOVED
+            raise StoreUnavailable(f"Redis refused the job, not queued: {e}") from e
         return job_id
 
     async def get(self, job_id: str) -> dict[str, Any]:

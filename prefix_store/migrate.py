@@ -47,6 +47,32 @@ return {moved, kept}
 """
 
 
+# KEYS[1] -> KEYS[2] unless KEYS[1] is gone (another process moved it since the SCAN) or KEYS[2] is taken.
+_MOVE_KEY = """
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  return 1
+end
+return 0
+"""
+
+# The job stream: renamed with its consumer group when the new one does not exist yet; otherwise its jobs are
+# queued again on the new stream (their pending state is lost, so a job that was running is handed out again, as
+# after a worker's death). One script, so two processes moving at once cannot queue a job twice.
+_MOVE_STREAM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  return 1
+end
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  redis.call('XADD', KEYS[2], '*', unpack(entry[2]))
+end
+redis.call('DEL', KEYS[1])
+return 2
+"""
+
+
 @dataclass
 class Moved:
     tasks: int = 0
@@ -89,17 +115,11 @@ async def migrate_layout(client: aioredis.Redis, namespace: str) -> Moved:
 
 
 async def _move_jobs(client: aioredis.Redis, namespace: str, keys: KeyLayout) -> int:
-    old_job, old_stream = f"{namespace}:train:job:", f"{namespace}:train:jobs"
+    old_job = f"{namespace}:train:job:"
+    move_key, move_stream = client.register_script(_MOVE_KEY), client.register_script(_MOVE_STREAM)
     jobs = 0
     async for raw in client.scan_iter(match=f"{old_job}*", count=1000):
         key = raw.decode()
-        if await client.renamenx(key, keys.job(key[len(old_job) :])):
-            jobs += 1
-    if await client.exists(old_stream):
-        if not await client.renamenx(old_stream, keys.jobs):
-            # Both streams exist: queue the old one's jobs again on the new one (their pending state is lost, so a
-            # job that was running is handed out again, as after a worker's death).
-            for _, fields in await client.xrange(old_stream):
-                await client.xadd(keys.jobs, fields)
-            await client.delete(old_stream)
+        jobs += await move_key(keys=[key, keys.job(key[len(old_job) :])])
+    await move_stream(keys=[f"{namespace}:train:jobs", keys.jobs])
     return jobs

@@ -28,7 +28,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
-    ClusterDownError,
+    ClusterError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -142,7 +142,7 @@ TRANSIENT = (
     RedisConnectionError,
     RedisTimeoutError,
     OSError,
-    ClusterDownError,
+    ClusterError,  # includes CLUSTERDOWN, and the client's "TTL exhausted" after too many redirects
     TryAgainError,
     SlotNotCoveredError,
     RedisClusterException,
@@ -313,16 +313,27 @@ class PrefixStore:
         self._delete_task = client.register_script(_DELETE_TASK)
         self._delete_version = client.register_script(_DELETE_VERSION)
         self._rollback = client.register_script(_ROLLBACK)
+        self._layout_checked = self.cluster
+        self._layout_lock = asyncio.Lock()
 
     async def migrate_layout(self) -> Moved:
         """Moves this namespace's keys from the untagged layout of earlier releases (migrate.py); a no-op on a
-        cluster, where that layout never ran, and after the first move."""
-        if self.cluster:
+        cluster, where that layout never ran, and once done. Every read and write runs it first until it has
+        succeeded, so no process serves or publishes with the old tasks hidden (and their version numbers handed
+        out again) because Redis was down when it started."""
+        if self._layout_checked:
             return Moved()
-        try:
-            return await migrate_layout(self.client, self.ns)
-        except TRANSIENT as e:
-            raise StoreUnavailable(f"Redis unreachable, the key layout was not checked: {e}") from e
+        async with self._layout_lock:
+            if self._layout_checked:
+                return Moved()
+            try:
+                moved = await migrate_layout(self.client, self.ns)
+            except TRANSIENT as e:
+                raise StoreUnavailable(f"Redis unreachable, the key layout was not checked: {e}") from e
+            except ResponseError as e:
+                raise StoreUnavailable(f"Redis refused the key layout move: {e}") from e
+            self._layout_checked = True
+            return moved
 
     # -- writes ---------------------------------------------------------------------------------------------------
     async def put(self, artifact: PrefixArtifact) -> PrefixArtifact:
@@ -350,6 +361,7 @@ class PrefixStore:
         """Reserves the task's next version number. With min_replicas, replicas confirm the reservation before the
         version is written: a failover must not hand the same number out again, since caches keyed by (task,
         version) may already hold what a lost write published under it."""
+        await self.migrate_layout()
         seq = self.keys.seq(task)
         if not self.min_replicas:
             return await self._write_unacked(self.client.incr(seq))
@@ -540,6 +552,7 @@ class PrefixStore:
             raise VersionNotFound(f"task {task!r} has no version {version}")
 
     async def _read(self, call: Callable[[], Awaitable[T]]) -> T:
+        await self.migrate_layout()
         delay = self._backoff
         for attempt in range(self._read_retries + 1):
             try:
@@ -557,6 +570,7 @@ class PrefixStore:
     async def _write(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """Runs a store script once (a write is never repeated here: the caller sees StoreUnavailable and decides),
         acknowledged by min_replicas replicas when that is set."""
+        await self.migrate_layout()
         if not self.min_replicas:
             return await self._write_unacked(script(keys=keys, args=args))
         # EVAL (not EVALSHA): a pipeline cannot load a script the server lacks between its commands.

@@ -48,7 +48,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
         try:
             try:
                 await store.migrate_layout()
-            except StoreUnavailable as e:  # served as not ready until Redis answers; the next start moves the keys
+            except StoreUnavailable as e:  # every read and write tries again first (see migrate_layout)
                 log.error("%s", e)
             bb = backbone or await asyncio.to_thread(
                 load_backbone,

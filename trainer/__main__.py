@@ -116,7 +116,7 @@ async def _worker(settings: TrainerSettings) -> None:
     try:
         try:
             await store.migrate_layout()
-        except StoreUnavailable as e:  # the worker waits for Redis as it does later; the next start moves the keys
+        except StoreUnavailable as e:  # every store read and write tries again first (see migrate_layout)
             log.error("%s", e)
         await Worker(backbone, store, JobQueue(store.client, namespace=settings.namespace), settings).run(stop)
     finally:

@@ -3,6 +3,7 @@ version, version counter and queued training job is found again; running it twic
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -38,9 +39,6 @@ async def write_layout_1(store: PrefixStore) -> None:
 
 async def test_layout_1_is_moved(store):
     await write_layout_1(store)
-    with pytest.raises(TaskNotFound):
-        await store.get("a")  # not visible before the move
-
     moved = await store.migrate_layout()
     assert (moved.tasks, moved.keys, moved.kept, moved.jobs) == (3, 10, 0, 1)
     assert [(i.name, i.current, i.versions) for i in await store.list_tasks()] == [("a", 1, [1, 3]), ("b", 1, [1])]
@@ -55,7 +53,26 @@ async def test_layout_1_is_moved(store):
     assert claimed is not None and claimed.job_id == "j1" and claimed.reclaimed, "its delivery state moved too"
 
     assert await store.client.get(store.keys.layout) == str(LAYOUT).encode()
-    assert not await store.migrate_layout(), "a second run moves nothing"
+    assert not await PrefixStore(store.client, namespace=store.ns).migrate_layout(), "a second run moves nothing"
+
+
+async def test_the_first_read_moves_when_the_start_could_not(store):
+    """A process that started while Redis was down has not moved the keys: its first read does, before reading."""
+    await write_layout_1(store)
+    assert (await store.get("a", 3)).version == 3
+    with pytest.raises(TaskNotFound):
+        await store.get("c")  # only its counter existed
+
+
+async def test_processes_moving_at_once_lose_and_double_nothing(store):
+    await write_layout_1(store)
+    queue = JobQueue(store.client, namespace=store.ns)
+    await queue.ensure_group()  # a worker of this release made the new stream first: the old jobs are queued on it
+    others = [PrefixStore(store.client, namespace=store.ns) for _ in range(4)]
+    moved = await asyncio.gather(*(s.migrate_layout() for s in others))
+    assert sum(m.tasks for m in moved) >= 3 and sum(m.keys for m in moved) == 10 and sum(m.jobs for m in moved) == 1
+    assert await store.client.xlen(store.keys.jobs) == 1, "the old stream's job is queued once"
+    assert [i.name for i in await store.list_tasks()] == ["a", "b"]
 
 
 async def test_a_counter_already_moved_keeps_the_larger_value(store):

@@ -271,3 +271,15 @@ async def test_embedded_redis_persists_across_restart():
             await s.aclose()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_min_replicas_refuses_what_no_replica_confirmed(store, redis_url):
+    """The embedded server has no replica: with min_replicas=1 nothing may be acknowledged (WAIT runs on the
+    connection that wrote; on another one it would return at once and acknowledge)."""
+    strict = PrefixStore(connect(redis_url), namespace=store.ns, min_replicas=1, replica_wait_s=0.1)
+    with pytest.raises(StoreUnavailable, match="0 of 1 replicas confirmed"):
+        await strict.put(make_artifact("t"))
+    await store.put(make_artifact("t"))
+    with pytest.raises(StoreUnavailable, match="0 of 1 replicas confirmed"):
+        await strict.rollback("t", 1)
+    await strict.aclose()
