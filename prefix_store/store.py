@@ -321,17 +321,21 @@ class PrefixStore:
         cluster, where that layout never ran, and once done. Every read and write runs it first until it has
         succeeded, so no process serves or publishes with the old tasks hidden (and their version numbers handed
         out again) because Redis was down when it started."""
+        try:
+            return await self._migrate_once()
+        except TRANSIENT as e:
+            raise StoreUnavailable(f"Redis unreachable, the key layout was not checked: {e}") from e
+        except ResponseError as e:
+            raise StoreUnavailable(f"Redis refused the key layout move: {e}") from e
+
+    async def _migrate_once(self) -> Moved:
+        """migrate_layout with Redis's own errors, for callers that retry them."""
         if self._layout_checked:
             return Moved()
         async with self._layout_lock:
             if self._layout_checked:
                 return Moved()
-            try:
-                moved = await migrate_layout(self.client, self.ns)
-            except TRANSIENT as e:
-                raise StoreUnavailable(f"Redis unreachable, the key layout was not checked: {e}") from e
-            except ResponseError as e:
-                raise StoreUnavailable(f"Redis refused the key layout move: {e}") from e
+            moved = await migrate_layout(self.client, self.ns)
             self._layout_checked = True
             return moved
 
@@ -361,7 +365,7 @@ class PrefixStore:
         """Reserves the task's next version number. With min_replicas, replicas confirm the reservation before the
         version is written: a failover must not hand the same number out again, since caches keyed by (task,
         version) may already hold what a lost write published under it."""
-        await self.migrate_layout()
+        await self._write_unacked(self._migrate_once())
         seq = self.keys.seq(task)
         if not self.min_replicas:
             return await self._write_unacked(self.client.incr(seq))
@@ -552,10 +556,10 @@ class PrefixStore:
             raise VersionNotFound(f"task {task!r} has no version {version}")
 
     async def _read(self, call: Callable[[], Awaitable[T]]) -> T:
-        await self.migrate_layout()
         delay = self._backoff
         for attempt in range(self._read_retries + 1):
             try:
+                await self._migrate_once()
                 return await call()
             except TRANSIENT as e:
                 if attempt == self._read_retries:
@@ -570,7 +574,7 @@ class PrefixStore:
     async def _write(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """Runs a store script once (a write is never repeated here: the caller sees StoreUnavailable and decides),
         acknowledged by min_replicas replicas when that is set."""
-        await self.migrate_layout()
+        await self._write_unacked(self._migrate_once())
         if not self.min_replicas:
             return await self._write_unacked(script(keys=keys, args=args))
         # EVAL (not EVALSHA): a pipeline cannot load a script the server lacks between its commands.

@@ -73,7 +73,11 @@ def sentinel_setup(tmp_path: Path) -> Iterator[dict]:
 def redis_cluster(tmp_path: Path, masters: int = 3, replicas: int = 1) -> Iterator[dict]:
     """A Redis Cluster made by `redis-cli --cluster create` (slots split evenly over the masters), a node declared
     failed after 1 s without answers. Yields the URL, the processes by port, and the ports."""
-    ports = [_cluster_port() for _ in range(masters * (1 + replicas))]
+    ports: list[int] = []
+    while len(ports) < masters * (1 + replicas):
+        port = _cluster_port()
+        if all(abs(port - p) not in (0, 10000) for p in ports):  # free but not yet started: no port twice
+            ports.append(port)
     procs: dict[int, subprocess.Popen] = {}
     try:
         for port in ports:
