@@ -302,8 +302,6 @@ class PrefixStore:
         self.keys = KeyLayout(namespace)
         self.min_replicas = min_replicas
         self.replica_wait_s = replica_wait_s
-        self.ns = namespace
-        self.channel = self.keys.channel
         self.max_artifact_bytes = max_artifact_bytes
         self._read_retries = read_retries
         self.decode_failures = 0  # stored records that failed to decode (a server-side fault; see get)
@@ -315,6 +313,14 @@ class PrefixStore:
         self._rollback = client.register_script(_ROLLBACK)
         self._layout_checked = self.cluster
         self._layout_lock = asyncio.Lock()
+
+    @property
+    def ns(self) -> str:
+        return self.keys.ns
+
+    @property
+    def channel(self) -> str:
+        return self.keys.channel
 
     async def migrate_layout(self) -> Moved:
         """Moves this namespace's keys from the untagged layout of earlier releases (migrate.py); a no-op on a
@@ -513,6 +519,9 @@ class PrefixStore:
             except TRANSIENT as e:
                 last = e
                 await conn.aclose()
+            except BaseException:  # cancelled while connecting: the caller never gets the connection to close
+                await conn.aclose()
+                raise
         raise RedisConnectionError(f"no cluster node answers: {last}")
 
     async def _master_of(self, key: str) -> ClusterNode:
