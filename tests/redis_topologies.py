@@ -98,10 +98,10 @@ def redis_cluster(tmp_path: Path, masters: int = 3, replicas: int = 1) -> Iterat
         for port in ports:
             r = redis.Redis(port=port)
             until(lambda r=r: ok(lambda: r.cluster("info")["cluster_state"] == "ok"), 30, f"cluster ok at {port}")
-        c = RedisCluster(host="127.0.0.1", port=ports[0])
-        until(lambda: ok(lambda: len(c.get_replicas()) == masters * replicas), 30, "replicas attached")
+        # Asked of a node at each poll: a cluster client's node table is read once, when it is made.
+        first = redis.Redis(port=ports[0])
+        until(lambda: ok(lambda: _replicas_known(first) == masters * replicas), 30, "replicas attached")
         until(lambda: _replicas_in_sync(ports), 30, "replicas in sync")
-        c.close()
         url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports[:2])
         yield {"url": url, "procs": procs, "ports": ports}
     finally:
@@ -121,6 +121,11 @@ def _cluster_port() -> int:
             return port
         except OSError:
             continue
+
+
+def _replicas_known(node: redis.Redis) -> int:
+    """How many replicas `node` knows of, from CLUSTER NODES (parsed by redis-py: address -> fields)."""
+    return sum("slave" in info["flags"].split(",") for info in node.cluster("nodes").values())
 
 
 def _replicas_in_sync(ports: list[int]) -> bool:
