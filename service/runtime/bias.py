@@ -21,9 +21,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 MLM_BIAS = "cls.predictions"  # the masked-LM decoder's bias (V,), tied to cls.predictions.decoder.bias
 Backbone = Any  # backbone.Backbone (which imports this module to check bias artifacts)
+
+
+# Modules whose bias is added along the last dimension of their output, which is where the hook adds a delta:
+# linear layers (transformers' Conv1D is GPT-2's), layer norms. Others with a bias parameter are not shifted: a
+# convolution's runs along its channel dimension, a mixture-of-experts router returns a tuple.
+_BIAS_MODULE_TYPES = (torch.nn.Linear, torch.nn.LayerNorm, Conv1D)
 
 
 def bias_modules(backbone: Backbone) -> dict[str, torch.nn.Module]:
@@ -35,7 +42,8 @@ def bias_modules(backbone: Backbone) -> dict[str, torch.nn.Module]:
     for prefix, root in roots:
         for name, module in root.named_modules():
             bias = getattr(module, "bias", None)
-            if name and isinstance(bias, torch.nn.Parameter) and bias.ndim == 1:
+            shifted = isinstance(module, _BIAS_MODULE_TYPES)
+            if name and shifted and isinstance(bias, torch.nn.Parameter) and bias.ndim == 1:
                 out[prefix + name] = module
     return out
 
@@ -130,6 +138,8 @@ class BiasTable:
             if rows is None:
                 return
             delta = rows[:, start : start + size]  # (B, out)
+            if out.shape[0] != delta.shape[0]:  # the forward's tokens flattened, (B*T, out) (OPT's MLP)
+                delta = delta.repeat_interleave(out.shape[0] // delta.shape[0], 0)
             out.add_(delta.view(delta.shape[0], *([1] * (out.ndim - 2)), size))  # out (B, ..., out)
 
         return add_delta
