@@ -1,52 +1,100 @@
 """The attention of a mixed-prefix batch, registered with transformers' AttentionInterface so that the backbone's own
-attention modules call it per layer (their projections, rotary embeddings and output layers are untouched).
+attention modules call it per layer (their projections, rotary embeddings, norms and output layers are untouched).
 
-Each row attends over two key sets: its task's prefix (read from the PrefixPool, stored once per task) and its own
-tokens (in its SlotCache slot, or the forward's own tokens for an encoder). Prefix keys carry no position, so rows
-of different tasks and prefix lengths share one forward; positions P_i + j were applied to the tokens' keys by the
-model before this function sees them.
+Each row attends over its task's prefix (read from the PrefixPool, stored once per task) and its own tokens (in its
+SlotCache slot, or the forward's own tokens for an encoder). Sequence positions: a row's prefix occupies 0..P-1 and
+its token t sits at P + t, as PEFT's cache lays them out; rotary or learned positions P + t were applied to the
+tokens' keys by the model before this function sees them, and prefix keys carry none. Rows of different tasks and
+prefix lengths share one forward because every mask is built from these per-row positions:
 
-- decode (one new token per row; rows are slots 0..B-1): the scores of both key sets are computed against the slot
-  cache in place and joined before one softmax, so nothing of the cache is copied.
-- prefill (T new tokens per row, right-padded; a later chunk of a long prompt sees the earlier ones in its slot):
-  SDPA over [prefix | the row's slot tokens], causal within the row.
-- encode (bidirectional, no cache): SDPA over [prefix | the forward's tokens].
+- causal: key position <= query position (decoders); encoders attend both ways.
+- sliding window W (a layer's `sliding_window`): key position > query position - W, prefix positions included, as
+  transformers' sliding-window mask treats the prefix PEFT hands it in the cache. Such a layer keeps only its window
+  of tokens, in a ring (kv_cache.SlotCache).
+- attention soft-cap c (`softcap`, Gemma 2): scores -> c * tanh(scores / c) before masking.
+- attention sinks (`s_aux`, gpt-oss): one learned logit per head joins each softmax's denominator.
+- the module's own `scaling` (Gemma's `query_pre_attn_scalar`, OPT's 1.0 after pre-scaled queries).
 
-The runner switches the model to this implementation only for the duration of its own forwards (`serving`), so the
-same model keeps transformers' SDPA path for anything else (the trainer's forward, soft-prompt materialisation).
+Modes: decode (one new token per row, rows in slots 0..B-1: the scores of every key set are computed against the
+cache in place and joined before one softmax, so nothing of the cache is copied); prefill (T new tokens per row,
+right-padded; a later chunk of a long prompt sees the earlier ones in its slot); encode (bidirectional, no cache).
+
+The engine's per-forward state reaches this function through a context variable set by `serving`, not through the
+model's keyword arguments, so families whose layers do not forward `**kwargs` (StableLM) are served all the same;
+`serving` also checks that every layer's attention ran exactly once, and any attention argument this function does
+not implement is refused, so a family that bypasses or extends the engine's attention fails loudly, never silently.
+The runner switches the model to this implementation only for its own forwards, so the same model keeps
+transformers' own attention for anything else (the trainer's forward, soft-prompt materialisation).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .families import HARMLESS_ARGS, HONOURED_ARGS
 from .kv_cache import PrefixPool, SlotCache
 
 ATTN_NAME = "prefix_serve"
 NEG_INF = float("-inf")
 
 
+class AttentionBypassed(RuntimeError):
+    """The backbone's layers did not run the engine's attention as it must (a layer skipped it, ran it twice, or
+    asked for something it does not implement): the forward's output cannot be trusted."""
+
+
+@dataclass(frozen=True)
+class Features:
+    """What one attention call asks beyond softmax(q k^T * scale) over the keys the masks allow.
+
+    window: sliding window W or None; softcap: c or None; sinks: (H,) one logit per query head, or None."""
+
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+
+def call_features(module: Any, attention_mask: Any, kwargs: dict[str, Any]) -> Features:
+    """The features of one call, from the arguments the module passed; anything this attention does not implement
+    is refused (AttentionBypassed), naming it."""
+    if attention_mask is not None:
+        raise AttentionBypassed(
+            f"{type(module).__name__} passed its own attention mask: the engine builds every mask itself"
+        )
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in HARMLESS_ARGS | HONOURED_ARGS)
+    if unknown:
+        raise AttentionBypassed(
+            f"{type(module).__name__} asks for attention arguments the engine does not implement: {unknown}"
+        )
+    if kwargs.get("dropout"):
+        raise AttentionBypassed(f"{type(module).__name__} asks for attention dropout {kwargs['dropout']} (training?)")
+    window = kwargs.get("sliding_window")
+    return Features(int(window) if window else None, kwargs.get("softcap") or None, kwargs.get("s_aux"))
+
+
 @dataclass
 class ForwardState:
-    """What every layer's attention needs for one forward of the runner; masks are built once, on first use.
+    """What every layer's attention needs for one forward of the runner; masks are built once per key layout and
+    window, on first use, and shared by the layers.
 
     Args:
         mode: "decode", "prefill" or "encode" (see the module doc).
         pool: the prefix pool.
         prefix_index: (B, Pmax) long, each row's prefix positions in the pool (padding entries are masked).
-        prefix_len: (B,) long, each row's prefix length (0: no prefix).
+        prefix_len: (B,) long, each row's prefix length P (0: no prefix).
         new: (B,) long, real tokens each row feeds in this forward (the rest of T is right padding).
         cache: the slot cache (decode, prefill).
         slots: (B,) long, each row's slot (prefill; in decode rows are slots 0..B-1).
         past: (B,) long, tokens already in each row's slot before this forward.
+        layers: the backbone's attention layers (each must run once).
     """
 
     mode: str
@@ -57,104 +105,198 @@ class ForwardState:
     cache: SlotCache | None = None
     slots: torch.Tensor | None = None
     past: torch.Tensor | None = None
-    _mask: torch.Tensor | None = field(default=None, repr=False)
-    _S: int | None = field(default=None, repr=False)
+    layers: int = 0
+    calls: list[int] = field(default_factory=list, repr=False)
+    _masks: dict[Any, Mask] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.first_chunk = self.past is not None and not bool(self.past.any())
+        self.calls = [0] * self.layers
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, f: Features):
         """q (B, H, T, D), this forward's k, v (B, H_kv, T, D) -> attention output (B, T, H, D)."""
-        kp, vp = self.pool.gather(layer, self.prefix_index)  # (B, H_kv, Pmax, D)
+        if not 0 <= layer < self.layers:
+            raise AttentionBypassed(f"attention called for layer {layer}: the backbone has {self.layers} layers")
+        self.calls[layer] += 1
+        prefix = self.pool.gather(layer, self.prefix_index)  # (B, H_kv, Pmax, D) each
+        T = q.shape[2]
         if self.mode == "encode":
-            return _sdpa(q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), self._encode_mask(k.shape[2]), scale)
+            keep = self._mask(("encode", None), T, lambda: self._encode_keys(T), causal=False, window=None)
+            return _attention(q, [prefix, (k, v)], keep, scale, f, sdpa=True)
         cache, past = self.cache, self.past
         assert cache is not None and past is not None
+        ring = cache.window(layer)
+        if ring is not None and f.window != ring:
+            raise AttentionBypassed(
+                f"layer {layer} keeps a window of {ring} tokens but its attention asks for sliding_window={f.window}"
+            )
         B = q.shape[0]
         if self.mode == "decode":
-            cache.write_decode(layer, B, past, k, v)
-            S = self._decode_width()
-            return _decode(q, [(kp, vp), *cache.decode_parts(layer, B, S)], self._bias(S), scale)
+            if ring is None:
+                cache.write_decode(layer, B, past, k, v)
+                S = int(past.max()) + 1
+                keys = [prefix, *cache.decode_parts(layer, B, S)]
+                layout = lambda: self._token_keys(S)  # noqa: E731
+            else:
+                cache.ring_write_decode(layer, B, past, k, v)
+                keys = [prefix, cache.ring_view(layer, B)]
+                layout = lambda: self._ring_keys(cache.ring(layer).capacity, last=past)  # noqa: E731
+            keep = self._mask(("decode", ring, f.window), 1, layout, causal=True, window=f.window)
+            return _attention(q, keys, keep, scale, f, sdpa=False)
         assert self.slots is not None
-        cache.write(layer, self.slots, past, k, v)
-        if self.first_chunk:  # no earlier tokens in any slot: the keys are this forward's own
-            kt, vt, S = k, v, k.shape[2]
-        else:
-            S = int((past + k.shape[2]).max())
-            kt, vt = cache.gather(layer, self.slots, S)  # (B, H_kv, S, D): the prefilling rows' slots
-        return _sdpa(q, torch.cat([kp, kt], 2), torch.cat([vp, vt], 2), self._prefill_mask(k.shape[2], S), scale)
+        if ring is None:
+            cache.write(layer, self.slots, past, k, v)
+            if self.first_chunk:  # no earlier tokens in any slot: the keys are this forward's own
+                S, own = T, (k, v)
+            else:
+                S = int((past + T).max())
+                own = cache.gather(layer, self.slots, S)  # (B, H_kv, S, D): the prefilling rows' slots
+            keep = self._mask(("prefill", None, f.window), T, lambda: self._token_keys(S), True, f.window)
+            return _attention(q, [prefix, own], keep, scale, f, sdpa=True)
+        keys = [prefix] if self.first_chunk else [prefix, cache.ring_gather(layer, self.slots)]
+        C = cache.ring(layer).capacity
 
-    # -- masks (True / 0: attend), shared by every layer -------------------------------------------------------------
-    def _prefix_mask(self) -> torch.Tensor:
-        Pmax = self.prefix_index.shape[1]
-        return torch.arange(Pmax, device=self.new.device)[None] < self.prefix_len[:, None]  # (B, Pmax)
+        def layout() -> tuple[torch.Tensor, torch.Tensor]:
+            seq, valid = self._chunk_keys(T)
+            if not self.first_chunk:
+                rseq, rvalid = self._ring_keys(C, last=past - 1)
+                seq, valid = torch.cat([rseq, seq], 1), torch.cat([rvalid, valid], 1)
+            return seq, valid
 
-    def _encode_mask(self, T: int) -> torch.Tensor:
-        if self._mask is None:
-            tokens = torch.arange(T, device=self.new.device)[None] < self.new[:, None]  # (B, T)
-            self._mask = torch.cat([self._prefix_mask(), tokens], 1)[:, None, None, :]  # (B, 1, 1, Pmax + T)
-        return self._mask
+        keep = self._mask(("prefill-ring", ring, f.window), T, layout, causal=True, window=f.window)
+        out = _attention(q, [*keys, (k, v)], keep, scale, f, sdpa=True)
+        cache.ring_write(layer, self.slots, past, self.new, k, v)  # after attending: the chunk's own keys were used
+        return out
 
-    def _decode_width(self) -> int:
+    def check_complete(self) -> None:
+        """Every layer's attention ran exactly once in this forward."""
+        if any(n != 1 for n in self.calls):
+            wrong = {i: n for i, n in enumerate(self.calls) if n != 1}
+            raise AttentionBypassed(
+                f"the engine's attention ran {wrong} times for layers {sorted(wrong)} (layer: calls; each must run "
+                "once per forward): this backbone's layers bypass it, so its outputs would be wrong"
+            )
+
+    # -- key positions and masks -------------------------------------------------------------------------------------
+    def _mask(self, key: Any, T: int, layout: Any, causal: bool, window: int | None) -> Mask:
+        """Where query i of row b may attend to key column s (prefix columns first); built once per key."""
+        mask = self._masks.get(key)
+        if mask is None:
+            seq, valid = layout()  # (B, S) each: the token keys' sequence positions and whether they exist
+            Pmax = self.prefix_index.shape[1]
+            pseq = torch.arange(Pmax, device=seq.device)[None].expand(seq.shape[0], -1)  # (B, Pmax)
+            kseq = torch.cat([pseq, seq], 1)[:, None, :]  # (B, 1, Pmax + S)
+            keep = torch.cat([pseq < self.prefix_len[:, None], valid], 1)[:, None, :].expand(-1, T, -1)
+            q = self._query_positions(T)[:, :, None]  # (B, T, 1)
+            if causal:
+                keep = keep & (kseq <= q)
+            if window is not None:
+                keep = keep & (kseq > q - window)
+            mask = self._masks[key] = Mask(keep)
+        return mask
+
+    def _query_positions(self, T: int) -> torch.Tensor:
+        """(B, T) the sequence position of each query. Padding queries take their row's last real token's, so no
+        query row is ever empty (an empty one would turn into NaN, and NaN keys poison every later layer)."""
+        i = torch.arange(T, device=self.new.device)[None]  # (1, T)
+        past = self.past if self.past is not None else torch.zeros_like(self.new)
+        return self.prefix_len[:, None] + past[:, None] + torch.minimum(i, self.new[:, None] - 1)
+
+    def _encode_keys(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An encoder's keys are its forward's own tokens."""
+        t = torch.arange(T, device=self.new.device)[None]  # (1, T)
+        return (self.prefix_len[:, None] + t), (t < self.new[:, None])
+
+    def _token_keys(self, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A full layer's token keys: slot positions 0..S-1, real up to the row's tokens after this forward."""
         assert self.past is not None
-        if self._S is None:
-            self._S = int(self.past.max()) + 1
-        return self._S
+        t = torch.arange(S, device=self.new.device)[None]  # (1, S)
+        return (self.prefix_len[:, None] + t), (t < (self.past + self.new)[:, None])
 
-    def _bias(self, S: int) -> torch.Tensor:
-        """Additive mask (B, 1, 1, Pmax + S) for decode: 0 on real keys, -inf elsewhere."""
-        if self._mask is None:
-            assert self.past is not None
-            tokens = torch.arange(S, device=self.new.device)[None] <= self.past[:, None]  # (B, S): 0..past
-            keep = torch.cat([self._prefix_mask(), tokens], 1)
-            bias = torch.zeros(keep.shape, dtype=self.pool.dtype, device=keep.device).masked_fill(~keep, NEG_INF)
-            self._mask = bias[:, None, None, :]
-        return self._mask
+    def _chunk_keys(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prefill chunk's own keys (ring layers, attended before they are written): tokens past..past+T-1."""
+        assert self.past is not None
+        j = torch.arange(T, device=self.new.device)[None]  # (1, T)
+        return (self.prefix_len + self.past)[:, None] + j, j < self.new[:, None]
 
-    def _prefill_mask(self, T: int, S: int) -> torch.Tensor:
-        """(B, 1, T, Pmax + S): the prefix, and token j for query i when j <= past + i and j < past + new."""
-        if self._mask is None:
-            assert self.past is not None
-            dev = self.new.device
-            j = torch.arange(S, device=dev)[None, None, :]  # (1, 1, S)
-            limit = self.past[:, None, None] + torch.arange(T, device=dev)[None, :, None]  # (B, T, 1)
-            tokens = (j <= limit) & (j < (self.past + self.new)[:, None, None])  # (B, T, S)
-            prefix = self._prefix_mask()[:, None, :].expand(-1, T, -1)  # (B, T, Pmax)
-            self._mask = torch.cat([prefix, tokens], 2)[:, None]
-        return self._mask
+    def _ring_keys(self, C: int, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ring's C keys: position s holds the latest token t <= last with t = s (mod C); none where t < 0."""
+        s = torch.arange(C, device=self.new.device)[None]  # (1, C)
+        t = last[:, None] - torch.remainder(last[:, None] - s, C)  # (B, C)
+        return self.prefix_len[:, None] + t, t >= 0
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, H, T, D)
-    return out.transpose(1, 2).contiguous()
+class Mask:
+    """keep (B, T, S) bool: True where a query may attend to a key; its additive form (B, 1, 1, T, S) fp32 (0 or
+    -inf, for the eager path) made on first use and shared by the layers."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        self.keep = keep
+        self._bias: torch.Tensor | None = None
+
+    @property
+    def bias(self) -> torch.Tensor:
+        if self._bias is None:
+            zeros = torch.zeros(self.keep.shape, dtype=torch.float32, device=self.keep.device)
+            self._bias = zeros.masked_fill(~self.keep, NEG_INF)[:, None, None]
+        return self._bias
 
 
-def _decode(
-    q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], bias: torch.Tensor, scale: float
+def _attention(
+    q: torch.Tensor,
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+    mask: Mask,
+    scale: float,
+    f: Features,
+    *,
+    sdpa: bool,
 ) -> torch.Tensor:
-    """One query per row against several key/value sets, each (B, H_kv, n_i, D): the row's prefix (gathered from the
-    pool) and the segments of its slot (views into the cache). The scores of all parts are joined before one softmax,
-    so the result is exact and nothing of the cache is copied.
+    """q (B, H, T, D) against key/value sets (B, H_kv, n_i, D) under the mask (B, T, sum n_i) -> (B, T, H, D).
+    SDPA over the joined sets where it can (prefill, encode: no soft-cap, no sinks); otherwise the scores of every
+    set are computed in place and joined before one softmax."""
+    if sdpa and f.softcap is None and f.sinks is None:
+        k = torch.cat([k for k, _ in parts], 2)
+        v = torch.cat([v for _, v in parts], 2)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.keep[:, None], scale=scale)  # (B, H, T, D)
+        return out.transpose(1, 2).contiguous()
+    return _manual(q, parts, mask, scale, f)
 
-    q (B, H, 1, D); query head h reads key/value head h // (H / H_kv), as transformers' repeat_kv lays them out.
-    bias (B, 1, 1, sum n_i): 0 on real keys, -inf elsewhere.
-    """
-    B, H, _, D = q.shape
+
+def _manual(
+    q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], mask: Mask, scale: float, f: Features
+) -> torch.Tensor:
+    """Eager attention over key/value sets kept apart (views into the cache are never copied). Query head h reads
+    key/value head h // (H / H_kv), as transformers' repeat_kv lays them out. Soft-cap and sinks as transformers'
+    eager paths apply them (Gemma 2, gpt-oss)."""
+    B, H, T, D = q.shape
     Hkv = parts[0][0].shape[1]
-    qg = q.reshape(B, Hkv, H // Hkv, D) * scale  # (B, H_kv, G, D)
-    scores = torch.cat([qg @ k.transpose(-1, -2) for k, _ in parts], -1)  # (B, H_kv, G, sum n_i)
-    probs = torch.softmax((scores + bias).float(), dim=-1).to(q.dtype)
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G * T, D)  # (B, H_kv, G*T, D): query head h = kv head h // G, group member h % G
+    scores = torch.cat([qg @ k.transpose(-1, -2) for k, _ in parts], -1) * scale  # (B, H_kv, G*T, S)
+    if f.softcap is not None:
+        scores = torch.tanh(scores / f.softcap) * f.softcap
+    S = scores.shape[-1]
+    scores = scores.float().view(B, Hkv, G, T, S) + mask.bias  # (B, H_kv, G, T, S)
+    if f.sinks is not None:  # (H,) -> one more column per query, dropped after the softmax
+        sinks = f.sinks.float().view(1, Hkv, G, 1, 1).expand(B, -1, -1, T, -1)
+        probs = torch.softmax(torch.cat([scores, sinks], -1), dim=-1)[..., :S]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = probs.to(q.dtype).view(B, Hkv, G * T, S)
     out, start = None, 0
     for k, v in parts:
         n = k.shape[2]
-        term = probs[..., start : start + n] @ v  # (B, H_kv, G, D)
+        term = probs[..., start : start + n] @ v  # (B, H_kv, G*T, D)
         out = term if out is None else out + term
         start += n
     assert out is not None
-    return out.reshape(B, 1, H, D)
+    return out.view(B, H, T, D).transpose(1, 2).contiguous()
+
+
+_STATE: ContextVar[ForwardState | None] = ContextVar("prefix_serve_forward", default=None)
 
 
 def prefix_serve_attention(
@@ -164,28 +306,30 @@ def prefix_serve_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
-    dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    state: ForwardState | None = kwargs.pop("prefix_serve", None)
-    if state is None:  # a forward that is not the runner's: behave as SDPA
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+    state = _STATE.get()
+    if state is None:
+        raise AttentionBypassed(f"{type(module).__name__}: the engine's attention was called outside an engine forward")
+    features = call_features(module, attention_mask, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return state.attend(module.layer_idx, query, key, value, scale), None
+    return state.attend(module.layer_idx, query, key, value, scale, features), None
 
 
 AttentionInterface.register(ATTN_NAME, prefix_serve_attention)
 
 
 @contextlib.contextmanager
-def serving(config: Any) -> Iterator[None]:
-    """Routes the model's attention through `prefix_serve_attention` for the duration of one forward. Without a
-    registered mask function transformers builds no mask for it: the masks are ours, from lengths."""
+def serving(config: Any, state: ForwardState) -> Iterator[None]:
+    """Runs one forward of the model through `prefix_serve_attention` with `state`, and checks afterwards that every
+    layer's attention ran exactly once. Without a registered mask function transformers builds no mask for it: the
+    masks are ours, from lengths."""
     previous = config._attn_implementation
     config._attn_implementation = ATTN_NAME
+    token = _STATE.set(state)
     try:
         yield
     finally:
+        _STATE.reset(token)
         config._attn_implementation = previous
+    state.check_complete()
