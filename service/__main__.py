@@ -8,6 +8,7 @@ import logging
 import sys
 
 from .app import create_app
+from .runtime import UnsupportedBackbone, check_backbone
 from .server import configure_logging, run
 from .settings import ServiceSettings
 from .tracing import setup as setup_tracing
@@ -41,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         log.warning("no API keys configured: the service is open to anyone who can reach %s", args.host)
+    try:  # before anything starts: an unsupported backbone family is refused with its reason, not a traceback
+        check_backbone(**settings.backbone_args())
+    except UnsupportedBackbone as e:
+        log.error("%s", e)
+        return 2
+    except Exception as e:  # no config to read (offline, not found): the loader reports it in full
+        log.debug("backbone pre-check skipped: %s", e)
     setup_tracing(settings)
     run(create_app(settings), settings, args.host, args.port)
     return 0

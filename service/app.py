@@ -50,13 +50,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 await store.migrate_layout()
             except StoreUnavailable as e:  # every read and write tries again first (see migrate_layout)
                 log.error("%s", e)
-            bb = backbone or await asyncio.to_thread(
-                load_backbone,
-                settings.backbone,
-                dtype=settings.dtype,
-                device=settings.device,
-                local_files_only=settings.local_files_only,
-            )
+            bb = backbone or await asyncio.to_thread(lambda: load_backbone(**settings.backbone_args()))
             scheduler = build_serving(
                 bb,
                 store,

@@ -24,7 +24,7 @@ from typing import Any
 from prefix_store import EmbeddedRedis, PrefixStore, StoreUnavailable, open_store
 from prefix_store.bitfit_io import parse_verbalizer
 from prefix_store.jobs import JobQueue, TrainSpec
-from service.runtime import load_backbone
+from service.runtime import UnsupportedBackbone, load_backbone
 
 from .settings import TrainerSettings
 from .worker import Worker, run_job
@@ -91,9 +91,7 @@ def _open_store(settings: TrainerSettings) -> tuple[PrefixStore, EmbeddedRedis |
 
 
 async def _train(settings: TrainerSettings, spec: TrainSpec, run_id: str | None) -> dict[str, Any]:
-    backbone = load_backbone(
-        settings.backbone, dtype=settings.dtype, device=settings.device, local_files_only=settings.local_files_only
-    )
+    backbone = load_backbone(**settings.backbone_args())
     store, embedded = _open_store(settings)
     try:
         await store.migrate_layout()
@@ -105,9 +103,7 @@ async def _train(settings: TrainerSettings, spec: TrainSpec, run_id: str | None)
 
 
 async def _worker(settings: TrainerSettings) -> None:
-    backbone = load_backbone(
-        settings.backbone, dtype=settings.dtype, device=settings.device, local_files_only=settings.local_files_only
-    )
+    backbone = load_backbone(**settings.backbone_args())
     store, embedded = _open_store(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -144,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.apply_torch_threads()
     if args.command == "worker":
-        asyncio.run(_worker(settings))
+        try:
+            asyncio.run(_worker(settings))
+        except UnsupportedBackbone as e:
+            log.error("%s", e)
+            return 2
         return 0
     try:
         spec = _spec_from(args)

@@ -104,7 +104,7 @@ class TaskModel(nn.Module):
             out = self.body(
                 input_ids=batch.ids,
                 attention_mask=batch.mask.long(),
-                position_ids=token_positions([0] * B, batch.lengths, T, dev),
+                position_ids=token_positions([self.bb.position_offset] * B, batch.lengths, T, dev),
                 **kwargs,
             )
             return out.last_hidden_state, getattr(out, "pooler_output", None), 0
@@ -122,14 +122,14 @@ class TaskModel(nn.Module):
                 attention_mask=mask.long(),
                 use_cache=True,
                 **self.bb.with_cache(cache),
-                position_ids=token_positions([P] * B, batch.lengths, T, dev),
+                position_ids=token_positions([self.bb.position_offset + P] * B, batch.lengths, T, dev),
                 **kwargs,
             )
             return out.last_hidden_state, getattr(out, "pooler_output", None), 0
         P = x.shape[0]  # soft prompt (P, hidden): the first P input embeddings, positions from 0
         embeds = torch.cat([x.to(self.bb.dtype)[None].expand(B, -1, -1), self.bb.embeddings(batch.ids)], 1)
         mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], 1)
-        pos = token_positions([0] * B, [P + n for n in batch.lengths], P + T, dev)
+        pos = token_positions([self.bb.position_offset] * B, [P + n for n in batch.lengths], P + T, dev)
         kwargs = {}
         if self.bb.is_encoder:
             types = batch.types if batch.types is not None else torch.zeros_like(batch.ids)
@@ -174,7 +174,7 @@ class TaskModel(nn.Module):
         # Token t predicts labels[t + 1]; only target positions are projected onto the vocabulary.
         targets = batch.labels[:, 1:]  # (B, T-1)
         keep = targets != -100
-        logits = self.lm_head(h[:, off : off + batch.ids.shape[1] - 1][keep])  # (N, V)
+        logits = self.bb.logits(h[:, off : off + batch.ids.shape[1] - 1][keep])  # (N, V), as the server scores
         return F.cross_entropy(logits.float(), targets[keep])
 
     def class_logits(self, h: torch.Tensor, pooled: torch.Tensor | None, off: int, batch: Batch) -> torch.Tensor:

@@ -44,12 +44,7 @@ async def run_job(
 async def _run_sweep(
     backbone: Backbone, store: PrefixStore, spec: TrainSpec, settings: TrainerSettings, job_id: str, on_progress: Any
 ) -> dict[str, Any]:
-    loader = {
-        "name": settings.backbone,
-        "dtype": settings.dtype,
-        "device": settings.device,
-        "local_files_only": settings.local_files_only,
-    }
+    loader = settings.backbone_args()
     sweep = await asyncio.to_thread(run_sweep, backbone, spec, settings.work_dir / job_id, on_progress, loader)
     summary: dict[str, Any] = {"runs": sweep.rows, "table": sweep.table}
     if sweep.best is None or sweep.artifact is None:

@@ -7,9 +7,10 @@ Redis store) and scheduler (queues, admission, the asyncio loop). The service's 
 on this package; it imports torch, transformers and prefix_store, nothing else of this project.
 """
 
-from .backbone import Backbone, load_backbone, resolve_source, wrap_model
+from .backbone import Backbone, check_backbone, load_backbone, resolve_source, wrap_model
 from .engine import DeviceCache, Engine
 from .errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, ServingError, Unsupported
+from .families import UnsupportedBackbone
 from .host_cache import HostCache
 from .output import ClassificationResult, EmbeddingResult, GenerationResult, TextStream
 from .sampling import SamplingParams
@@ -42,8 +43,10 @@ __all__ = [
     "StepOutput",
     "StepPlan",
     "TextStream",
+    "UnsupportedBackbone",
     "Unsupported",
     "build_serving",
+    "check_backbone",
     "load_backbone",
     "resolve_source",
     "wrap_model",

@@ -21,15 +21,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from prefix_store import DTYPES, SOFT_PROMPT_METHODS, BackboneFingerprint, BackboneMismatch, PrefixArtifact
 from prefix_store.artifact import VPT_METHODS
 
+from . import families
 from .bias import bias_targets
 from .settings import DEFAULT_BACKBONE
 
 log = logging.getLogger(__name__)
 
 # Encoders whose self-attention takes a key/value cache (the BERT attention code), so prefixes apply.
-ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
+ENCODER_TYPES = frozenset(families.ENCODER_FAMILIES)
 # Image encoders: classification of images; visual prompts enter through the same registered attention.
-IMAGE_TYPES = frozenset({"vit"})
+IMAGE_TYPES = frozenset(families.IMAGE_FAMILIES)
 
 
 @dataclass
@@ -76,6 +77,12 @@ class Backbone:
     pooling: str = "pooler"
     mlm: MaskedLMHead | None = None  # encoders: what verbalizer tasks score [MASK] with
     image_processor: Any = None  # image backbones: PIL images -> pixel_values (C, H, W)
+    # Per layer, its sliding window or None (families.attention_windows): sliding layers keep only their window.
+    windows: tuple[int | None, ...] = ()
+    # What the model applies to its LM head's output (Cohere's logit_scale, Gemma's final soft-cap), or None.
+    final_logits: Any = None
+    position_offset: int = 0  # the position id of a row's first token (RoBERTa-style encoders: padding_idx + 1)
+    unverified: str | None = None  # the warning an unproven family was loaded under (allow_unverified), else None
 
     @property
     def is_image(self) -> bool:
@@ -94,6 +101,12 @@ class Backbone:
     def lm_head(self) -> Any:
         """The decoder's output projection onto the vocabulary; None on encoders."""
         return None if self.is_encoder else self.model.get_output_embeddings()
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (..., V) from final hidden states (..., hidden), as the model's own *ForCausalLM
+        computes them: the LM head, then the family's final processing."""
+        logits = self.lm_head(states)
+        return logits if self.final_logits is None else self.final_logits(logits)
 
     @property
     def embeddings(self) -> Any:
@@ -177,6 +190,9 @@ class Backbone:
             "pooling": self.pooling,
             "verbalizer_scoring": self.mlm.source if self.mlm is not None else None,
             "fingerprint": self.fingerprint.to_dict(),
+            "sliding_windows": sorted({w for w in self.windows if w is not None}),
+            "verified": self.unverified is None,
+            "unverified_warning": self.unverified,
         }
 
 
@@ -195,18 +211,32 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_backbone(name: str, *, local_files_only: bool = False, allow_unverified: bool = False, **_: Any) -> None:
+    """Refuses (families.UnsupportedBackbone) a backbone whose family the engine is not proven on, from its config
+    alone: what a process runs before it starts anything else. Takes load_backbone's arguments."""
+    source = resolve_source(name)
+    config = AutoConfig.from_pretrained(source, local_files_only=local_files_only or Path(source).is_dir())
+    is_encoder = config.model_type in ENCODER_TYPES | IMAGE_TYPES
+    families.check_family(config, allow_unverified=allow_unverified, causal=not is_encoder)
+
+
 def load_backbone(
     name: str,
     *,
     dtype: str = "float32",
     device: str = "auto",
     local_files_only: bool = False,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
+    allow_unverified: bool = False,
 ) -> Backbone:
+    """Loads and freezes a backbone. Its family is checked from the config first, so an unsupported one is refused
+    before any weights are read. `attn_implementation`: what the model uses outside the engine's own forwards
+    (training, soft-prompt materialisation); None lets transformers choose (SDPA where the family supports it)."""
     source = resolve_source(name)
     kwargs: dict[str, Any] = {"local_files_only": local_files_only or Path(source).is_dir()}
     config = AutoConfig.from_pretrained(source, **kwargs)
     is_encoder = config.model_type in ENCODER_TYPES | IMAGE_TYPES
+    families.check_family(config, allow_unverified=allow_unverified, causal=not is_encoder)
     model_cls = AutoModel if is_encoder else AutoModelForCausalLM
     torch_dtype, dev = DTYPES[dtype], resolve_device(device)
     model, info = model_cls.from_pretrained(
@@ -233,7 +263,16 @@ def load_backbone(
             processor = None
     else:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    return wrap_model(model, tokenizer, name=name, device=dev, source=source, mlm_head=mlm, image_processor=processor)
+    return wrap_model(
+        model,
+        tokenizer,
+        name=name,
+        device=dev,
+        source=source,
+        mlm_head=mlm,
+        image_processor=processor,
+        allow_unverified=allow_unverified,
+    )
 
 
 def default_pooling(model: Any, source: str | None) -> str:
@@ -313,11 +352,14 @@ def wrap_model(
     source: str | None = None,
     mlm_head: Any | None = None,
     image_processor: Any | None = None,
+    allow_unverified: bool = False,
 ) -> Backbone:
     """Freezes an already-built model (tests build tiny ones from configs: an encoder, a *ForMaskedLM, or a causal
-    LM) and describes it. `mlm_head`: BERT's `cls` module loaded beside a bare encoder."""
+    LM) and describes it. `mlm_head`: BERT's `cls` module loaded beside a bare encoder. Refuses a family the engine
+    is not proven exact on (families.UnsupportedBackbone) unless `allow_unverified`."""
     config = model.config
     is_encoder = config.model_type in ENCODER_TYPES | IMAGE_TYPES
+    unverified = families.check_family(config, allow_unverified=allow_unverified, causal=not is_encoder)
     if config.model_type in IMAGE_TYPES:
         number_attention_layers(model.base_model)
         if image_processor is None:
@@ -341,6 +383,9 @@ def wrap_model(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     fp = BackboneFingerprint.from_config(config)
+    final = None if is_encoder else families.final_logits(config)
+    if not is_encoder:
+        families.check_output_head(model, lambda h: _apply(model.get_output_embeddings()(h), final))
     log.info(
         "backbone %s: %s, %d layers, hidden %d, %d kv heads, %s on %s",
         name,
@@ -364,4 +409,12 @@ def wrap_model(
         pooling=default_pooling(model, source),
         mlm=masked_lm_head(model, mlm_head),
         image_processor=image_processor,
+        windows=families.attention_windows(config),
+        final_logits=final,
+        position_offset=families.position_offset(config),
+        unverified=unverified,
     )
+
+
+def _apply(logits: torch.Tensor, final: Any) -> torch.Tensor:
+    return logits if final is None else final(logits)

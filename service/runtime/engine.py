@@ -192,7 +192,7 @@ class Engine:
         self.cache = None
         if not backbone.is_encoder:
             width = backbone.max_positions or 4096
-            self.cache = SlotCache(fp, rows=max_rows, max_width=width, dtype=dt, device=dev)
+            self.cache = SlotCache(fp, rows=max_rows, max_width=width, dtype=dt, device=dev, windows=backbone.windows)
         self.runner = ModelRunner(backbone, self.pool, self.cache)
         self.device_cache = DeviceCache(self.pool, self.runner)
         self.batch = RunningBatch(self.cache) if self.cache is not None else None
@@ -204,7 +204,7 @@ class Engine:
         self.eos_ids: set[int] = set()
         if tok is not None and tok.eos_token_id is not None:
             self.eos_ids.add(tok.eos_token_id)
-        width = getattr(self.runner.lm_head, "out_features", None) or backbone.fingerprint.vocab_size
+        width = getattr(backbone.lm_head, "out_features", None) or backbone.fingerprint.vocab_size
         self.grammars = Grammars(tok, width)
         gen_eos = getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)
         self.eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])

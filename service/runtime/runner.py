@@ -99,8 +99,8 @@ class ModelRunner:
         self.pool, self.cache = pool, cache
         self.biases = BiasTable(backbone)
         self.body = backbone.body
-        self.lm_head = backbone.lm_head
         self.embed = backbone.embeddings
+        self.layers = backbone.fingerprint.num_layers  # attention layers: each runs once per forward
         tok = backbone.tokenizer
         self.pad_id = (tok.pad_token_id if tok is not None else None) or 0
 
@@ -182,9 +182,10 @@ class ModelRunner:
             cache=self.cache,
             slots=torch.tensor([c.slot for c in chunks], device=dev),
             past=past,
+            layers=self.layers,
         )
-        with serving(self.body.config), self.biases.rows(self._bias_slots([c.prefix for c in chunks])):
-            h = self.body(input_ids=ids, position_ids=pos, use_cache=False, prefix_serve=state).last_hidden_state
+        with serving(self.body.config, state), self.biases.rows(self._bias_slots([c.prefix for c in chunks])):
+            h = self.body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
         results = []
         for i, c in enumerate(chunks):  # h: (B, T, hidden)
             last = h[i, lengths[i] - 1] if c.final else None
@@ -206,16 +207,23 @@ class ModelRunner:
         positions (B, Pmax) and lengths (B,), bias slots (B,). Appends the tokens' key/values to the slots; returns
         next-token logits (B, V) fp32."""
         state = ForwardState(
-            "decode", self.pool, prefix_index, prefix_len, new=torch.ones_like(past), cache=self.cache, past=past
+            "decode",
+            self.pool,
+            prefix_index,
+            prefix_len,
+            new=torch.ones_like(past),
+            cache=self.cache,
+            past=past,
+            layers=self.layers,
         )
-        with serving(self.body.config), self.biases.rows(bias_slots):
-            h = self.body(
-                input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False, prefix_serve=state
-            ).last_hidden_state
-        return self.lm_head(h[:, -1]).float()
+        with serving(self.body.config, state), self.biases.rows(bias_slots):
+            h = self.body(input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False)
+        return self.lm_logits(h.last_hidden_state[:, -1])
 
     def lm_logits(self, states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(states).float()
+        """Next-token logits (..., V) fp32 from final states (..., hidden): the LM head and whatever the model applies
+        after it (Backbone.logits), for generation, sampling and log-probabilities alike."""
+        return self.bb.logits(states).float()
 
     # -- encoder ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -228,7 +236,8 @@ class ModelRunner:
             0 if it.prefix is None or it.prefix.soft_prompt is None else it.prefix.num_virtual_tokens for it in items
         ]
         lengths = [ns + len(it.input_ids) for ns, it in zip(n_soft, items, strict=True)]
-        starts = [0 if it.prefix is None else it.prefix.kv_len for it in items]  # soft rows start at 0
+        offset = self.bb.position_offset
+        starts = [offset + (0 if it.prefix is None else it.prefix.kv_len) for it in items]  # soft rows: at 0
         ids, _ = right_pad(
             [[self.pad_id] * ns + it.input_ids for ns, it in zip(n_soft, items, strict=True)], self.pad_id, dev
         )
@@ -245,14 +254,11 @@ class ModelRunner:
                     embeds[i, : n_soft[i]] = it.prefix.soft_prompt  # type: ignore[union-attr]
             inputs = {"inputs_embeds": embeds}
         prefixes = [it.prefix for it in items]
-        state = ForwardState("encode", self.pool, *self._prefix_index(prefixes), new=torch.tensor(lengths, device=dev))
+        state = self._encode_state(prefixes, lengths)
         bias_slots = self._bias_slots(prefixes)
-        with serving(self.body.config), self.biases.rows(bias_slots):
+        with serving(self.body.config, state), self.biases.rows(bias_slots):
             out = self.body(
-                **inputs,
-                token_type_ids=types,
-                position_ids=token_positions(starts, lengths, ids.shape[1], dev),
-                prefix_serve=state,
+                **inputs, token_type_ids=types, position_ids=token_positions(starts, lengths, ids.shape[1], dev)
             )
         h = out.last_hidden_state  # (B, T, hidden)
         pooled = getattr(out, "pooler_output", None)  # (B, hidden) or None
@@ -299,10 +305,10 @@ class ModelRunner:
                 x[i, 1 : 1 + shallow[i]] = it.prefix.soft_prompt  # type: ignore[union-attr]
             x[i, 1 + shallow[i] : lengths[i]] = emb[i, 1:]
         prefixes = [it.prefix for it in items]
-        state = ForwardState("encode", self.pool, *self._prefix_index(prefixes), new=torch.tensor(lengths, device=dev))
-        with serving(self.body.config), self.biases.rows(self._bias_slots(prefixes)):
+        state = self._encode_state(prefixes, lengths)
+        with serving(self.body.config, state), self.biases.rows(self._bias_slots(prefixes)):
             for layer in vit_layers(self.body):
-                x = layer(x, None, prefix_serve=state)
+                x = layer(x, None)
         h = self.body.layernorm(x)  # (B, T, hidden)
         out = []
         for i, it in enumerate(items):
@@ -336,6 +342,10 @@ class ModelRunner:
         return out
 
     # -- shared -----------------------------------------------------------------------------------------------------
+    def _encode_state(self, prefixes: list[DevicePrefix | None], lengths: list[int]) -> ForwardState:
+        new = torch.tensor(lengths, device=self.bb.device)
+        return ForwardState("encode", self.pool, *self._prefix_index(prefixes), new=new, layers=self.layers)
+
     def _bias_slots(self, prefixes: list[DevicePrefix | None]) -> torch.Tensor | None:
         """(B,) long, each row's slot in the bias table; None when no row has bias deltas."""
         slots = [0 if p is None else p.bias_slot for p in prefixes]

@@ -6,7 +6,7 @@ trainer.settings.TrainerSettings), so one environment configures both under the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -29,6 +29,11 @@ class RuntimeSettings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="backbone and prefix dtype")
     device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
     local_files_only: bool = Field(False, description="never contact the Hugging Face hub when loading")
+    allow_unverified_backbone: bool = Field(
+        False,
+        description="serve a causal-LM family the family matrix does not prove exact, with a loud warning (and "
+        "/ready's backbone details saying so); families known not to work are refused regardless",
+    )
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads; unset keeps torch's default (one per core)"
     )
@@ -64,6 +69,16 @@ class RuntimeSettings(BaseSettings):
         if v is not None:
             check_redis_url(v)
         return v
+
+    def backbone_args(self) -> dict[str, Any]:
+        """load_backbone's arguments, as every process that loads the backbone passes them."""
+        return {
+            "name": self.backbone,
+            "dtype": self.dtype,
+            "device": self.device,
+            "local_files_only": self.local_files_only,
+            "allow_unverified": self.allow_unverified_backbone,
+        }
 
     def apply_torch_threads(self) -> None:
         if self.torch_threads:
