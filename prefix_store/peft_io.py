@@ -5,7 +5,8 @@ PEFT saves one tensor, `prompt_embeddings`:
                  (already the MLP output when prefix_projection was on; PEFT sizes it with H_kv under GQA).
   PROMPT_TUNING / P_TUNING  (P, hidden): the soft prompt (P-Tuning's encoder output, not its weights).
 SEQ_CLS adapters add their task head: `base_model.classifier.{weight,bias}` (BERT-style, over the pooler output)
-or `base_model.score.weight` (decoder models, over the last real token, no bias).
+or `base_model.score.weight` (decoder models, over the last real token, no bias). CAUSAL_LM and FEATURE_EXTRACTION
+adapters are headless.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ _PEFT_TYPE_OF = {
     "p_tuning": "P_TUNING",
 }
 _HEAD_KEYS = {"classifier": "pooler", "score": "last_token"}  # PEFT module name -> pooling it implies
+# CAUSAL_LM: generation; SEQ_CLS: with its task head; FEATURE_EXTRACTION: headless (embeddings on encoders).
+_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
 
 
 def import_peft_adapter(
@@ -52,8 +55,8 @@ def import_peft_adapter(
     peft_type, task_type = cfg.get("peft_type"), cfg.get("task_type")
     if peft_type not in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
         raise UnsupportedAdapter(f"peft_type: expected PREFIX_TUNING, PROMPT_TUNING or P_TUNING, got {peft_type!r}")
-    if task_type not in ("CAUSAL_LM", "SEQ_CLS"):
-        raise UnsupportedAdapter(f"task_type: expected CAUSAL_LM or SEQ_CLS, got {task_type!r}")
+    if task_type not in _TASK_TYPES:
+        raise UnsupportedAdapter(f"task_type: expected one of {', '.join(_TASK_TYPES)}, got {task_type!r}")
     if cfg.get("num_transformer_submodules", 1) != 1:
         got = cfg.get("num_transformer_submodules")
         raise UnsupportedAdapter(f"num_transformer_submodules: expected 1 (decoder-only or encoder), got {got}")
@@ -184,10 +187,10 @@ def _kv_from_flat(flat: torch.Tensor, cfg: dict[str, Any], fp: BackboneFingerpri
 def _import_head(
     tensors: dict[str, torch.Tensor], task_type: str, labels: list[str] | None, dtype: torch.dtype
 ) -> ClassificationHead | None:
-    if task_type == "CAUSAL_LM":
+    if task_type != "SEQ_CLS":
         if tensors:
             raise UnsupportedAdapter(
-                f"a CAUSAL_LM prompt-learning adapter has only prompt_embeddings, got also {sorted(tensors)}"
+                f"a {task_type} prompt-learning adapter has only prompt_embeddings, got also {sorted(tensors)}"
             )
         return None
     for module in _HEAD_KEYS:
