@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from prefix_store import BackboneFingerprint, ClassificationHead, PrefixArtifact, import_peft_dir
 from service.runtime import SamplingParams
 from tests.engine_harness import serving_stack, trained_peft
+from tests.families import ENCODERS, FAMILIES, encoder_model, family_model
 from tests.models import tiny_model
+from tests.references import random_deltas, reference_encode, reference_generate
 
 DATA = Path(__file__).parent / "data"
 STEPS = 6  # greedy tokens generated per row
@@ -73,6 +75,10 @@ class Case:
 
 def backbone_of(kind: str) -> torch.nn.Module:
     """A fresh copy of the backbone a case runs on, as the engine serves it (the encoder alone for BERT)."""
+    if kind.startswith("family-"):  # the family matrix (tests/families.py)
+        return family_model(kind.removeprefix("family-"))
+    if kind.startswith("encoder-"):
+        return encoder_model(kind.removeprefix("encoder-"))
     model = tiny_model(kind)
     return model.bert if kind == "bert-cls" else model
 
@@ -167,13 +173,115 @@ def bert_case(tmp_path: Path) -> Case:
     return Case("bert-cls", tasks, artifacts, inputs, [False] * 4, [[]] * 4, logits, list(BERT_TYPES))
 
 
+# -- the family matrix: every supported family with its features switched on (tests/families.py) -----------------
+FAMILY_PROMPTS = [12, 5, 9, 7, 10]  # with P + 6 new tokens, every row outgrows a window of tests.families.WINDOW
+
+
+def family_case(name: str, tmp_path: Path) -> Case:
+    """A causal family: a PEFT Prefix-Tuning task (P 3), a PEFT prompt-tuning task (P 4), the bare backbone, a PEFT
+    P-Tuning v2 task (P 5), and where the family has biases a bias task carrying a key/value prefix too; prefixes and
+    soft prompts referenced by PEFT's generate alone, the bias task by transformers' forward on a biased copy."""
+    base = family_model(name)
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 120, (n,)).tolist() for n in FAMILY_PROMPTS]
+    specs: list[tuple[str | None, str | None, dict]] = [
+        ("prefix", "PrefixTuningConfig", dict(num_virtual_tokens=3)),
+        ("soft", "PromptTuningConfig", dict(num_virtual_tokens=4)),
+        (None, None, {}),
+        ("ptv2", "PrefixTuningConfig", dict(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16)),
+    ]
+    artifacts, tokens, logits, tasks = {}, [], [], []
+    for i, (task, cls, kw) in enumerate(specs):
+        model = base
+        if cls is not None:
+            model = trained_peft(base, _peft_config(cls, task_type="CAUSAL_LM", **kw), seed=30 + i)
+            artifacts[task] = _import(model, task, base.config, tmp_path / task)
+        t, lg = peft_generate(model, prompts[i])
+        tokens.append(t)
+        logits.append(lg)
+        tasks.append(task)
+    if FAMILIES[name].biases:
+        fp = BackboneFingerprint.from_config(base.config)
+        g = torch.Generator().manual_seed(7)
+        kv = torch.randn(fp.num_layers, 2, fp.num_kv_heads, 2, fp.head_dim, generator=g)
+        art = PrefixArtifact("bias", "bitfit", fp, kv=kv, biases=random_deltas(base, 7))
+        t, lg = reference_generate(base, prompts[4], art, STEPS)
+        artifacts["bias"] = art
+        tokens.append(t)
+        logits.append(lg)
+        tasks.append("bias")
+    n = len(tasks)
+    return Case(f"family-{name}", tasks, artifacts, prompts[:n], [True] * n, tokens, logits)
+
+
+def encoder_case(name: str, tmp_path: Path) -> Case:
+    """An encoder family, bare (its pooler where it has one): a PEFT Prefix-Tuning task (P 4) and a PEFT prompt-tuning
+    task (P 3), each with a linear head of ours, a bias task and a bias + key/value prefix task; referenced by PEFT's
+    forward alone (feature extraction) or transformers' forward on a biased copy, then the same head."""
+    base = encoder_model(name)
+    fp = BackboneFingerprint.from_config(base.config)
+    torch.manual_seed(3)
+    inputs = [torch.randint(3, 120, (n,)).tolist() for n in (7, 4, 9, 5)]
+    g = torch.Generator().manual_seed(11)
+
+    def head(pooling: str) -> ClassificationHead:
+        return ClassificationHead(
+            torch.randn(3, fp.hidden_size, generator=g), torch.randn(3, generator=g), LABELS, pooling
+        )
+
+    artifacts: dict[str, PrefixArtifact] = {}
+    logits = []
+    for i, (task, cls, kw, pooling) in enumerate(
+        [
+            ("prefix", "PrefixTuningConfig", dict(num_virtual_tokens=4), "cls"),
+            ("soft", "PromptTuningConfig", dict(num_virtual_tokens=3), "mean"),
+        ]
+    ):
+        pm = trained_peft(base, _peft_config(cls, task_type="FEATURE_EXTRACTION", **kw), seed=40 + i)
+        art = _import(pm, task, base.config, tmp_path / task)
+        art.head = head(pooling)
+        ids = torch.tensor([inputs[i]])
+        with torch.no_grad():
+            h = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]  # (P_soft + T, hidden)
+        artifacts[task] = art
+        logits.append(_head_reference(art, h))
+    kv = torch.randn(fp.num_layers, 2, fp.num_kv_heads, 3, fp.head_dim, generator=g)
+    for task, seed, prefix, pooling in (("bias", 8, None, "cls"), ("biasp", 9, kv, "mean")):
+        art = PrefixArtifact(task, "bitfit", fp, kv=prefix, biases=random_deltas(base, seed), head=head(pooling))
+        artifacts[task] = art
+        logits.append(_head_reference(art, reference_encode(base, inputs[len(logits)], art)))
+    tasks = list(artifacts)
+    return Case(f"encoder-{name}", tasks, artifacts, inputs, [False] * 4, [[]] * 4, logits)
+
+
+def _head_reference(art: PrefixArtifact, h: torch.Tensor) -> torch.Tensor:
+    """A linear head's logits (C,) over one row's final states h (T, hidden; a soft prompt's states first)."""
+    head = art.head
+    assert head is not None
+    n_soft = 0 if art.soft_prompt is None else art.soft_prompt.shape[0]
+    x = h[0] if head.pooling == "cls" else h[n_soft:].mean(0)
+    return x @ head.weight.T + head.bias
+
+
 def build(name: str, tmp_path: Path) -> Case:
     if name in ("gpt2", "llama", "qwen2"):
         return generation_case(name, tmp_path)
+    if name.startswith("family-"):
+        return family_case(name.removeprefix("family-"), tmp_path)
+    if name.startswith("encoder-"):
+        return encoder_case(name.removeprefix("encoder-"), tmp_path)
     return {"llama-cls": causal_classification_case, "bert-cls": bert_case}[name](tmp_path)
 
 
-CASES = ["gpt2", "llama", "qwen2", "llama-cls", "bert-cls"]
+CASES = [
+    "gpt2",
+    "llama",
+    "qwen2",
+    "llama-cls",
+    "bert-cls",
+    *(f"family-{name}" for name in FAMILIES),
+    *(f"encoder-{name}" for name in ENCODERS),
+]
 
 
 # -- golden files ------------------------------------------------------------------------------------------------
@@ -182,13 +290,18 @@ def save(case: Case, path: Path, versions: dict[str, str]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     arts = {}
     for task, art in case.artifacts.items():
-        tensors[f"art.{task}.prefix"] = art.prefix_tensor.contiguous()
+        if art.prefix_tensor is not None:
+            tensors[f"art.{task}.prefix"] = art.prefix_tensor.contiguous()
+        for module, delta in (art.biases or {}).items():
+            tensors[f"art.{task}.bias.{module}"] = delta.contiguous()
         if art.head is not None:
             tensors[f"art.{task}.head.weight"] = art.head.weight.contiguous()
             if art.head.bias is not None:
                 tensors[f"art.{task}.head.bias"] = art.head.bias.contiguous()
         arts[task] = {"method": art.method, "labels": art.head.labels if art.head else None}
         arts[task]["pooling"] = art.head.pooling if art.head else None
+        if art.biases:
+            arts[task]["biases"] = sorted(art.biases)
     for i, (tokens, logits) in enumerate(zip(case.ref_tokens, case.ref_logits, strict=True)):
         tensors[f"ref.{i}.logits"] = logits.float().contiguous()
         tensors[f"ref.{i}.tokens"] = torch.tensor(tokens, dtype=torch.long)
@@ -215,7 +328,8 @@ def load(name: str) -> Case:
     fp = BackboneFingerprint.from_config(backbone_of(meta["kind"]).config)
     artifacts = {}
     for task, info in meta["artifacts"].items():
-        prefix = tensors[f"art.{task}.prefix"]
+        prefix = tensors.get(f"art.{task}.prefix")
+        biases = {module: tensors[f"art.{task}.bias.{module}"] for module in info.get("biases", ())} or None
         head = None
         if info["labels"]:
             head = ClassificationHead(
@@ -224,9 +338,9 @@ def load(name: str) -> Case:
                 info["labels"],
                 info["pooling"],
             )
-        kv = prefix if prefix.ndim == 5 else None
+        kv = prefix if prefix is not None and prefix.ndim == 5 else None
         soft = None if kv is not None else prefix
-        artifacts[task] = PrefixArtifact(task, info["method"], fp, kv=kv, soft_prompt=soft, head=head)
+        artifacts[task] = PrefixArtifact(task, info["method"], fp, kv=kv, soft_prompt=soft, head=head, biases=biases)
     n = len(meta["tasks"])
     return Case(
         meta["kind"],

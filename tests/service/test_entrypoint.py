@@ -39,3 +39,16 @@ def test_default_backbone_is_the_bundled_minilm_offline():
     assert bb.mlm is not None and bb.mlm.transform is None, "MiniLM ships no MLM head: verbalizers use the embeddings"
     assert not any(p.requires_grad for p in bb.model.parameters()) and not bb.model.training
     assert bb.tokenizer("a great film")["input_ids"][0] == 101
+
+
+def test_refuses_an_unsupported_backbone_family_at_start(tmp_path, monkeypatch, caplog):
+    """`python -m service` with a backbone the engine is not proven on exits 2 with the model type, the reason and
+    the supported families, before it opens Redis or loads any weights."""
+    from transformers import BloomConfig
+
+    BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64).save_pretrained(tmp_path)  # a config, no weights
+    monkeypatch.setenv("PREFIXSERVE_BACKBONE", str(tmp_path))
+    monkeypatch.setenv("PREFIXSERVE_ALLOW_UNVERIFIED_BACKBONE", "true")  # a family known not to work: refused anyway
+    assert main(["--port", "0"]) == 2
+    assert "backbone model type 'bloom'" in caplog.text and "BloomAttention" in caplog.text
+    assert "Supported families" in caplog.text and "mistral" in caplog.text

@@ -355,3 +355,36 @@ async def test_auth_matrix_and_metrics(store, make_app, llama, tmp_path):
     ]:
         assert name in text, name
     assert generated >= 2 * 3 + 2 * 1  # two greedy generations of 3, two completions of at least one token
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "stablelm"])
+async def test_families_with_windows_caps_and_scales_answer_over_http_as_peft_alone(store, make_app, family, tmp_path):
+    """What a user saw over HTTP before these families were proven: 200 with wrong tokens or log-probabilities.
+    Gemma 2 (sliding window of 6 under a 17-token row, attention and final soft-caps), Cohere (logit_scale),
+    StableLM (layers that do not forward keyword arguments): an uploaded PEFT prefix task and the bare backbone give
+    PEFT's / transformers' greedy tokens and log-probabilities, the prompt's echoed log-probabilities included."""
+    from tests.families import family_model
+    from tests.golden.cases import peft_generate
+
+    base = family_model(family)
+    pm = trained_peft(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), seed=2)
+    await publish_peft(store, pm, "t", base.config, tmp_path / "t")
+    ids = [(7 * i + 3) % 120 + 3 for i in range(12)]
+    with live_server(make_app(base, name=family)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            for task, model in (("t", pm), ("base", base)):
+                body = {"task": task, "input_ids": ids, "max_new_tokens": 6, "logprobs": True, "ignore_eos": True}
+                r = await c.post("/v1/generate", json=body)
+                assert r.status_code == 200, r.text
+                tokens, logits = peft_generate(model, ids)
+                want = torch.log_softmax(logits.float(), -1)[range(6), tokens].tolist()
+                assert r.json()["token_ids"] == tokens
+                assert max(abs(a - b) for a, b in zip(r.json()["logprobs"], want)) <= 1e-4
+            body = {"model": "base", "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0}
+            r = await c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            echoed = r.json()["choices"][0]["logprobs"]["token_logprobs"][: len(ids)]
+            with torch.no_grad():
+                full = torch.log_softmax(base(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            assert echoed[0] is None
+            assert max(abs(echoed[j] - full[j - 1, ids[j]].item()) for j in range(1, len(ids))) <= 1e-4

@@ -10,68 +10,18 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from prefix_store import BackboneFingerprint, BackboneMismatch, ClassificationHead, PrefixArtifact
 from prefix_store.bitfit_io import export_bias_state_dict, import_bias_checkpoint
 from prefix_store.errors import UnsupportedAdapter
 from service.runtime import wrap_model
 from service.runtime.bias import bias_targets, checkpoint_references
-from tests.golden.cases import STEPS, Case, assert_matches, differences, serve
+from tests.golden.cases import Case, assert_matches, differences, serve
 from tests.models import MASK_ID, tiny_model, tiny_tokenizer
+from tests.references import biased_copy, prefix_cache, random_deltas, reference_generate
 
 pytestmark = pytest.mark.redis
 LABELS = ["neg", "pos", "mid"]
-
-
-# -- the reference: a copy of the model with its biases written in ---------------------------------------------------
-def biased_copy(model: torch.nn.Module, deltas: dict[str, torch.Tensor] | None) -> torch.nn.Module:
-    """A copy of `model` (a *ForMaskedLM or *LMHeadModel) whose bias at each module path is b + delta. Body paths
-    are relative to the base model; "cls.predictions..." to the model (the decoder bias once: it is tied)."""
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for path, delta in (deltas or {}).items():
-            root = m if path.startswith("cls.") else m.base_model
-            module = root.get_submodule(path)
-            module.bias += delta
-    return m
-
-
-def prefix_cache(kv: torch.Tensor | None) -> DynamicCache | None:
-    """A transformers cache holding a key/value prefix (L, 2, H_kv, P, D), as PEFT passes one."""
-    if kv is None:
-        return None
-    cache = DynamicCache()
-    for layer in range(kv.shape[0]):
-        cache.update(kv[layer, 0][None].clone(), kv[layer, 1][None].clone(), layer)
-    return cache
-
-
-@torch.no_grad()
-def reference_generate(model, ids: list[int], art: PrefixArtifact | None) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens and per-step logits (STEPS, V) of one row alone: transformers' forward and cache."""
-    m = biased_copy(model, art.biases if art is not None else None)
-    kv = art.kv if art is not None else None
-    soft = art.soft_prompt if art is not None else None
-    cache = prefix_cache(kv) or DynamicCache()
-    P = 0 if kv is None else kv.shape[3]
-    x = torch.tensor([ids])
-    if soft is not None:
-        embeds = torch.cat([soft[None], m.get_input_embeddings()(x)], 1)  # positions 0.. for prompt and tokens
-        out = m(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-    else:
-        pos = torch.arange(P, P + len(ids))[None]
-        out = m(input_ids=x, position_ids=pos, past_key_values=cache, use_cache=True)
-    n = P + (0 if soft is None else soft.shape[0]) + len(ids)
-    tokens, logits = [], []
-    for _ in range(STEPS):
-        step = out.logits[0, -1]
-        logits.append(step)
-        tok = int(step.argmax())
-        tokens.append(tok)
-        out = m(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[n]]), past_key_values=cache)
-        n += 1
-    return tokens, torch.stack(logits)
 
 
 @torch.no_grad()
@@ -98,17 +48,6 @@ def reference_classify(model, ids: list[int], art: PrefixArtifact) -> torch.Tens
 
 
 # -- artifacts -----------------------------------------------------------------------------------------------------
-def random_deltas(model, seed: int, only: str | None = None) -> dict[str, torch.Tensor]:
-    """Deltas for every bias of the served backbone (or those whose path contains `only`), large enough to matter."""
-    bb = wrap_model(copy.deepcopy(model), None, name="probe")
-    g = torch.Generator().manual_seed(seed)
-    return {
-        path: 0.5 * torch.randn(t.shape, generator=g)
-        for path, t in bias_targets(bb).items()
-        if only is None or only in path
-    }
-
-
 def artifact(model, task: str, seed: int, *, biases=True, only=None, P=0, soft=0, head=None) -> PrefixArtifact:
     fp = BackboneFingerprint.from_config(model.config)
     g = torch.Generator().manual_seed(100 + seed)
