@@ -76,6 +76,8 @@ def call_features(module: Any, attention_mask: Any, kwargs: dict[str, Any]) -> F
         )
     if kwargs.get("dropout"):
         raise AttentionBypassed(f"{type(module).__name__} asks for attention dropout {kwargs['dropout']} (training?)")
+    if kwargs.get("is_causal") is False:
+        raise AttentionBypassed(f"{type(module).__name__} asks for bidirectional attention in a causal model")
     window = kwargs.get("sliding_window")
     return Features(int(window) if window else None, kwargs.get("softcap") or None, kwargs.get("s_aux"))
 

@@ -216,8 +216,7 @@ def check_backbone(name: str, *, local_files_only: bool = False, allow_unverifie
     alone: what a process runs before it starts anything else. Takes load_backbone's arguments."""
     source = resolve_source(name)
     config = AutoConfig.from_pretrained(source, local_files_only=local_files_only or Path(source).is_dir())
-    is_encoder = config.model_type in ENCODER_TYPES | IMAGE_TYPES
-    families.check_family(config, allow_unverified=allow_unverified, causal=not is_encoder)
+    families.check_family(config, allow_unverified=allow_unverified)
 
 
 def load_backbone(
@@ -236,7 +235,7 @@ def load_backbone(
     kwargs: dict[str, Any] = {"local_files_only": local_files_only or Path(source).is_dir()}
     config = AutoConfig.from_pretrained(source, **kwargs)
     is_encoder = config.model_type in ENCODER_TYPES | IMAGE_TYPES
-    families.check_family(config, allow_unverified=allow_unverified, causal=not is_encoder)
+    families.check_family(config, allow_unverified=allow_unverified)
     model_cls = AutoModel if is_encoder else AutoModelForCausalLM
     torch_dtype, dev = DTYPES[dtype], resolve_device(device)
     model, info = model_cls.from_pretrained(
@@ -359,7 +358,7 @@ def wrap_model(
     is not proven exact on (families.UnsupportedBackbone) unless `allow_unverified`."""
     config = model.config
     is_encoder = config.model_type in ENCODER_TYPES | IMAGE_TYPES
-    unverified = families.check_family(config, allow_unverified=allow_unverified, causal=not is_encoder)
+    unverified = families.check_family(config, allow_unverified=allow_unverified)
     if config.model_type in IMAGE_TYPES:
         number_attention_layers(model.base_model)
         if image_processor is None:

@@ -100,18 +100,19 @@ REFUSED: dict[str, str] = {
 
 # Attention arguments the modules of supported families pass that need nothing from the engine: positions were
 # applied to the keys already, dropout is off in eval mode, no cache or mask of transformers' is in play.
-HARMLESS_ARGS = frozenset({"position_ids", "use_cache", "past_key_values", "dropout", "output_attentions", "is_causal"})
-HONOURED_ARGS = frozenset({"sliding_window", "softcap", "s_aux", "scaling"})
+HARMLESS_ARGS = frozenset({"position_ids", "use_cache", "past_key_values", "dropout", "output_attentions"})
+HONOURED_ARGS = frozenset({"sliding_window", "softcap", "s_aux", "scaling", "is_causal"})
 
 
 def supported_list() -> str:
     return ", ".join(sorted(SUPPORTED))
 
 
-def check_family(config: Any, *, allow_unverified: bool = False, causal: bool = True) -> str | None:
+def check_family(config: Any, *, allow_unverified: bool = False) -> str | None:
     """Refuses a backbone the engine is not proven exact on (UnsupportedBackbone); returns None for a proven one, or
-    the warning an unproven causal LM was loaded under with `allow_unverified`. The families known not to work
-    (REFUSED) and unproven encoders are refused either way: their serving paths are family-specific."""
+    the warning an unproven causal-LM family was loaded under with `allow_unverified`. Refused either way: the
+    families known not to work (REFUSED), a supported family with a feature the engine does not serve, and unproven
+    encoders (their serving paths are family-specific)."""
     problems = unsupported_features(config)
     if not problems:
         return None
@@ -120,14 +121,21 @@ def check_family(config: Any, *, allow_unverified: bool = False, causal: bool = 
         + "; ".join(problems)
         + f". Supported families (proven exact by the family matrix): {supported_list()}"
     )
-    if not allow_unverified or config.model_type in REFUSED or not causal:
-        hint = ""
-        if config.model_type not in REFUSED and causal:
-            hint = ". Set PREFIXSERVE_ALLOW_UNVERIFIED_BACKBONE=true to serve it anyway, unverified"
+    unknown_causal = config.model_type not in SUPPORTED | REFUSED.keys() and _causal_lm(config)
+    if not (allow_unverified and unknown_causal):
+        hint = (
+            ". Set PREFIXSERVE_ALLOW_UNVERIFIED_BACKBONE=true to serve it anyway, unverified" if unknown_causal else ""
+        )
         raise UnsupportedBackbone(message + hint)
     warning = "UNVERIFIED BACKBONE, served without proof of exactness: " + message
     log.warning("%s", warning)
     return warning
+
+
+def _causal_lm(config: Any) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def unsupported_features(config: Any) -> list[str]:
@@ -145,22 +153,33 @@ def unsupported_features(config: Any) -> list[str]:
             problems.append(f"layer type {kind!r} (only full_attention and sliding_attention are served)")
     if getattr(config, "is_encoder_decoder", False):
         problems.append("encoder-decoder models are not served")
+    if model_type in ENCODER_FAMILIES and getattr(config, "is_decoder", False):
+        problems.append("is_decoder is set (a causal encoder: its modules mask causally, the engine's encoders do not)")
     return problems
+
+
+# Families whose attention modules pass `config.sliding_window` on every layer (no layer_types).
+WINDOW_ON_EVERY_LAYER = frozenset({"mistral", "phi3", "starcoder2"})
 
 
 def attention_windows(config: Any) -> tuple[int | None, ...]:
     """Per layer, the sliding window W (a token at position q attends to positions q-W+1..q) or None (everything
-    before it), as the family's modules pass it to the attention (their `sliding_window` argument). A window that
-    covers the whole context is no window."""
+    before it), as the family's modules pass it to the attention (their `sliding_window` argument): from
+    `layer_types`, or on every layer for the families whose modules read `config.sliding_window` directly. A
+    `sliding_window` key on another family (converted checkpoints carry one) is ignored, as its modules ignore it.
+    A window that covers the whole context is no window. An unverified family's modules may still pass a window:
+    the attention honours it (attention.call_features), with every token kept."""
     L = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     context = getattr(config, "max_position_embeddings", None)
     if window is None or (context is not None and window >= context):
         return (None,) * L
     types = getattr(config, "layer_types", None)
-    if types is None:  # Mistral, Phi-3, Starcoder2: one window on every layer
+    if types is not None:
+        return tuple(int(window) if t == "sliding_attention" else None for t in types)
+    if config.model_type in WINDOW_ON_EVERY_LAYER:
         return (int(window),) * L
-    return tuple(int(window) if t == "sliding_attention" else None for t in types)
+    return (None,) * L
 
 
 def final_logits(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:

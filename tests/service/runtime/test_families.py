@@ -24,6 +24,7 @@ from service.runtime.families import UnsupportedBackbone
 from tests.families import ENCODERS, FAMILIES, WINDOW
 from tests.family_matrix import CHUNK, causal_differences, encoder_differences, run_causal
 from tests.golden.cases import STEPS, Case, backbone_of, encoder_case, family_case
+from tests.references import reference_generate
 
 pytestmark = pytest.mark.peft_reference("generate")
 
@@ -168,11 +169,43 @@ def test_an_unproven_causal_lm_loads_only_when_allowed_and_says_so():
         )
 
 
-def test_a_config_feature_the_engine_does_not_serve_is_refused():
-    model = FAMILIES["gemma2"].builder()
-    model.config.use_bidirectional_attention = True
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_config_feature_the_engine_does_not_serve_is_refused_even_when_unverified_is_allowed(allow):
+    model = FAMILIES["gemma3"].builder()
+    model.config.use_bidirectional_attention = True  # EmbeddingGemma
     with pytest.raises(UnsupportedBackbone, match="use_bidirectional_attention"):
-        wrap_model(model, None, name="g")
+        wrap_model(model, None, name="g", allow_unverified=allow)
+
+
+def test_a_causal_encoder_is_refused():
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, is_decoder=True))
+    with pytest.raises(UnsupportedBackbone, match="is_decoder"):
+        wrap_model(model, None, name="b", allow_unverified=True)
+
+
+@pytest.mark.parametrize("name", ["llama", "cohere", "olmo2"])
+def test_a_sliding_window_key_on_a_family_that_does_not_slide_is_ignored_as_its_modules_ignore_it(name):
+    """Converted checkpoints carry `sliding_window` on families whose modules never read it: served as transformers
+    runs them (every token attended), not refused and not failing at the first request."""
+    from tests.families import family_model
+
+    model = family_model(name)
+    model.config.sliding_window = 4
+    bb = wrap_model(copy.deepcopy(model), None, name=name)
+    assert bb.windows == (None,) * model.config.num_hidden_layers
+    ids = list(range(5, 25))
+    engine = Engine(bb, max_rows=2)
+    p = SamplingParams(max_new_tokens=3, return_logits=True, ignore_eos=True)
+    outs = list(engine.step(StepPlan((EngineRequest.generate("r", ids, None, p),))).rows)
+    while engine.running:
+        outs += engine.step(StepPlan()).rows
+    # The model's own forward, with a cache built without the config (as PEFT's is): every token attended.
+    # (transformers' generate would build its cache from the config and drop tokens past the window, unlike the
+    # model's forward: the key means nothing to these families' attention.)
+    _, ref = reference_generate(model, ids, None, steps=3)
+    assert max((o.logits - ref[k]).abs().max().item() for k, o in enumerate(outs)) <= 1e-5
 
 
 def test_a_head_the_engine_does_not_reproduce_is_refused(monkeypatch):
