@@ -2,23 +2,40 @@
 Stream read through a consumer group, plus one hash per job for its state.
 
   {N:train}:jobs        stream of {"job": id}; consumer group "trainers"
-  {N:train}:job:id      hash: state (queued | running | succeeded | failed), spec, progress, result, error, worker,
-                      attempts, created_at, updated_at (JSON where structured)
+  {N:train}:job:id      hash: state (queued | running | succeeded | failed | cancelled), spec (without its inline
+                      examples), examples (the inline records, JSON, only until the job ends), inline_examples and
+                      inline_dev_examples (their counts), progress, result, error, worker, attempts, created_at,
+                      updated_at, ended_at, expires_at, cancelled_at, released_at (JSON where structured)
 
 Both share the hash tag {N:train} (keys.py), so queuing a job (its hash and its stream entry in one MULTI) works on
 Redis Cluster too, where the whole queue lives in one slot.
 
 Several workers share the group, each message going to one of them. A worker keeps its message's idle time low
 with a heartbeat (XCLAIM ... JUSTID) while it trains; a message whose worker died goes idle and the next worker
-takes it over with XAUTOCLAIM. A message is acknowledged only when its job has ended, either way.
+takes it over with XAUTOCLAIM. A message is acknowledged (and deleted from the stream) only when its job has ended,
+either way.
+
+State changes are one Lua script each on the job's hash, so a cancel and a worker never overwrite each other: a
+worker starts only a queued (or taken-over running) job, a cancel ends only a queued or running one, a worker's
+result lands only on a job still running, and progress is written only while it runs. A job that ends loses its
+inline examples and expires after the queue's ttl_s (PREFIXSERVE_JOB_TTL_S).
+
+Paths in a spec (`data`, `dev_data`, `export_peft`) are files on the trainer's machine. On the queue path they must
+lie inside the allowed directories (PREFIXSERVE_TRAIN_DATA_DIRS, PREFIXSERVE_EXPORT_DIRS): `allowed_path` resolves
+them (symbolic links and `..` first) the way service/sources.py checks PREFIXSERVE_ADAPTER_DIRS, and is called by the
+service at submission and by the worker again before it reads or writes anything.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -31,10 +48,135 @@ from .store import TRANSIENT, Client, refresh_slots_on_fault
 
 GROUP = "trainers"
 _JSON_FIELDS = ("spec", "progress", "result")
+ACTIVE = ("queued", "running")
+ENDED = ("succeeded", "failed", "cancelled")
+DEFAULT_TTL_S = 7 * 24 * 3600
+INLINE = ("examples", "dev_examples")  # spec fields kept apart from the spec, and dropped when the job ends
+# The fields of a job's view: everything but its inline examples, which can be hundreds of megabytes.
+VIEW_FIELDS = (
+    "state",
+    "spec",
+    "progress",
+    "result",
+    "error",
+    "worker",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "ended_at",
+    "expires_at",
+    "cancelled_at",
+    "released_at",
+    "inline_examples",
+    "inline_dev_examples",
+)
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # ids become file names under the worker's work directory
+TRAIN_DATA_SETTING = "PREFIXSERVE_TRAIN_DATA_DIRS"
+EXPORT_SETTING = "PREFIXSERVE_EXPORT_DIRS"
 
 
 class JobNotFound(PrefixStoreError, LookupError):
     pass
+
+
+class JobEnded(PrefixStoreError):
+    """The job has ended (succeeded, failed or cancelled): it cannot be cancelled any more."""
+
+
+class JobPathError(PrefixStoreError, ValueError):
+    """A path in a training job that is not a usable path (relative, a NUL byte, too long)."""
+
+
+class PathNotAllowed(JobPathError):
+    """A path in a training job outside the directories the process allows. Nothing was read or written there."""
+
+
+# -- paths ----------------------------------------------------------------------------------------------------------
+def allowed_path(
+    path: str | Path, allowed: Sequence[str | Path], *, what: str, setting: str, quote: bool = True
+) -> Path:
+    """`path` resolved (symbolic links and .. followed, as service.sources.local_files does for adapters), once it is
+    known to lie inside one of the `allowed` directories (resolved the same way). Raises PathNotAllowed outside them
+    or when none is allowed, JobPathError for a path that is not absolute. The path need not exist (an export
+    directory is made later); nothing is opened or read. `quote`: name the path in the message (not for a path
+    read from a data file, which is the file's content)."""
+    if not allowed:
+        raise PathNotAllowed(f"{what}: paths are off: this process allows no directory ({setting})")
+    raw = str(path)
+    shown = f" {raw!r:.300}" if quote else ""
+    if len(raw) > 4096:
+        raise JobPathError(f"{what}: expected a path of at most 4096 characters, got {len(raw)}")
+    p = Path(raw)
+    if not p.is_absolute():
+        raise JobPathError(f"{what}: a path must be absolute, got{shown or ' a relative one'}")
+    try:
+        resolved = p.resolve()
+        roots = [Path(d).resolve() for d in allowed]
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symbolic-link loop (3.11: RuntimeError)
+        raise JobPathError(f"{what}{shown}: not a usable path ({type(e).__name__})") from None
+    if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
+        raise PathNotAllowed(f"{what}{shown} is outside the directories this process allows ({setting})")
+    return resolved
+
+
+def check_job_paths(spec: TrainSpec, *, data_dirs: Sequence[str], export_dirs: Sequence[str]) -> TrainSpec:
+    """The spec with its file paths resolved, each checked against the allowed directories (data and dev data
+    against `data_dirs`, the PEFT export against `export_dirs`). The service calls it at submission and the worker
+    again before it reads anything: a path outside is refused (PathNotAllowed), never opened."""
+    update: dict[str, str] = {}
+    for name in ("data", "dev_data"):
+        value = getattr(spec, name)
+        if value is not None:
+            update[name] = str(allowed_path(value, data_dirs, what=name, setting=TRAIN_DATA_SETTING))
+    if spec.export_peft is not None:
+        update["export_peft"] = str(
+            allowed_path(spec.export_peft, export_dirs, what="export_peft", setting=EXPORT_SETTING)
+        )
+    return spec.model_copy(update=update) if update else spec
+
+
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        raise JobNotFound(f"training job {job_id!r:.80} not found (ids are 1-128 letters, digits, '_', '-')")
+    return job_id
+
+
+# -- label names ----------------------------------------------------------------------------------------------------
+MAX_LABELS = 1024
+MAX_LABEL_CHARS = 64
+# Besides letters, marks, digits and emoji-like symbols: the punctuation real label sets use ("Sci/Tech",
+# "not_entailment", "rock & roll", "4+"). Not ':', '=', '$', '#', quotes, brackets or control characters: the
+# shapes of configuration lines and password entries, so a file read as data cannot turn its lines into the labels
+# a task serves.
+LABEL_PUNCTUATION = frozenset(" _-.,'&+()/!?")
+
+
+def check_label_names(labels: Sequence[str], what: str, *, quote: bool = False) -> list[str]:
+    """Raises ValueError unless `labels` are 1 to MAX_LABELS distinct names of 1 to MAX_LABEL_CHARS characters
+    (letters, digits, marks, symbols like emoji, the punctuation of LABEL_PUNCTUATION; no leading or trailing space).
+    Messages name a label by its position and only quote it when `quote` is set (the caller's own input): labels
+    read from a file are file content, and errors never quote file content."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{what}: expected at most {MAX_LABELS} labels, found {len(labels)}")
+    for i, label in enumerate(labels):
+        name = f"{what}[{i}]" + (f" {label!r:.80}" if quote else "")
+        if not isinstance(label, str) or not 1 <= len(label) <= MAX_LABEL_CHARS:
+            size = len(label) if isinstance(label, str) else type(label).__name__
+            raise ValueError(f"{name}: expected 1 to {MAX_LABEL_CHARS} characters, got {size}")
+        if label != label.strip():
+            raise ValueError(f"{name}: expected no leading or trailing whitespace")
+        bad = next((c for c in label if not _label_char(c)), None)
+        if bad is not None:
+            shown = f" {bad!r}" if quote else f" (Unicode category {unicodedata.category(bad)})"
+            allowed = "".join(sorted(LABEL_PUNCTUATION))
+            raise ValueError(f"{name}: a character{shown} outside letters, digits, symbols and {allowed!r}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{what}: expected distinct labels, found {len(labels) - len(set(labels))} repeated")
+    return list(labels)
+
+
+def _label_char(c: str) -> bool:
+    return c in LABEL_PUNCTUATION or unicodedata.category(c)[0] in "LMN" or unicodedata.category(c) == "So"
 
 
 Method = Literal["prefix_tuning", "p_tuning_v2", "prompt_tuning", "p_tuning", "bitfit", "vpt_shallow", "vpt_deep"]
@@ -48,7 +190,13 @@ class SweepGrid(BaseModel):
     methods: list[Method] | None = Field(None, min_length=1, max_length=7)
     lrs: list[float] | None = Field(None, min_length=1, max_length=16)
     num_virtual_tokens: list[int] | None = Field(None, min_length=1, max_length=16)
-    parallel: int = Field(1, ge=1, le=16, description="runs trained at once (processes sharing the machine's cores)")
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="runs trained at once (processes sharing the machine's cores); capped at the cores the worker may "
+        "use, the effective value reported in the job's progress and result",
+    )
 
     @model_validator(mode="after")
     def _size(self) -> SweepGrid:
@@ -65,15 +213,29 @@ class SweepGrid(BaseModel):
 class TrainSpec(BaseModel):
     task: str = Field(description="task name to publish under", examples=["sst2"])
     method: Method
-    data: str | None = Field(None, description="training file (JSONL, CSV, TSV) on the trainer's machine")
+    data: str | None = Field(
+        None,
+        max_length=4096,
+        description="training file (JSONL, CSV, TSV) or image folder on the trainer's machine; through the queue, an "
+        "absolute path inside PREFIXSERVE_TRAIN_DATA_DIRS",
+    )
     examples: list[dict[str, Any]] | None = Field(None, max_length=100_000, description="inline training records")
-    dev_data: str | None = Field(None, description="dev file; default: hold out dev_fraction of train")
+    dev_data: str | None = Field(
+        None, max_length=4096, description="dev file (same rules as data); default: hold out dev_fraction of train"
+    )
     dev_examples: list[dict[str, Any]] | None = Field(None, max_length=100_000)
-    columns: dict[str, str] | None = Field(None, description='column mapping, e.g. {"input": "mr", "output": "ref"}')
+    columns: dict[str, str] | None = Field(
+        None, max_length=8, description='column mapping, e.g. {"input": "mr", "output": "ref"}'
+    )
     limit: int | None = Field(None, ge=1, description="read at most this many training records")
     dev_limit: int | None = Field(500, ge=1, description="evaluate on at most this many dev examples")
     dev_fraction: float = Field(0.1, gt=0, lt=1)
-    labels: list[str] | None = Field(None, description="class names in head order (default: sorted labels)")
+    labels: list[str] | None = Field(
+        None,
+        max_length=MAX_LABELS,
+        description=f"class names in head order (default: sorted labels); each 1-{MAX_LABEL_CHARS} characters of "
+        "letters, digits, symbols and ' _-.,&+()/!?'",
+    )
 
     num_virtual_tokens: int | None = Field(None, ge=1, le=512, description="default: the method's (trainer.methods)")
     reparam: bool | None = Field(None, description="MLP reparametrisation (default: on for prefix_tuning only)")
@@ -122,12 +284,29 @@ class TrainSpec(BaseModel):
         description="label -> one vocabulary word, read at [MASK] by the masked-LM head instead of a linear head",
     )
     sweep: SweepGrid | None = Field(None, description="train a grid of runs and publish the best (see SweepGrid)")
-    export_peft: str | None = Field(None, description="also write a PEFT adapter directory here")
+    export_peft: str | None = Field(
+        None,
+        max_length=4096,
+        description="also write a PEFT adapter directory here; through the queue, an absolute path inside "
+        "PREFIXSERVE_EXPORT_DIRS (none by default: refused)",
+    )
 
     @field_validator("task")
     @classmethod
     def _task(cls, v: str) -> str:
         return validate_task_name(v)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else check_label_names(v, "labels", quote=True)
+
+    @field_validator("verbalizer")
+    @classmethod
+    def _verbalizer(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            check_label_names(list(v), "verbalizer labels", quote=True)
+        return v
 
     @model_validator(mode="after")
     def _data(self) -> TrainSpec:
@@ -153,28 +332,83 @@ class Claimed:
     reclaimed: bool  # taken over from a worker that went silent
 
 
+# Scripts on one job hash (KEYS[1]); each returns false when the job does not exist, so none recreates an expired one.
+_START = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return false end
+if state ~= 'queued' and state ~= 'running' then return {0, state} end
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'attempts', ARGV[2], 'updated_at', ARGV[3])
+return {1, state}
+"""
+# ARGV: new state, now, expires_at, ttl seconds, then field/value pairs. A job that already ended (a cancel came
+# first) keeps its state; the worker's letting go is recorded as released_at.
+_FINISH = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return false end
+local done = 0
+if state == 'queued' or state == 'running' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[2], 'ended_at', ARGV[2], 'expires_at', ARGV[3])
+  for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  done = 1
+else
+  redis.call('HSET', KEYS[1], 'released_at', ARGV[2])
+end
+redis.call('HDEL', KEYS[1], 'examples')
+if done == 1 or redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+return {done, state}
+"""
+# ARGV: now, expires_at, ttl seconds.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return false end
+if state ~= 'queued' and state ~= 'running' then return {0, state} end
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_at', ARGV[1], 'ended_at', ARGV[1], 'cancelled_at',
+           ARGV[1], 'expires_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'examples')
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, state}
+"""
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'progress', ARGV[1], 'updated_at', ARGV[2])
+return 1
+"""
+
+
 class JobQueue:
-    def __init__(self, client: Client, *, namespace: str = "prefixserve") -> None:
+    """The queue and the jobs' records. `ttl_s`: how long an ended job's record is kept (PREFIXSERVE_JOB_TTL_S)."""
+
+    def __init__(self, client: Client, *, namespace: str = "prefixserve", ttl_s: int = DEFAULT_TTL_S) -> None:
         keys = KeyLayout(namespace)
         self.client = client
         self.stream = keys.jobs
         self.prefix = keys.job_prefix
+        self.ttl_s = int(ttl_s)
+        self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
+        self._cancel = client.register_script(_CANCEL)
+        self._progress = client.register_script(_PROGRESS)
 
     async def enqueue(self, spec: dict[str, Any]) -> str:
+        """Queues a job; its inline examples are kept apart from the spec (a job's view never reads them)."""
         job_id = uuid.uuid4().hex
         now = _now()
+        light = {k: v for k, v in spec.items() if k not in INLINE}
+        inline = {k: spec[k] for k in INLINE if spec.get(k) is not None}
+        record: dict[str, Any] = {
+            "state": "queued",
+            "spec": json.dumps(light),
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+            "inline_examples": len(inline.get("examples") or []),
+            "inline_dev_examples": len(inline.get("dev_examples") or []),
+        }
+        if inline:
+            record["examples"] = json.dumps(inline)
         try:
             async with refresh_slots_on_fault(self.client), self.client.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    self.prefix + job_id,
-                    mapping={
-                        "state": "queued",
-                        "spec": json.dumps(spec),
-                        "attempts": 0,
-                        "created_at": now,
-                        "updated_at": now,
-                    },
-                )
+                pipe.hset(self.prefix + job_id, mapping=record)
                 pipe.xadd(self.stream, {"job": job_id})
                 await pipe.execute()
         except TRANSIENT as e:
@@ -184,23 +418,81 @@ class JobQueue:
         return job_id
 
     async def get(self, job_id: str) -> dict[str, Any]:
-        try:
-            raw = await self.client.hgetall(self.prefix + job_id)
-        except TRANSIENT as e:
-            raise StoreUnavailable(f"Redis unreachable: {e}") from e
-        if not raw:
+        """The job's view: every field but its inline examples (counted in inline_examples, inline_dev_examples)."""
+        check_job_id(job_id)
+        values = await self._call(self.client.hmget(self.prefix + job_id, list(VIEW_FIELDS)))
+        job: dict[str, Any] = {k: v.decode() for k, v in zip(VIEW_FIELDS, values, strict=True) if v is not None}
+        if "state" not in job:
             raise JobNotFound(f"training job {job_id!r} not found")
-        job: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
         for key in _JSON_FIELDS:
             if key in job:
                 job[key] = json.loads(job[key])
-        job["attempts"] = int(job.get("attempts", 0))
+        spec = job.get("spec") or {}
+        for key in INLINE:  # a record queued by an earlier release keeps its examples in the spec
+            if isinstance(spec.get(key), list):
+                job.setdefault(f"inline_{key}", len(spec.pop(key)))
+        for key in ("attempts", "inline_examples", "inline_dev_examples"):
+            job[key] = int(job.get(key, 0))
         job["job_id"] = job_id
         return job
+
+    async def spec(self, job_id: str) -> dict[str, Any]:
+        """The whole spec, inline examples included (what a worker trains on)."""
+        check_job_id(job_id)
+        raw_spec, raw_examples = await self._call(self.client.hmget(self.prefix + job_id, ["spec", "examples"]))
+        if raw_spec is None:
+            raise JobNotFound(f"training job {job_id!r} not found")
+        spec = json.loads(raw_spec)
+        if raw_examples is not None:
+            spec.update(json.loads(raw_examples))
+        return spec
+
+    async def state(self, job_id: str) -> str | None:
+        raw = await self._call(self.client.hget(self.prefix + job_id, "state"))
+        return None if raw is None else raw.decode()
 
     async def update(self, job_id: str, **fields: Any) -> None:
         data = {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in fields.items() if v is not None}
         await self.client.hset(self.prefix + job_id, mapping={**data, "updated_at": _now()})
+
+    async def start(self, job_id: str, worker: str, attempts: int) -> bool:
+        """Marks the job running on `worker`, only if it is queued (or running: taken over from a silent worker).
+        False when it is gone or has ended (cancelled before it started): then it must not run."""
+        res = await self._call(self._start(keys=[self.prefix + job_id], args=[worker, attempts, _now()]))
+        return bool(res and int(res[0]))
+
+    async def finish(
+        self, job_id: str, state: Literal["succeeded", "failed"], *, result: Any = None, error: str | None = None
+    ) -> bool:
+        """Ends a queued or running job with its result or error, drops its inline examples and starts its TTL.
+        False when the job was gone or had already ended (cancelled while it ran): its state is left as it is."""
+        now = datetime.now(UTC)
+        extra: list[Any] = []
+        if result is not None:
+            extra += ["result", json.dumps(result)]
+        if error is not None:
+            extra += ["error", error]
+        args = [state, _iso(now), _iso(now + timedelta(seconds=self.ttl_s)), self.ttl_s, *extra]
+        res = await self._call(self._finish(keys=[self.prefix + job_id], args=args))
+        return bool(res and int(res[0]))
+
+    async def cancel(self, job_id: str) -> str:
+        """Cancels a queued or running job (a worker stops it at its next step and publishes nothing) and returns the
+        state it had. Raises JobNotFound, or JobEnded when it has already succeeded, failed or been cancelled."""
+        check_job_id(job_id)
+        now = datetime.now(UTC)
+        args = [_iso(now), _iso(now + timedelta(seconds=self.ttl_s)), self.ttl_s]
+        res = await self._call(self._cancel(keys=[self.prefix + job_id], args=args))
+        if not res:
+            raise JobNotFound(f"training job {job_id!r} not found")
+        done, state = int(res[0]), res[1].decode()
+        if not done:
+            raise JobEnded(f"training job {job_id!r} already {state}: only a queued or running job can be cancelled")
+        return state
+
+    async def progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        """Writes the job's progress while it runs (never after it ended: a cancelled job keeps its last progress)."""
+        await self._call(self._progress(keys=[self.prefix + job_id], args=[json.dumps(progress), _now()]))
 
     # -- consumers ----------------------------------------------------------------------------------------------
     async def ensure_group(self) -> None:
@@ -230,11 +522,43 @@ class JobQueue:
         await self.client.xclaim(self.stream, GROUP, consumer, 0, [message_id], justid=True)
 
     async def ack(self, message_id: str) -> None:
-        await self.client.xack(self.stream, GROUP, message_id)
+        """Acknowledges the message and deletes it from the stream, which would otherwise grow with every job."""
+        async with refresh_slots_on_fault(self.client), self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream, GROUP, message_id)
+            pipe.xdel(self.stream, message_id)
+            await pipe.execute()
+
+    @staticmethod
+    async def _call(call: Any) -> Any:
+        try:
+            return await call
+        except TRANSIENT as e:
+            raise StoreUnavailable(f"Redis unreachable: {e}") from e
+        except ResponseError as e:
+            raise StoreUnavailable(f"Redis refused the job command: {e}") from e
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return _iso(datetime.now(UTC))
 
 
-__all__ = ["Claimed", "JobNotFound", "JobQueue", "SweepGrid", "TrainSpec"]
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="seconds")
+
+
+__all__ = [
+    "ACTIVE",
+    "ENDED",
+    "Claimed",
+    "JobEnded",
+    "JobNotFound",
+    "JobPathError",
+    "JobQueue",
+    "PathNotAllowed",
+    "SweepGrid",
+    "TrainSpec",
+    "allowed_path",
+    "check_job_id",
+    "check_job_paths",
+    "check_label_names",
+]

@@ -10,10 +10,11 @@ and runs anywhere the URL is reachable).
     prefixserve train submit job.json           # a TrainSpec as JSON (a file, or - for stdin)
     prefixserve train status JOB_ID
     prefixserve train watch JOB_ID              # a progress bar until the job ends
+    prefixserve train cancel JOB_ID             # a queued job never starts; a running one stops, unpublished
 
 URL and key: --url / --key, or PREFIXSERVE_URL (default http://127.0.0.1:8000) and PREFIXSERVE_ADMIN_KEY. Output:
 readable tables, or --json for scripts. Exit codes: 0 success, 1 the server refused (its error message is printed as
-it is), 2 bad usage, 3 the server could not be reached, 4 a watched job failed.
+it is), 2 bad usage, 3 the server could not be reached, 4 a watched job failed or was cancelled.
 """
 
 from __future__ import annotations
@@ -240,15 +241,22 @@ def train_watch(c: Client, a: argparse.Namespace) -> Any:
             line = f"{out['state']:<9} {progress_bar(out.get('progress'))}"
             sys.stderr.write(("\r" + line) if tty else line + "\n")
             sys.stderr.flush()
-        if out["state"] in ("succeeded", "failed"):
+        if out["state"] in ("succeeded", "failed", "cancelled"):
             if tty and not a.json:
                 sys.stderr.write("\n")
             if out["state"] == "failed":
                 raise JobFailed(out.get("error") or "failed", out)
+            if out["state"] == "cancelled":
+                raise JobFailed(f"cancelled at {out.get('cancelled_at')}", out)
             return out if a.json else train_status(c, argparse.Namespace(job_id=a.job_id, json=False))
         if deadline is not None and time.monotonic() > deadline:
             raise JobFailed(f"still {out['state']} after {a.timeout:g}s", out)
         time.sleep(a.interval)
+
+
+def train_cancel(c: Client, a: argparse.Namespace) -> Any:
+    out = c.json("DELETE", f"/v1/train/{_q(a.job_id)}")
+    return out if a.json else f"job {out['job_id']} {out['state']}"
 
 
 class UsageError(Exception):
@@ -312,6 +320,9 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--interval", type=float, default=1.0)
     w.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
     w.set_defaults(fn=train_watch)
+    cn = train.add_parser("cancel", help="cancel a queued or running job (a job that ended: 409)")
+    cn.add_argument("job_id")
+    cn.set_defaults(fn=train_cancel)
     return p
 
 

@@ -6,6 +6,10 @@ python -m trainer worker                                                take job
 Options of `train` are the fields of prefix_store.jobs.TrainSpec (--steps, --lr, --num-virtual-tokens, --dev-data,
 --columns input=mr,output=ref, --labels neg,pos, --gate 0.8, --export-peft DIR, ...). Everything else (backbone,
 Redis, work dir) comes from PREFIXSERVE_* settings, as for the service.
+
+`train` and `sweep` are the local operator's: they read any path given and write --export-peft anywhere, with the
+operator's own file permissions. PREFIXSERVE_TRAIN_DATA_DIRS and PREFIXSERVE_EXPORT_DIRS bind the `worker`, which
+runs what others queued (see trainer.worker).
 """
 
 from __future__ import annotations
@@ -114,7 +118,8 @@ async def _worker(settings: TrainerSettings) -> None:
             await store.migrate_layout()
         except StoreUnavailable as e:  # every store read and write tries again first (see migrate_layout)
             log.error("%s", e)
-        await Worker(backbone, store, JobQueue(store.client, namespace=settings.namespace), settings).run(stop)
+        queue = JobQueue(store.client, namespace=settings.namespace, ttl_s=settings.job_ttl_s)
+        await Worker(backbone, store, queue, settings).run(stop)
     finally:
         await store.aclose()
         if embedded:

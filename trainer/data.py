@@ -3,6 +3,10 @@
 Generation records: {"input", "output"}. Classification: {"text", "label"} or {"text", "text_pair", "label"}.
 Files with other column names take a mapping (`{"input": "mr", "output": "ref"}`); the E2E files (mr, ref) and
 the SST-2 files (sentence, label) and the MRPC files (#1 String, #2 String, Quality) are recognised as they are.
+
+Errors name the file, the line or record number and what was expected, never what the file holds: a job may point
+at a file its submitter cannot read, and the error is sent back to them (a header line, a label, a text or an image
+path read from a file is content).
 """
 
 from __future__ import annotations
@@ -65,15 +69,27 @@ def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, A
         return load_image_folder(path, limit)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    try:
+        return _read_records(path, limit)
+    except UnicodeDecodeError as e:  # its message quotes the offending bytes
+        raise DataError(f"{path}: expected UTF-8 text, found an undecodable byte at offset {e.start}") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not readable as {path.suffix or 'CSV'} ({type(e).__name__})") from None
+
+
+def _read_records(path: Path, limit: int | None) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     if path.suffix == ".jsonl" or path.suffix == ".json":
         with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n}: not a JSON object: {e}") from None
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:  # its message gives a position, never the text
+                        raise DataError(f"{path}:{n}: not a JSON object: {e.msg} at column {e.colno}") from None
+                    if not isinstance(record, dict):
+                        raise DataError(f"{path}:{n}: expected a JSON object, found a {type(record).__name__}")
+                    records.append(record)
                 if limit and len(records) >= limit:
                     break
         return records
@@ -95,10 +111,11 @@ def to_examples(records: list[dict[str, Any]], columns: dict[str, str] | None = 
         raise DataError("no records")
     keys = set(records[0])
     mapping = columns or next((m for m in KNOWN_COLUMNS if set(m.values()) <= keys), None)
-    if mapping is None:
+    if mapping is None:  # the columns are not named: a file's header line is its content
+        known = "; ".join(",".join(m.values()) for m in KNOWN_COLUMNS)
         raise DataError(
-            f"columns {sorted(keys)} match no known layout; give a mapping such as "
-            '{"input": "mr", "output": "ref"} or {"text": "sentence", "label": "label"}'
+            f"the first record's {len(keys)} columns match no known layout (expected the columns {known}); give a "
+            'mapping such as {"input": "mr", "output": "ref"} or {"text": "sentence", "label": "label"}'
         )
     kind = "generation" if "output" in mapping else "classification"
     need = ("input", "output") if kind == "generation" else ("text", "label")
@@ -156,5 +173,5 @@ def load_dataset(
         raise DataError("no training examples")
     labels = sorted({e.label for e in train_ex + dev_ex if e.label is not None}) if kind == "classification" else []
     if kind == "classification" and len(labels) < 2:
-        raise DataError(f"classification needs at least two labels, found {labels}")
+        raise DataError(f"classification needs at least two labels, found {len(labels)}")
     return Dataset(kind, train_ex, dev_ex, labels)

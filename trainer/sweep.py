@@ -4,7 +4,9 @@ the dev set through the serving engine, the best kept for publishing.
 Each run trains in its own directory under the sweep's work directory, with its own checkpoints, and a finished
 run's result is written to `sweep.json` there: a sweep that is stopped and started again skips the finished runs and
 resumes the interrupted one from its checkpoint. With `parallel` > 1, runs train in that many processes at once,
-the machine's cores split between them.
+the machine's cores split between them. `parallel` is capped at the cores this process may use (its CPU affinity and
+its cgroup's CPU quota): each process holds its own copy of the backbone, so 16 processes on a 2-core host cost 16
+backbones' memory and run no faster than 2. The effective value is reported in the progress and the result.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import logging
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,7 +30,7 @@ from prefix_store.jobs import TrainSpec
 from service.runtime import Backbone, load_backbone
 
 from .methods import with_method_defaults
-from .train import Progress, TrainResult, train
+from .train import JobCancelled, Progress, StopFlag, TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +63,39 @@ def configs(spec: TrainSpec) -> list[TrainSpec]:
     return runs
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (os.sched_getaffinity, where the platform has it, else
+    the machine's count), lowered to a cgroup v2 CPU quota when one is set (a container's --cpus)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 def run_sweep(
     backbone: Backbone | None,
     spec: TrainSpec,
     work_dir: Path,
     progress: Progress | None = None,
     loader: dict[str, Any] | None = None,
+    *,
+    data_dirs: list[str] | None = None,
+    stop: StopFlag | None = None,
 ) -> SweepResult:
     """Trains every run of the grid (skipping those `sweep.json` says are done) and picks the best.
 
     Args:
         backbone: the frozen backbone, for runs trained in this process.
         loader: how to load the backbone in another process (load_backbone's arguments), for parallel runs.
+        data_dirs, stop: as for trainer.train.train; on `stop`, runs in other processes stop too and JobCancelled
+            is raised.
     """
     runs = configs(spec)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -86,28 +109,27 @@ def run_sweep(
         done[_name(i)] = row
         state_path.write_text(json.dumps(done, indent=1))  # the record of finished runs, for resuming
         bar.update(1)
-        report({"run": len(done), "runs": len(runs), "last": row})
+        report({"run": len(done), "runs": len(runs), "parallel": parallel, "last": row})
 
-    parallel = spec.sweep.parallel if spec.sweep else 1
-    if parallel > 1 and len(todo) > 1:
+    requested, cores = (spec.sweep.parallel if spec.sweep else 1), usable_cores()
+    parallel = max(1, min(requested, cores, len(todo)))
+    extra = {"parallel": {"requested": requested, "cores": cores, "effective": parallel}}
+    if parallel < requested:
+        log.info("sweep %s: %d runs at once (asked for %d, %d usable cores)", spec.task, parallel, requested, cores)
+    report({"run": len(done), "runs": len(runs), "parallel": parallel})
+    if parallel > 1:
         assert loader is not None, "parallel runs load the backbone in their own processes"
-        threads = max(1, (os.cpu_count() or 1) // parallel)
-        ctx = get_context("spawn")
-        with ProcessPoolExecutor(
-            parallel, mp_context=ctx, initializer=_init_worker, initargs=(loader, threads)
-        ) as pool:
-            futures = {pool.submit(_train_in_worker, r, str(work_dir / _name(i))): i for i, r in todo}
-            for future in as_completed(futures):
-                finish(futures[future], future.result())
+        _parallel(todo, work_dir, parallel, max(1, cores // parallel), loader, data_dirs, stop, finish)
     else:
         assert backbone is not None
         for i, run in todo:
-            report({"run": len(done) + 1, "runs": len(runs), "settings": _settings(run)})
+            report({"run": len(done) + 1, "runs": len(runs), "parallel": 1, "settings": _settings(run)})
 
             def inner(info: dict[str, Any], i: int = i) -> None:
-                report({"run": i + 1, "runs": len(runs), **info})
+                report({"run": i + 1, "runs": len(runs), "parallel": 1, **info})
 
-            finish(i, _row(run, train(backbone, run, work_dir / _name(i), inner)))
+            result = train(backbone, run, work_dir / _name(i), inner, data_dirs=data_dirs, stop=stop)
+            finish(i, _row(run, result))
     bar.close()
     rows = [done[_name(i)] for i in range(len(runs))]
     metric = rows[0]["metric"]
@@ -120,7 +142,37 @@ def run_sweep(
     if best is not None:
         artifact = decode((work_dir / _name(best) / "best.safetensors").read_bytes())
         artifact.training["sweep"] = {"runs": len(rows), "chosen": _name(best)}
-    return SweepResult(rows, best, artifact, metric, table(rows, metric, best))
+    return SweepResult(rows, best, artifact, metric, table(rows, metric, best), extra)
+
+
+def _parallel(
+    todo: list[tuple[int, TrainSpec]],
+    work_dir: Path,
+    parallel: int,
+    threads: int,
+    loader: dict[str, Any],
+    data_dirs: list[str] | None,
+    stop: StopFlag | None,
+    finish: Any,
+) -> None:
+    """Trains `todo` in `parallel` spawned processes. Waits in slices of 0.2 s so a cancel is seen: the processes'
+    shared event stops their runs at the next step, queued runs are dropped, and JobCancelled is raised."""
+    ctx = get_context("spawn")
+    halt = ctx.Event()  # handed to each process as it starts (an initializer argument)
+    with ProcessPoolExecutor(
+        parallel, mp_context=ctx, initializer=_init_worker, initargs=(loader, threads, halt)
+    ) as pool:
+        futures = {pool.submit(_train_in_worker, r, str(work_dir / _name(i)), data_dirs): i for i, r in todo}
+        pending = set(futures)
+        while pending:
+            if stop is not None and stop.is_set():
+                halt.set()
+                for future in pending:
+                    future.cancel()
+                raise JobCancelled("sweep cancelled")
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for future in finished:
+                finish(futures[future], future.result())
 
 
 def table(rows: list[dict[str, Any]], metric: str, best: int | None) -> str:
@@ -165,14 +217,16 @@ def served_parameters(artifact: PrefixArtifact) -> int:
 
 # -- parallel runs (one process each, spawned) ---------------------------------------------------------------------
 _WORKER_BACKBONE: Backbone | None = None
+_WORKER_STOP: StopFlag | None = None
 
 
-def _init_worker(loader: dict[str, Any], threads: int) -> None:
-    global _WORKER_BACKBONE
+def _init_worker(loader: dict[str, Any], threads: int, stop: StopFlag | None = None) -> None:
+    global _WORKER_BACKBONE, _WORKER_STOP
     torch.set_num_threads(threads)
+    _WORKER_STOP = stop
     _WORKER_BACKBONE = load_backbone(**loader)
 
 
-def _train_in_worker(run: TrainSpec, work_dir: str) -> dict[str, Any]:
+def _train_in_worker(run: TrainSpec, work_dir: str, data_dirs: list[str] | None = None) -> dict[str, Any]:
     assert _WORKER_BACKBONE is not None
-    return _row(run, train(_WORKER_BACKBONE, run, work_dir))
+    return _row(run, train(_WORKER_BACKBONE, run, work_dir, data_dirs=data_dirs, stop=_WORKER_STOP))

@@ -8,19 +8,26 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from prefix_store import PrefixArtifact, decode, encode, render_template
-from prefix_store.jobs import TrainSpec
+from prefix_store.jobs import (
+    TRAIN_DATA_SETTING,
+    JobPathError,
+    PathNotAllowed,
+    TrainSpec,
+    allowed_path,
+    check_label_names,
+)
 from service.runtime import Backbone, Engine, EngineRequest, Kind, SamplingParams, StepPlan
 from service.runtime.bias import bias_targets, verbalizer_tokens
 
@@ -30,6 +37,16 @@ from .model import Batch, TaskModel, make_batch
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
+
+
+class StopFlag(Protocol):
+    """A threading.Event, or a multiprocessing one for runs in other processes."""
+
+    def is_set(self) -> bool: ...
+
+
+class JobCancelled(Exception):
+    """The job was cancelled while it trained: training stopped at the next step and nothing is published."""
 
 
 @dataclass
@@ -48,12 +65,32 @@ class Trainer:
     spec: the job.
     work_dir: checkpoints (`checkpoint.pt`, `best.safetensors`); a later run with the same dir resumes.
     progress: told {"step", "steps", "loss", "dev"} as training goes.
+    data_dirs: the directories data may be read from (a queued job: PREFIXSERVE_TRAIN_DATA_DIRS), checked again
+        here, in the process that reads, before anything is opened; images too. None: any path (the local command
+        line, run by an operator with their own file permissions).
+    stop: set from another thread to cancel: the loop raises JobCancelled at its next step (or evaluation chunk).
     """
 
     def __init__(
-        self, backbone: Backbone, spec: TrainSpec, work_dir: str | Path | None = None, progress: Progress | None = None
+        self,
+        backbone: Backbone,
+        spec: TrainSpec,
+        work_dir: str | Path | None = None,
+        progress: Progress | None = None,
+        *,
+        data_dirs: Sequence[str] | None = None,
+        stop: StopFlag | None = None,
     ) -> None:
         spec = with_method_defaults(spec)
+        self.stop = stop
+        if data_dirs is not None:  # read exactly the paths that were checked (symbolic links resolved)
+            spec = spec.model_copy(
+                update={
+                    name: str(allowed_path(value, data_dirs, what=name, setting=TRAIN_DATA_SETTING))
+                    for name in ("data", "dev_data")
+                    if (value := getattr(spec, name)) is not None
+                }
+            )
         self.bb, self.spec = backbone, spec
         self.work_dir = Path(work_dir) if work_dir else None
         self.progress = progress or (lambda info: None)
@@ -69,6 +106,11 @@ class Trainer:
             dev_limit=spec.dev_limit,
             seed=spec.seed,
         )
+        self._check_stop()
+        if self.data.kind == "classification":  # what a served task will answer with: never raw file lines
+            check_label_names(self.data.labels, "the data's labels")
+        if backbone.is_image and data_dirs is not None:  # an image path (in a CSV, or inline) is opened later
+            self._check_images(data_dirs)
         if self.data.kind == "generation" and backbone.is_encoder:
             raise ValueError(f"generation data needs a causal LM backbone; {backbone.name} is an encoder")
         if backbone.is_image != (spec.method in ("vpt_shallow", "vpt_deep")):
@@ -83,7 +125,8 @@ class Trainer:
             self._check_verbalizer(backbone, spec)
             self.labels, self.verbalizer = verbalizer_tokens(self.tok, list(spec.verbalizer.items()))
         if self.data.kind == "classification" and set(self.data.labels) - set(self.labels):
-            raise ValueError(f"labels {self.labels} do not cover the data's labels {self.data.labels}")
+            missing = len(set(self.data.labels) - set(self.labels))  # counted, not quoted: they are the file's
+            raise ValueError(f"labels: {missing} of the data's {len(self.data.labels)} labels are not among them")
         torch.manual_seed(spec.seed)
         self.gen = torch.Generator().manual_seed(spec.seed)
         embeddings = None if backbone.is_image else backbone.embeddings.weight  # soft prompts start from these
@@ -132,6 +175,26 @@ class Trainer:
         self.engine = Engine(backbone, device_cache_bytes=2 * prefix_bytes + 2**20, max_rows=64)
         self.order: list[int] = []  # indices of the examples still to visit in this pass over the data
 
+    def _check_images(self, data_dirs: Sequence[str]) -> None:
+        """Every image path resolved inside `data_dirs` before any is opened. Counted, not named: a path from a CSV
+        is the file's content."""
+        paths = [ex.text for ex in self.data.train + self.data.dev]
+        bad = 0
+        for path in paths:
+            try:
+                allowed_path(path, data_dirs, what="image", setting=TRAIN_DATA_SETTING, quote=False)
+            except JobPathError:
+                bad += 1
+        if bad:
+            raise PathNotAllowed(
+                f"the data: {bad} of its {len(paths)} images lie outside the directories this process allows, or are "
+                f"not absolute paths ({TRAIN_DATA_SETTING})"
+            )
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise JobCancelled(f"{self.spec.task}: cancelled")
+
     def _training_tokens(self, n: int) -> list[int]:
         """n tokens drawn (seeded) from the inputs of up to 64 random training examples, special tokens left out:
         real words of the task, at their frequency in it."""
@@ -155,7 +218,7 @@ class Trainer:
             raise ValueError(f"a verbalizer reads the mask token: give a template with it, e.g. '{{text}} {mask}'")
         missing = set(self.data.labels) - set(spec.verbalizer or {})
         if missing:
-            raise ValueError(f"verbalizer: no word for the labels {sorted(missing)}")
+            raise ValueError(f"verbalizer: no word for {len(missing)} of the data's {len(self.data.labels)} labels")
 
     # -- batches ------------------------------------------------------------------------------------------------
     def _encode(self, ex: Example) -> tuple[list[int], list[int] | None, list[int] | None]:
@@ -173,7 +236,8 @@ class Trainer:
             ids = enc["input_ids"][:L]
             if self.verbalizer is not None and self.bb.mask_token_id not in ids:
                 raise ValueError(
-                    f"an example does not fit max_length {L} with its template's mask token: {ex.text[:80]!r}"
+                    f"an example ({len(ex.text)} characters) does not fit max_length {L} with its template's mask "
+                    "token: raise max_length or shorten the template"
                 )
             return ids, None, (enc.get("token_type_ids") or [])[:L] or None
         prompt = self.tok(ex.text, truncation=True, max_length=L)["input_ids"]
@@ -196,8 +260,8 @@ class Trainer:
             try:
                 with Image.open(ex.text) as img:
                     rgb = img.convert("RGB")
-            except (OSError, SyntaxError) as e:
-                raise ValueError(f"image {ex.text}: cannot be read ({e})") from None
+            except (OSError, SyntaxError) as e:  # not named: its path may come from a CSV, which is file content
+                raise ValueError(f"an image of the data cannot be read as an image ({type(e).__name__})") from None
             px = self.bb.image_processor(images=[rgb], return_tensors="pt")["pixel_values"][0]
             self._pixel_cache[ex.text] = px
         return px
@@ -265,6 +329,7 @@ class Trainer:
         while state["step"] < spec.steps and state["bad_evals"] < spec.patience:
             model.train()
             self.bb.model.train()  # frozen weights, but dropout on, as in P-Tuning v2
+            self._check_stop()
             opt.zero_grad(set_to_none=True)
             for _ in range(spec.grad_accum):
                 if not self.order:
@@ -376,6 +441,7 @@ class Trainer:
         if self.data.kind == "classification":
             correct = 0
             for start in range(0, len(dev), 64):
+                self._check_stop()
                 chunk = dev[start : start + 64]
                 reqs = []
                 for i, ex in enumerate(chunk):
@@ -405,6 +471,7 @@ class Trainer:
         params = SamplingParams(max_new_tokens=self.spec.max_new_tokens)
         outputs: dict[str, list[int]] = {}
         for start in range(0, len(inputs), 32):
+            self._check_stop()
             reqs = [
                 EngineRequest.generate(
                     f"gen-{start + i}",
@@ -488,9 +555,16 @@ def _jsonable(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def train(
-    backbone: Backbone, spec: TrainSpec, work_dir: str | Path | None = None, progress: Progress | None = None
+    backbone: Backbone,
+    spec: TrainSpec,
+    work_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    *,
+    data_dirs: Sequence[str] | None = None,
+    stop: StopFlag | None = None,
 ) -> TrainResult:
+    """Trains one run (see Trainer for `data_dirs` and `stop`)."""
     start = time.monotonic()
-    result = Trainer(backbone, spec, work_dir, progress).run()
+    result = Trainer(backbone, spec, work_dir, progress, data_dirs=data_dirs, stop=stop).run()
     result.artifact.training["train_seconds"] = round(time.monotonic() - start, 1)
     return result

@@ -1,32 +1,55 @@
-"""POST /v1/train (admin) queues a training job for the trainer workers; GET /v1/train/{job_id} reads its state."""
+"""POST /v1/train (admin) queues a training job for the trainer workers; GET /v1/train/{job_id} reads its state;
+DELETE /v1/train/{job_id} cancels it.
+
+A job's file paths are checked here, before anything is queued: `data` and `dev_data` must resolve (symbolic links
+and `..` followed) inside PREFIXSERVE_TRAIN_DATA_DIRS, `export_peft` inside PREFIXSERVE_EXPORT_DIRS, else 403 and
+nothing is read or queued. The worker checks again with its own settings before it reads.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
-from prefix_store.jobs import JobQueue, TrainSpec
+from prefix_store.jobs import JobQueue, TrainSpec, check_job_paths
 
 from ..auth import AdminAuth
 from ..schemas import ErrorBody
-from ..state import ServicesDep
+from ..state import Services, ServicesDep
 
 router = APIRouter(prefix="/v1/train", tags=["training (admin)"], dependencies=[AdminAuth])
+JobId = Annotated[
+    str, Path(description="the id POST /v1/train returned", examples=["9f1c2e7a4b0d4c55a1e2f3a4b5c6d7e8"])
+]
 
 
 class TrainJob(BaseModel):
     job_id: str
-    state: str = Field(description="queued | running | succeeded | failed")
-    spec: dict[str, Any] = Field(default_factory=dict)
-    progress: dict[str, Any] | None = Field(None, description="step, steps, loss, latest dev metrics")
-    result: dict[str, Any] | None = Field(None, description="published version, dev metrics, history")
+    state: str = Field(description="queued | running | succeeded | failed | cancelled")
+    spec: dict[str, Any] = Field(
+        default_factory=dict, description="the job as submitted, without its inline examples (counted below)"
+    )
+    inline_examples: int = Field(0, description="how many inline training examples the job was given")
+    inline_dev_examples: int = Field(0, description="how many inline dev examples the job was given")
+    progress: dict[str, Any] | None = Field(
+        None, description="step, steps, loss, latest dev metrics; a sweep's run, runs and parallel"
+    )
+    result: dict[str, Any] | None = Field(
+        None, description="published version, dev metrics, history; a sweep's runs, table and parallel"
+    )
     error: str | None = None
     worker: str | None = None
     attempts: int = 0
     created_at: str | None = None
     updated_at: str | None = None
+    ended_at: str | None = Field(None, description="when it succeeded, failed or was cancelled")
+    expires_at: str | None = Field(None, description="when its record expires (PREFIXSERVE_JOB_TTL_S after it ended)")
+    cancelled_at: str | None = None
+    released_at: str | None = Field(
+        None, description="a job cancelled while it ran: when its worker stopped training and let it go"
+    )
 
     model_config = {
         "json_schema_extra": {
@@ -34,6 +57,8 @@ class TrainJob(BaseModel):
                 "job_id": "9f1c2e7a4b0d4c55a1e2f3a4b5c6d7e8",
                 "state": "running",
                 "spec": {"task": "sst2", "method": "p_tuning_v2", "data": "/data/sst2/train.tsv"},
+                "inline_examples": 0,
+                "inline_dev_examples": 0,
                 "progress": {"step": 120, "steps": 1000, "loss": 0.41, "dev": {"accuracy": 0.86}},
                 "result": None,
                 "error": None,
@@ -41,9 +66,18 @@ class TrainJob(BaseModel):
                 "attempts": 1,
                 "created_at": "2026-11-23T22:00:00+00:00",
                 "updated_at": "2026-11-23T22:03:10+00:00",
+                "ended_at": None,
+                "expires_at": None,
+                "cancelled_at": None,
+                "released_at": None,
             }
         }
     }
+
+
+def _queue(services: Services) -> JobQueue:
+    s = services.settings
+    return JobQueue(services.store.client, namespace=s.namespace, ttl_s=s.job_ttl_s)
 
 
 @router.post(
@@ -51,10 +85,16 @@ class TrainJob(BaseModel):
     response_model=TrainJob,
     status_code=202,
     summary="Queue a training job",
-    responses={422: {"model": ErrorBody, "description": "invalid spec"}},
+    responses={
+        400: {"model": ErrorBody, "description": "a path that is not absolute"},
+        403: {"model": ErrorBody, "description": "data, dev_data or export_peft outside the allowed directories"},
+        422: {"model": ErrorBody, "description": "invalid spec"},
+    },
 )
 async def submit(spec: TrainSpec, services: ServicesDep) -> TrainJob:
-    queue = JobQueue(services.store.client, namespace=services.settings.namespace)
+    s = services.settings
+    check_job_paths(spec, data_dirs=s.train_data_dirs, export_dirs=s.export_dirs)  # 403 before anything is queued
+    queue = _queue(services)
     job_id = await queue.enqueue(spec.model_dump(mode="json"))
     return TrainJob(**await queue.get(job_id))
 
@@ -65,5 +105,23 @@ async def submit(spec: TrainSpec, services: ServicesDep) -> TrainJob:
     summary="A training job's state, progress and result",
     responses={404: {"model": ErrorBody, "description": "unknown job"}},
 )
-async def status(job_id: str, services: ServicesDep) -> TrainJob:
-    return TrainJob(**await JobQueue(services.store.client, namespace=services.settings.namespace).get(job_id))
+async def status(job_id: JobId, services: ServicesDep) -> TrainJob:
+    return TrainJob(**await _queue(services).get(job_id))
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=TrainJob,
+    summary="Cancel a queued or running training job",
+    description="A queued job is never started; a running one stops at its worker's next training step (within "
+    "about PREFIXSERVE_CANCEL_POLL_S) and publishes nothing; `released_at` is set once its worker let it go. The "
+    "answer is the job, now `cancelled`. A job that already ended is a 409 naming its state; an unknown id a 404.",
+    responses={
+        404: {"model": ErrorBody, "description": "unknown job"},
+        409: {"model": ErrorBody, "description": "the job already succeeded, failed or was cancelled"},
+    },
+)
+async def cancel(job_id: JobId, services: ServicesDep) -> TrainJob:
+    queue = _queue(services)
+    await queue.cancel(job_id)
+    return TrainJob(**await queue.get(job_id))

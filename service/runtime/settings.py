@@ -6,12 +6,13 @@ trainer.settings.TrainerSettings), so one environment configures both under the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from prefix_store.jobs import DEFAULT_TTL_S
 from prefix_store.keys import validate_namespace
 from prefix_store.store import check_redis_url
 
@@ -55,6 +56,21 @@ class RuntimeSettings(BaseSettings):
     max_artifact_bytes: int = Field(
         256 * 1024**2, gt=0, description="largest prefix or upload accepted (admin routes' body limit, plus 1 MiB)"
     )
+    # Training jobs: read by the service (checked at submission) and by the trainer worker (checked again before it
+    # reads or writes), so one environment configures both; each process enforces its own values.
+    train_data_dirs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated directories a queued training job may read data, dev_data (and images) from; "
+        "empty: queued jobs take inline examples only (the local `python -m trainer` command line is not limited)",
+    )
+    export_dirs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated directories a queued training job may write its export_peft adapter into; "
+        "empty: exports are refused",
+    )
+    job_ttl_s: int = Field(
+        DEFAULT_TTL_S, gt=0, description="seconds a training job's record is kept once it ended (then it expires)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
 
@@ -62,6 +78,13 @@ class RuntimeSettings(BaseSettings):
     @classmethod
     def _namespace(cls, v: str) -> str:
         return validate_namespace(v)
+
+    @field_validator("train_data_dirs", "export_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [d.strip() for d in value.split(",") if d.strip()]
+        return value
 
     @field_validator("redis_url")
     @classmethod

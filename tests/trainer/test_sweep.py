@@ -5,15 +5,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from prefix_store import TaskNotFound
 from prefix_store.jobs import TrainSpec
 from service.runtime import wrap_model
 from tests.models import tiny_model, tiny_tokenizer
 from trainer.settings import TrainerSettings
-from trainer.worker import run_job
+from trainer.train import JobCancelled
+from trainer.worker import JobControls, run_job
 
 pytestmark = pytest.mark.redis
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,3 +95,22 @@ def test_sweep_from_the_command_line(tmp_path):
     assert len(result["runs"]) == 4 and result["published"] and result["version"] == 1
     assert "| run | method | P | lr | dev accuracy |" in out.stderr and "prompt_tuning" in out.stderr
     assert (tmp_path / "work" / "cli-sweep" / "sweep.json").exists()
+
+
+async def test_a_cancelled_sweep_stops_at_the_next_step_and_publishes_nothing(store, tmp_path):
+    """The worker's stop flag (set when the job is cancelled) ends a sweep in its current run: no later run starts,
+    nothing is published. Runs in other processes (parallel > 1) share the flag the same way (trainer.sweep)."""
+    stop, seen = threading.Event(), []
+
+    def progress(info):
+        seen.append(info)
+        if info.get("step") == 3:
+            stop.set()
+
+    settings = TrainerSettings(work_dir=tmp_path / "work")
+    spec = _spec(steps=1000, eval_every=1000, sweep={"lrs": [1e-3, 5e-2]})
+    with pytest.raises(JobCancelled):
+        await run_job(_bert(), store, spec, settings, "job-4", progress, JobControls(stop=stop))
+    assert max(i.get("step", 0) for i in seen) == 3 and {i["run"] for i in seen if "step" in i} == {1}
+    with pytest.raises(TaskNotFound):
+        await store.get("s")

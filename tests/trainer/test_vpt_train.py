@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from prefix_store import encode
-from prefix_store.jobs import TrainSpec
+from prefix_store.jobs import PathNotAllowed, TrainSpec
 from service.app import create_app
 from service.runtime import wrap_model
 from service.settings import ServiceSettings
@@ -69,3 +69,27 @@ def test_vpt_trained_on_a_folder_is_served_through_the_api(method, tmp_path, red
         px = processor(images=[Image.open(path).convert("RGB")], return_tensors="pt")["pixel_values"][0]
         want = torch.softmax(reference(vit, px, art), -1).tolist()
         assert [scores["blue"], scores["red"]] == pytest.approx(want, abs=1e-5)
+
+
+def test_a_queued_jobs_images_must_lie_inside_the_data_folders(tmp_path):
+    """With data_dirs (a worker's PREFIXSERVE_TRAIN_DATA_DIRS) every image is checked before one is opened: a
+    symbolic link out of the folder, or a CSV row naming a file outside, fails the job, and the error counts them
+    but never names them (a path from a CSV is file content)."""
+    vit = wrap_model(tiny_vit(), None, name="vit")
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    folder = image_folder(allowed / "images")
+    image_folder(outside)
+    (folder / "red" / "99.png").symlink_to(outside / "red" / "0.png")
+    spec = TrainSpec(task="colors", method="vpt_shallow", data=str(folder), steps=2, num_virtual_tokens=2)
+    with pytest.raises(PathNotAllowed, match="1 of its 33 images lie outside") as e:
+        train(vit, spec, data_dirs=[str(allowed)])
+    assert "outside/" not in str(e.value) and "99.png" not in str(e.value)
+    (allowed / "rows.csv").write_text(f"path,label\nimages/red/0.png,red\n{outside}/blue/0.png,blue\n")
+    csv_spec = spec.model_copy(update={"data": str(allowed / "rows.csv")})
+    with pytest.raises(PathNotAllowed, match="1 of its 2 images lie outside") as e:
+        train(vit, csv_spec, data_dirs=[str(allowed)])
+    assert str(outside) not in str(e.value)
+    with pytest.raises(PathNotAllowed, match="data '/etc/passwd' is outside"):
+        train(vit, spec.model_copy(update={"data": "/etc/passwd"}), data_dirs=[str(allowed)])
+    (folder / "red" / "99.png").unlink()
+    assert train(vit, spec, data_dirs=[str(allowed)]).steps == 2  # inside: trains

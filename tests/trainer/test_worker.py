@@ -38,7 +38,8 @@ def service_app(model_dir, redis_url, ns):
     return create_app(ServiceSettings(redis_url=redis_url, namespace=ns), backbone=backbone)
 
 
-def start_worker(model_dir, redis_url, ns, work_dir, name, log_path):
+def start_worker(model_dir, redis_url, ns, work_dir, name, log_path, *, env_extra=None, cores=None):
+    """A `python -m trainer worker` process; `env_extra`: more PREFIXSERVE_* settings; `cores`: its CPU affinity."""
     env = {
         **os.environ,
         "PREFIXSERVE_BACKBONE": str(model_dir),
@@ -49,11 +50,27 @@ def start_worker(model_dir, redis_url, ns, work_dir, name, log_path):
         "PREFIXSERVE_CLAIM_IDLE_S": "2",
         "PREFIXSERVE_HEARTBEAT_S": "0.3",
         "PREFIXSERVE_LOCAL_FILES_ONLY": "true",
+        **(env_extra or {}),
     }
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        [sys.executable, "-m", "trainer", "worker"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "trainer", "worker"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
     )
+
+
+def stop(worker) -> None:
+    """SIGTERM (a worker finishes the job in hand first), then SIGKILL after 30 s."""
+    worker.terminate()
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait(10)
 
 
 async def _job(c, job_id, until, timeout=120):
