@@ -444,8 +444,7 @@ class Engine:
         if any(ids for _, ids in young):
             x = forbid_ending(x, young)
         matchers = [r.matcher for r in rows]
-        if any(m is not None for m in matchers):
-            x = constrain(x, matchers)
+        failed = constrain(x, matchers) if any(m is not None for m in matchers) else {}
         tokens = sample(x, params, [r.generator for r in rows])  # (B,)
         if any(m is not None for m in matchers):
             advance(matchers, tokens.tolist())
@@ -463,6 +462,10 @@ class Engine:
                     tops[want[j]] = alts
         outputs, finished = [], []
         for i, (row, p, tok) in enumerate(zip(rows, params, tokens.tolist(), strict=True)):
+            if i in failed:  # its grammar failed mid-output: the row ends with the error, not with a token
+                outputs.append(self._out(row.request_id, finish_reason=FinishReason.ERROR, error=failed[i]))
+                finished.append(row)
+                continue
             text, finish = row.text.push(tok)  # type: ignore[union-attr]
             outputs.append(
                 self._out(
