@@ -89,7 +89,8 @@ def _parse_header(data: bytes) -> dict[str, Any]:
         raise ArtifactFormatError(f"expected a safetensors file, got {len(data)} bytes (too short for a header)")
     (n,) = struct.unpack("<Q", data[:8])
     if n > min(_MAX_HEADER_BYTES, len(data) - 8):
-        raise ArtifactFormatError(f"safetensors header length {n} is impossible for a {len(data)}-byte file")
+        # The length is the file's first 8 bytes: not echoed (the file may not be a safetensors file at all).
+        raise ArtifactFormatError(f"expected a safetensors file: its header length is impossible for {len(data)} bytes")
     header = parse_json(data[8 : 8 + n], "safetensors header")
     if not isinstance(header, dict):
         raise ArtifactFormatError("expected a safetensors file, header is not a JSON object")
@@ -100,7 +101,9 @@ def parse_json(raw: bytes | str, what: str) -> Any:
     """json.loads with every failure, nesting too deep for the parser included, as an ArtifactFormatError."""
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except UnicodeDecodeError as e:  # its message would quote the offending byte
+        raise ArtifactFormatError(f"{what} is not valid JSON: not UTF-8 (at byte {e.start})") from None
+    except json.JSONDecodeError as e:
         raise ArtifactFormatError(f"{what} is not valid JSON: {e}") from None
     except RecursionError:
         raise ArtifactFormatError(f"{what}: JSON nested too deeply") from None

@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # no config to read (offline, not found): the loader reports it in full
         log.debug("backbone pre-check skipped: %s", e)
     setup_tracing(settings)
-    run(create_app(settings), settings, args.host, args.port)
-    return 0
+    return run(create_app(settings), settings, args.host, args.port)
 
 
 if __name__ == "__main__":

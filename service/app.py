@@ -20,6 +20,7 @@ from .routes import health, inference, openai, tasks, train
 from .runtime import Backbone, build_serving, load_backbone
 from .settings import ServiceSettings
 from .state import Services
+from .templates import TemplateRenderer
 from .tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,23 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 max_batch_tokens=settings.max_batch_tokens,
                 max_prefill_tokens=settings.max_prefill_tokens,
                 max_queue=settings.max_queue,
+                max_step_failures=settings.max_step_failures,
             )
+            scheduler.on_fatal = lambda reason: _give_up(app, reason)
             host_cache = scheduler.host_cache
             host_cache.start()
             scheduler.start()
             with contextlib.suppress(TimeoutError):  # /ready reports it if the subscription is still missing
                 await asyncio.wait_for(host_cache.subscribed.wait(), 5)
             services = Services(settings, store, bb, scheduler.engine, host_cache, scheduler, metrics, embedded)
+            if bb.tokenizer is not None and not bb.is_encoder:
+                warm = asyncio.create_task(services.pools.grammar.run(scheduler.engine.grammars.warm_up))
+                warm.add_done_callback(_log_failure("warming the grammar compiler"))
+                services.templates = TemplateRenderer(
+                    bb.tokenizer, budget_s=settings.template_budget_s, memory_bytes=settings.template_memory_bytes
+                )
+                if getattr(bb.tokenizer, "chat_template", None):  # chats will come: start the renderer meanwhile
+                    await asyncio.get_running_loop().run_in_executor(None, services.templates.start)
             metrics.watch(scheduler, store)
             app.state.services = services
             log.info(
@@ -77,7 +88,9 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
             finally:
                 await scheduler.stop()
                 await host_cache.stop()
-                services.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+                services.pools.shutdown()
+                if services.templates is not None:
+                    services.templates.stop()
         finally:
             await store.aclose()
             if embedded is not None:
@@ -85,6 +98,8 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
 
     app = FastAPI(title="prefix-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.fatal = None  # why the replica gave up (the engine cannot serve); the server then exits
+    app.state.stop_server = None  # set by whoever runs the server: stops it
     metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)
@@ -98,3 +113,19 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     app.include_router(tasks.router)
     app.include_router(train.router)
     return app
+
+
+def _give_up(app: FastAPI, reason: str) -> None:
+    """The engine cannot serve any more (a device fault, or failed steps in a row): /ready already says so; the
+    server stops, so its supervisor (Kubernetes, systemd, compose) restarts the process."""
+    app.state.fatal = reason
+    if app.state.stop_server is not None:
+        app.state.stop_server()
+
+
+def _log_failure(what: str):
+    def done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s failed: %s", what, task.exception())
+
+    return done

@@ -7,6 +7,8 @@ With no keys configured the service is open; `service.__main__` only allows that
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -55,6 +57,19 @@ def key_scope(authorization: str | None, settings: ServiceSettings) -> str:
     if _matches(key, settings.api_keys):
         return "inference"
     raise HTTPException(401, "invalid bearer key", headers={"WWW-Authenticate": "Bearer"})
+
+
+# Who sent the request being handled: set by the guard from the bearer key (the unit of fairness within a task).
+client: contextvars.ContextVar[str] = contextvars.ContextVar("client", default="")
+
+
+def client_id(authorization: str | None) -> str:
+    """A stable, non-secret name for the key a request carries ("key:" + the start of its SHA-256), "" without
+    one. The key itself never leaves this function."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return ""
+    return "key:" + hashlib.sha256(key.strip().encode()).hexdigest()[:16]
 
 
 def require(scope: str | None, granted: str) -> None:

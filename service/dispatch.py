@@ -14,9 +14,10 @@ from fastapi import Request
 
 from prefix_store import validate_task_name
 
-from . import request_ids
+from . import auth, request_ids
 from .http_errors import ClientGone, InvalidRequest, status_of
 from .runtime import ClassificationResult, GenerationResult, InputTooLong, RequestHandle, SamplingParams, Unsupported
+from .runtime.grammar import check_size
 from .schemas import BASE_TASK, SamplingExtras
 from .state import Services
 
@@ -61,9 +62,8 @@ async def tokenize(services: Services, text: str, pair: str | None = None) -> An
     tok = services.backbone.tokenizer
     if tok is None:
         raise Unsupported(f"backbone {services.backbone.name} has no tokenizer: send input_ids")
-    loop = asyncio.get_running_loop()
     args = (text,) if pair is None else (text, pair)
-    return await loop.run_in_executor(services.tokenizer_pool, tok, *args)
+    return await services.pools.tokenize.run(tok, *args)
 
 
 async def sampling(
@@ -110,9 +110,13 @@ async def sampling(
             raise InvalidRequest(
                 "response_format: does not go with ignore_eos or min_tokens (the grammar ends the output)"
             )
-        grammars = services.engine.grammars
-        loop = asyncio.get_running_loop()  # compiling a schema is CPU work: off the event loop
-        grammar = await loop.run_in_executor(services.tokenizer_pool, grammars.compile, rf.model_dump(by_alias=True))
+        grammars = services.engine.grammars  # compiling a schema is CPU work: off the event loop, in its own pool
+        if rf.json_schema is not None:
+            check_size(rf.json_schema.schema_)  # an oversized schema is refused before it waits for the pool
+        try:
+            grammar = await services.pools.grammar.run(grammars.compile, rf.model_dump(by_alias=True))
+        finally:
+            services.trimmer.request()  # a refused or evicted grammar's lexer is freed: give the pages back
         params = dataclasses.replace(params, grammar=grammar)
     if params.min_tokens > params.max_new_tokens:
         raise InvalidRequest(
@@ -131,6 +135,12 @@ def choices(params: SamplingParams, n: int) -> list[SamplingParams]:
     ]
 
 
+def client(user: str | None = None) -> str:
+    """Who the scheduler shares a task's turns between: the caller's key (auth.client_id), or on a server without
+    keys the request's `user` field (with keys, `user` cannot buy a client more turns)."""
+    return auth.client.get() or (f"user:{user}" if user else "")
+
+
 def submit_all(
     services: Services,
     task: str | None,
@@ -138,15 +148,16 @@ def submit_all(
     params: SamplingParams | None = None,
     version: int | None = None,
     n: int = 1,
+    user: str | None = None,
 ) -> list[RequestHandle]:
     """Queues one request per input (n per input for generation: input-major, choice i with seed + i), all or none:
     when the queue cannot take them all, none is queued (429)."""
     per_input = choices(params, n) if params is not None else [None]
-    requests = []
+    requests, who = [], client(user)
     for ids, types in inputs:
         first = len(requests)  # the other choices of this prompt copy its prefill
         for j, p in enumerate(per_input):
-            req = dict(task=task, prompt_ids=ids, params=p, token_type_ids=types, version=version)
+            req = dict(task=task, prompt_ids=ids, params=p, token_type_ids=types, version=version, client=who)
             requests.append(req | ({"fork_of": first} if j else {}))
     return services.scheduler.submit_all(requests, timeout_s=services.settings.request_timeout_s)
 

@@ -18,7 +18,7 @@ import asyncio
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import key_scope, require, required_scope
+from .auth import client, client_id, key_scope, require, required_scope
 from .http_errors import error_response
 from .memory import Trimmer
 from .settings import ServiceSettings
@@ -39,12 +39,14 @@ class RequestGuard:
             return
         headers = dict(scope["headers"])
         needed = required_scope(scope["path"])
+        authorization = _text(headers.get(b"authorization"))
         try:
             if needed is not None:
-                require(needed, key_scope(_text(headers.get(b"authorization")), self.settings))
+                require(needed, key_scope(authorization, self.settings))
         except HTTPException as e:
             await error_response(e.status_code, str(e.detail), "HTTPError", e.headers)(scope, receive, send)
             return
+        client.set(client_id(authorization) if self.settings.auth_enabled else "")
         limit = self.admin_limit if needed == "admin" else self.settings.max_body_bytes
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:

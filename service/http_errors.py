@@ -23,10 +23,18 @@ from prefix_store import (
     VersionConflict,
     VersionNotFound,
 )
-from prefix_store.jobs import JobNotFound
+from prefix_store.jobs import JobEnded, JobNotFound, JobPathError, PathNotAllowed
 
 from . import request_ids
-from .runtime.errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, ServingError, Unsupported
+from .runtime.errors import (
+    EngineFailure,
+    InputTooLong,
+    Overloaded,
+    QueueFull,
+    RequestTimeout,
+    ServingError,
+    Unsupported,
+)
 from .runtime.grammar import InvalidGrammar
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,16 @@ class ClientGone(WebError):
     """The client disconnected before its answer was ready; its request was cancelled."""
 
 
+class TemplateRefused(WebError):
+    """A chat template refused the caller's messages on purpose (its raise_exception), or an uploaded template
+    cannot render: the caller's to fix (400)."""
+
+
+class ServerMisconfigured(WebError):
+    """Something the operator or a task's owner configured is broken (e.g. a task's chat template): a 500 that says
+    whose it is, not the caller's fault."""
+
+
 # Most specific first: the first matching class decides the status.
 _STATUS: list[tuple[type[Exception], int]] = [
     (BadRequest, 400),
@@ -74,6 +92,9 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (SourceNotFound, 404),
     (SourceUnavailable, 503),
     (ClientGone, 499),
+    (TemplateRefused, 400),
+    (ServerMisconfigured, 500),
+    (Overloaded, 503),
     (InputTooLong, 400),
     (Unsupported, 400),
     (InvalidGrammar, 400),
@@ -83,6 +104,9 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (StoredArtifactCorrupt, 500),
     (TaskNotFound, 404),
     (JobNotFound, 404),
+    (JobEnded, 409),
+    (PathNotAllowed, 403),  # a training job's path outside PREFIXSERVE_TRAIN_DATA_DIRS / PREFIXSERVE_EXPORT_DIRS
+    (JobPathError, 400),
     (VersionNotFound, 404),
     (BackboneMismatch, 409),
     (VersionConflict, 409),
@@ -101,7 +125,7 @@ def status_of(exc: Exception) -> int:
 
 
 def headers_of(exc: Exception) -> dict[str, str] | None:
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, (QueueFull, Overloaded)):
         return {"Retry-After": str(exc.retry_after_s)}
     return getattr(exc, "headers", None)
 

@@ -13,6 +13,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+log = logging.getLogger(__name__)
 HEADER = b"x-request-id"
 _VALID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 current: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -26,7 +27,9 @@ def request_id_of(headers: dict[bytes, bytes]) -> str:
 
 
 class RequestIds:
-    """Outermost ASGI layer: sets the request's id for everything under it and adds the response header."""
+    """Outermost ASGI layer: sets the request's id for everything under it and adds the response header. An error
+    nothing below handled becomes a JSON 500 with the id (as every other error body), not Starlette's plain-text
+    one; after the response has started, the connection is closed and the error logged."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -37,14 +40,26 @@ class RequestIds:
             return
         rid = request_id_of(dict(scope["headers"]))
         token = current.set(rid)
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [*message.get("headers", []), (HEADER, rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            error = {"message": "internal server error", "type": "InternalError", "code": 500, "request_id": rid}
+            body = json.dumps({"error": error}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send_with_id({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
         finally:
             current.reset(token)
 

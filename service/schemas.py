@@ -463,8 +463,10 @@ class TokenizeRequest(BaseModel):
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int | None
-    tokens: list[int]
-    token_strs: list[str]
+    tokens: list[int] | None = Field(
+        None, description="null for `messages` rendered by a task's own chat template unless the key is an admin key"
+    )
+    token_strs: list[str] | None = None
 
 
 class DetokenizeRequest(BaseModel):

@@ -149,6 +149,14 @@ def uvicorn_config(app: Any, settings: ServiceSettings, host: str, port: int) ->
     )
 
 
-def run(app: Any, settings: ServiceSettings, host: str, port: int) -> None:
+EXIT_ENGINE_FAILED = 3  # the process's exit status when the engine gave up (a device fault, failed steps)
+
+
+def run(app: Any, settings: ServiceSettings, host: str, port: int) -> int:
+    """Serves until stopped; returns the process's exit status (EXIT_ENGINE_FAILED when the engine gave up, so a
+    supervisor that restarts on failure restarts it)."""
     raise_fd_limit()
-    uvicorn.Server(uvicorn_config(app, settings, host, port)).run()
+    server = uvicorn.Server(uvicorn_config(app, settings, host, port))
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)
+    server.run()
+    return EXIT_ENGINE_FAILED if app.state.fatal else 0

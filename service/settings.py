@@ -27,9 +27,27 @@ class ServiceSettings(RuntimeSettings):
     max_prefill_tokens: int = Field(8192, gt=0, description="most prompt tokens prefilled in one step")
     max_queue: int = Field(1024, gt=0, description="most waiting requests; past it, 429")
     max_n: int = Field(8, ge=1, le=128, description="most outputs per prompt a request may ask for (n)")
+    max_logprob_entries: int = Field(
+        100_000,
+        gt=0,
+        description="most log-probability entries one response may carry (tokens x choices x (1 + alternatives), "
+        "echoed prompts included); past it, 400 before anything runs",
+    )
     device_cache_bytes: int = Field(1024**3, gt=0, description="device-resident prefix LRU budget")
     host_cache_bytes: int = Field(4 * 1024**3, gt=0, description="host-memory prefix LRU budget")
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of a request, queueing included; past it, 504")
+    template_budget_s: float = Field(
+        5.0, gt=0, le=60, description="the longest a chat template may take to render (its child process is killed)"
+    )
+    template_memory_bytes: int = Field(
+        256 * 1024**2, gt=0, description="how much a chat template's render may grow its child process"
+    )
+    max_step_failures: int = Field(
+        3,
+        ge=1,
+        description="engine steps failing in a row after which the process exits (status 3) for its supervisor to "
+        "restart it; a device fault exits at once",
+    )
 
     max_connections: int = Field(
         1024, gt=0, description="open connections at most; one more is closed at once, requests past it get 503"

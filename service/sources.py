@@ -6,7 +6,10 @@ checks as an upload: a PEFT directory (adapter_config.json + adapter_model.safet
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +18,7 @@ from pydantic import BaseModel, Field
 from .http_errors import BadRequest, Forbidden, PayloadTooLarge, SourceNotFound, SourceUnavailable
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+READ_BUDGET_S = 30.0  # reading one adapter's files from a local directory
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -38,12 +42,16 @@ def local_files(source: str, allowed: list[str]) -> Path:
     if not path.is_absolute():
         raise BadRequest(f"source: a path must be absolute, got {source!r}")
     resolved = path.resolve()
-    roots = [Path(d).resolve() for d in allowed]
-    if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
+    if not inside(resolved, allowed):
         raise Forbidden(f"source {source!r} is outside the directories this server allows")
     if not resolved.exists():
         raise SourceNotFound(f"source {source!r}: no such file or directory")
     return resolved
+
+
+def inside(resolved: Path, allowed: list[str]) -> bool:
+    roots = [Path(d).resolve() for d in allowed]
+    return any(resolved == r or resolved.is_relative_to(r) for r in roots)
 
 
 def hub_files(repo_id: str, revision: str | None, subfolder: str | None, max_bytes: int) -> Path:
@@ -90,18 +98,47 @@ def hub_files(repo_id: str, revision: str | None, subfolder: str | None, max_byt
     return Path(folder) / prefix if prefix else Path(folder)
 
 
-def read_adapter(path: Path, max_bytes: int) -> tuple[str, dict[str, bytes]]:
-    """("peft", {config, weights}) for a PEFT directory, ("artifact", {artifact}) for an artifact file."""
+def read_adapter(
+    path: Path, max_bytes: int, *, allowed: list[str] | None = None, budget_s: float = READ_BUDGET_S
+) -> tuple[str, dict[str, bytes]]:
+    """("peft", {config, weights}) for a PEFT directory, ("artifact", {artifact}) for an artifact file. With
+    `allowed` (local sources), every file must lie inside those directories once its own links are resolved."""
+    deadline = time.monotonic() + budget_s
     if path.is_dir():
         files = {name: path / name for name in PEFT_FILES}
-        missing = [n for n, f in files.items() if not f.is_file()]
+        missing = [n for n, f in files.items() if not f.exists()]
         if missing:
             raise SourceNotFound(f"{path.name}: a PEFT adapter directory needs {', '.join(missing)}")
-        return "peft", {n: _read(f, max_bytes) for n, f in files.items()}
-    return "artifact", {"artifact": _read(path, max_bytes)}
+        return "peft", {n: _read(f, n, max_bytes, allowed, deadline) for n, f in files.items()}
+    return "artifact", {"artifact": _read(path, path.name, max_bytes, allowed, deadline)}
 
 
-def _read(path: Path, max_bytes: int) -> bytes:
-    if path.stat().st_size > max_bytes:
-        raise PayloadTooLarge(f"{path.name} is larger than the limit of {max_bytes} bytes")
-    return path.read_bytes()
+def _read(path: Path, name: str, max_bytes: int, allowed: list[str] | None, deadline: float) -> bytes:
+    """A regular file's bytes, within the size limit and the time left. Its links are resolved first and the target
+    checked against `allowed`; it is then opened without following a link (O_NOFOLLOW) and without blocking
+    (O_NONBLOCK: a FIFO or a device can neither hang the open nor be read), and must be a regular file. Messages
+    name the file, never its bytes."""
+    resolved = path.resolve()
+    if allowed is not None and not inside(resolved, allowed):
+        raise Forbidden(f"{name} links outside the directories this server allows")
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SourceNotFound(f"{name}: no such file") from None
+    except OSError as e:
+        raise Forbidden(f"{name} cannot be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadRequest(f"{name} is not a regular file")
+        if st.st_size > max_bytes:
+            raise PayloadTooLarge(f"{name} is larger than the limit of {max_bytes} bytes")
+        chunks, total = [], 0
+        while chunk := f.read(1024**2):
+            total += len(chunk)
+            if total > max_bytes:
+                raise PayloadTooLarge(f"{name} is larger than the limit of {max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise SourceUnavailable(f"reading {name} took longer than {READ_BUDGET_S:g}s")
+            chunks.append(chunk)
+    return b"".join(chunks)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -10,9 +9,12 @@ from fastapi import Depends, Request
 
 from prefix_store import EmbeddedRedis, PrefixStore
 
+from .cpu import CpuPools
+from .memory import Trimmer
 from .metrics import Metrics
 from .runtime import Backbone, Engine, HostCache, Scheduler
 from .settings import ServiceSettings
+from .templates import TemplateRenderer
 
 
 @dataclass
@@ -25,11 +27,11 @@ class Services:
     scheduler: Scheduler
     metrics: Metrics
     embedded_redis: EmbeddedRedis | None = None
-    # Tokenisation runs here, off the event loop. Two threads, not the default executor's one per core plus four:
-    # each thread that allocates gets its own glibc arena, and arenas keep what they once held.
-    tokenizer_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
-    )
+    # CPU work of requests runs off the event loop, in bounded pools, one per kind (service/cpu.py).
+    pools: CpuPools = field(default_factory=CpuPools.default)
+    templates: TemplateRenderer | None = None  # chat templates, rendered in a child process (causal LMs)
+    # Hands freed memory back after work that allocates a lot and frees it all (schemas, images, big responses).
+    trimmer: Trimmer = field(default_factory=Trimmer)
 
 
 def get_services(request: Request) -> Services:

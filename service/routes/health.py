@@ -6,7 +6,7 @@ from prefix_store import StoreUnavailable
 
 from ..auth import AdminAuth, is_admin
 from ..schemas import Health, Readiness
-from ..state import ServicesDep
+from ..state import Services, ServicesDep
 
 router = APIRouter(tags=["health"])
 
@@ -27,7 +27,7 @@ async def ready(request: Request, services: ServicesDep) -> JSONResponse:
     key."""
     checks: dict[str, bool | str] = {
         "backbone": True,
-        "engine": services.scheduler.alive or "scheduler loop is not running",
+        "engine": _engine_check(services),
         "prefix_events": services.host_cache.subscribed.is_set() or "not subscribed to prefix events",
     }
     try:
@@ -52,3 +52,10 @@ async def ready(request: Request, services: ServicesDep) -> JSONResponse:
 )
 async def metrics(services: ServicesDep) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _engine_check(services: Services) -> bool | str:
+    sched = services.scheduler
+    if not sched.alive:
+        return "scheduler loop is not running"
+    return True if sched.healthy else (sched.fatal or sched.fault or "unhealthy")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -14,7 +13,7 @@ from .. import dispatch
 from ..auth import InferenceAuth
 from ..dispatch import TokenEvent
 from ..http_errors import BadRequest, InvalidRequest
-from ..images import decode_image, pixel_values
+from ..images import decode_images, pixel_values
 from ..metrics import confirm_task, name_task
 from ..runtime import GenerationResult, RequestHandle, Unsupported
 from ..schemas import (
@@ -185,11 +184,15 @@ async def submit_images(
     limit = services.settings.max_body_bytes
 
     def prepare() -> list:
-        return pixel_values(processor, [decode_image(x, i, max_bytes=limit) for i, x in enumerate(images)])
+        return pixel_values(processor, decode_images(images, max_bytes=limit))
 
-    pixels = await asyncio.get_running_loop().run_in_executor(services.tokenizer_pool, prepare)
+    try:
+        pixels = await services.pools.images.run(prepare)
+    finally:
+        services.trimmer.request()  # decoded images are freed once prepared
+    client = dispatch.client()
     return services.scheduler.submit_all(
-        [dict(task=task, prompt_ids=[], version=version, pixel_values=p, embed=embed) for p in pixels],
+        [dict(task=task, prompt_ids=[], version=version, pixel_values=p, embed=embed, client=client) for p in pixels],
         timeout_s=services.settings.request_timeout_s,
     )
 

@@ -3,21 +3,19 @@ field names the task."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
-from jinja2 import TemplateError
+from fastapi.responses import Response, StreamingResponse
 
 from .. import dispatch
-from ..auth import InferenceAuth
+from ..auth import InferenceAuth, is_admin
 from ..dispatch import TokenEvent
 from ..http_errors import BadRequest, InvalidRequest
 from ..images import MAX_IMAGES
@@ -77,6 +75,9 @@ async def completions(
     task = dispatch.task_of(body.model)
     prompts = await _prompts(services, body.prompt)
     k = body.logprobs
+    if k is not None:
+        echoed = sum(map(len, prompts)) if body.echo else 0
+        _check_logprob_entries(services, (echoed + len(prompts) * body.max_tokens) * body.n * (1 + k))
     params = await dispatch.sampling(
         services,
         body,
@@ -86,24 +87,38 @@ async def completions(
         prompt_logprobs=body.echo and k is not None,
     )
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    handles = dispatch.submit_all(services, task, [(ids, None) for ids in prompts], params, n=body.n)
+    handles = dispatch.submit_all(services, task, [(ids, None) for ids in prompts], params, n=body.n, user=body.user)
     if body.stream:
         base = {**meta, "object": "text_completion"}
         chunk = _completion_chunk(services, body, prompts, base)
         return await _stream_choices(request, services, handles, body, chunk, base, sum(map(len, prompts)) * body.n)
     results = await _results(request, services, handles)
-    choices = []
-    for i, r in enumerate(results):
-        prompt = prompts[i // body.n]
-        echoed = _decode(services, prompt) if body.echo else ""
-        lp = None
-        if k is not None:
-            lp = _logprobs(services, r.token_ids, r.logprobs, r.top_logprobs, k, prompt if body.echo else None, r)
-        choices.append(CompletionChoice(text=echoed + r.text, index=i, finish_reason=r.finish_reason, logprobs=lp))
+    if params.grammar is not None:
+        services.trimmer.request()  # the rows' grammar matchers (their lexers grow as they match) are freed
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(r.completion_tokens for r in results)
     services.metrics.generated.labels(body.model).inc(completion_tokens)
-    return CompletionResponse(**meta, choices=choices, usage=usage(prompt_tokens, completion_tokens))
+
+    def build() -> bytes:  # per-token work for every choice: in the render pool, off the event loop
+        echoes: dict[int, tuple[str, CompletionLogprobs | None]] = {}  # per prompt, shared by its n choices
+        choices = []
+        for i, r in enumerate(results):
+            p = i // body.n
+            if p not in echoes:
+                echo_lp = _logprobs(services, [], [], None, k, prompts[p], r) if k is not None and body.echo else None
+                echoes[p] = (_decode(services, prompts[p]) if body.echo else "", echo_lp)
+            echoed, echo_lp = echoes[p]
+            lp = None
+            if k is not None:
+                lp = _logprobs(services, r.token_ids, r.logprobs, r.top_logprobs, k, before=echo_lp)
+            choices.append(CompletionChoice(text=echoed + r.text, index=i, finish_reason=r.finish_reason, logprobs=lp))
+        response = CompletionResponse(**meta, choices=choices, usage=usage(prompt_tokens, completion_tokens))
+        return response.model_dump_json().encode()
+
+    content = await services.pools.render.run(build)
+    if len(content) >= 1024**2:
+        services.trimmer.request()  # the objects that built a large response are freed
+    return Response(content, media_type="application/json")  # type: ignore[return-value]
 
 
 def _completion_chunk(
@@ -187,16 +202,20 @@ async def chat_completions(
     if limit is None:  # OpenAI's default is "what fits": here what fits, at most DEFAULT_CHAT_TOKENS
         room = (bb.max_positions or 4096) - len(ids) - (art.num_virtual_tokens if art is not None else 0)
         limit = max(1, min(DEFAULT_CHAT_TOKENS, room))
+    if body.logprobs:
+        _check_logprob_entries(services, limit * body.n * (1 + (body.top_logprobs or 0)))
     params = await dispatch.sampling(
         services, body, max_new_tokens=limit, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0
     )
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    handles = dispatch.submit_all(services, task, [(ids, None)], params, version=version, n=body.n)
+    handles = dispatch.submit_all(services, task, [(ids, None)], params, version=version, n=body.n, user=body.user)
     if body.stream:
         base = {**meta, "object": "chat.completion.chunk"}
         chunk = _chat_chunk(services, body, base)
         return await _stream_choices(request, services, handles, body, chunk, base, len(ids) * body.n)
     results = await _results(request, services, handles)
+    if params.grammar is not None:
+        services.trimmer.request()  # the rows' grammar matchers (their lexers grow as they match) are freed
     choices = [
         ChatChoice(
             index=i,
@@ -224,15 +243,17 @@ async def tokenize(body: TokenizeRequest, request: Request, services: ServicesDe
     confirm_task(request)
     if body.messages is not None:
         chat = ChatCompletionRequest(model=body.model, messages=body.messages)
-        ids = await _chat_prompt(services, chat, art.chat_template if art is not None else None)
+        own = art.chat_template if art is not None else None
+        ids = await _chat_prompt(services, chat, own)
+        if own is not None and not is_admin(request):
+            # A task's own template may carry its system prompt: an inference key learns how many tokens the chat
+            # route would feed, never their text or ids (an admin key sees them).
+            return TokenizeResponse(count=len(ids), max_model_len=services.backbone.max_positions)
     else:
         tok = services.backbone.tokenizer
         if tok is None:
             raise Unsupported(f"backbone {services.backbone.name} has no tokenizer")
-        loop = asyncio.get_running_loop()
-        enc = await loop.run_in_executor(
-            services.tokenizer_pool, lambda: tok(body.prompt, add_special_tokens=body.add_special_tokens)
-        )
+        enc = await services.pools.tokenize.run(lambda: tok(body.prompt, add_special_tokens=body.add_special_tokens))
         ids = list(enc["input_ids"])
     strs = [token_text(services, i) for i in ids]
     return TokenizeResponse(count=len(ids), max_model_len=services.backbone.max_positions, tokens=ids, token_strs=strs)
@@ -269,15 +290,9 @@ async def _chat_prompt(services: Services, body: ChatCompletionRequest, task_tem
         }
         for m in body.messages
     ]
-
-    def render() -> Any:
-        return tok.apply_chat_template(conversation, chat_template=template, add_generation_prompt=True, tokenize=True)
-
-    try:
-        out = await asyncio.get_running_loop().run_in_executor(services.tokenizer_pool, render)
-    except TemplateError as e:
-        raise BadRequest(f"the chat template refused these messages: {e}") from None
-    ids = list(out["input_ids"] if isinstance(out, Mapping) else out)
+    owner = f"task {body.model!r}" if task_template else f"backbone {services.backbone.name}"
+    assert services.templates is not None, "a backbone with a tokenizer has a template renderer"
+    ids = await services.templates.render(template, conversation, owner=owner)
     if not ids:
         raise InvalidRequest("messages: the chat template rendered no tokens")
     return ids
@@ -349,8 +364,9 @@ async def embeddings(body: EmbeddingRequest, request: Request, services: Service
         handles = await submit_images(images, services, task, version, embed=True)  # type: ignore[arg-type]
     else:
         prompts = await _prompts(services, body.input, "input")
+        who = dispatch.client(body.user)
         handles = services.scheduler.submit_all(
-            [dict(task=task, prompt_ids=ids, version=version, embed=True) for ids in prompts],
+            [dict(task=task, prompt_ids=ids, version=version, embed=True, client=who) for ids in prompts],
             timeout_s=services.settings.request_timeout_s,
         )
     confirm_task(request)
@@ -391,12 +407,14 @@ def _logprobs(
     k: int,
     prompt: list[int] | None = None,
     result: GenerationResult | None = None,
+    before: CompletionLogprobs | None = None,
 ) -> CompletionLogprobs:
-    """The legacy completions shape; with echo the prompt's tokens come first (the first with no log-probability).
+    """The legacy completions shape; with echo the prompt's tokens come first (the first with no log-probability):
+    from `prompt` and its `result`, or `before` (the echoed part already built, shared by a prompt's choices).
     top_logprobs: the k most likely tokens per position (k = 0: the chosen token alone)."""
-    tokens: list[str] = []
-    values: list[float | None] = []
-    alternatives: list[dict[str, float] | None] = []
+    tokens: list[str] = [] if before is None else list(before.tokens)
+    values: list[float | None] = [] if before is None else list(before.token_logprobs)
+    alternatives: list[dict[str, float] | None] = [] if before is None else list(before.top_logprobs)
     if prompt is not None and result is not None and result.prompt_logprobs is not None:
         for tid, entry in zip(prompt, result.prompt_logprobs, strict=True):
             tokens.append(token_text(services, tid))
@@ -411,6 +429,18 @@ def _logprobs(
         offsets.append(pos)
         pos += len(t)
     return CompletionLogprobs(tokens=tokens, token_logprobs=values, text_offset=offsets, top_logprobs=alternatives)
+
+
+def _check_logprob_entries(services: Services, entries: int) -> None:
+    """Refuses, before anything runs, a request whose response would carry more log-probability entries than the
+    server allows (each (token, log-probability) pair, alternatives included, echoed prompts once per choice)."""
+    limit = services.settings.max_logprob_entries
+    if entries > limit:
+        raise BadRequest(
+            f"logprobs: this request asks for up to {entries} log-probability entries (tokens x choices x (1 + "
+            f"alternatives), echoed prompts included); the server allows {limit} (PREFIXSERVE_MAX_LOGPROB_ENTRIES): "
+            "ask for fewer prompts, choices, tokens or alternatives"
+        )
 
 
 def _alternatives(

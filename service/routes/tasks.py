@@ -171,10 +171,11 @@ async def _upload_from_source(task: str, services: Services, body: bytes) -> Ver
 
     def fetch() -> tuple[str, dict[str, bytes]]:
         if kind == "path":
-            return read_adapter(local_files(spec.source, services.settings.adapter_dirs), limit)
+            allowed = services.settings.adapter_dirs
+            return read_adapter(local_files(spec.source, allowed), limit, allowed=allowed)
         return read_adapter(hub_files(spec.source, spec.revision, spec.subfolder, limit), limit)
 
-    form, files = await asyncio.to_thread(fetch)  # disk and network: off the event loop
+    form, files = await services.pools.sources.run(fetch)  # disk and network: off the event loop, in their own pool
     if form == "peft":
         art = import_peft_adapter(
             files["adapter_config.json"],
@@ -288,6 +289,9 @@ async def _publish(services: Services, art: PrefixArtifact, chat_template: str |
         if services.backbone.is_encoder:
             raise BadRequest(f"chat_template: backbone {services.backbone.name} is an encoder (no generation)")
         art = dataclasses.replace(art, chat_template=check_chat_template(chat_template))
+        if services.templates is None:
+            raise BadRequest(f"chat_template: backbone {services.backbone.name} has no tokenizer to render it with")
+        await services.templates.check(art.chat_template)
     services.backbone.check(art)
     stored = await services.store.put(art)
     return VersionSummary(**stored.summary())

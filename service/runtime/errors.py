@@ -27,3 +27,12 @@ class RequestTimeout(ServingError):
 
 class EngineFailure(ServingError):
     """The model step itself failed (e.g. out of device memory); the requests in it are failed, not retried."""
+
+
+class Overloaded(ServingError):
+    """A request's CPU work (tokenising, compiling a schema, rendering a template, decoding images) did not finish
+    within its budget: the server is busy with others' now (503, Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -18,7 +18,6 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from .output import (
     embedding_result,
     generation_result,
 )
+from .ready_queue import ReadyQueue
 from .sampling import SamplingParams
 from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan
 
@@ -58,6 +58,7 @@ class _Request:
     version: int | None = None  # pin a version; None: the task's current one when the request is prepared
     pixel_values: torch.Tensor | None = None  # an image backbone's input (C, H, W)
     group: str | None = None  # EngineRequest.group
+    client: str = ""  # who sent it (ready_queue: the unit of fairness within a task)
     # Outputs are appended to `history`; a streaming reader waits on `signal`, a non-streaming one only on
     # `finished`, so a request awaiting its result is not woken once per token.
     history: list[RowOutput] = field(default_factory=list)
@@ -165,6 +166,12 @@ class Scheduler:
     host_cache: resolves (task) -> artifact of its current version, through host memory and Redis.
     max_batch_tokens: most key/value columns (prefix + prompt + max new tokens) reserved by running rows.
     max_queue: most requests waiting (resolving or ready); past it, submit raises QueueFull.
+    max_step_failures: consecutive failed engine steps after which the replica gives up (`on_fatal`).
+
+    A failed step fails the requests it held and takes the replica out of readiness (`healthy`) until a step
+    succeeds. A device fault (a CUDA error: the context is poisoned, every later step would fail too) is fatal at
+    once, as are `max_step_failures` failures in a row: `on_fatal(reason)` is called (the service stops its server
+    then, so its supervisor restarts it) and the replica stays unready.
     """
 
     def __init__(
@@ -174,6 +181,7 @@ class Scheduler:
         *,
         max_batch_tokens: int = 65536,
         max_queue: int = 1024,
+        max_step_failures: int = 3,
     ) -> None:
         self.engine = engine
         self.host_cache = host_cache
@@ -181,7 +189,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
         self.max_positions = engine.bb.max_positions
-        self._ready: OrderedDict[str, deque[_Request]] = OrderedDict()  # task ("" = bare) -> FIFO of ready requests
+        self._ready: ReadyQueue[_Request] = ReadyQueue()  # fair over tasks, then over each task's clients
         self._waiting = 0  # submitted, not yet admitted (resolving or ready)
         self._live: dict[str, _Request] = {}  # every request submitted and not finished, by id
         self._cancel: set[str] = set()  # admitted requests to cancel at the next step
@@ -191,6 +199,11 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.cancelled = 0  # requests that ended cancelled (client gone, or explicit)
         self.on_step: Callable[[int], None] | None = None  # told the rows of each step (metrics)
+        self.max_step_failures = max_step_failures
+        self.step_failures = 0  # consecutive failed steps
+        self.fault: str | None = None  # why the engine cannot be trusted now; None: healthy
+        self.fatal: str | None = None  # why the replica gave up (sticky)
+        self.on_fatal: Callable[[str], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -205,6 +218,11 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def healthy(self) -> bool:
+        """The loop runs and its last step did not fail (nor did the device fail, ever)."""
+        return self.alive and self.fault is None and self.fatal is None
 
     @property
     def queue_depth(self) -> int:
@@ -227,6 +245,7 @@ class Scheduler:
         pixel_values: torch.Tensor | None = None,
         embed: bool = False,
         group: str | None = None,
+        client: str = "",
     ) -> RequestHandle:
         """Queues a generation (params given), classification (params None) or embedding (`embed`, encoders) request
         for `task` (None: the bare backbone); an image backbone reads `pixel_values` (C, H, W) instead of prompt ids.
@@ -261,6 +280,7 @@ class Scheduler:
             version,
             pixel_values,
             group=group,
+            client=client,
         )
         self._waiting += 1
         self._live[req.id] = req
@@ -302,7 +322,7 @@ class Scheduler:
             self._waiting -= 1
             self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.CANCELLED))
             return
-        self._ready.setdefault(req.task or "", deque()).append(req)
+        self._ready.push(req)
         self._wake.set()
 
     def _check(self, req: _Request) -> None:
@@ -370,7 +390,9 @@ class Scheduler:
             except Exception as e:  # the step itself failed: fail what it held rather than wedge the loop
                 log.exception("engine step failed")
                 self._fail_admitted(EngineFailure(f"engine step failed: {type(e).__name__}: {e}"))
+                self._step_failed(e)
                 continue
+            self.step_failures, self.fault = 0, None
             self._last = out
             for row in out.rows:
                 req = self._live.get(row.request_id)
@@ -382,25 +404,11 @@ class Scheduler:
         over tasks, one per task per turn), as many as rows are free, skipping requests already held. A second
         request of a resident task is only a hold on the same device copy."""
         free = self.max_batch_size - self._last.running
-        want = free - sum(1 for q in self._ready.values() for r in q if r.held)
-        picks: list[_Request] = []
-        pending = [
-            iter([r for r in q if not r.held and r.artifact is not None and not r.cancelled])
-            for q in self._ready.values()
-        ]
-        while want > 0 and pending:
-            still = []
-            for it in pending:
-                req = next(it, None)
-                if req is None:
-                    continue
-                picks.append(req)
-                want -= 1
-                still.append(it)
-                if want == 0:
-                    break
-            pending = still
-        return picks
+        want = free - sum(1 for r in self._ready if r.held)
+        if want <= 0:
+            return []
+        order = (r for r in self._ready.admission_order() if not r.held and r.artifact is not None and not r.cancelled)
+        return list(itertools.islice(order, want))
 
     def _after_load(self, requests: list[_Request], results: dict[str, Exception | None]) -> None:
         for req in requests:
@@ -408,49 +416,41 @@ class Scheduler:
             if err is None:
                 req.held = True
             elif isinstance(err, DeviceFull):
-                if self._last.running == 0 and not any(r.held for q in self._ready.values() for r in q):
+                if self._last.running == 0 and not any(r.held for r in self._ready):
                     self._drop_ready(req, InputTooLong(f"{err}: its prefix does not fit the device cache at all"))
             else:
                 self._drop_ready(req, err)
 
     def _drop_ready(self, req: _Request, error: Exception) -> None:
-        queue = self._ready.get(req.task or "")
-        if queue is not None and req in queue:
-            queue.remove(req)
-            if not queue:
-                del self._ready[req.task or ""]
+        if self._ready.remove(req):
             self._waiting -= 1
         self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=error))
 
     def _admit(self) -> list[_Request]:
-        """Round-robin over tasks with ready requests: one request per task per turn, while rows and the key/value
-        budget allow. Only requests whose prefix is held on the device are admitted (the others are loaded first,
-        see _pick_loads); a task whose head request does not fit is skipped this turn."""
+        """Round-robin over tasks with ready requests, and within a task over its clients: one request per task per
+        turn, while rows and the key/value budget allow. Only requests whose prefix is held on the device are
+        admitted (the others are loaded first, see _pick_loads); a task whose next request does not fit is skipped
+        this turn."""
         admitted: list[_Request] = []
         rows = self.max_batch_size - self._last.running
         kv_left = self.max_batch_tokens - self._last.reserved_tokens
         progress = True
         while progress and rows > 0 and self._ready:
             progress = False
-            for key in list(self._ready):
-                queue = self._ready[key]
-                req = queue[0]
+            for req in self._ready.heads():
                 tokens = req.engine_request().reserved_tokens
                 if req.cancelled or (req.deadline is not None and time.monotonic() > req.deadline):
-                    queue.popleft()
+                    self._ready.pop(req, served=False)
                     self._waiting -= 1
                     self._finish(req, self._expired_or_cancelled(req))
                 elif (req.held or req.artifact is None) and tokens <= kv_left:
-                    queue.popleft()
+                    self._ready.pop(req, served=True)
                     self._waiting -= 1
                     req.admitted = True
                     admitted.append(req)
                     rows -= 1
                     kv_left -= tokens
-                    self._ready.move_to_end(key)
                     progress = True
-                if not queue:
-                    del self._ready[key]
                 if rows == 0:
                     break
         return admitted
@@ -492,9 +492,33 @@ class Scheduler:
         req.signal.set()
         req.finished.set()
 
+    def _step_failed(self, error: Exception) -> None:
+        self.step_failures += 1
+        device = is_device_fault(error)
+        self.fault = f"engine step failed{' (device fault)' if device else ''}: {type(error).__name__}: {error}"
+        if self.fatal is None and (device or self.step_failures >= self.max_step_failures):
+            self.fatal = self.fault if device else f"{self.step_failures} engine steps failed in a row: {self.fault}"
+            log.critical("the engine cannot serve: %s", self.fatal)
+            if self.on_fatal is not None:
+                self.on_fatal(self.fatal)
+
     def _fail_admitted(self, error: Exception) -> None:
         """After a failed step: every admitted request fails (the engine's state is reset, so none of them runs)."""
         for req in [r for r in self._live.values() if r.admitted]:
             self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=error))
         self.engine.reset()
         self._last = StepOutput(step=self._last.step)
+
+
+_DEVICE_FAULTS = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error", "an illegal memory access")
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """An accelerator error after which the device context cannot be trusted (CUDA faults are sticky: every later
+    kernel fails). Out-of-memory is not one: the context survives it."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator = getattr(torch, "AcceleratorError", None)
+    if accelerator is not None and isinstance(error, accelerator):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _DEVICE_FAULTS)

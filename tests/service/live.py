@@ -23,6 +23,7 @@ def free_port() -> int:
 def live_server(app):
     port = free_port()
     server = uvicorn.Server(uvicorn_config(app, app.state.settings, "127.0.0.1", port))
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)  # as service.server.run does
     thread = threading.Thread(target=server.run, daemon=True, name="live-server")
     thread.start()
     deadline = time.monotonic() + 60

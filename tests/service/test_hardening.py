@@ -300,7 +300,7 @@ async def test_nested_json_dot_names_and_ready_details(app_for):
 def test_torch_threads_setting_is_applied(monkeypatch):
     monkeypatch.setenv("PREFIXSERVE_TORCH_THREADS", "1")
     monkeypatch.setenv("PREFIXSERVE_API_KEYS", "k")
-    monkeypatch.setattr(service_main, "run", lambda *a, **kw: None)
+    monkeypatch.setattr(service_main, "run", lambda *a, **kw: 0)
     monkeypatch.setattr(service_main, "create_app", lambda settings: None)
     before = torch.get_num_threads()
     try:
