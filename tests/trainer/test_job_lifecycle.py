@@ -194,7 +194,9 @@ async def test_the_worker_outlives_redis_restarts(model_dir, tmp_path):  # noqa:
                 restart(1.5)  # while it trains
                 done = await until(c, second, lambda j: j["state"] in ("succeeded", "failed"), timeout=120)
                 assert done["state"] == "succeeded" and done["result"]["version"] == 1, done
-                assert done["worker"] == "w1" and done["attempts"] == 1 and step(done) == steps
+                # The result says how many steps ran (progress is written at most once a second, and a write that
+                # finds Redis down is dropped, so the last one seen may be older than the last step).
+                assert done["worker"] == "w1" and done["attempts"] == 1 and done["result"]["steps"] == steps
         log = (tmp_path / "w1.log").read_text()
         assert "Redis unreachable (" in log and "Redis reachable again" in log  # waiting for jobs
         assert "Redis unreachable while it trains" in log
