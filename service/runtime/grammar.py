@@ -6,9 +6,6 @@ untouched. JSON output is compact (no free whitespace), so a grammar cannot let 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -18,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import ServingError
+from .memory import rss_bytes, trim
 
 # What one response format may cost. The parser limits bound the work and memory of building a grammar's lexer
 # and of each mask (llguidance's defaults let `{"pattern": "^(a{1000}){1000}$"}` take 200 MB at its first mask);
@@ -121,7 +119,7 @@ class Grammars:
         import llguidance
         import llguidance.torch
 
-        _trim()  # freed pages go back first, so the growth measured below is this grammar's, not reused memory
+        trim()  # freed pages go back first, so the growth measured below is this grammar's, not reused memory
         before, started = rss_bytes(), time.monotonic()
         template = llguidance.LLMatcher(self.lltokenizer, grammar, limits=self._limits)
         llguidance.torch.fill_next_token_bitmask(template, llguidance.torch.allocate_token_bitmask(1, self.vocab_size))
@@ -174,30 +172,6 @@ def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
     allowed = ((mask[:, :, None] >> shifts) & 1).reshape(n, -1)[:, :V].bool()  # (n, 32 * words) -> (n, V)
     logits[:, : allowed.shape[1]].masked_fill_(~allowed, float("-inf"))
     logits[:, allowed.shape[1] :] = float("-inf")  # beyond the mask's words: never allowed
-
-
-def _trim() -> None:
-    """glibc's malloc_trim(0), where there is one."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM: Any = None
-
-
-def rss_bytes() -> int:
-    """This process's resident memory (Linux; 0 elsewhere, which turns the memory budget off)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def check_size(schema: Any) -> None:
