@@ -114,9 +114,14 @@ def allowed_path(
         roots = [Path(d).resolve() for d in allowed]
     except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symbolic-link loop (3.11: RuntimeError)
         raise JobPathError(f"{what}{shown}: not a usable path ({type(e).__name__})") from None
-    if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
+    if not inside(resolved, roots):
         raise PathNotAllowed(f"{what}{shown} is outside the directories this process allows ({setting})")
     return resolved
+
+
+def inside(resolved: Path, roots: Sequence[Path]) -> bool:
+    """Whether a resolved path is one of `roots` (resolved directories) or lies under one."""
+    return any(resolved == r or resolved.is_relative_to(r) for r in roots)
 
 
 def check_job_paths(spec: TrainSpec, *, data_dirs: Sequence[str], export_dirs: Sequence[str]) -> TrainSpec:

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from prefix_store.jobs import inside
+
 from .http_errors import BadRequest, Forbidden, PayloadTooLarge, SourceNotFound, SourceUnavailable
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -42,16 +44,11 @@ def local_files(source: str, allowed: list[str]) -> Path:
     if not path.is_absolute():
         raise BadRequest(f"source: a path must be absolute, got {source!r}")
     resolved = path.resolve()
-    if not inside(resolved, allowed):
+    if not inside(resolved, [Path(d).resolve() for d in allowed]):
         raise Forbidden(f"source {source!r} is outside the directories this server allows")
     if not resolved.exists():
         raise SourceNotFound(f"source {source!r}: no such file or directory")
     return resolved
-
-
-def inside(resolved: Path, allowed: list[str]) -> bool:
-    roots = [Path(d).resolve() for d in allowed]
-    return any(resolved == r or resolved.is_relative_to(r) for r in roots)
 
 
 def hub_files(repo_id: str, revision: str | None, subfolder: str | None, max_bytes: int) -> Path:
@@ -119,7 +116,7 @@ def _read(path: Path, name: str, max_bytes: int, allowed: list[str] | None, dead
     (O_NONBLOCK: a FIFO or a device can neither hang the open nor be read), and must be a regular file. Messages
     name the file, never its bytes."""
     resolved = path.resolve()
-    if allowed is not None and not inside(resolved, allowed):
+    if allowed is not None and not inside(resolved, [Path(d).resolve() for d in allowed]):
         raise Forbidden(f"{name} links outside the directories this server allows")
     try:
         fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
