@@ -133,15 +133,15 @@ def import_bias_checkpoint(
             if bool(delta.abs().max() > 0):
                 deltas[path] = delta.to(dtype)
             continue
-        ref = base_weights.get(f"{path}.{kind}")
-        if ref is None:
+        weight = base_weights.get(f"{path}.{kind}")
+        if weight is None:
             ignored.append(key)
             continue
-        if tuple(tensor.shape) != tuple(ref.shape):
+        if tuple(tensor.shape) != tuple(weight.shape):
             raise BackboneMismatch(
-                f"{key}: expected shape {tuple(ref.shape)} like the backbone, got {tuple(tensor.shape)}"
+                f"{key}: expected shape {tuple(weight.shape)} like the backbone, got {tuple(tensor.shape)}"
             )
-        moved = float((tensor.float() - ref.float().cpu()).abs().max())
+        moved = float((tensor.float() - weight.float().cpu()).abs().max())
         if moved > WEIGHT_TOLERANCE:
             raise UnsupportedAdapter(
                 f"{key} differs from the serving backbone's by up to {moved:.3g}: this checkpoint changed weights "

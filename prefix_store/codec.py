@@ -150,7 +150,7 @@ def _tensors_of(artifact: PrefixArtifact) -> dict[str, torch.Tensor]:
 def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PrefixArtifact:
     head_meta = meta.get("head")
     bias_modules = meta.get("bias_modules")
-    expected = {name for name in ("kv", "soft_prompt", "deep_prompt") if name in tensors}
+    expected: set[str] = {name for name in ("kv", "soft_prompt", "deep_prompt") if name in tensors}
     if bias_modules is not None:
         if not isinstance(bias_modules, list) or not all(isinstance(m, str) for m in bias_modules):
             raise ArtifactFormatError("metadata bias_modules: expected a list of module paths")

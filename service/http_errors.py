@@ -157,5 +157,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     for base in (PrefixStoreError, ServingError, WebError):
         app.add_exception_handler(base, domain)
+    # Starlette types every exception handler as taking Exception, not the class it is registered for.
     app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http)  # type: ignore[arg-type]

@@ -115,7 +115,9 @@ class ForwardState:
         self.first_chunk = self.past is not None and not bool(self.past.any())
         self.calls = [0] * self.layers
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, f: Features):
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, f: Features
+    ) -> torch.Tensor:
         """q (B, H, T, D), this forward's k, v (B, H_kv, T, D) -> attention output (B, T, H, D)."""
         if not 0 <= layer < self.layers:
             raise AttentionBypassed(f"attention called for layer {layer}: the backbone has {self.layers} layers")
@@ -158,14 +160,14 @@ class ForwardState:
         keys = [prefix] if self.first_chunk else [prefix, cache.ring_gather(layer, self.slots)]
         C = cache.ring(layer).capacity
 
-        def layout() -> tuple[torch.Tensor, torch.Tensor]:
+        def ring_layout() -> tuple[torch.Tensor, torch.Tensor]:
             seq, valid = self._chunk_keys(T)
             if not self.first_chunk:
                 rseq, rvalid = self._ring_keys(C, last=past - 1)
                 seq, valid = torch.cat([rseq, seq], 1), torch.cat([rvalid, valid], 1)
             return seq, valid
 
-        keep = self._mask(("prefill-ring", ring, f.window), T, layout, causal=True, window=f.window)
+        keep = self._mask(("prefill-ring", ring, f.window), T, ring_layout, causal=True, window=f.window)
         out = _attention(q, [*keys, (k, v)], keep, scale, f, sdpa=True)
         cache.ring_write(layer, self.slots, past, self.new, k, v)  # after attending: the chunk's own keys were used
         return out

@@ -19,6 +19,7 @@ import torch
 from .kv_cache import SlotCache
 from .output import TextStream
 from .runner import DevicePrefix
+from .sampling import SamplingParams
 from .step import EngineRequest, Kind
 
 
@@ -38,7 +39,8 @@ class Row:
     slot: int = -1
     done: int = 0
     hidden_sum: torch.Tensor | None = None
-    prompt_logprobs: list | None = None  # RowOutput.prompt_logprobs, filled chunk by chunk
+    # RowOutput.prompt_logprobs, filled chunk by chunk
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     matcher: Any = None  # structured output: the row's grammar state (grammar.Grammars.matcher)
 
     @property
@@ -48,6 +50,19 @@ class Row:
     @property
     def generates(self) -> bool:
         return self.request.kind is Kind.GENERATE
+
+    @property
+    def params(self) -> SamplingParams:
+        """A generation row's sampling parameters."""
+        params = self.request.params
+        assert params is not None, "a generation request carries its sampling parameters (EngineRequest checks)"
+        return params
+
+    @property
+    def stream(self) -> TextStream:
+        """A generation row's output text."""
+        assert self.text is not None, "a generation row gets its text stream at admission"
+        return self.text
 
     @property
     def prompt_len(self) -> int:
@@ -209,7 +224,9 @@ class RunningBatch:
 
     def _per_slot(self) -> list[torch.Tensor]:
         per_slot = [self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index, self.bias_slot]
-        return per_slot + ([self.counts, self.seen] if self.counts is not None else [])  # type: ignore[list-item]
+        if self.counts is not None and self.seen is not None:
+            per_slot += [self.counts, self.seen]
+        return per_slot
 
     # -- per-slot state -------------------------------------------------------------------------------------------
     def _set_prefix(self, slot: int, row: Row) -> None:
@@ -220,8 +237,9 @@ class RunningBatch:
             self.prefix_index = wider
         self.prefix_len[slot] = P
         self.bias_slot[slot] = 0 if row.prefix is None else row.prefix.bias_slot
-        if P:
-            self.prefix_index[slot, :P] = row.prefix.index  # type: ignore[union-attr]
+        index = None if row.prefix is None else row.prefix.index
+        if P and index is not None:  # P > 0: the row's prefix has key/values, so an index
+            self.prefix_index[slot, :P] = index
 
     def _move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst, int(self.lengths[src]))

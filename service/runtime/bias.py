@@ -17,7 +17,7 @@ computed).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,7 +50,7 @@ def bias_modules(backbone: Backbone) -> dict[str, torch.nn.Module]:
 
 def bias_targets(backbone: Backbone) -> dict[str, torch.Tensor]:
     """Every bias a task may shift, by path, as the backbone holds it (the MLM decoder's included)."""
-    out = {name: m.bias for name, m in bias_modules(backbone).items()}
+    out: dict[str, torch.Tensor] = {name: m.get_parameter("bias") for name, m in bias_modules(backbone).items()}
     if backbone.mlm is not None and backbone.mlm.bias is not None:
         out[MLM_BIAS] = backbone.mlm.bias
     return out
@@ -130,7 +130,7 @@ class BiasTable:
         finally:
             self._rows = None
 
-    def _hook(self, name: str):
+    def _hook(self, name: str) -> Callable[[torch.nn.Module, Any, torch.Tensor], None]:
         start, size = self.offsets[name], self.sizes[name]
 
         def add_delta(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:

@@ -169,7 +169,7 @@ def attention_windows(config: Any) -> tuple[int | None, ...]:
     `sliding_window` key on another family (converted checkpoints carry one) is ignored, as its modules ignore it.
     A window that covers the whole context is no window. An unverified family's modules may still pass a window:
     the attention honours it (attention.call_features), with every token kept."""
-    L = config.num_hidden_layers
+    L: int = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     context = getattr(config, "max_position_embeddings", None)
     if window is None or (context is not None and window >= context):

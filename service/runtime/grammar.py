@@ -10,17 +10,28 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
 from .errors import ServingError
 from .memory import rss_bytes, trim
 
+
+class ParserLimits(TypedDict):
+    """The keywords of llguidance.LLParserLimits that LIMITS sets."""
+
+    initial_lexer_fuel: int
+    step_lexer_fuel: int
+    step_max_items: int
+    max_lexer_states: int
+    max_grammar_size: int
+
+
 # What one response format may cost. The parser limits bound the work and memory of building a grammar's lexer
 # and of each mask (llguidance's defaults let `{"pattern": "^(a{1000}){1000}$"}` take 200 MB at its first mask);
 # the compile budgets are checked around the first mask, where a grammar's cost shows.
-LIMITS = dict(
+LIMITS = ParserLimits(
     initial_lexer_fuel=50_000,  # ~1 ms of regex analysis up front
     step_lexer_fuel=50_000,  # per mask
     step_max_items=20_000,  # Earley items per mask

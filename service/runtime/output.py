@@ -108,16 +108,24 @@ def class_probabilities(logits: torch.Tensor) -> list[float]:
 def generation_result(
     task: str | None, version: int | None, prompt_tokens: int, outputs: Iterable[RowOutput], logprobs: bool
 ) -> GenerationResult:
-    tokens, texts, lps, tops, last, prompt_lps = [], [], [], [], None, None
+    tokens: list[int] = []
+    texts: list[str] = []
+    lps: list[float] = []  # the engine sets a token's logprob (top_logprobs) on every token row that asked for it
+    tops: list[list[tuple[int, float]]] = []
+    last: RowOutput | None = None
+    prompt_lps = None
     for out in outputs:
         last = out
         prompt_lps = prompt_lps or out.prompt_logprobs
         if out.token_id is not None:
             tokens.append(out.token_id)
-            lps.append(out.logprob)
-            tops.append(out.top_logprobs)
+            if out.logprob is not None:
+                lps.append(out.logprob)
+            if out.top_logprobs is not None:
+                tops.append(out.top_logprobs)
         texts.append(out.text)
     assert last is not None and last.finish_reason is not None, "a finished request has a last output"
+    assert not logprobs or len(lps) == len(tokens), "every token of a logprobs request carries its log-probability"
     return GenerationResult(
         task,
         version,
@@ -126,7 +134,7 @@ def generation_result(
         last.finish_reason.value,
         prompt_tokens,
         lps if logprobs else None,
-        tops if tops and tops[0] is not None else None,
+        tops if tops else None,
         prompt_lps,
     )
 
