@@ -6,7 +6,7 @@ budget and batch size, mean and spread over seeds, trainable parameter counts, a
     .venv/bin/python bench/quality.py --few-shot 32 --seeds 0 1 2 3 4 --methods null_prompt bitfit probe
 
 Methods: a linear probe on frozen features, full fine-tuning (both with the backbone's own mean pooling, as the
-trainer's heads), the trainer's four prompt-learning methods (its method defaults: trainer/methods.py), BitFit with a
+trainer's heads), the trainer's four prompt-learning methods (defaults: prefix_store/methods.py), BitFit with a
 linear head, and a null prompt + BitFit (Logan IV et al.: "{text} [MASK]", the label read at [MASK] over a
 verbalizer; MiniLM has no MLM head, so [MASK] is scored against the tied input embeddings). Their accuracy is the
 served one: the trainer evaluates the final artifact through the serving engine. --few-shot N trains every method on

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="adaptation steps of every method")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--prompts", type=int, default=8, help="P for both VPT methods")
-    p.add_argument("--vpt-lr", type=float, default=None, help="default: the trainer's (trainer/methods.py)")
+    p.add_argument("--vpt-lr", type=float, default=None, help="default: the method's (prefix_store/methods.py)")
     p.add_argument("--probe-lr", type=float, default=1e-2)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "plots")

@@ -1,11 +1,7 @@
 """Prefix artifacts, their codec, PEFT interchange, and the Redis store that versions them."""
 
 from .artifact import (
-    BIAS_METHODS,
     DTYPES,
-    KV_METHODS,
-    METHODS,
-    SOFT_PROMPT_METHODS,
     BackboneFingerprint,
     ClassificationHead,
     PrefixArtifact,
@@ -34,18 +30,20 @@ from .errors import (
     VersionConflict,
     VersionNotFound,
 )
+from .methods import METHODS, REGISTRY, BackboneKind, Family, Method
 from .peft_io import export_peft_adapter, import_peft_adapter, import_peft_dir
 from .store import PrefixStore, StoreEvent, TaskInfo, connect, open_store
 
 __all__ = [
     "DTYPES",
-    "KV_METHODS",
     "METHODS",
-    "BIAS_METHODS",
+    "REGISTRY",
+    "BackboneKind",
+    "Family",
+    "Method",
     "check_chat_template",
     "check_template",
     "render_template",
-    "SOFT_PROMPT_METHODS",
     "ArtifactError",
     "ArtifactFormatError",
     "ArtifactShapeError",

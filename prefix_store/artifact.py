@@ -1,14 +1,12 @@
 """The prefix artifact: one self-describing record per task version.
 
-Shapes use the project's letters: L layers, H_kv key/value heads, P virtual tokens, D head dim, C labels.
-Key/value methods (prefix_tuning, p_tuning_v2) carry `kv` (L, 2, H_kv, P, D), index 0 = keys, 1 = values.
-Soft-prompt methods (prompt_tuning, p_tuning) carry `soft_prompt` (P, hidden).
-Visual prompts (VPT, Jia et al.): `vpt_shallow` carries `soft_prompt` (P, hidden), tokens inserted after [CLS] at the
-input; `vpt_deep` carries `deep_prompt` (L, P, hidden), layer i's prompt tokens, served as that layer's key/values.
-Bias methods (bitfit) carry `biases`, per module path a delta (out,) added to that module's bias (tuned - base), and
-may carry a `kv` prefix too. A head is linear (weight over a pooled state) or a verbalizer (one vocabulary token per
-label, scored at the [MASK] position); a `template` ("{text} [MASK]") says how the task writes its input.
-An artifact that exists has passed validation: constructing one checks every invariant below.
+Which tensors an artifact carries is its method's (prefix_store/methods.py, which gives their shapes); the fields:
+`kv` (L, 2, H_kv, P, D), index 0 = keys, 1 = values; `soft_prompt` (P, hidden), input embeddings (text) or prompt
+tokens inserted after [CLS] (images); `deep_prompt` (L, P, hidden), layer i's visual prompt tokens; `biases`, per
+module path a delta (out,) added to that module's bias (tuned - base). A head is linear (weight over a pooled state)
+or a verbalizer (one vocabulary token per label, scored at the [MASK] position); a `template` ("{text} [MASK]") says
+how the task writes its input. An artifact that exists has passed validation: constructing one checks every
+invariant below.
 """
 
 from __future__ import annotations
@@ -23,14 +21,9 @@ from typing import Any
 import torch
 
 from .errors import ArtifactFormatError, ArtifactShapeError, BackboneMismatch, InvalidTaskName, NonFiniteTensorError
+from .methods import METHODS, REGISTRY, Method
 
-KV_METHODS = ("prefix_tuning", "p_tuning_v2")
-SOFT_PROMPT_METHODS = ("prompt_tuning", "p_tuning")
-BIAS_METHODS = ("bitfit",)
-VPT_METHODS = ("vpt_shallow", "vpt_deep")  # visual prompts of image backbones
-METHODS = KV_METHODS + SOFT_PROMPT_METHODS + BIAS_METHODS + VPT_METHODS
-_PREFIX_TENSOR = {m: "kv" for m in KV_METHODS} | {m: "soft_prompt" for m in SOFT_PROMPT_METHODS}
-_PREFIX_TENSOR |= {"vpt_shallow": "soft_prompt", "vpt_deep": "deep_prompt"}
+PREFIX_FIELDS = ("kv", "soft_prompt", "deep_prompt")  # the artifact's prompt tensors; at most one per artifact
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POOLINGS = ("pooler", "cls", "mean", "last_token", "mask")  # "mask": a verbalizer reads the [MASK] position
 MAX_BIAS_MODULES = 4096
@@ -159,12 +152,13 @@ class PrefixArtifact:
     Args:
         task: validated task name.
         version: assigned by the store on publish; None before.
-        method: one of METHODS.
+        method: one of METHODS (prefix_store/methods.py), which says which tensors below it carries.
         fingerprint: the backbone the prefix was trained on.
-        kv: (L, 2, H_kv, P, D) for KV_METHODS, else None.
-        soft_prompt: (P, hidden) for SOFT_PROMPT_METHODS, else None.
+        kv: (L, 2, H_kv, P, D) key/values, or None.
+        soft_prompt: (P, hidden) prompt embeddings, or None.
+        deep_prompt: (L, P, hidden) per-layer visual prompt tokens, or None.
         head: optional classification head, same dtype as the prefix.
-        biases: for BIAS_METHODS, module path -> bias delta (out,), e.g. "encoder.layer.0.attention.self.query"
+        biases: module path -> bias delta (out,), e.g. "encoder.layer.0.attention.self.query"
             (transformers' parameter names without the base model's prefix and the ".bias").
         template: how the task writes its input for the backbone, with "{text}" (and "{text_pair}"), e.g.
             "{text} [MASK]" (null prompts); None: the text as it comes.
@@ -209,42 +203,40 @@ class PrefixArtifact:
 
     # -- validation -----------------------------------------------------------------------------------------------
     def _check_prefix_tensor(self) -> None:
+        spec = self.spec
+        present = {n for n in PREFIX_FIELDS if getattr(self, n) is not None}
+        required = {t.field for t in spec.tensors if t.field in PREFIX_FIELDS}
+        allowed = required | {t.field for t in spec.optional if t.field in PREFIX_FIELDS}
+        if not required <= present or present - allowed:
+            want = " and ".join(repr(f) for f in sorted(required)) or "no prompt tensor"
+            extra = " or ".join(repr(f) for f in sorted(allowed - required))
+            also = f", optionally {extra}" if extra else ""
+            raise ArtifactFormatError(f"method {self.method} carries {want}{also}; got {sorted(present)}")
+        shapes = {t.field: t.shape for t in spec.tensors + spec.optional}
         fp = self.fingerprint
-        present = {n for n in ("kv", "soft_prompt", "deep_prompt") if getattr(self, n) is not None}
-        required = _PREFIX_TENSOR.get(self.method)
-        if self.method in BIAS_METHODS:  # a key/value prefix is optional
-            if present - {"kv"}:
-                raise ArtifactFormatError(
-                    f"method {self.method} carries bias deltas and optionally 'kv', got {sorted(present)}"
+        for name in sorted(present):
+            tensor = getattr(self, name)
+            if tensor.dtype not in DTYPES.values():
+                raise ArtifactFormatError(f"{name} dtype: expected one of {', '.join(DTYPES)}, got {tensor.dtype}")
+            expected = {
+                "kv": (fp.num_layers, 2, fp.num_kv_heads, None, fp.head_dim),
+                "soft_prompt": (None, fp.hidden_size),
+                "deep_prompt": (fp.num_layers, None, fp.hidden_size),
+            }[name]
+            shape = tuple(tensor.shape)
+            if len(shape) != len(expected) or any(e not in (None, s) for e, s in zip(expected, shape, strict=True)):
+                want_shape = tuple("P" if e is None else e for e in expected)
+                raise ArtifactShapeError(f"{name} shape: expected {shapes[name]} = {want_shape}, got {shape}")
+            if self.num_virtual_tokens < 1:
+                raise ArtifactShapeError(
+                    f"{name}: expected at least one virtual token, got P = {self.num_virtual_tokens}"
                 )
-            if not present:
-                return
-            required = "kv"
-        elif present != {required}:
-            raise ArtifactFormatError(
-                f"method {self.method} carries exactly one tensor, {required!r}; got {sorted(present)}"
-            )
-        assert required is not None
-        name, tensor = required, getattr(self, required)
-        if tensor.dtype not in DTYPES.values():
-            raise ArtifactFormatError(f"{name} dtype: expected one of {', '.join(DTYPES)}, got {tensor.dtype}")
-        expected, labels = {
-            "kv": ((fp.num_layers, 2, fp.num_kv_heads, None, fp.head_dim), "(L, 2, H_kv, P, D)"),
-            "soft_prompt": ((None, fp.hidden_size), "(P, hidden)"),
-            "deep_prompt": ((fp.num_layers, None, fp.hidden_size), "(L, P, hidden)"),
-        }[name]
-        shape = tuple(tensor.shape)
-        if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape, strict=True)):
-            want = tuple("P" if e is None else e for e in expected)
-            raise ArtifactShapeError(f"{name} shape: expected {labels} = {want}, got {shape}")
-        if self.num_virtual_tokens < 1:
-            raise ArtifactShapeError(f"{name}: expected at least one virtual token, got P = {self.num_virtual_tokens}")
-        _require_finite(name, tensor)
+            _require_finite(name, tensor)
 
     def _check_biases(self) -> None:
-        if self.method not in BIAS_METHODS:
+        if "biases" not in self.spec.fields:
             if self.biases is not None:
-                raise ArtifactFormatError(f"method {self.method} carries no bias deltas (only {BIAS_METHODS} do)")
+                raise ArtifactFormatError(f"method {self.method} carries no bias deltas")
             return
         if not self.biases or not isinstance(self.biases, dict):
             raise ArtifactFormatError(f"method {self.method}: expected at least one bias delta")
@@ -300,6 +292,11 @@ class PrefixArtifact:
             raise ArtifactFormatError(f"verbalizer token ids: expected one distinct token per label, got {ids}")
 
     # -- derived --------------------------------------------------------------------------------------------------
+    @property
+    def spec(self) -> Method:
+        """The artifact's method: its family, the tensors it carries, the backbones it serves on."""
+        return REGISTRY[self.method]
+
     @property
     def key(self) -> VersionKey:
         """(task, version): what caches key a stored version by (versions are immutable and never renumbered)."""

@@ -32,11 +32,11 @@ import json
 import re
 import unicodedata
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from redis.exceptions import ResponseError
@@ -44,8 +44,10 @@ from redis.exceptions import ResponseError
 from .artifact import check_template, validate_task_name
 from .errors import ArtifactError, PrefixStoreError, StoreUnavailable
 from .keys import KeyLayout
-from .store import TRANSIENT, Client, refresh_slots_on_fault
+from .methods import METHODS, MethodName, described
+from .store import TRANSIENT, Client, refresh_slots_on_fault, register_script, reply
 
+T = TypeVar("T")
 GROUP = "trainers"
 _JSON_FIELDS = ("spec", "progress", "result")
 ACTIVE = ("queued", "running")
@@ -184,15 +186,12 @@ def _label_char(c: str) -> bool:
     return c in LABEL_PUNCTUATION or unicodedata.category(c)[0] in "LMN" or unicodedata.category(c) == "So"
 
 
-Method = Literal["prefix_tuning", "p_tuning_v2", "prompt_tuning", "p_tuning", "bitfit", "vpt_shallow", "vpt_deep"]
-
-
 class SweepGrid(BaseModel):
     """A grid of training runs over one job's data: every combination of the listed methods, learning rates and
     prompt lengths (an omitted axis keeps the job's value, or the method's default). Each run is evaluated on the dev
     set through the serving engine; the best is published."""
 
-    methods: list[Method] | None = Field(None, min_length=1, max_length=7)
+    methods: list[MethodName] | None = Field(None, min_length=1, max_length=len(METHODS))
     lrs: list[float] | None = Field(None, min_length=1, max_length=16)
     num_virtual_tokens: list[int] | None = Field(None, min_length=1, max_length=16)
     parallel: int = Field(
@@ -217,7 +216,7 @@ class SweepGrid(BaseModel):
 
 class TrainSpec(BaseModel):
     task: str = Field(description="task name to publish under", examples=["sst2"])
-    method: Method
+    method: MethodName = Field(description=described())
     data: str | None = Field(
         None,
         max_length=4096,
@@ -242,8 +241,8 @@ class TrainSpec(BaseModel):
         "letters, digits, symbols and ' _-.,&+()/!?'",
     )
 
-    num_virtual_tokens: int | None = Field(None, ge=1, le=512, description="default: the method's (trainer.methods)")
-    reparam: bool | None = Field(None, description="MLP reparametrisation (default: on for prefix_tuning only)")
+    num_virtual_tokens: int | None = Field(None, ge=1, le=512, description="default: the method's")
+    reparam: bool | None = Field(None, description="MLP reparametrisation of key/values (default: the method's)")
     reparam_hidden: int = Field(512, ge=8, le=8192)
     prompt_encoder: Literal["lstm", "mlp"] = "lstm"
     init_text: str | None = Field(
@@ -260,9 +259,9 @@ class TrainSpec(BaseModel):
     steps: int = Field(200, ge=1, le=10_000_000)
     batch_size: int = Field(16, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=1024)
-    lr: float | None = Field(None, gt=0, le=10, description="default: the method's (trainer.methods)")
+    lr: float | None = Field(None, gt=0, le=10, description="default: the method's")
     weight_decay: float = Field(0.0, ge=0, le=1)
-    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="default: the method's (trainer.methods)")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="default: the method's")
     max_length: int = Field(128, ge=4, le=8192, description="truncate inputs (and targets) to this many tokens")
     max_new_tokens: int = Field(64, ge=1, le=4096, description="generation length at evaluation")
     eval_every: int = Field(50, ge=1)
@@ -389,10 +388,10 @@ class JobQueue:
         self.stream = keys.jobs
         self.prefix = keys.job_prefix
         self.ttl_s = int(ttl_s)
-        self._start = client.register_script(_START)
-        self._finish = client.register_script(_FINISH)
-        self._cancel = client.register_script(_CANCEL)
-        self._progress = client.register_script(_PROGRESS)
+        self._start = register_script(client, _START)
+        self._finish = register_script(client, _FINISH)
+        self._cancel = register_script(client, _CANCEL)
+        self._progress = register_script(client, _PROGRESS)
 
     async def enqueue(self, spec: dict[str, Any]) -> str:
         """Queues a job; its inline examples are kept apart from the spec (a job's view never reads them)."""
@@ -425,7 +424,7 @@ class JobQueue:
     async def get(self, job_id: str) -> dict[str, Any]:
         """The job's view: every field but its inline examples (counted in inline_examples, inline_dev_examples)."""
         check_job_id(job_id)
-        values = await self._call(self.client.hmget(self.prefix + job_id, list(VIEW_FIELDS)))
+        values: list[bytes | None] = await self._call(reply(self.client.hmget(self.prefix + job_id, list(VIEW_FIELDS))))
         job: dict[str, Any] = {k: v.decode() for k, v in zip(VIEW_FIELDS, values, strict=True) if v is not None}
         if "state" not in job:
             raise JobNotFound(f"training job {job_id!r} not found")
@@ -444,21 +443,23 @@ class JobQueue:
     async def spec(self, job_id: str) -> dict[str, Any]:
         """The whole spec, inline examples included (what a worker trains on)."""
         check_job_id(job_id)
-        raw_spec, raw_examples = await self._call(self.client.hmget(self.prefix + job_id, ["spec", "examples"]))
+        fields = await self._call(reply(self.client.hmget(self.prefix + job_id, ["spec", "examples"])))
+        raw_spec: bytes | None = fields[0]
+        raw_examples: bytes | None = fields[1]
         if raw_spec is None:
             raise JobNotFound(f"training job {job_id!r} not found")
-        spec = json.loads(raw_spec)
+        spec: dict[str, Any] = json.loads(raw_spec)
         if raw_examples is not None:
             spec.update(json.loads(raw_examples))
         return spec
 
     async def state(self, job_id: str) -> str | None:
-        raw = await self._call(self.client.hget(self.prefix + job_id, "state"))
+        raw: bytes | None = await self._call(reply(self.client.hget(self.prefix + job_id, "state")))
         return None if raw is None else raw.decode()
 
     async def update(self, job_id: str, **fields: Any) -> None:
         data = {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in fields.items() if v is not None}
-        await self.client.hset(self.prefix + job_id, mapping={**data, "updated_at": _now()})
+        await reply(self.client.hset(self.prefix + job_id, mapping={**data, "updated_at": _now()}))
 
     async def start(self, job_id: str, worker: str, attempts: int) -> bool:
         """Marks the job running on `worker`, only if it is queued (or running: taken over from a silent worker).
@@ -472,12 +473,12 @@ class JobQueue:
         """Ends a queued or running job with its result or error, drops its inline examples and starts its TTL.
         False when the job was gone or had already ended (cancelled while it ran): its state is left as it is."""
         now = datetime.now(UTC)
-        extra: list[Any] = []
+        extra: list[str] = []
         if result is not None:
             extra += ["result", json.dumps(result)]
         if error is not None:
             extra += ["error", error]
-        args = [state, _iso(now), _iso(now + timedelta(seconds=self.ttl_s)), self.ttl_s, *extra]
+        args: list[str | int] = [state, _iso(now), _iso(now + timedelta(seconds=self.ttl_s)), self.ttl_s, *extra]
         res = await self._call(self._finish(keys=[self.prefix + job_id], args=args))
         return bool(res and int(res[0]))
 
@@ -486,11 +487,12 @@ class JobQueue:
         state it had. Raises JobNotFound, or JobEnded when it has already succeeded, failed or been cancelled."""
         check_job_id(job_id)
         now = datetime.now(UTC)
-        args = [_iso(now), _iso(now + timedelta(seconds=self.ttl_s)), self.ttl_s]
+        args: list[str | int] = [_iso(now), _iso(now + timedelta(seconds=self.ttl_s)), self.ttl_s]
         res = await self._call(self._cancel(keys=[self.prefix + job_id], args=args))
         if not res:
             raise JobNotFound(f"training job {job_id!r} not found")
-        done, state = int(res[0]), res[1].decode()
+        done = int(res[0])
+        state: str = res[1].decode()
         if not done:
             raise JobEnded(f"training job {job_id!r} already {state}: only a queued or running job can be cancelled")
         return state
@@ -534,7 +536,7 @@ class JobQueue:
             await pipe.execute()
 
     @staticmethod
-    async def _call(call: Any) -> Any:
+    async def _call(call: Awaitable[T]) -> T:
         try:
             return await call
         except TRANSIENT as e:

@@ -19,18 +19,14 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-from .artifact import KV_METHODS, SOFT_PROMPT_METHODS, BackboneFingerprint, ClassificationHead, PrefixArtifact
+from .artifact import BackboneFingerprint, ClassificationHead, PrefixArtifact
 from .codec import DEFAULT_MAX_BYTES, load_tensors, parse_json, read_safetensors_header
 from .errors import ArtifactFormatError, ArtifactShapeError, BackboneMismatch, UnsupportedAdapter
+from .methods import REGISTRY, with_peft_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_TYPE_OF = {
-    "prefix_tuning": "PREFIX_TUNING",
-    "p_tuning_v2": "PREFIX_TUNING",
-    "prompt_tuning": "PROMPT_TUNING",
-    "p_tuning": "P_TUNING",
-}
+PEFT_TYPES = tuple(dict.fromkeys(m.peft_type for m in REGISTRY.values() if m.peft_type is not None))
 _HEAD_KEYS = {"classifier": "pooler", "score": "last_token"}  # PEFT module name -> pooling it implies
 # CAUSAL_LM: generation; SEQ_CLS: with its task head; FEATURE_EXTRACTION: headless (embeddings on encoders).
 _TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
@@ -53,8 +49,8 @@ def import_peft_adapter(
     """
     cfg = _parse_config(config)
     peft_type, task_type = cfg.get("peft_type"), cfg.get("task_type")
-    if peft_type not in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
-        raise UnsupportedAdapter(f"peft_type: expected PREFIX_TUNING, PROMPT_TUNING or P_TUNING, got {peft_type!r}")
+    if peft_type not in PEFT_TYPES:
+        raise UnsupportedAdapter(f"peft_type: expected one of {', '.join(PEFT_TYPES)}, got {peft_type!r}")
     if task_type not in _TASK_TYPES:
         raise UnsupportedAdapter(f"task_type: expected one of {', '.join(_TASK_TYPES)}, got {task_type!r}")
     if cfg.get("num_transformer_submodules", 1) != 1:
@@ -74,28 +70,32 @@ def import_peft_adapter(
         )
     head = _import_head(tensors, task_type, labels, flat.dtype)
 
-    if peft_type == "PREFIX_TUNING":
+    allowed = with_peft_type(peft_type)
+    if peft_type == "PREFIX_TUNING":  # one PEFT type for both: the reparametrisation tells them apart
         kind = method or ("prefix_tuning" if cfg.get("prefix_projection") else "p_tuning_v2")
-        allowed, kv, soft = KV_METHODS, _kv_from_flat(flat, cfg, backbone), None
     else:
+        kind = method or allowed[0]
+    if kind not in allowed:
+        raise UnsupportedAdapter(f"method {kind!r} cannot come from a {peft_type} adapter: expected one of {allowed}")
+    tensors_of: dict[str, torch.Tensor] = {}
+    if REGISTRY[kind].fields == ("kv",):
+        tensors_of["kv"] = _kv_from_flat(flat, cfg, backbone)
+    else:  # (P, hidden): the soft prompt as it is
         if flat.shape[1] != backbone.hidden_size:
             raise BackboneMismatch(
                 f"soft prompt width: adapter has {flat.shape[1]}, backbone hidden size is {backbone.hidden_size}"
             )
-        kind = method or ("prompt_tuning" if peft_type == "PROMPT_TUNING" else "p_tuning")
-        allowed, kv, soft = SOFT_PROMPT_METHODS, None, flat
-    if kind not in allowed:
-        raise UnsupportedAdapter(f"method {kind!r} cannot come from a {peft_type} adapter: expected one of {allowed}")
+        tensors_of["soft_prompt"] = flat
     source = {k: cfg.get(k) for k in ("peft_type", "task_type", "peft_version", "base_model_name_or_path")}
     return PrefixArtifact(
         task=task,
         method=kind,
         fingerprint=backbone,
-        kv=kv,
-        soft_prompt=soft,
         head=head,
         training={"source": {"format": "peft", **source}},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        kv=tensors_of.get("kv"),
+        soft_prompt=tensors_of.get("soft_prompt"),
     )
 
 
@@ -108,14 +108,19 @@ def export_peft_adapter(
     artifact: PrefixArtifact, out_dir: str | Path, *, base_model_name_or_path: str | None = None
 ) -> Path:
     """Writes a directory that `PeftModel.from_pretrained(base_model, out_dir)` loads (in inference mode)."""
-    if artifact.method not in _PEFT_TYPE_OF:
+    peft_type = artifact.spec.peft_type
+    if peft_type is None:
+        also = ""
+        if "biases" in artifact.spec.fields:
+            also = (
+                " or as a state dict (prefix_store.bitfit_io.export_bias_state_dict, GET /v1/tasks/{task}/state_dict)"
+            )
         raise UnsupportedAdapter(
-            f"PEFT has no adapter type for {artifact.method!r} (bias deltas): export it as a state dict instead "
-            "(prefix_store.bitfit_io.export_bias_state_dict, GET /v1/tasks/{task}/export?format=state_dict)"
+            f"PEFT has no adapter type for {artifact.method!r} ({artifact.spec.family.value}): export it as the "
+            f"artifact (GET /v1/tasks/{{task}}/artifact){also}"
         )
     fp, out = artifact.fingerprint, Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    peft_type = _PEFT_TYPE_OF[artifact.method]
     cfg: dict[str, Any] = {
         "peft_type": peft_type,
         "task_type": "SEQ_CLS" if artifact.head is not None else "CAUSAL_LM",
@@ -132,6 +137,7 @@ def export_peft_adapter(
         # The stored tensor is already the final key/values, so PEFT must not put an MLP in front of it.
         cfg.update(token_dim=td, num_attention_heads=fp.num_kv_heads, encoder_hidden_size=td, prefix_projection=False)
         kv = artifact.kv  # (L, 2, H_kv, P, D)
+        assert kv is not None, "a PREFIX_TUNING method carries kv (checked when the artifact was made)"
         flat = kv.permute(3, 0, 1, 2, 4).reshape(artifact.num_virtual_tokens, -1)  # (P, 2·L·td)
     else:
         cfg.update(token_dim=fp.hidden_size, num_attention_heads=fp.num_attention_heads)
@@ -144,7 +150,9 @@ def export_peft_adapter(
                 encoder_num_layers=2,
                 encoder_dropout=0.0,
             )
-        flat = artifact.soft_prompt  # (P, hidden)
+        soft_prompt = artifact.soft_prompt  # (P, hidden)
+        assert soft_prompt is not None, "a prompt method carries a soft prompt (checked when the artifact was made)"
+        flat = soft_prompt
     tensors = {"prompt_embeddings": flat.float().contiguous()}  # PEFT saves fp32; lossless from fp16/bf16
     tensors.update(_export_head(artifact))
     (out / WEIGHTS_NAME).write_bytes(st_save(tensors))
@@ -225,6 +233,7 @@ def _export_head(artifact: PrefixArtifact) -> dict[str, torch.Tensor]:
     if head.pooling not in _HEAD_KEYS.values():
         raise UnsupportedAdapter(f"PEFT heads pool with 'pooler' or 'last_token'; this head uses {head.pooling!r}")
     module = "classifier" if head.pooling == "pooler" else "score"
+    assert head.weight is not None, "a head pooling other than 'mask' is linear (checked when the artifact was made)"
     out = {f"base_model.{module}.weight": head.weight.float().contiguous()}
     if head.bias is not None:
         if module == "score":

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from prefix_store import StoreUnavailable, open_store
+from prefix_store import REGISTRY, StoreUnavailable, open_store
 
 from .guard import RequestGuard
 from .http_errors import install_error_handlers
@@ -25,8 +25,11 @@ from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
-DESCRIPTION = """Serve many prompt-learning tasks (Prefix-Tuning, P-Tuning v2, prompt tuning, P-Tuning) on one frozen
-backbone. Admin routes manage the per-task prefixes stored in Redis."""
+DESCRIPTION = (
+    "Serve many prompt-learning tasks on one frozen backbone, mixed in one batch. Methods: "
+    + "; ".join(m.summary for m in REGISTRY.values())
+    + ". Admin routes manage the per-task adapters stored in Redis."
+)
 
 
 def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | None = None) -> FastAPI:

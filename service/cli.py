@@ -292,7 +292,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("source")
     up.add_argument("--kind", default="artifact", choices=["artifact", "state_dict", "vpt_checkpoint"])
     up.add_argument("--labels", help="class names, a,b,c")
-    up.add_argument("--method", choices=["prefix_tuning", "p_tuning_v2"])
+    up.add_argument(
+        "--method", help="the method a PEFT adapter holds where its type fits several (the server names them)"
+    )
     up.add_argument("--chat-template", help="a file holding the task's Jinja chat template")
     up.set_defaults(fn=tasks_upload)
     rb = tasks.add_parser("rollback")

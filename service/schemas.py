@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from prefix_store.methods import described
+
 
 class HeadInfo(BaseModel):
     labels: list[str]
@@ -19,7 +21,7 @@ class VersionSummary(BaseModel):
 
     task: str
     version: int
-    method: str = Field(description="prefix_tuning | p_tuning_v2 | prompt_tuning | p_tuning | bitfit")
+    method: str = Field(description=described())
     backbone: dict[str, Any] = Field(description="fingerprint of the backbone the prefix was made for")
     num_virtual_tokens: int
     dtype: str
@@ -27,7 +29,7 @@ class VersionSummary(BaseModel):
     head: HeadInfo | None = None
     training: dict[str, Any] = Field(default_factory=dict, description="dataset, metrics, source, ...")
     created_at: str
-    bias_modules: list[str] | None = Field(default=None, description="bitfit: the modules whose biases it shifts")
+    bias_modules: list[str] | None = Field(default=None, description="bias methods: the modules whose biases it shifts")
     template: str | None = Field(default=None, description='how the task writes its input, e.g. "{text} [MASK]"')
     chat_template: str | None = Field(default=None, description="the task's own chat template (Jinja)")
 

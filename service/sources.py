@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from prefix_store.jobs import inside
+from prefix_store.methods import PeftMethodName
 
 from .http_errors import BadRequest, Forbidden, PayloadTooLarge, SourceNotFound, SourceUnavailable
 
@@ -31,7 +32,9 @@ class SourceUpload(BaseModel):
     revision: str | None = Field(None, max_length=128, description="hub: a branch, tag or commit")
     subfolder: str | None = Field(None, max_length=256, description="hub: the adapter's folder in the repository")
     labels: list[str] | None = Field(None, max_length=1024)
-    method: Literal["prefix_tuning", "p_tuning_v2"] | None = None
+    method: PeftMethodName | None = Field(
+        None, description="which method a PEFT adapter holds, where its peft_type fits several (PREFIX_TUNING)"
+    )
     chat_template: str | None = Field(None, max_length=65536)
 
 

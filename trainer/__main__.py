@@ -25,7 +25,7 @@ import typing
 import uuid
 from typing import Any
 
-from prefix_store import EmbeddedRedis, PrefixStore, StoreUnavailable, open_store
+from prefix_store import METHODS, EmbeddedRedis, PrefixStore, StoreUnavailable, open_store
 from prefix_store.bitfit_io import parse_verbalizer
 from prefix_store.jobs import JobQueue, TrainSpec
 from service.runtime import UnsupportedBackbone, load_backbone
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _spec_parser(sub, "train", "train one prefix and publish it")
     sweep = _spec_parser(sub, "sweep", "train a grid of runs, print their table, publish the best")
-    sweep.add_argument("--methods", nargs="+", default=None, help="methods to try (default: --method)")
+    sweep.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="methods to try (default: --method)")
     sweep.add_argument("--lrs", nargs="+", type=float, default=None, help="learning rates (default: --lr)")
     sweep.add_argument(
         "--prompt-lengths", nargs="+", type=int, default=None, help="virtual tokens (default: --num-virtual-tokens)"

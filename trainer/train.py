@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from prefix_store import PrefixArtifact, decode, encode, render_template
+from prefix_store import REGISTRY, PrefixArtifact, decode, encode, render_template
 from prefix_store.jobs import (
     TRAIN_DATA_SETTING,
     JobPathError,
@@ -29,11 +29,12 @@ from prefix_store.jobs import (
     check_label_names,
 )
 from service.runtime import Backbone, Engine, EngineRequest, Kind, SamplingParams, StepPlan
-from service.runtime.bias import bias_targets, verbalizer_tokens
+from service.runtime.bias import verbalizer_tokens
 
+from .batch import Batch, make_batch
 from .data import Dataset, Example, load_dataset
-from .methods import activation_kv, build_prefix, with_method_defaults
-from .model import Batch, TaskModel, make_batch
+from .methods import BuildContext, build_adapter, with_method_defaults
+from .model import TaskModel
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -97,9 +98,11 @@ class Trainer:
         self.tok = backbone.tokenizer
         if self.tok is None and not backbone.is_image:
             raise ValueError("training needs the backbone's tokenizer")
+        train_data = spec.examples or spec.data
+        assert train_data is not None, "a TrainSpec has its data or its examples (its validator checks)"
         self.data: Dataset = load_dataset(
-            spec.examples or spec.data,
-            spec.dev_examples or spec.dev_data,  # type: ignore[arg-type]
+            train_data,
+            spec.dev_examples or spec.dev_data,
             columns=spec.columns,
             dev_fraction=spec.dev_fraction,
             limit=spec.limit,
@@ -113,10 +116,12 @@ class Trainer:
             self._check_images(data_dirs)
         if self.data.kind == "generation" and backbone.is_encoder:
             raise ValueError(f"generation data needs a causal LM backbone; {backbone.name} is an encoder")
-        if backbone.is_image != (spec.method in ("vpt_shallow", "vpt_deep")):
+        method = REGISTRY[spec.method]
+        if backbone.kind not in method.trains_on:
+            kinds = ", ".join(sorted(k.value for k in method.trains_on))
             raise ValueError(
-                f"method {spec.method} does not fit {backbone.name}: image backbones train vpt_shallow or vpt_deep, "
-                "and only image backbones do"
+                f"method {spec.method} ({method.family.value}) trains on {kinds} backbones; {backbone.name} is "
+                f"{backbone.kind.value}"
             )
         self._pixel_cache: dict[str, torch.Tensor] = {}
         self.labels = spec.labels or self.data.labels
@@ -129,37 +134,18 @@ class Trainer:
             raise ValueError(f"labels: {missing} of the data's {len(self.data.labels)} labels are not among them")
         torch.manual_seed(spec.seed)
         self.gen = torch.Generator().manual_seed(spec.seed)
-        embeddings = None if backbone.is_image else backbone.embeddings.weight  # soft prompts start from these
         init_ids = None
         if spec.init_text and self.tok is not None:
             init_ids = self.tok(spec.init_text, add_special_tokens=False)["input_ids"]
-        kv_init = None
-        P = spec.num_virtual_tokens or 0
-        if spec.method == "p_tuning_v2" and not spec.reparam and spec.prefix_init == "activations":
-            ids = init_ids if init_ids else self._training_tokens(P)
-            kv_init = activation_kv(backbone, (ids * (P // max(len(ids), 1) + 1))[:P])
-        prefix = build_prefix(
-            spec.method,
-            backbone.fingerprint,
-            spec.num_virtual_tokens,
-            word_embeddings=embeddings,
-            reparam=spec.reparam,
-            mid=spec.reparam_hidden,
-            encoder=spec.prompt_encoder,
-            init_ids=init_ids,
-            generator=self.gen,
-            bias_targets=bias_targets(backbone) if spec.method == "bitfit" else None,
-            patch_size=getattr(backbone.model.config, "patch_size", 16),
-            kv_init=kv_init,
-        )
+        prefix = build_adapter(spec, BuildContext(backbone, self.gen, init_ids, self._training_tokens))
         n_labels = len(self.labels) if self.data.kind == "classification" else None
         pooling = spec.pooling or backbone.pooling
         if backbone.is_image and pooling != "cls":
             raise ValueError(f"pooling {pooling!r}: visual prompts train a head over [CLS] (pooling 'cls')")
         if n_labels and self.verbalizer is None and pooling not in backbone.poolings:
             raise ValueError(f"pooling {pooling!r} does not fit {backbone.name}: expected one of {backbone.poolings}")
-        if spec.export_peft and spec.method == "bitfit":
-            raise ValueError("export_peft: PEFT has no adapter type for bias deltas (bitfit)")
+        if spec.export_peft and method.peft_type is None:
+            raise ValueError(f"export_peft: PEFT has no adapter type for {spec.method} ({method.family.value})")
         if n_labels and spec.export_peft and pooling not in ("pooler", "last_token"):
             raise ValueError(
                 f"export_peft: a PEFT classification head reads the pooler or the last token; this head pools with "
@@ -273,21 +259,24 @@ class Trainer:
                 ids=torch.zeros(B, 1, dtype=torch.long, device=dev),
                 mask=torch.ones(B, 1, dtype=torch.bool, device=dev),
                 lengths=[1] * B,
-                classes=torch.tensor([self.labels.index(e.label) for e in examples], device=dev),
+                classes=torch.tensor(self._class_ids(examples), device=dev),
                 pixels=torch.stack([self._pixels(e) for e in examples]).to(dev),
             )
         enc = [self._encode(e) for e in examples]
         pad = self.tok.pad_token_id or 0
         if self.data.kind == "classification":
-            types = [t for _, _, t in enc] if self.bb.is_encoder and enc[0][2] is not None else None
+            types = [t or [] for _, _, t in enc] if self.bb.is_encoder and enc[0][2] is not None else None
             return make_batch(
-                [i for i, _, _ in enc],
-                self.bb.device,
-                pad,
-                types=types,
-                classes=[self.labels.index(e.label) for e in examples],
-            )  # type: ignore[arg-type]
+                [i for i, _, _ in enc], self.bb.device, pad, types=types, classes=self._class_ids(examples)
+            )
         return make_batch([i for i, _, _ in enc], self.bb.device, pad, labels=[lab for _, lab, _ in enc])
+
+    def _class_ids(self, examples: list[Example]) -> list[int]:
+        """Each classification example's label index in the head (data.py gives every such example a label)."""
+        labels = [e.label for e in examples]
+        if None in labels:
+            raise ValueError("a classification example without a label")
+        return [self.labels.index(str(label)) for label in labels]
 
     def _epoch_order(self) -> list[int]:
         """One pass over the training data, batched by similar length: a seeded shuffle cut into pools of 50

@@ -16,19 +16,18 @@ from prefix_store import (
     PrefixArtifact,
     check_chat_template,
     check_template,
-    decode,
     encode,
-    import_peft_adapter,
     validate_task_name,
 )
-from prefix_store.bitfit_io import export_bias_state_dict, import_bias_state_dict, parse_verbalizer
-from prefix_store.codec import load_tensors, read_safetensors_header
-from prefix_store.vpt_io import import_vpt_checkpoint
+from prefix_store.bitfit_io import export_bias_state_dict, parse_verbalizer
+from prefix_store.importers import FORMATS, ImportContext, import_adapter
+from prefix_store.methods import with_peft_type
 
 from ..auth import AdminAuth
 from ..http_errors import BadRequest, InvalidRequest, PayloadTooLarge
 from ..metrics import confirm_task, name_task
 from ..runtime.bias import checkpoint_references, verbalizer_tokens
+from ..runtime.methods import check as check_artifact
 from ..schemas import BASE_TASK, ErrorBody, RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
 from ..sources import SourceUpload, hub_files, local_files, read_adapter
 from ..state import Services, ServicesDep
@@ -100,7 +99,8 @@ async def upload(
     artifact: Annotated[UploadFile | None, File(description="a prefix-serve artifact (.safetensors)")] = None,
     labels: Annotated[str | None, Form(description="class names for a SEQ_CLS adapter: JSON list or a,b,c")] = None,
     method: Annotated[
-        str | None, Form(description="prefix_tuning or p_tuning_v2 (PEFT cannot tell them apart)")
+        str | None,
+        Form(description=f"one of {', '.join(with_peft_type('PREFIX_TUNING'))} (PEFT cannot tell them apart)"),
     ] = None,
     state_dict: Annotated[UploadFile | None, File(description="a BitFit checkpoint (.safetensors state dict)")] = None,
     verbalizer: Annotated[
@@ -123,38 +123,33 @@ async def upload(
     limit = services.settings.max_artifact_bytes
     if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
         return await _upload_from_source(task, services, await request.body())
-    parts = [n for n, p in (("adapter_config", adapter_config), ("adapter_model", adapter_model)) if p is not None]
-    parts += [n for n, p in (("artifact", artifact), ("state_dict", state_dict)) if p is not None]
-    parts += ["vpt_checkpoint"] if vpt_checkpoint is not None else []
-    if parts == ["vpt_checkpoint"]:
-        data = await _read(vpt_checkpoint, limit, "vpt_checkpoint")  # type: ignore[arg-type]
-        read_safetensors_header(data, max_bytes=limit)
-        art = import_vpt_checkpoint(
-            load_tensors(data), task=task, backbone=services.backbone.fingerprint, labels=_labels(labels)
-        )
-    elif state_dict is not None and parts == ["state_dict"]:
-        art = await _import_bitfit(
-            services, task, await _read(state_dict, limit, "state_dict"), labels, verbalizer, template
-        )
-    elif (verbalizer, template) != (None, None):
+    uploads = {
+        "adapter_config": adapter_config,
+        "adapter_model": adapter_model,
+        "artifact": artifact,
+        "state_dict": state_dict,
+        "vpt_checkpoint": vpt_checkpoint,
+    }
+    parts = [n for n, p in uploads.items() if p is not None]
+    form = _FORM_OF_PARTS.get(tuple(parts))
+    if form != "state_dict" and (verbalizer, template) != (None, None):
         raise BadRequest("'verbalizer' and 'template' go with a 'state_dict' upload")
-    elif parts == ["artifact"]:
-        art = decode(await _read(artifact, limit, "artifact"), max_bytes=limit).with_task(task)
-    elif parts == ["adapter_config", "adapter_model"]:
-        art = import_peft_adapter(
-            await _read(adapter_config, 1024**2, "adapter_config"),
-            await _read(adapter_model, limit, "adapter_model"),
-            task=task,
-            backbone=services.backbone.fingerprint,
-            labels=_labels(labels),
-            method=method,
-            max_bytes=limit,
-        )
-    else:
+    if form is None:
         raise BadRequest(
             "expected either the two parts 'adapter_config' and 'adapter_model', or one part 'artifact', "
             f"'state_dict' or 'vpt_checkpoint'; got {parts or 'none'}"
         )
+    files = {}
+    for part, file_name in zip(parts, FORMATS[form][0], strict=True):  # the form's files, in the parts' order
+        upload_file = uploads[part]
+        assert upload_file is not None
+        files[file_name] = await _read(upload_file, 1024**2 if part == "adapter_config" else limit, part)
+    ctx = _import_context(services, task, labels=_labels(labels), method=method, verbalizer=verbalizer)
+    if form == "state_dict":
+        if template is not None:
+            check_template(template)
+        ctx = dataclasses.replace(ctx, references=checkpoint_references(services.backbone), template=template)
+    art = await asyncio.to_thread(import_adapter, form, files, ctx)  # parsing, and comparing checkpoints: off the loop
     return await _publish(services, art, chat_template)
 
 
@@ -176,18 +171,8 @@ async def _upload_from_source(task: str, services: Services, body: bytes) -> Ver
         return read_adapter(hub_files(spec.source, spec.revision, spec.subfolder, limit), limit)
 
     form, files = await services.pools.sources.run(fetch)  # disk and network: off the event loop, in their own pool
-    if form == "peft":
-        art = import_peft_adapter(
-            files["adapter_config.json"],
-            files["adapter_model.safetensors"],
-            task=task,
-            backbone=services.backbone.fingerprint,
-            labels=spec.labels,
-            method=spec.method,
-            max_bytes=limit,
-        )
-    else:
-        art = decode(files["artifact"], max_bytes=limit).with_task(task)
+    ctx = _import_context(services, task, labels=spec.labels, method=spec.method, verbalizer=None)
+    art = await asyncio.to_thread(import_adapter, form, files, ctx)
     art.training = {**art.training, "source": {"kind": kind, "name": spec.source, "revision": spec.revision}}
     return await _publish(services, art, spec.chat_template)
 
@@ -209,7 +194,7 @@ async def export_state_dict(
 ) -> Response:
     art = await services.store.get(task, version)
     base, _ = checkpoint_references(services.backbone)
-    services.backbone.check(art)
+    check_artifact(services.backbone, art)
     tensors = export_bias_state_dict(art, base, base_prefix=base_prefix)
     return Response(st_save(tensors), media_type="application/octet-stream")
 
@@ -253,33 +238,37 @@ async def rollback(task: str, body: RollbackRequest, services: ServicesDep) -> V
     return VersionSummary(**await services.store.get_summary(task, body.version))
 
 
-async def _import_bitfit(
-    services: Services, task: str, data: bytes, labels: str | None, verbalizer: str | None, template: str | None
-) -> PrefixArtifact:
+def _import_context(
+    services: Services, task: str, *, labels: list[str] | None, method: str | None, verbalizer: str | None
+) -> ImportContext:
+    """What every upload form is imported for: this task on the serving backbone, with the options given (a
+    verbalizer's words become the backbone's token ids, its labels the head's)."""
     bb = services.backbone
-    label_names, token_ids = _labels(labels), None
+    token_ids = None
     if verbalizer is not None:
         if len(verbalizer) > 20_000:
             raise BadRequest(f"verbalizer: expected at most 20000 characters, got {len(verbalizer)}")
         try:
-            label_names, token_ids = verbalizer_tokens(bb.tokenizer, parse_verbalizer(verbalizer))
+            labels, token_ids = verbalizer_tokens(bb.tokenizer, parse_verbalizer(verbalizer))
         except ValueError as e:
             raise BadRequest(str(e)) from None
-    if template is not None:
-        check_template(template)
-    base, weights = checkpoint_references(bb)
-    return await asyncio.to_thread(  # compares every weight with the backbone's: off the event loop
-        import_bias_state_dict,
-        data,
-        max_bytes=services.settings.max_artifact_bytes,
+    return ImportContext(
         task=task,
         backbone=bb.fingerprint,
-        base=base,
-        base_weights=weights,
-        labels=label_names,
+        max_bytes=services.settings.max_artifact_bytes,
+        labels=labels,
+        method=method,
         verbalizer=token_ids,
-        template=template,
     )
+
+
+# The multipart parts of each upload form, in the order its importer names its files (prefix_store.importers).
+_FORM_OF_PARTS = {
+    ("adapter_config", "adapter_model"): "peft",
+    ("artifact",): "artifact",
+    ("state_dict",): "state_dict",
+    ("vpt_checkpoint",): "vpt_checkpoint",
+}
 
 
 async def _publish(services: Services, art: PrefixArtifact, chat_template: str | None = None) -> VersionSummary:
@@ -292,7 +281,7 @@ async def _publish(services: Services, art: PrefixArtifact, chat_template: str |
         if services.templates is None:
             raise BadRequest(f"chat_template: backbone {services.backbone.name} has no tokenizer to render it with")
         await services.templates.check(art.chat_template)
-    services.backbone.check(art)
+    check_artifact(services.backbone, art)
     stored = await services.store.put(art)
     return VersionSummary(**stored.summary())
 

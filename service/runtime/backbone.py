@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import CacheLayerMixin
 
-from prefix_store import DTYPES, SOFT_PROMPT_METHODS, BackboneFingerprint, BackboneMismatch, PrefixArtifact
-from prefix_store.artifact import VPT_METHODS
+from prefix_store import DTYPES, BackboneFingerprint, BackboneKind, BackboneMismatch, PrefixArtifact
 
 from . import families
 from .bias import bias_targets
@@ -88,6 +88,13 @@ class Backbone:
     def is_image(self) -> bool:
         return self.fingerprint.model_type in IMAGE_TYPES
 
+    @property
+    def kind(self) -> BackboneKind:
+        """What the method registry's serves_on / trains_on name."""
+        if self.is_image:
+            return BackboneKind.IMAGE
+        return BackboneKind.ENCODER if self.is_encoder else BackboneKind.CAUSAL
+
     def with_cache(self, cache: Any) -> dict[str, Any]:
         """The forward keyword argument carrying `cache`, under the name this transformers version expects."""
         return {self.cache_arg: cache}
@@ -105,7 +112,7 @@ class Backbone:
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (..., V) from final hidden states (..., hidden), as the model's own *ForCausalLM
         computes them: the LM head, then the family's final processing."""
-        logits = self.lm_head(states)
+        logits: torch.Tensor = self.lm_head(states)
         return logits if self.final_logits is None else self.final_logits(logits)
 
     @property
@@ -119,17 +126,17 @@ class Backbone:
         not change after loading, so the walk over them happens once, not at every check of a bias artifact."""
         return {name: t.numel() for name, t in bias_targets(self).items()}
 
-    def check(self, artifact: PrefixArtifact) -> None:
-        """Refuses a prefix this backbone cannot serve, naming the difference."""
+    def check_common(self, artifact: PrefixArtifact) -> None:
+        """Refuses an artifact this backbone cannot serve whatever its method, naming the difference: another
+        geometry, a method not served on this kind of backbone, no room for a prompt, a head it cannot pool for.
+        service.runtime.methods.check adds the checks of the artifact's own family."""
         artifact.fingerprint.require_match(self.fingerprint)
-        if artifact.biases is not None:
-            self._check_biases(artifact.biases)
-        image_method = artifact.method in VPT_METHODS
-        if self.is_image and artifact.method in SOFT_PROMPT_METHODS or image_method and not self.is_image:
-            kind = "an image backbone" if self.is_image else "a text backbone"
+        spec = artifact.spec
+        if self.kind not in spec.serves_on:
+            kinds = ", ".join(sorted(k.value for k in spec.serves_on))
             raise BackboneMismatch(
-                f"method {artifact.method} does not fit {kind} ({self.name}): visual prompts (vpt_shallow, vpt_deep) "
-                "go with image backbones, soft prompts of tokens with text ones"
+                f"method {artifact.method} ({spec.family.value}) is served on {kinds} backbones; {self.name} is "
+                f"{self.kind.value}"
             )
         P = artifact.num_virtual_tokens
         if self.max_positions and P >= self.max_positions:
@@ -148,22 +155,20 @@ class Backbone:
         if head is not None and head.verbalizer and self.mask_token_id is None:
             raise BackboneMismatch("a verbalizer head reads the [MASK] position: this tokenizer has no mask token")
 
-    def _check_biases(self, biases: dict[str, torch.Tensor]) -> None:
-        sizes = self.bias_sizes
-        if not sizes:
-            raise BackboneMismatch(
-                f"backbone {self.name} ({self.fingerprint.model_type}) has no bias terms: its linear and norm "
-                "layers are bias-free, so a bias (bitfit) task cannot be served on it"
-            )
-        unknown = sorted(set(biases) - set(sizes))
-        if unknown:
-            raise BackboneMismatch(
-                f"bias deltas for {len(unknown)} modules this backbone does not have, e.g. {unknown[:3]}; its "
-                f"{len(sizes)} bias modules are named like {sorted(sizes)[:3]}"
-            )
-        for name, delta in biases.items():
-            if delta.numel() != sizes[name]:
-                raise BackboneMismatch(f"bias delta {name}: expected shape ({sizes[name]},), got {tuple(delta.shape)}")
+    def prompt_kv(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The key/values the backbone leaves in its cache for P input embeddings (P, hidden) at the first P
+        positions (from position_offset): (L, 2, H_kv, P, D). A soft prompt on a causal LM is served as these
+        (nothing after it changes them under causal attention), and P-Tuning v2 starts from those of real tokens.
+        Gradients follow the caller's mode."""
+        P = embeds.shape[0]
+        cache = DynamicCache()
+        pos = self.position_offset + torch.arange(P, device=embeds.device)[None]  # (1, P)
+        self.body(inputs_embeds=embeds[None], position_ids=pos, use_cache=True, **self.with_cache(cache))
+        layers = []
+        for layer in cache.layers:  # attention layers (the families served have no linear-attention ones)
+            assert isinstance(layer, CacheLayerMixin) and layer.keys is not None and layer.values is not None
+            layers.append(torch.stack([layer.keys[0], layer.values[0]]))  # (2, H_kv, P, D)
+        return torch.stack(layers)
 
     @property
     def mask_token_id(self) -> int | None:
@@ -238,7 +243,8 @@ def load_backbone(
     families.check_family(config, allow_unverified=allow_unverified)
     model_cls = AutoModel if is_encoder else AutoModelForCausalLM
     torch_dtype, dev = DTYPES[dtype], resolve_device(device)
-    model, info = model_cls.from_pretrained(
+    # transformers annotates from_pretrained as returning the model, even with output_loading_info (a tuple then)
+    model, info = model_cls.from_pretrained(  # type: ignore[misc]
         source, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True, **kwargs
     )
     if is_encoder and any(k.startswith("pooler.") for k in info.get("missing_keys", ())):
@@ -257,7 +263,8 @@ def load_backbone(
         from transformers import AutoImageProcessor
 
         try:
-            processor = AutoImageProcessor.from_pretrained(source, use_fast=False, **kwargs)
+            # transformers leaves AutoImageProcessor.from_pretrained unannotated
+            processor = AutoImageProcessor.from_pretrained(source, use_fast=False, **kwargs)  # type: ignore[no-untyped-call]
         except OSError:  # no preprocessor_config.json: the ViT defaults at the model's image size
             processor = None
     else:
@@ -362,11 +369,10 @@ def wrap_model(
     if config.model_type in IMAGE_TYPES:
         number_attention_layers(model.base_model)
         if image_processor is None:
-            try:  # the Pillow backend (the default one needs torchvision, which this project does not install)
-                from transformers import ViTImageProcessorPil as Processor
-            except ImportError:
-                from transformers import ViTImageProcessor as Processor
+            import transformers
 
+            # The Pillow backend (the default one needs torchvision, which this project does not install).
+            Processor = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
             side = config.image_size
             image_processor = Processor(size={"height": side, "width": side})
     if not is_encoder and config.is_encoder_decoder:

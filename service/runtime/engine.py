@@ -18,20 +18,21 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from prefix_store import PrefixArtifact, VersionKey
 
-from . import tracing
+from . import methods, tracing
 from .backbone import Backbone
 from .batch import Row, RunningBatch
 from .grammar import Grammars, advance, constrain
+from .heads import head_logits
 from .kv_cache import PrefixPool, SlotCache
 from .output import TextStream, class_probabilities
-from .runner import Chunk, DevicePrefix, EncodeItem, ImageItem, ModelRunner, head_logits
+from .runner import Chunk, DevicePrefix, EncodeItem, ImageItem, ModelRunner
 from .sampling import (
-    SamplingParams,
     TokenHistory,
     alternatives,
     forbid_ending,
@@ -124,9 +125,9 @@ class DeviceCache:
                 del self.holders[key]
 
     def _load(self, artifact: PrefixArtifact) -> DevicePrefix:
-        kv, soft = self.runner.prefix_tensors(artifact)
+        parts = methods.load(self.runner.bb, artifact)  # checked against the backbone, on the device
         head = self.runner.head_tensors(artifact)
-        deltas = self.runner.bias_tensors(artifact)
+        kv, soft = parts.kv, parts.embeds
         index = None
         if kv is not None:
             P = kv.shape[3]
@@ -140,8 +141,8 @@ class DeviceCache:
         entry = DevicePrefix(
             artifact.task, artifact.version, artifact.method, artifact.num_virtual_tokens, index, soft, head
         )
-        if deltas is not None:
-            entry.bias_slot = self.runner.biases.alloc(deltas)
+        if parts.biases is not None:
+            entry.bias_slot = self.runner.biases.alloc(parts.biases)
         if head is not None and head.token_ids is not None:
             entry.verbalizer = torch.tensor(head.token_ids, device=self.runner.bb.device)
         self.other_bytes += _nbytes(entry)
@@ -227,7 +228,7 @@ class Engine:
         if self.batch is not None:
             for row in self.batch.rows:
                 self._let_go(row)
-            self.batch = RunningBatch(self.cache)  # type: ignore[arg-type]
+            self.batch = RunningBatch(self.batch.cache)
 
     @property
     def running(self) -> int:
@@ -277,8 +278,8 @@ class Engine:
         self.step_count += 1
         self.device_cache.apply_pending()
         if self.batch is None:
-            outputs = self._classify_encoder([r for r in plan.admit if r.request_id not in plan.cancel])
-            return StepOutput(self.step_count, outputs)
+            admit = [r for r in plan.admit if r.request_id not in plan.cancel]
+            return StepOutput(self.step_count, self._classify_encoder(admit))
         b = self.batch
         outputs: list[RowOutput] = []
         if plan.cancel:
@@ -328,7 +329,7 @@ class Engine:
         bias_slots = b.bias_slot[:n] if any(r.prefix is not None and r.prefix.bias_slot for r in b.decoding) else None
         logits = self.runner.decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen, bias_slots)
         history = None
-        if b.counts is not None and b.seen is not None and any(r.request.params.counts_tokens for r in b.decoding):  # type: ignore[union-attr]
+        if b.counts is not None and b.seen is not None and any(r.params.counts_tokens for r in b.decoding):
             history = TokenHistory(b.counts[:n], b.seen[:n])  # decoders sit in slots 0..n-1: views, no gather
         outputs, finished, tokens = self._sample(b.decoding, logits, history)
         b.advance(tokens)
@@ -346,10 +347,10 @@ class Engine:
             take = min(row.prompt_len - row.done, budget)
             ids = row.request.prompt_ids[row.done : row.done + take]
             final = row.done + take == row.prompt_len
-            mean = not row.generates and row.prefix is not None and row.prefix.head is not None
-            mean = mean and row.prefix.head.pooling == "mean"  # type: ignore[union-attr]
-            states = row.generates and row.request.params.prompt_logprobs  # type: ignore[union-attr]
-            chunks.append(Chunk(row.slot, row.done, ids, row.prefix, final, pool_mean=mean, states=states))
+            head = None if row.generates or row.prefix is None else row.prefix.head
+            pool_mean = head is not None and head.pooling == "mean"
+            states = row.generates and row.params.prompt_logprobs
+            chunks.append(Chunk(row.slot, row.done, ids, row.prefix, final, pool_mean=pool_mean, states=states))
             rows.append(row)
             budget -= take
         results = self.runner.prefill(chunks)
@@ -374,13 +375,14 @@ class Engine:
                     gen_states.append(res.last)
             else:
                 mean = row.hidden_sum / row.prompt_len if row.hidden_sum is not None else res.last
-                outputs.append(self._classified(row.request, head_logits(row.prefix, mean, res.last)))
+                assert row.prefix is not None and row.prefix.head is not None, "classification rows have a head"
+                outputs.append(self._classified(row.request, head_logits(row.prefix.head, mean, res.last)))
                 ended.append(row)
         self._end(ended)
         if gen_rows:
             logits = self.runner.lm_logits(torch.stack(gen_states))  # (n, V)
             history = None
-            if any(r.request.params.counts_tokens for r in gen_rows):  # type: ignore[union-attr]
+            if any(r.params.counts_tokens for r in gen_rows):
                 b.ensure_history(logits.shape[-1])
                 history = first_history(gen_rows, logits.shape[-1], logits.device)
             outs, finished, tokens = self._sample(gen_rows, logits, history)
@@ -396,7 +398,9 @@ class Engine:
 
     def _classify_encoder(self, admit: list[EngineRequest]) -> list[RowOutput]:
         outputs: list[RowOutput] = []
-        items, reqs = [], []
+        images: list[ImageItem] = []
+        texts: list[EncodeItem] = []
+        reqs = []
         for req in admit:
             try:
                 prefix = self.device_cache.acquire(req.artifact, req.request_id) if req.artifact else None
@@ -405,16 +409,16 @@ class Engine:
                 continue
             embed = req.kind is Kind.EMBED
             if req.pixel_values is not None:
-                items.append(ImageItem(prefix, req.pixel_values, embed))
+                images.append(ImageItem(prefix, req.pixel_values, embed))
             else:
-                items.append(EncodeItem(prefix, req.prompt_ids, req.token_type_ids, embed))
+                texts.append(EncodeItem(prefix, req.prompt_ids, req.token_type_ids, embed))
             reqs.append(req)
-        if items:
-            run = self.runner.classify_images if self.bb.is_image else self.runner.classify_encoder
-            for req, x in zip(reqs, run(items), strict=True):  # type: ignore[arg-type]
+        if reqs:  # an image backbone's requests all carry an image, a text encoder's none
+            xs = self.runner.classify_images(images) if self.bb.is_image else self.runner.classify_encoder(texts)
+            for req, x in zip(reqs, xs, strict=True):
                 if req.kind is Kind.EMBED:  # x: the pooled state (hidden,)
-                    e = torch.nn.functional.normalize(x, dim=0)
-                    outputs.append(self._out(req.request_id, finish_reason=FinishReason.STOP, embedding=e))
+                    emb = torch.nn.functional.normalize(x, dim=0)
+                    outputs.append(self._out(req.request_id, finish_reason=FinishReason.STOP, embedding=emb))
                 else:  # x: head logits (C,)
                     outputs.append(self._classified(req, x))
         for req in reqs:
@@ -429,7 +433,7 @@ class Engine:
         """Samples one token per row from logits (B, V): penalties (from the rows' token history), the minimum
         length, then each row's sampler. Returns the outputs, the rows that finished, the tokens. Log-probabilities
         are the model's own (raw logits)."""
-        params: list[SamplingParams] = [r.request.params for r in rows]  # type: ignore[misc]
+        params = [r.params for r in rows]
         # What needs the model's own distribution is taken first; then the transforms work in place on the logits.
         want = [i for i, p in enumerate(params) if p.logprobs or p.top_logprobs]  # only these rows pay for it
         idx = torch.tensor(want, device=logits.device)
@@ -437,9 +441,9 @@ class Engine:
         raw = {i: logits[i].clone() for i, p in enumerate(params) if p.return_logits}
         x = penalise(logits.float(), params, history)
         young = [  # rows under min_tokens: their stop ids (EOS unless ignore_eos) are held back
-            (i, sorted(row.text.stop_ids))  # type: ignore[union-attr]
+            (i, sorted(row.stream.stop_ids))
             for i, (row, p) in enumerate(zip(rows, params, strict=True))
-            if p.min_tokens and len(row.text.token_ids) < p.min_tokens  # type: ignore[union-attr]
+            if p.min_tokens and len(row.stream.token_ids) < p.min_tokens
         ]
         if any(ids for _, ids in young):
             x = forbid_ending(x, young)
@@ -466,14 +470,15 @@ class Engine:
                 outputs.append(self._out(row.request_id, finish_reason=FinishReason.ERROR, error=failed[i]))
                 finished.append(row)
                 continue
-            text, finish = row.text.push(tok)  # type: ignore[union-attr]
+            text, finish = row.stream.push(tok)
+            top = tops[i] if tops is not None else None  # set for every row that asked for top_logprobs
             outputs.append(
                 self._out(
                     row.request_id,
                     token_id=tok,
                     text=text,
                     logprob=lps[i] if lps is not None and p.logprobs else None,
-                    top_logprobs=tops[i][: p.top_logprobs] if tops is not None and p.top_logprobs else None,  # type: ignore[index]
+                    top_logprobs=top[: p.top_logprobs] if top is not None and p.top_logprobs else None,
                     finish_reason=finish,
                     logits=raw.get(i),
                 )
@@ -503,7 +508,7 @@ class Engine:
             req.request_id, finish_reason=FinishReason.STOP, probs=class_probabilities(logits), logits=logits
         )
 
-    def _out(self, request_id: str, **kw) -> RowOutput:
+    def _out(self, request_id: str, **kw: Any) -> RowOutput:
         return RowOutput(request_id, self.step_count, **kw)
 
     def _end(self, rows: list[Row]) -> None:

@@ -2,7 +2,8 @@
 artifact into device tensors. Tensors only; everything here runs on the engine's one worker thread.
 
 Positions: a row's j-th prompt token gets position P + j, P its prefix length (PEFT's layout, see prefix_kv.py);
-soft prompts on causal LMs are key/values at positions 0..P-1, computed once when the prefix is loaded.
+soft prompts on causal LMs are key/values at positions 0..P-1, computed once when the prefix is loaded
+(runtime/methods/soft_prompt.py).
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from prefix_store import ClassificationHead, PrefixArtifact, VersionKey
 
 from .attention import ForwardState, serving
 from .backbone import Backbone, vit_layers
 from .bias import BiasTable
+from .heads import head_logits, mlm_states, pool, verbalizer_logits
 from .kv_cache import PrefixPool, SlotCache
 from .prefix_kv import right_pad, token_positions
 
@@ -25,9 +26,9 @@ from .prefix_kv import right_pad, token_positions
 class DevicePrefix:
     """A task version ready to run on the device.
 
-    index: (P,) long, its key/values' positions in the PrefixPool (key/value methods, and soft prompts on causal LMs,
-        whose key/values do not depend on what follows them under causal attention); None for encoder soft prompts.
-    soft_prompt: (P, hidden) for soft prompts on encoders, where attention is bidirectional: fed as embeddings.
+    index: (P,) long, its key/values' positions in the PrefixPool (DeviceParts.kv of its family); None when it has
+        none.
+    soft_prompt: (P, hidden) input embeddings (DeviceParts.embeds: soft prompts on encoders, VPT-shallow).
     head: the classification head, its tensors on the device.
     bias_slot: the task's slot in the BiasTable (bias methods), 0 for none.
     verbalizer: (C,) long, a verbalizer head's label tokens on the device.
@@ -105,20 +106,6 @@ class ModelRunner:
         self.pad_id = (tok.pad_token_id if tok is not None else None) or 0
 
     # -- loading ----------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def prefix_tensors(self, artifact: PrefixArtifact) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(key/values (L, 2, H_kv, P, D) or None, soft prompt (P, hidden) or None) on the device, in its dtype.
-        Checks the artifact against the backbone first."""
-        self.bb.check(artifact)
-        dev, dt = self.bb.device, self.bb.dtype
-        kv = artifact.kv.to(device=dev, dtype=dt) if artifact.kv is not None else None
-        soft = artifact.soft_prompt.to(device=dev, dtype=dt) if artifact.soft_prompt is not None else None
-        if soft is not None and not self.bb.is_encoder:
-            kv, soft = self._soft_prompt_kv(soft), None
-        if artifact.deep_prompt is not None:
-            kv = self._deep_prompt_kv(artifact.deep_prompt.to(device=dev, dtype=dt))
-        return kv, soft
-
     def head_tensors(self, artifact: PrefixArtifact) -> ClassificationHead | None:
         head = artifact.head
         if head is None:
@@ -129,36 +116,6 @@ class ModelRunner:
             return None if t is None else t.to(device=dev, dtype=dt)
 
         return ClassificationHead(put(head.weight), put(head.bias), list(head.labels), head.pooling, head.token_ids)
-
-    def bias_tensors(self, artifact: PrefixArtifact) -> dict[str, torch.Tensor] | None:
-        """A bias task's deltas, path -> (out,), on the device in its dtype (checked by prefix_tensors)."""
-        if artifact.biases is None:
-            return None
-        return {k: v.to(device=self.bb.device, dtype=self.bb.dtype) for k, v in artifact.biases.items()}
-
-    def _soft_prompt_kv(self, soft: torch.Tensor) -> torch.Tensor:
-        """Keys/values of a soft prompt at positions 0..P-1: (P, hidden) -> (L, 2, H_kv, P, D)."""
-        P = soft.shape[0]
-        cache = DynamicCache()
-        pos = torch.arange(P, device=soft.device)[None]  # (1, P)
-        self.body(inputs_embeds=soft[None], position_ids=pos, use_cache=True, **self.bb.with_cache(cache))
-        layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each (2, H_kv, P, D)
-        return torch.stack(layers)
-
-    def _deep_prompt_kv(self, prompts: torch.Tensor) -> torch.Tensor:
-        """VPT-deep: layer i's prompt tokens p_i (L, P, hidden) only ever serve as keys/values of the image tokens
-        (their outputs are discarded), so each layer's prefix is `k_proj(LN1(p_i))`, `v_proj(LN1(p_i))`, computed
-        once here: (L, 2, H, P, D). ViT is pre-LN: the LayerNorm belongs in it."""
-        fp = self.bb.fingerprint
-        L, P, _ = prompts.shape
-        out = []
-        for i, layer in enumerate(vit_layers(self.body)):
-            x = layer.layernorm_before(prompts[i])  # (P, hidden)
-            att = layer.attention
-            k = att.k_proj(x).view(P, fp.num_kv_heads, fp.head_dim).transpose(0, 1)  # (H, P, D)
-            v = att.v_proj(x).view(P, fp.num_kv_heads, fp.head_dim).transpose(0, 1)
-            out.append(torch.stack([k, v]))
-        return torch.stack(out)
 
     # -- causal LM --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -250,8 +207,9 @@ class ModelRunner:
         if any(n_soft):
             embeds = self.embed(ids)  # (B, T, hidden)
             for i, it in enumerate(items):
-                if n_soft[i]:
-                    embeds[i, : n_soft[i]] = it.prefix.soft_prompt  # type: ignore[union-attr]
+                soft = None if it.prefix is None else it.prefix.soft_prompt
+                if soft is not None and n_soft[i]:
+                    embeds[i, : n_soft[i]] = soft
             inputs = {"inputs_embeds": embeds}
         prefixes = [it.prefix for it in items]
         state = self._encode_state(prefixes, lengths)
@@ -271,16 +229,20 @@ class ModelRunner:
             elif it.prefix is not None and it.prefix.verbalizer is not None:
                 logits.append(None)  # scored at [MASK] below
             else:
-                logits.append(head_logits(it.prefix, mean, first, pooler))
+                assert it.prefix is not None and it.prefix.head is not None, "classification rows have a head"
+                logits.append(head_logits(it.prefix.head, mean, first, pooler))
         verbal = [i for i, x in enumerate(logits) if x is None]
         if verbal:
             mask_id = self.bb.mask_token_id
+            assert mask_id is not None, "verbalizer tasks are refused on backbones without a [MASK] token"
             pos = [n_soft[i] + items[i].input_ids.index(mask_id) for i in verbal]  # the first [MASK] of each row
             states = h[verbal, pos]  # (n, hidden)
             slots = bias_slots[verbal] if bias_slots is not None else None
             for i, row_logits in zip(verbal, self.verbalize(states, [prefixes[i] for i in verbal], slots), strict=True):
                 logits[i] = row_logits
-        return logits  # type: ignore[return-value]
+        scored = [x for x in logits if x is not None]
+        assert len(scored) == len(items), "every row has its logits: the verbalizer rows' were filled in above"
+        return scored
 
     # -- image encoder ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -301,8 +263,9 @@ class ModelRunner:
         x = emb.new_zeros(B, max(lengths), emb.shape[2])  # (B, T, hidden)
         x[:, 0] = emb[:, 0]
         for i, it in enumerate(items):
-            if shallow[i]:
-                x[i, 1 : 1 + shallow[i]] = it.prefix.soft_prompt  # type: ignore[union-attr]
+            soft = None if it.prefix is None else it.prefix.soft_prompt
+            if soft is not None and shallow[i]:
+                x[i, 1 : 1 + shallow[i]] = soft
             x[i, 1 + shallow[i] : lengths[i]] = emb[i, 1:]
         prefixes = [it.prefix for it in items]
         state = self._encode_state(prefixes, lengths)
@@ -313,7 +276,11 @@ class ModelRunner:
         out = []
         for i, it in enumerate(items):
             mean, first = h[i, 1 + shallow[i] : lengths[i]].mean(0), h[i, 0]  # patches only; [CLS]
-            out.append(pool(self.bb.pooling, mean, first).float() if it.embed else head_logits(it.prefix, mean, first))
+            if it.embed:
+                out.append(pool(self.bb.pooling, mean, first).float())
+            else:
+                assert it.prefix is not None and it.prefix.head is not None, "classification rows have a head"
+                out.append(head_logits(it.prefix.head, mean, first))
         return out
 
     def verbalize(
@@ -323,22 +290,16 @@ class ModelRunner:
         each row's verbalizer tokens only, `transform(h) . E[verb]^T + b_dec[verb] + delta_dec[verb]`."""
         mlm = self.bb.mlm
         assert mlm is not None, "verbalizer tasks are refused on backbones without a masked-LM scoring"
-        z = states
-        if mlm.transform is not None:
-            with self.biases.rows(slots):  # the transform's dense and LayerNorm carry bias deltas too
-                z = mlm.transform(states)  # (n, hidden)
+        with self.biases.rows(slots):  # the transform's dense and LayerNorm carry bias deltas too
+            z = mlm_states(mlm, states)  # (n, hidden)
         out = []
         for i, p in enumerate(prefixes):
             assert p is not None and p.verbalizer is not None
             verb = p.verbalizer  # (C,)
-            logits = z[i] @ mlm.weight[verb].T  # (C,)
-            if mlm.bias is not None:
-                logits = logits + mlm.bias[verb]
-            if p.bias_slot:
+            delta = None
+            if p.bias_slot:  # (1, C) the task's decoder-bias delta at its label tokens, or None
                 delta = self.biases.decoder_bias(torch.tensor([p.bias_slot], device=verb.device), verb[None])
-                if delta is not None:
-                    logits = logits + delta[0]
-            out.append(logits.float())
+            out.append(verbalizer_logits(mlm, z[i : i + 1], verb, delta)[0])
         return out
 
     # -- shared -----------------------------------------------------------------------------------------------------
@@ -357,33 +318,6 @@ class ModelRunner:
         lens = [0 if p is None else p.kv_len for p in prefixes]
         index = torch.zeros(len(prefixes), max(lens, default=0), dtype=torch.long, device=dev)
         for i, p in enumerate(prefixes):
-            if lens[i]:
-                index[i, : lens[i]] = p.index  # type: ignore[union-attr]
+            if p is not None and p.index is not None and lens[i]:  # lens[i] > 0: the row's prefix has an index
+                index[i, : lens[i]] = p.index
         return index, torch.tensor(lens, device=dev)
-
-
-def head_logits(
-    prefix: DevicePrefix | None, mean: torch.Tensor, first_or_last: torch.Tensor, pooler: torch.Tensor | None = None
-) -> torch.Tensor:
-    """A classification head's logits (C,) fp32 over one row, pooled as the head asks.
-
-    mean: the mean of the row's input-token states; first_or_last: the [CLS] state (encoders) or the last real
-    token's state (causal LMs); pooler: the encoder's pooler output for the row.
-    """
-    assert prefix is not None and prefix.head is not None, "classification rows are checked for a head"
-    head = prefix.head
-    x = pool(head.pooling, mean, first_or_last, pooler)
-    logits = x @ head.weight.T + (head.bias if head.bias is not None else 0)  # (C,)
-    return logits.float()
-
-
-def pool(
-    pooling: str, mean: torch.Tensor, first_or_last: torch.Tensor, pooler: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One row's pooled state (hidden,): "pooler", "mean", or "cls" / "last_token" (first_or_last)."""
-    if pooling == "pooler":
-        assert pooler is not None, "pooler pooling is checked against the backbone"
-        return pooler
-    if pooling == "mean":
-        return mean
-    return first_or_last

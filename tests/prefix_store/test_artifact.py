@@ -88,7 +88,7 @@ def test_soft_prompt_shape_must_match_hidden():
 
 
 def test_method_carries_its_own_tensor():
-    with pytest.raises(ArtifactFormatError, match="exactly one tensor, 'soft_prompt'"):
+    with pytest.raises(ArtifactFormatError, match=r"method p_tuning carries 'soft_prompt'; got \['kv'\]"):
         PrefixArtifact(task="t", method="p_tuning", fingerprint=TINY_LLAMA, kv=torch.zeros(3, 2, 2, 5, 8))
     with pytest.raises(ArtifactFormatError, match="unknown method"):
         PrefixArtifact(task="t", method="lora", fingerprint=TINY_LLAMA, kv=torch.zeros(3, 2, 2, 5, 8))

@@ -115,7 +115,7 @@ def test_bad_images_and_wrong_inputs_are_400(redis_url):
             task="t", method="prompt_tuning", fingerprint=art.fingerprint, soft_prompt=torch.ones(2, 32)
         )
         r = c.put("/v1/tasks/t", files={"artifact": ("a", encode(soft))})
-        assert r.status_code == 409 and "visual prompts" in r.text
+        assert r.status_code == 409 and "is served on causal, encoder backbones" in r.text, r.text
         assert c.get("/v1/tasks/t").json()["versions"] == [1]
 
 

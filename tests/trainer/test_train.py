@@ -76,6 +76,7 @@ async def test_trained_classifier_served_equals_peft_export(method, store, tmp_p
     assert (ev.logits - ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow  # four training runs
 def test_seeded_runs_are_identical_and_resume_matches(tmp_path):
     bb = wrap_model(tiny_model("llama"), tiny_tokenizer(), name="t")
     a = train(bb, spec("p_tuning_v2", GEN, seed=3)).artifact
@@ -101,6 +102,7 @@ def test_seeded_runs_are_identical_and_resume_matches(tmp_path):
     assert resumed.history == full.history
 
 
+@pytest.mark.slow  # two training runs
 def test_early_stopping_and_gate():
     bb = wrap_model(tiny_model("bert-cls").bert, tiny_tokenizer(), name="b")
     stopped = train(bb, spec("p_tuning_v2", CLS, steps=400, eval_every=2, patience=2, lr=1e-9))
@@ -151,8 +153,9 @@ async def test_bitfit_trained_is_what_is_served(head, store):
 
 
 def _trainer_logits(bb, art, text, kw):
-    from trainer.methods import BiasDeltas
-    from trainer.model import TaskModel, make_batch
+    from trainer.batch import make_batch
+    from trainer.methods.bias import BiasDeltas
+    from trainer.model import TaskModel
 
     deltas = BiasDeltas({k: v for k, v in art.biases.items()})
     with torch.no_grad():
@@ -189,7 +192,7 @@ def test_bitfit_on_a_bias_free_backbone_is_refused():
 def test_p_tuning_v2_starts_from_the_keys_values_of_real_tokens(kind):
     """Li & Liang's initialisation: the prefix starts as the frozen backbone's own keys/values of real tokens, here
     checked against the layers' key/value projections applied by hand (and the random init is not that)."""
-    from trainer.methods import activation_kv
+    from trainer.methods.kv_prefix import activation_kv
     from trainer.train import Trainer
 
     model = tiny_model("bert-cls").bert if kind == "bert" else tiny_model(kind)

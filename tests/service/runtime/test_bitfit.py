@@ -2,7 +2,8 @@
 reference that shares nothing with the serving code (a copy of the backbone with `b + delta` written into its
 biases, run by transformers' own forward, the prefix given as a cache, soft prompts as input embeddings); fp32,
 |dlogit| <= 1e-5, the same greedy tokens. Plus: the deltas move the logits (control), the tied decoder bias counted
-once, a bias task refused by a bias-free backbone, checkpoints imported and exported."""
+once, a bias task refused by a bias-free backbone, checkpoints imported and exported. The engine is driven directly
+(no Redis), the artifacts as the store hands them back."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from prefix_store.bitfit_io import export_bias_state_dict, import_bias_checkpoin
 from prefix_store.errors import UnsupportedAdapter
 from service.runtime import wrap_model
 from service.runtime.bias import bias_targets, checkpoint_references
-from tests.golden.cases import Case, assert_matches, differences, serve
+from service.runtime.methods import check as check_artifact
+from tests.golden.cases import Case, assert_matches, differences, run
 from tests.models import MASK_ID, tiny_model, tiny_tokenizer
 from tests.references import biased_copy, prefix_cache, random_deltas, reference_generate
 
-pytestmark = pytest.mark.redis
 LABELS = ["neg", "pos", "mid"]
 
 
@@ -131,24 +132,24 @@ def bert_case() -> Case:
     )
 
 
-async def test_gpt2_bias_rows_mixed_with_every_method_match_their_reference(store):
+def test_gpt2_bias_rows_mixed_with_every_method_match_their_reference():
     case = gpt2_case()
-    rows = await serve(store, case)
+    rows = run(case)
     assert_matches(case, rows)
 
 
-async def test_bert_verbalizer_and_linear_bias_rows_match_their_reference(store):
+def test_bert_verbalizer_and_linear_bias_rows_match_their_reference():
     case = bert_case()
-    rows = await serve(store, case)
+    rows = run(case)
     assert_matches(case, rows)
 
 
-async def test_control_bias_deltas_move_the_logits(store):
+def test_control_bias_deltas_move_the_logits():
     """Served without their deltas (the reference of the bare backbone), the bias rows must differ: the comparison
     above can fail."""
     case = gpt2_case()
     bare = [reference_generate(tiny_model("gpt2"), ids, None)[1] for ids in case.inputs]
-    rows = await serve(store, case)
+    rows = run(case)
     control = Case(case.kind, case.tasks, case.artifacts, case.inputs, case.generate, case.ref_tokens, bare)
     diffs = differences(control, rows)
     assert min(diffs[t] for t in ("b1", "b2", "b3", "bp")) > 1e-2, diffs
@@ -179,7 +180,7 @@ def test_bias_free_backbone_refuses_a_bias_task():
         biases={"layers.0.self_attn.q_proj": torch.ones(64)},
     )
     with pytest.raises(BackboneMismatch, match="no bias terms"):
-        llama.check(art)
+        check_artifact(llama, art)
 
 
 def test_wrong_module_names_and_sizes_are_refused():
@@ -187,10 +188,10 @@ def test_wrong_module_names_and_sizes_are_refused():
     fp = gpt2.fingerprint
     unknown = PrefixArtifact(task="b", method="bitfit", fingerprint=fp, biases={"h.0.attn.q_proj": torch.ones(64)})
     with pytest.raises(BackboneMismatch, match="does not have"):
-        gpt2.check(unknown)
+        check_artifact(gpt2, unknown)
     wrong = PrefixArtifact(task="b", method="bitfit", fingerprint=fp, biases={"h.0.attn.c_attn": torch.ones(64)})
     with pytest.raises(BackboneMismatch, match=r"expected shape \(192,\)"):
-        gpt2.check(wrong)
+        check_artifact(gpt2, wrong)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_checkpoint_import_and_export_round_trip():
     bb = wrap_model(copy.deepcopy(model), tiny_tokenizer(mask=True), name="mlm")
     sd = tuned_checkpoint(model, 7)
     art = import_from(bb, sd, labels=["a", "b"], verbalizer=[10, 11], template="{text} [MASK]")
-    bb.check(art)
+    check_artifact(bb, art)
     assert set(art.biases) == set(bias_targets(bb)), "every bias moved, each counted once"
     exported = export_bias_state_dict(art, bias_targets(bb), base_prefix="bert.")
     fresh = copy.deepcopy(model)

@@ -1,11 +1,11 @@
 """Visual Prompt Tuning (Jia et al. 2022) on a ViT, served mixed: two VPT-deep tasks of different P, a VPT-shallow
 task and bare rows in one forward, each row equal to an independent layer-by-layer implementation of the paper's
 method (fp32, max |dlogit| <= 1e-5); negative controls (deep keys/values without the layer's LayerNorm; shallow
-prompts given position embeddings) must fail, and a guard fails if the prompts stop reaching the attention."""
+prompts given position embeddings) must fail, and a guard fails if the prompts stop reaching the attention. The engine
+is driven directly (no Redis), the artifacts as the store hands them back."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 
 import pytest
@@ -13,12 +13,13 @@ import torch
 from transformers import ViTConfig, ViTModel
 
 from prefix_store import BackboneFingerprint, BackboneMismatch, ClassificationHead, PrefixArtifact
-from service.runtime import runner as runner_module
-from service.runtime import wrap_model
-from tests.engine_harness import serving_stack
+from service.runtime import EngineRequest, Kind, wrap_model
+from service.runtime.backbone import vit_layers
+from service.runtime.methods import check as check_artifact
+from service.runtime.methods import visual_prompt
+from tests.engine_harness import engine_for, run_engine, stored
 from tests.models import seeded_init
 
-pytestmark = pytest.mark.redis
 LABELS = ["a", "b", "c"]
 
 
@@ -86,20 +87,18 @@ def vpt(vit: ViTModel, task: str, method: str, P: int, seed: int) -> PrefixArtif
     )
 
 
-async def serve_all(
-    store, vit, arts: list[PrefixArtifact], images: torch.Tensor, bare: torch.Tensor | None = None
+def serve_all(
+    vit, arts: list[PrefixArtifact], images: torch.Tensor, bare: torch.Tensor | None = None
 ) -> list[torch.Tensor]:
     """Every artifact's row, and one bare row per image in `bare` (no task: the backbone's embedding, the bare
     [CLS] state after the final LayerNorm, unit length), all in one forward; returns head logits, then embeddings."""
-    for art in arts:
-        await store.put(art)
-    async with serving_stack(store, copy.deepcopy(vit)) as stack:
-        for i, art in enumerate(arts):  # load every prefix first, so all rows share one forward
-            await stack.scheduler.submit(art.task, [], pixel_values=images[i]).result()
-        handles = [stack.scheduler.submit(a.task, [], pixel_values=images[i]) for i, a in enumerate(arts)]
-        for img in bare if bare is not None else []:
-            handles.append(stack.scheduler.submit(None, [], pixel_values=img, embed=True))
-        outs = await asyncio.gather(*(anext(aiter(h.events())) for h in handles))
+    engine = engine_for(copy.deepcopy(vit))
+    reqs = [EngineRequest(f"r{i}", Kind.CLASSIFY, [], stored(a), pixel_values=images[i]) for i, a in enumerate(arts)]
+    for j, img in enumerate(bare if bare is not None else []):
+        reqs.append(EngineRequest(f"bare{j}", Kind.EMBED, [], None, pixel_values=img))
+    got = run_engine(engine, reqs)
+    outs = [o for r in reqs for o in got[r.request_id]]
+    assert len(outs) == len(reqs), "one output per row"
     assert len({o.step for o in outs}) == 1, "the rows shared one forward"
     return [o.logits if o.embedding is None else o.embedding for o in outs]
 
@@ -116,10 +115,10 @@ def case():
     return vit, arts, images
 
 
-async def test_deep_shallow_and_bare_rows_mixed_match_the_reference(store):
+def test_deep_shallow_and_bare_rows_mixed_match_the_reference():
     vit, arts, images = case()
     bare = images.flip(0)[:2]
-    got = await serve_all(store, vit, arts, images, bare)
+    got = serve_all(vit, arts, images, bare)
     for art, img, logits in zip(arts, images, got, strict=False):
         diff = (logits - reference(vit, img, art)).abs().max().item()
         assert diff <= 1e-5, (art.task, diff)
@@ -128,39 +127,39 @@ async def test_deep_shallow_and_bare_rows_mixed_match_the_reference(store):
         assert (emb - want).abs().max().item() <= 1e-5
 
 
-async def test_control_deep_keys_without_the_layer_norm_fail(store, monkeypatch):
+def test_control_deep_keys_without_the_layer_norm_fail(monkeypatch):
     vit, arts, images = case()
 
-    def without_ln(self, prompts):
-        fp = self.bb.fingerprint
+    def without_ln(bb, prompts):
+        fp = bb.fingerprint
         out = []
-        for i, layer in enumerate(runner_module.vit_layers(self.body)):
+        for i, layer in enumerate(vit_layers(bb.body)):
             att, P = layer.attention, prompts.shape[1]
             k = att.k_proj(prompts[i]).view(P, fp.num_kv_heads, fp.head_dim).transpose(0, 1)
             v = att.v_proj(prompts[i]).view(P, fp.num_kv_heads, fp.head_dim).transpose(0, 1)
             out.append(torch.stack([k, v]))
         return torch.stack(out)
 
-    monkeypatch.setattr(runner_module.ModelRunner, "_deep_prompt_kv", without_ln)
-    got = await serve_all(store, vit, arts[:2], images)
+    monkeypatch.setattr(visual_prompt, "deep_prompt_kv", without_ln)
+    got = serve_all(vit, arts[:2], images)
     assert all((g - reference(vit, img, a)).abs().max() > 1e-3 for a, img, g in zip(arts, images, got, strict=False))
 
 
-async def test_control_shallow_prompts_with_position_embeddings_fail(store):
+def test_control_shallow_prompts_with_position_embeddings_fail():
     """Served as if the prompts had taken the positions of the first patches, the row no longer matches."""
     vit, arts, images = case()
     shallow = arts[2]
     pos = vit.embeddings.position_embeddings[0, 1 : 1 + shallow.num_virtual_tokens].detach()
     moved = PrefixArtifact(**{**vars(shallow), "task": "moved", "soft_prompt": shallow.soft_prompt + pos})
-    (got,) = await serve_all(store, vit, [moved], images[2:3])
+    (got,) = serve_all(vit, [moved], images[2:3])
     assert (got - reference(vit, images[2], shallow)).abs().max() > 1e-3
 
 
-async def test_guard_the_prompts_reach_the_attention(store):
+def test_guard_the_prompts_reach_the_attention():
     """transformers' ViT ignores past_key_values silently: if the deep prompts stopped entering through the
     registered attention, the rows would equal the prompt-free model's. They must not."""
     vit, arts, images = case()
-    got = await serve_all(store, vit, arts[:2], images)
+    got = serve_all(vit, arts[:2], images)
     for art, img, logits in zip(arts, images, got, strict=False):
         bare = reference(vit, img, None) @ art.head.weight.T + art.head.bias
         assert (logits - bare).abs().max() > 1e-2
@@ -169,15 +168,15 @@ async def test_guard_the_prompts_reach_the_attention(store):
 def test_methods_fit_only_their_backbone_kind():
     vit = wrap_model(tiny_vit(), None, name="vit")
     soft = PrefixArtifact(task="t", method="prompt_tuning", fingerprint=vit.fingerprint, soft_prompt=torch.randn(3, 32))
-    with pytest.raises(BackboneMismatch, match="visual prompts"):
-        vit.check(soft)
+    with pytest.raises(BackboneMismatch, match="prompt_tuning .soft_prompt. is served on causal, encoder backbones"):
+        check_artifact(vit, soft)
     from tests.models import tiny_model
 
     gpt2 = wrap_model(tiny_model("gpt2"), None, name="gpt2")
     fp = gpt2.fingerprint
     deep = PrefixArtifact(task="t", method="vpt_deep", fingerprint=fp, deep_prompt=torch.randn(fp.num_layers, 2, 64))
-    with pytest.raises(BackboneMismatch, match="visual prompts"):
-        gpt2.check(deep)
+    with pytest.raises(BackboneMismatch, match="vpt_deep .visual_prompt. is served on image backbones"):
+        check_artifact(gpt2, deep)
 
 
 def test_a_vit_directory_loads_as_an_image_backbone(tmp_path):

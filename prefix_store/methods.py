@@ -1,0 +1,197 @@
+"""The adapter methods: every method the product knows, declared once.
+
+A method belongs to a family, the mechanism by which it changes the frozen backbone's forward; methods of one family
+differ only in how they are trained (e.g. prefix_tuning and p_tuning_v2 both serve per-layer key/values). Every
+list of methods (the artifact's validation, the training API's enum, CLI choices, PEFT interchange, the schema
+descriptions) is derived from METHODS below; the mechanism lives in one module per family on each side
+(service/runtime/methods/<family>.py serves it, trainer/methods/<family>.py trains it).
+
+Shapes use the project's letters: L layers, H_kv key/value heads, P virtual tokens, D head dim, hidden the model
+width, out a module's output size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Literal
+
+
+class Family(StrEnum):
+    """How a method enters the forward. Each has a module in service/runtime/methods and trainer/methods."""
+
+    KV_PREFIX = "kv_prefix"  # per-layer key/values every token attends to
+    SOFT_PROMPT = "soft_prompt"  # input embeddings in front of the tokens
+    VISUAL_PROMPT = "visual_prompt"  # prompt tokens of an image encoder, at its input or at every layer
+    BIAS = "bias"  # deltas added to the backbone's bias terms
+
+
+class BackboneKind(StrEnum):
+    CAUSAL = "causal"  # decoder-only language models (generation, classification by a head)
+    ENCODER = "encoder"  # BERT-family text encoders (classification, embeddings)
+    IMAGE = "image"  # ViT-family image encoders
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor an artifact of the method carries: its PrefixArtifact field and its shape in the letters above
+    (for `biases`, the shape of each module's delta)."""
+
+    field: str
+    shape: str
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adapter method.
+
+    tensors: what its artifact must carry; optional: what it may carry besides.
+    serves_on / trains_on: the backbone kinds the engine serves it on / the trainer trains it on.
+    peft_type: its Hugging Face PEFT adapter type (import and export), None where PEFT has none.
+    defaults: what a training job that leaves these TrainSpec fields unset starts from
+        (trainer.methods.with_method_defaults): learning rate, prompt length and warm-up that train well out of the
+        box on the shared datasets with a MiniLM-sized encoder (bench/quality.py and bench/vpt_digits.py measure
+        them), and whether key/values train through an MLP (reparam).
+    """
+
+    name: str
+    family: Family
+    summary: str
+    tensors: tuple[TensorSpec, ...]
+    serves_on: frozenset[BackboneKind]
+    trains_on: frozenset[BackboneKind]
+    peft_type: str | None
+    defaults: dict[str, float | int | bool] = field(default_factory=dict)
+    optional: tuple[TensorSpec, ...] = ()
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(t.field for t in self.tensors)
+
+
+_KV = TensorSpec("kv", "(L, 2, H_kv, P, D)")  # index 0 = keys, 1 = values
+_SOFT = TensorSpec("soft_prompt", "(P, hidden)")
+_DEEP = TensorSpec("deep_prompt", "(L, P, hidden)")
+_BIASES = TensorSpec("biases", "{module path: (out,)}")
+_TEXT = frozenset({BackboneKind.CAUSAL, BackboneKind.ENCODER})
+_ALL = frozenset(BackboneKind)
+_IMAGE = frozenset({BackboneKind.IMAGE})
+_WARMUP = 0.06
+
+_DECLARED = (
+    # The MLP reparametrisation diverges at 2e-3 (59.5%, loss flat); 1e-4 82.2%, 5e-4 84.9%
+    Method(
+        "prefix_tuning",
+        Family.KV_PREFIX,
+        "Prefix-Tuning (Li & Liang 2021): key/values trained through an MLP reparametrisation",
+        (_KV,),
+        _ALL,
+        _TEXT,
+        "PREFIX_TUNING",
+        {"lr": 5e-4, "num_virtual_tokens": 32, "warmup_ratio": _WARMUP, "reparam": True},
+    ),
+    # SST-2, 300 steps of 32, dev: lr 5e-3 84.7%, 1e-2 85.3%, 2e-2 86.2% (random start). MRPC, 400 steps of 32, lr
+    # 2e-2: 68.9% from a random start (the majority class is 68.4%), 73.3% from real tokens' keys/values (prefix_init)
+    Method(
+        "p_tuning_v2",
+        Family.KV_PREFIX,
+        "P-Tuning v2 (Liu et al. 2021): every layer's key/values are free parameters",
+        (_KV,),
+        _ALL,
+        _TEXT,
+        "PREFIX_TUNING",
+        {"lr": 2e-2, "num_virtual_tokens": 32, "warmup_ratio": _WARMUP, "reparam": False},
+    ),
+    # 1e-2 85.3%, 3e-2 85.6% (Lester et al. train with 0.3 under Adafactor; AdamW wants less)
+    Method(
+        "prompt_tuning",
+        Family.SOFT_PROMPT,
+        "prompt tuning (Lester et al. 2021): P free input embeddings",
+        (_SOFT,),
+        _TEXT,
+        _TEXT,
+        "PROMPT_TUNING",
+        {"lr": 3e-2, "num_virtual_tokens": 32, "warmup_ratio": _WARMUP},
+    ),
+    Method(
+        "p_tuning",
+        Family.SOFT_PROMPT,
+        'P-Tuning ("GPT Understands, Too"): input embeddings from a prompt encoder (LSTM or MLP)',
+        (_SOFT,),
+        _TEXT,
+        _TEXT,
+        "P_TUNING",
+        {"lr": 3e-3, "num_virtual_tokens": 32, "warmup_ratio": _WARMUP},
+    ),
+    # Biases only (no prompt length), linear head; 150 steps, 600 dev: lr 2e-3 83.8%, 1e-2 82.0%. With a verbalizer
+    # the job starts from trainer.methods.VERBALIZER_LR.
+    Method(
+        "bitfit",
+        Family.BIAS,
+        "BitFit (Ben Zaken et al. 2022; with null prompts, Logan IV et al. 2021): deltas of the bias terms, "
+        "optionally with a key/value prefix",
+        (_BIASES,),
+        _ALL,
+        _TEXT,
+        None,
+        {"lr": 2e-3, "warmup_ratio": _WARMUP},
+        optional=(_KV,),
+    ),
+    # Jia et al. sweep large learning rates (P = 10 to 100 in the paper). bench/vpt_digits.py, seed 0, P = 8, 300
+    # steps of 32, digits 5-9 / parity, shallow and deep: lr 1e-2 52.0/50.9 | 81.9/82.6 %, 3e-2 53.2/54.7 |
+    # 83.0/81.9, 1e-1 61.3/61.7 | 80.7/82.2, 3e-1 49.1/58.7 | 80.4/81.7.
+    Method(
+        "vpt_shallow",
+        Family.VISUAL_PROMPT,
+        "VPT-shallow (Jia et al. 2022): prompt tokens after [CLS] at the image encoder's input",
+        (_SOFT,),
+        _IMAGE,
+        _IMAGE,
+        None,
+        {"lr": 1e-1, "num_virtual_tokens": 10, "warmup_ratio": _WARMUP},
+    ),
+    Method(
+        "vpt_deep",
+        Family.VISUAL_PROMPT,
+        "VPT-deep (Jia et al. 2022): each layer's own prompt tokens, served as that layer's key/values",
+        (_DEEP,),
+        _IMAGE,
+        _IMAGE,
+        None,
+        {"lr": 1e-1, "num_virtual_tokens": 10, "warmup_ratio": _WARMUP},
+    ),
+)
+
+REGISTRY: dict[str, Method] = {m.name: m for m in _DECLARED}
+METHODS: tuple[str, ...] = tuple(REGISTRY)
+PEFT_METHODS: tuple[str, ...] = tuple(m.name for m in _DECLARED if m.peft_type is not None)
+
+# The names as Literal types, so request models validate them and their schemas list them as an enum.
+if TYPE_CHECKING:
+    MethodName = str
+    PeftMethodName = str
+else:
+    MethodName = Literal[METHODS]
+    PeftMethodName = Literal[PEFT_METHODS]
+
+
+def of_family(family: Family) -> tuple[str, ...]:
+    return tuple(m.name for m in _DECLARED if m.family is family)
+
+
+def with_peft_type(peft_type: str) -> tuple[str, ...]:
+    """The methods PEFT stores under `peft_type` (PREFIX_TUNING holds both prefix_tuning and p_tuning_v2)."""
+    return tuple(m.name for m in _DECLARED if m.peft_type == peft_type)
+
+
+def method(name: str) -> Method:
+    """The registered method `name`; ValueError naming the known ones otherwise."""
+    found = REGISTRY.get(name)
+    if found is None:
+        raise ValueError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}")
+    return found
+
+
+def described() -> str:
+    """'name (family) | ...': what schema descriptions and CLI help list."""
+    return " | ".join(f"{m.name} ({m.family.value})" for m in _DECLARED)
