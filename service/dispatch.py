@@ -10,19 +10,31 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 from fastapi import Request
 
-from prefix_store import validate_task_name
+from prefix_store import PrefixArtifact, validate_task_name
 
 from . import auth, request_ids
 from .http_errors import ClientGone, InvalidRequest, status_of
-from .runtime import ClassificationResult, GenerationResult, InputTooLong, RequestHandle, SamplingParams, Unsupported
+from .runtime import (
+    ClassificationResult,
+    EmbeddingResult,
+    GenerationResult,
+    InputTooLong,
+    RequestHandle,
+    SamplingParams,
+    Submission,
+    Unsupported,
+)
 from .runtime.grammar import check_size
 from .schemas import BASE_TASK, SamplingExtras
 from .state import Services
 
 DISCONNECT_POLL_S = 0.25
 T = TypeVar("T")
+# One input of a call: its prompt ids and, for a sentence pair, its segment ids; or an image's pixel values (C, H, W).
+Input = tuple[list[int], list[int] | None] | torch.Tensor
 
 
 def task_of(name: str) -> str | None:
@@ -143,23 +155,37 @@ def client(user: str | None = None) -> str:
 
 def submit_all(
     services: Services,
-    task: str | None,
-    inputs: list[tuple[list[int], list[int] | None]],
+    artifact: PrefixArtifact | None,
+    inputs: list[Input],
     params: SamplingParams | None = None,
-    version: int | None = None,
+    *,
     n: int = 1,
+    embed: bool = False,
     user: str | None = None,
 ) -> list[RequestHandle]:
-    """Queues one request per input (n per input for generation: input-major, choice i with seed + i), all or none:
-    when the queue cannot take them all, none is queued (429)."""
+    """Queues one request per input on the task version `artifact` (resolved by the caller, once; None: the bare
+    backbone), n per input for generation (input-major, choice i with seed + i, the other choices forks of the
+    first), all or none: when the queue cannot take them all, none is queued (429)."""
     per_input = choices(params, n) if params is not None else [None]
-    requests, who = [], client(user)
-    for ids, types in inputs:
-        first = len(requests)  # the other choices of this prompt copy its prefill
+    submissions: list[Submission] = []
+    who = client(user)
+    for x in inputs:
+        ids, types, pixels = ([], None, x) if isinstance(x, torch.Tensor) else (x[0], x[1], None)
+        first = len(submissions)  # the other choices of this prompt copy its prefill
         for j, p in enumerate(per_input):
-            req = dict(task=task, prompt_ids=ids, params=p, token_type_ids=types, version=version, client=who)
-            requests.append(req | ({"fork_of": first} if j else {}))
-    return services.scheduler.submit_all(requests, timeout_s=services.settings.request_timeout_s)
+            submissions.append(
+                Submission(
+                    ids,
+                    artifact,
+                    p,
+                    embed=embed,
+                    token_type_ids=types,
+                    pixel_values=pixels,
+                    client=who,
+                    fork_of=first if j else None,
+                )
+            )
+    return services.scheduler.submit_all(submissions, timeout_s=services.settings.request_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -172,7 +198,7 @@ class TokenEvent:
     logprob: float | None
     finish_reason: str | None
     top_logprobs: list[tuple[int, float]] | None = None
-    prompt_logprobs: list | None = None  # on the first event, with echo
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None  # on the first event, with echo
 
 
 async def _token_events(handle: RequestHandle) -> AsyncIterator[TokenEvent]:
@@ -195,6 +221,10 @@ async def first_events(
 
 
 async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    if len(streams) == 1:  # one stream (n 1): read straight through, no task per event
+        async for ev in streams[0]:
+            yield 0, ev
+        return
     pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
     try:
         while pending:
@@ -221,7 +251,7 @@ async def first_event(request: Request, handle: RequestHandle) -> tuple[TokenEve
     return first, events
 
 
-async def result(request: Request, handle: RequestHandle) -> GenerationResult | ClassificationResult:
+async def result(request: Request, handle: RequestHandle) -> GenerationResult | ClassificationResult | EmbeddingResult:
     """Awaits the result; if the client disconnects first, cancels the request (its row frees at the next step)."""
     return await _unless_gone(request, handle, handle.result(), "before the answer was ready")
 

@@ -3,49 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from prefix_store import render_template
 
 from .. import dispatch
 from ..auth import InferenceAuth
-from ..dispatch import TokenEvent
+from ..dispatch import Input, TokenEvent
 from ..http_errors import BadRequest, InvalidRequest
-from ..images import decode_images, pixel_values
-from ..metrics import confirm_task, name_task
 from ..runtime import GenerationResult, RequestHandle, Unsupported
 from ..schemas import (
     BASE_TASK,
     Classification,
     ClassifyRequest,
     ClassifyResponse,
-    ErrorBody,
     GeneratedText,
     GenerateRequest,
     GenerateResponse,
     TopLogprob,
-    Usage,
 )
 from ..state import Services, ServicesDep
+from .common import ERRORS, CallDep, token_text, usage
 
-ERRORS = {
-    status: {"model": ErrorBody, "description": text}
-    for status, text in {
-        400: "bad input: context window exceeded, generation on an encoder, no classification head, ...",
-        401: "missing or invalid key",
-        404: "unknown task or version",
-        409: "prefix incompatible with the backbone",
-        422: "invalid body",
-        429: "queue full (see Retry-After)",
-        503: "prefix store unreachable for an uncached task",
-        504: "request over its deadline",
-    }.items()
-}
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[InferenceAuth])
 
-STREAM_DOC = {
+STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON, or with `stream: true` Server-Sent Events: `data: {token_id, text, logprob}` per token, "
         "then `data: {finish_reason, usage, task, version}`",
@@ -60,28 +45,21 @@ STREAM_DOC = {
     responses=ERRORS | STREAM_DOC,
     summary="Generate text with a task's prefix",
 )
-async def generate(
-    body: GenerateRequest, request: Request, services: ServicesDep
-) -> GenerateResponse | StreamingResponse:
-    name_task(request, body.task)
+async def generate(body: GenerateRequest, call: CallDep, services: ServicesDep) -> GenerateResponse | StreamingResponse:
+    call.named(body.task)
     ids = await dispatch.prompt_ids(services, body.prompt, body.input_ids)
     params = await dispatch.sampling(services, body)
     if body.stream and body.n > 1:
         raise InvalidRequest(
             f"stream: /v1/generate streams one output (n 1), got n {body.n}; the OpenAI routes stream n"
         )
-    handles = dispatch.submit_all(services, dispatch.task_of(body.task), [(ids, None)], params, n=body.n)
+    handles = await call.submit([(ids, None)], params, n=body.n)
     if body.stream:
-        first, events = await dispatch.first_event(request, handles[0])
-        confirm_task(request)
-        services.metrics.ttft.observe(first_latency(handles[0]))
+        (first,), events = await call.stream(handles)
         stream = _generate_stream(services, body.task, handles[0], len(ids), first, events)
         return StreamingResponse(dispatch.guarded_stream(stream, handles[0]), media_type="text/event-stream")
-    results: list[GenerationResult] = await dispatch.results(request, handles)
-    confirm_task(request)
-    services.metrics.ttft.observe(first_latency(handles[0]))
+    results: list[GenerationResult] = await call.results(handles)
     completion = sum(r.completion_tokens for r in results)
-    services.metrics.generated.labels(body.task).inc(completion)
     outputs = [generated_text(services, r) for r in results]
     return GenerateResponse(
         task=body.task,
@@ -103,18 +81,13 @@ def generated_text(services: Services, r: GenerationResult) -> GeneratedText:
     )
 
 
-def token_text(services: Services, token_id: int) -> str:
-    tok = services.backbone.tokenizer
-    return tok.decode([token_id]) if tok is not None else str(token_id)
-
-
 async def _generate_stream(
     services: Services,
     task: str,
     handle: RequestHandle,
     prompt_tokens: int,
     first: TokenEvent,
-    events: AsyncIterator[TokenEvent],
+    events: AsyncIterator[tuple[int, TokenEvent]],
 ) -> AsyncIterator[str]:
     n, ev = 0, first
     while True:
@@ -127,7 +100,6 @@ async def _generate_stream(
                 ]
             yield dispatch.sse(event)
         if ev.finish_reason is not None:
-            services.metrics.generated.labels(task).inc(n)
             yield dispatch.sse(
                 {
                     "finish_reason": ev.finish_reason,
@@ -137,14 +109,13 @@ async def _generate_stream(
                 }
             )
             return
-        ev = await events.__anext__()
+        _, ev = await anext(events)
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Classify with a task's head")
-async def classify(body: ClassifyRequest, request: Request, services: ServicesDep) -> ClassifyResponse:
-    name_task(request, body.task)
-    task = dispatch.task_of(body.task)
-    if task is None:
+async def classify(body: ClassifyRequest, call: CallDep, services: ServicesDep) -> ClassifyResponse:
+    call.named(body.task)
+    if call.task is None:
         raise Unsupported(f"the {BASE_TASK!r} task has no classification head")
     given = [name for name in ("text", "texts", "input_ids", "images") if getattr(body, name) is not None]
     if len(given) != 1:
@@ -154,52 +125,24 @@ async def classify(body: ClassifyRequest, request: Request, services: ServicesDe
         raise BadRequest(f"backbone {services.backbone.name} classifies {what}, got {given[0]!r}")
     if body.text_pair is not None and body.text is None:
         raise InvalidRequest("'text_pair' goes with 'text'")
-    version = await services.host_cache.current_version(task)  # one version for every input of the call
-    confirm_task(request)
+    artifact = await call.artifact()  # its template reads every input, and every input runs this version
+    assert artifact is not None and artifact.version is not None
     if body.images is not None:
-        handles = await submit_images(body.images, services, task, version)
+        handles = await call.submit_images(body.images)
     else:
-        template = (await services.host_cache.get(task, version)).template  # the task decides how its input reads
         if body.input_ids is not None:
-            inputs = [(dispatch.check_ids(services, body.input_ids), None)]
+            inputs: list[Input] = [(dispatch.check_ids(services, body.input_ids), None)]
         else:
             texts = [body.text] if body.text is not None else body.texts
+            assert texts is not None, "exactly one of the inputs was given (checked above)"
             inputs = [
-                await dispatch.encode_pair(services, *render_template(template, t, body.text_pair))
-                for t in texts  # type: ignore[union-attr]
+                await dispatch.encode_pair(services, *render_template(artifact.template, t, body.text_pair))
+                for t in texts
             ]
-        handles = dispatch.submit_all(services, task, inputs, version=version)
-    results = await dispatch.results(request, handles)
-    services.metrics.ttft.observe(first_latency(handles[0]))
+        handles = await call.submit(inputs)
+    results = await call.results(handles)
     return ClassifyResponse(
-        task=body.task, version=version, results=[Classification(label=r.label, scores=r.scores) for r in results]
+        task=body.task,
+        version=artifact.version,
+        results=[Classification(label=r.label, scores=r.scores) for r in results],
     )
-
-
-async def submit_images(
-    images: list[str], services: Services, task: str | None, version: int | None, *, embed: bool = False
-) -> list[RequestHandle]:
-    """Decodes and prepares the images off the event loop (CPU work), then queues them all or none."""
-    processor = services.backbone.image_processor
-    limit = services.settings.max_body_bytes
-
-    def prepare() -> list:
-        return pixel_values(processor, decode_images(images, max_bytes=limit))
-
-    try:
-        pixels = await services.pools.images.run(prepare)
-    finally:
-        services.trimmer.request()  # decoded images are freed once prepared
-    client = dispatch.client()
-    return services.scheduler.submit_all(
-        [dict(task=task, prompt_ids=[], version=version, pixel_values=p, embed=embed, client=client) for p in pixels],
-        timeout_s=services.settings.request_timeout_s,
-    )
-
-
-def usage(prompt: int, completion: int) -> Usage:
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def first_latency(handle: RequestHandle) -> float:
-    return handle.first_output_latency or 0.0

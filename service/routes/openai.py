@@ -19,7 +19,6 @@ from ..auth import InferenceAuth, is_admin
 from ..dispatch import TokenEvent
 from ..http_errors import BadRequest, InvalidRequest
 from ..images import MAX_IMAGES
-from ..metrics import confirm_task, name_task
 from ..runtime import EmbeddingResult, GenerationResult, RequestHandle, Unsupported
 from ..schemas import (
     BASE_TASK,
@@ -45,7 +44,7 @@ from ..schemas import (
     TokenizeResponse,
 )
 from ..state import Services, ServicesDep
-from .inference import ERRORS, first_latency, submit_images, token_text, usage
+from .common import ERRORS, Call, CallDep, token_text, usage
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[InferenceAuth])
 ChunkBuilder = Callable[[int, TokenEvent, bool], dict[str, Any]]  # (choice index, event, its first?) -> SSE chunk
@@ -68,11 +67,9 @@ async def models(services: ServicesDep) -> ModelList:
     responses=ERRORS,
     summary="OpenAI-compatible text completion (`model` = task)",
 )
-async def completions(
-    body: CompletionRequest, request: Request, services: ServicesDep
-) -> CompletionResponse | StreamingResponse:
-    name_task(request, body.model)
-    task = dispatch.task_of(body.model)
+async def completions(body: CompletionRequest, call: CallDep, services: ServicesDep) -> Response:
+    # The body is a CompletionResponse serialised off the event loop (or a stream), documented by response_model.
+    call.named(body.model)
     prompts = await _prompts(services, body.prompt)
     k = body.logprobs
     if k is not None:
@@ -87,17 +84,16 @@ async def completions(
         prompt_logprobs=body.echo and k is not None,
     )
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    handles = dispatch.submit_all(services, task, [(ids, None) for ids in prompts], params, n=body.n, user=body.user)
+    handles = await call.submit([(ids, None) for ids in prompts], params, n=body.n, user=body.user)
     if body.stream:
         base = {**meta, "object": "text_completion"}
         chunk = _completion_chunk(services, body, prompts, base)
-        return await _stream_choices(request, services, handles, body, chunk, base, sum(map(len, prompts)) * body.n)
-    results = await _results(request, services, handles)
+        return await _stream_choices(call, handles, body, chunk, base, sum(map(len, prompts)) * body.n)
+    results: list[GenerationResult] = await call.results(handles)
     if params.grammar is not None:
         services.trimmer.request()  # the rows' grammar matchers (their lexers grow as they match) are freed
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(r.completion_tokens for r in results)
-    services.metrics.generated.labels(body.model).inc(completion_tokens)
 
     def build() -> bytes:  # per-token work for every choice: in the render pool, off the event loop
         echoes: dict[int, tuple[str, CompletionLogprobs | None]] = {}  # per prompt, shared by its n choices
@@ -118,7 +114,7 @@ async def completions(
     content = await services.pools.render.run(build)
     if len(content) >= 1024**2:
         services.trimmer.request()  # the objects that built a large response are freed
-    return Response(content, media_type="application/json")  # type: ignore[return-value]
+    return Response(content, media_type="application/json")
 
 
 def _completion_chunk(
@@ -138,8 +134,7 @@ def _completion_chunk(
 
 
 async def _stream_choices(
-    request: Request,
-    services: Services,
+    call: Call,
     handles: list[RequestHandle],
     body: CompletionRequest | ChatCompletionRequest,
     chunk: ChunkBuilder,
@@ -150,9 +145,7 @@ async def _stream_choices(
     chunks of the choices interleave as their tokens come (each names its `index`), then `base` with the usage (with
     stream_options.include_usage) and [DONE]. The first event of every choice is awaited before any byte is sent,
     so a failure before the first token keeps its HTTP status."""
-    firsts, rest = await dispatch.first_events(request, handles)
-    confirm_task(request)
-    services.metrics.ttft.observe(first_latency(handles[0]))
+    firsts, rest = await call.stream(handles)
 
     async def events() -> AsyncIterator[str]:
         completion = 0
@@ -162,19 +155,11 @@ async def _stream_choices(
         async for i, ev in rest:
             completion += ev.token_id is not None
             yield dispatch.sse(chunk(i, ev, False))
-        services.metrics.generated.labels(body.model).inc(completion)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield dispatch.sse({**base, "choices": [], "usage": usage(prompt_tokens, completion).model_dump()})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(dispatch.guarded_stream(events(), *handles), media_type="text/event-stream")
-
-
-async def _results(request: Request, services: Services, handles: list[RequestHandle]) -> list[GenerationResult]:
-    results = await dispatch.results(request, handles)
-    confirm_task(request)
-    services.metrics.ttft.observe(first_latency(handles[0]))
-    return results
 
 
 @router.post(
@@ -184,19 +169,17 @@ async def _results(request: Request, services: Services, handles: list[RequestHa
     summary="OpenAI-compatible chat completion (`model` = task), the prompt built by the chat template",
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, services: ServicesDep
+    body: ChatCompletionRequest, call: CallDep, services: ServicesDep
 ) -> ChatCompletionResponse | StreamingResponse:
     """The messages go through the task's own chat template (uploaded with the task, or set by the trainer), else
     the backbone tokenizer's; with neither, a 400 (never a guessed format)."""
-    name_task(request, body.model)
+    call.named(body.model)
     bb = services.backbone
     if bb.is_encoder:
         raise Unsupported(f"chat needs a causal LM backbone; {bb.name} is an encoder")
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs: goes with logprobs true")
-    task = dispatch.task_of(body.model)
-    version = None if task is None else await services.host_cache.current_version(task)
-    art = None if task is None else await services.host_cache.get(task, version)
+    art = await call.artifact()
     ids = await _chat_prompt(services, body, art.chat_template if art is not None else None)
     limit = body.max_completion_tokens or body.max_tokens
     if limit is None:  # OpenAI's default is "what fits": here what fits, at most DEFAULT_CHAT_TOKENS
@@ -208,12 +191,12 @@ async def chat_completions(
         services, body, max_new_tokens=limit, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0
     )
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    handles = dispatch.submit_all(services, task, [(ids, None)], params, version=version, n=body.n, user=body.user)
+    handles = await call.submit([(ids, None)], params, n=body.n, user=body.user)
     if body.stream:
         base = {**meta, "object": "chat.completion.chunk"}
         chunk = _chat_chunk(services, body, base)
-        return await _stream_choices(request, services, handles, body, chunk, base, len(ids) * body.n)
-    results = await _results(request, services, handles)
+        return await _stream_choices(call, handles, body, chunk, base, len(ids) * body.n)
+    results: list[GenerationResult] = await call.results(handles)
     if params.grammar is not None:
         services.trimmer.request()  # the rows' grammar matchers (their lexers grow as they match) are freed
     choices = [
@@ -226,7 +209,6 @@ async def chat_completions(
         for i, r in enumerate(results)
     ]
     completion = sum(r.completion_tokens for r in results)
-    services.metrics.generated.labels(body.model).inc(completion)
     return ChatCompletionResponse(**meta, choices=choices, usage=usage(len(ids) * body.n, completion))
 
 
@@ -234,13 +216,11 @@ tokens_router = APIRouter(tags=["OpenAI-compatible"], dependencies=[InferenceAut
 
 
 @tokens_router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, summary="Tokenize (vLLM's shape)")
-async def tokenize(body: TokenizeRequest, request: Request, services: ServicesDep) -> TokenizeResponse:
-    name_task(request, body.model)
+async def tokenize(body: TokenizeRequest, request: Request, call: CallDep, services: ServicesDep) -> TokenizeResponse:
+    call.named(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequest("give exactly one of 'prompt' and 'messages'")
-    task = dispatch.task_of(body.model)
-    art = None if task is None else await services.host_cache.get(task)
-    confirm_task(request)
+    art = await call.artifact()
     if body.messages is not None:
         chat = ChatCompletionRequest(model=body.model, messages=body.messages)
         own = art.chat_template if art is not None else None
@@ -260,12 +240,9 @@ async def tokenize(body: TokenizeRequest, request: Request, services: ServicesDe
 
 
 @tokens_router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, summary="Detokenize")
-async def detokenize(body: DetokenizeRequest, request: Request, services: ServicesDep) -> DetokenizeResponse:
-    name_task(request, body.model)
-    task = dispatch.task_of(body.model)
-    if task is not None:
-        await services.host_cache.current_version(task)  # an unknown task is a 404, as everywhere
-    confirm_task(request)
+async def detokenize(body: DetokenizeRequest, call: CallDep, services: ServicesDep) -> DetokenizeResponse:
+    call.named(body.model)
+    await call.check_task()  # an unknown task is a 404, as everywhere
     ids = dispatch.check_ids(services, body.tokens, "tokens")
     return DetokenizeResponse(prompt=_decode(services, ids))
 
@@ -339,12 +316,12 @@ def _decode(services: Services, ids: list[int]) -> str:
     responses=ERRORS,
     summary="OpenAI-compatible embeddings (`model` = task): the pooled encoder state, unit length",
 )
-async def embeddings(body: EmbeddingRequest, request: Request, services: ServicesDep) -> EmbeddingResponse:
+async def embeddings(body: EmbeddingRequest, call: CallDep, services: ServicesDep) -> EmbeddingResponse:
     """Each input's pooled state as the backbone pools it (all-MiniLM-L6-v2: the mean of its tokens; a ViT: [CLS]
     after the final LayerNorm), L2-normalised, through the task's prefix (any method) or through the bare backbone
     (`model` = "base"). Rows of every task share the batch with classification rows. Inputs are embedded as given
     (a task's classification template is not applied)."""
-    name_task(request, body.model)
+    call.named(body.model)
     bb = services.backbone
     if not bb.is_encoder:
         raise Unsupported(f"embeddings are pooled encoder states: backbone {bb.name} is a causal LM")
@@ -353,24 +330,19 @@ async def embeddings(body: EmbeddingRequest, request: Request, services: Service
             f"dimensions: this backbone embeds in {bb.fingerprint.hidden_size} dimensions (no truncation), "
             f"got {body.dimensions}"
         )
-    task = dispatch.task_of(body.model)
-    version = None if task is None else await services.host_cache.current_version(task)
+    await call.artifact()  # an unknown task fails before any input is read
     if bb.is_image:
-        images = [body.input] if isinstance(body.input, str) else body.input
-        if not all(isinstance(x, str) for x in images) or len(images) > MAX_IMAGES:
+        given = [body.input] if isinstance(body.input, str) else body.input
+        images = [x for x in given if isinstance(x, str)]
+        if len(images) != len(given) or len(images) > MAX_IMAGES:
             raise InvalidRequest(
                 f"input: backbone {bb.name} embeds images: expected up to {MAX_IMAGES} base64 images or data URLs"
             )
-        handles = await submit_images(images, services, task, version, embed=True)  # type: ignore[arg-type]
+        handles = await call.submit_images(images, embed=True)
     else:
         prompts = await _prompts(services, body.input, "input")
-        who = dispatch.client(body.user)
-        handles = services.scheduler.submit_all(
-            [dict(task=task, prompt_ids=ids, version=version, embed=True, client=who) for ids in prompts],
-            timeout_s=services.settings.request_timeout_s,
-        )
-    confirm_task(request)
-    results: list[EmbeddingResult] = await dispatch.results(request, handles)
+        handles = await call.submit([(ids, None) for ids in prompts], embed=True, user=body.user)
+    results: list[EmbeddingResult] = await call.results(handles)
     data = [
         EmbeddingData(index=i, embedding=_b64(r.embedding) if body.encoding_format == "base64" else r.embedding)
         for i, r in enumerate(results)
@@ -392,11 +364,16 @@ async def _prompts(
         return [await dispatch.prompt_ids(services, prompt, None)]
     if not prompt:
         raise InvalidRequest(f"{field}: expected a string, a list of strings, or token ids; got an empty list")
-    if all(isinstance(p, int) for p in prompt):
-        return [dispatch.check_ids(services, prompt, field)]  # type: ignore[arg-type]
-    if all(isinstance(p, str) for p in prompt):
-        return [await dispatch.prompt_ids(services, p, None) for p in prompt]  # type: ignore[arg-type]
-    return [dispatch.check_ids(services, p, field) for p in prompt]  # type: ignore[arg-type]
+    ids = [p for p in prompt if isinstance(p, int)]
+    if len(ids) == len(prompt):
+        return [dispatch.check_ids(services, ids, field)]
+    texts = [p for p in prompt if isinstance(p, str)]
+    if len(texts) == len(prompt):
+        return [await dispatch.prompt_ids(services, p, None) for p in texts]
+    lists = [p for p in prompt if isinstance(p, list)]
+    if len(lists) != len(prompt):  # the request schemas take no mixed list
+        raise InvalidRequest(f"{field}: expected a string, a list of strings, or token ids; got a mixed list")
+    return [dispatch.check_ids(services, p, field) for p in lists]
 
 
 def _logprobs(

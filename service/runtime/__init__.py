@@ -16,7 +16,7 @@ from .output import ClassificationResult, EmbeddingResult, GenerationResult, Tex
 from .sampling import SamplingParams
 from .scheduler import RequestHandle, Scheduler, build_serving
 from .settings import DEFAULT_BACKBONE, RuntimeSettings
-from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan
+from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan, Submission
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -42,6 +42,7 @@ __all__ = [
     "ServingError",
     "StepOutput",
     "StepPlan",
+    "Submission",
     "TextStream",
     "UnsupportedBackbone",
     "Unsupported",

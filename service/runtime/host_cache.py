@@ -59,6 +59,15 @@ class HostCache:
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
         return await asyncio.shield(pending)
 
+    def peek(self, task: str, version: int | None = None) -> PrefixArtifact | None:
+        """The artifact when this tier already holds it (and knows the task's current version), without waiting;
+        None otherwise (get() then reads it)."""
+        if version is None:
+            version = self.current.get(task)
+            if version is None:
+                return None
+        return self.lru.get((task, version))
+
     async def current_version(self, task: str) -> int:
         v = self.current.get(task)
         if v is not None:

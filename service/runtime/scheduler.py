@@ -1,8 +1,11 @@
 """The scheduler: the one owner of queue state, and the loop that feeds the engine.
 
-Routes call `submit`, which checks the queue bound at once (QueueFull past it) and returns a handle. A short task
-per request resolves its prefix through the prefix cache (a Redis miss never blocks the loop), checks the context
-budget, and puts the request in its task's ready queue. The loop then runs forever:
+Callers queue Submissions (`submit_all`, or `submit` for one request); that checks the queue bound and each
+request's kind against the backbone at once (QueueFull, Unsupported past them) and returns handles. A request's task
+version is resolved once: by the caller (the service resolves each call's task itself and hands the artifact over),
+or from a task name through the prefix cache, by a short task per call (a Redis miss never blocks the loop). Its
+EngineRequest is built then, once, checked against the context budget, and put in its task's ready queue. The loop
+then runs forever:
 
   admit    take ready requests round-robin across tasks (a hot task cannot starve the others), within the free
            rows (max_batch_size), the key/value token budget (max_batch_tokens) and the prefill budget per step;
@@ -18,7 +21,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,7 +43,7 @@ from .output import (
 )
 from .ready_queue import ReadyQueue
 from .sampling import SamplingParams
-from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan
+from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan, Submission
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -48,23 +51,21 @@ _ids = itertools.count()
 
 @dataclass
 class _Request:
+    """A submitted request and its scheduling state. `work`, what the engine runs, is built once, as soon as the
+    request's task version is known: at submission when the caller gave it resolved (or the bare backbone), else once
+    the host cache has resolved the name. Every ready, held or admitted request has it."""
+
     id: str
-    kind: Kind
-    task: str | None
-    prompt_ids: list[int]
-    params: SamplingParams | None
-    token_type_ids: list[int] | None
+    submission: Submission  # as the caller gave it
     deadline: float | None
-    version: int | None = None  # pin a version; None: the task's current one when the request is prepared
-    pixel_values: torch.Tensor | None = None  # an image backbone's input (C, H, W)
-    group: str | None = None  # EngineRequest.group
-    client: str = ""  # who sent it (ready_queue: the unit of fairness within a task)
+    task: str | None  # the ready queue's keys: the task's name ...
+    client: str  # ... and who sent it (the unit of fairness within a task)
+    work: EngineRequest | None = None
     # Outputs are appended to `history`; a streaming reader waits on `signal`, a non-streaming one only on
     # `finished`, so a request awaiting its result is not woken once per token.
     history: list[RowOutput] = field(default_factory=list)
     signal: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-    artifact: PrefixArtifact | None = None
     held: bool = False  # its prefix is resident on the device and held for it (loaded ahead of admission)
     admitted: bool = False  # handed to the engine; its row runs there until it finishes
     cancelled: bool = False
@@ -72,17 +73,24 @@ class _Request:
     submitted_at: float = field(default_factory=time.monotonic)
     first_output_at: float | None = None
 
-    def engine_request(self) -> EngineRequest:
-        return EngineRequest(
-            self.id,
-            self.kind,
-            self.prompt_ids,
-            self.artifact,
-            self.params,
-            self.token_type_ids,
-            self.pixel_values,
-            self.group,
-        )
+    @property
+    def artifact(self) -> PrefixArtifact | None:
+        """The task version it runs; None: the bare backbone, or a name not resolved yet."""
+        return None if self.work is None else self.work.artifact
+
+    @property
+    def resolved(self) -> EngineRequest:
+        """`work`, of a request past resolution (every ready, held or admitted one)."""
+        assert self.work is not None, "a request is resolved before it is queued"
+        return self.work
+
+
+def _work(req: _Request, artifact: PrefixArtifact | None, group: str | None) -> EngineRequest:
+    """The request's EngineRequest, once its task version is known (None: the bare backbone)."""
+    sub = req.submission
+    return EngineRequest(
+        req.id, sub.kind, sub.prompt_ids, artifact, sub.params, sub.token_type_ids, sub.pixel_values, group
+    )
 
 
 class RequestHandle:
@@ -118,17 +126,17 @@ class RequestHandle:
 
     async def result(self) -> GenerationResult | ClassificationResult | EmbeddingResult:
         await self._req.finished.wait()
-        req, art = self._req, self._req.artifact
+        req, sub, art = self._req, self._req.submission, self._req.artifact
         for out in req.history:
             if out.error is not None:
                 raise out.error
-        if req.kind is Kind.CLASSIFY:
+        if sub.kind is Kind.CLASSIFY:
             assert art is not None and art.head is not None and art.version is not None
             return classification_result(art.task, art.version, art.head.labels, req.history[-1])
-        if req.kind is Kind.EMBED:
-            return embedding_result(art, len(req.prompt_ids), req.history[-1])
-        assert req.params is not None
-        return generation_result(req.task, self.version, len(req.prompt_ids), req.history, req.params.logprobs)
+        if sub.kind is Kind.EMBED:
+            return embedding_result(art, len(sub.prompt_ids), req.history[-1])
+        assert sub.params is not None
+        return generation_result(req.task, self.version, len(sub.prompt_ids), req.history, sub.params.logprobs)
 
     @property
     def first_output_latency(self) -> float | None:
@@ -235,7 +243,7 @@ class Scheduler:
     # -- submission ---------------------------------------------------------------------------------------------
     def submit(
         self,
-        task: str | None,
+        task: str | PrefixArtifact | None,
         prompt_ids: list[int],
         params: SamplingParams | None = None,
         *,
@@ -244,76 +252,103 @@ class Scheduler:
         version: int | None = None,
         pixel_values: torch.Tensor | None = None,
         embed: bool = False,
-        group: str | None = None,
         client: str = "",
     ) -> RequestHandle:
-        """Queues a generation (params given), classification (params None) or embedding (`embed`, encoders) request
-        for `task` (None: the bare backbone); an image backbone reads `pixel_values` (C, H, W) instead of prompt ids.
-        Raises QueueFull at once when the queue is at its bound."""
+        """Queues one generation (params given), classification (params None) or embedding (`embed`, encoders)
+        request for `task` (a name, a resolved version, or None: the bare backbone; see Submission); an image
+        backbone reads `pixel_values` (C, H, W) instead of prompt ids. Raises QueueFull at once when the queue is at
+        its bound."""
         if self._waiting >= self.max_queue:
             raise QueueFull(f"queue full: {self._waiting} requests waiting (limit {self.max_queue}); retry later")
-        kind = Kind.EMBED if embed else Kind.CLASSIFY if params is None else Kind.GENERATE
-        if kind is Kind.EMBED and (params is not None or not self.engine.bb.is_encoder):
-            raise Unsupported(
-                f"embeddings are pooled encoder states: {self.engine.bb.name} is a causal LM"
-                if not self.engine.bb.is_encoder
-                else "an embedding request takes no sampling parameters"
-            )
-        if kind is Kind.GENERATE and self.engine.bb.is_encoder:
-            raise Unsupported(
-                f"generation needs a causal LM backbone; {self.engine.bb.name} is an encoder (classification only)"
-            )
-        if self.engine.bb.is_image != (pixel_values is not None):
-            what = "an image (pixel_values)" if self.engine.bb.is_image else "text (prompt ids)"
-            raise Unsupported(f"backbone {self.engine.bb.name} classifies {what}")
-        if not prompt_ids and pixel_values is None:
-            raise InputTooLong("the prompt is empty: expected at least one token")
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        req = _Request(
-            f"req-{next(_ids)}",
-            kind,
-            task,
+        sub = Submission(
             list(prompt_ids),
+            task,
             params,
-            token_type_ids,
-            deadline,
-            version,
-            pixel_values,
-            group=group,
+            embed=embed,
+            version=version,
+            token_type_ids=token_type_ids,
+            pixel_values=pixel_values,
             client=client,
         )
-        self._waiting += 1
-        self._live[req.id] = req
-        asyncio.create_task(self._prepare(req))
-        return RequestHandle(req, self)
+        return self._queue([sub], timeout_s)[0]
 
-    def submit_all(self, requests: list[dict], *, timeout_s: float | None = None) -> list[RequestHandle]:
-        """Queues several requests (each the keyword arguments of `submit`) all or none: QueueFull before any is
-        queued when they do not all fit, and the ones already queued are cancelled if a later one is refused. A
-        request with "fork_of": i (an earlier index) may share the prefill of request i (n choices of a prompt)."""
-        if self._waiting + len(requests) > self.max_queue:
+    def submit_all(self, submissions: Sequence[Submission], *, timeout_s: float | None = None) -> list[RequestHandle]:
+        """Queues several requests all or none: QueueFull when they do not all fit, or the refusal of one that
+        cannot run on this backbone (Unsupported, InputTooLong), before any is queued. Each task name of the call is
+        resolved once, so its requests run one version; a request with `fork_of` may share its leader's prefill."""
+        if self._waiting + len(submissions) > self.max_queue:
             raise QueueFull(
-                f"queue full: {self._waiting} requests waiting, this call adds {len(requests)} "
+                f"queue full: {self._waiting} requests waiting, this call adds {len(submissions)} "
                 f"(limit {self.max_queue}); retry later"
             )
-        handles: list[RequestHandle] = []
-        try:
-            for kw in requests:
-                kw = dict(kw)
-                leader = kw.pop("fork_of", None)
-                group = handles[leader].id if leader is not None else None
-                handles.append(self.submit(**kw, timeout_s=timeout_s, group=group))
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
-        return handles
+        return self._queue(submissions, timeout_s)
 
-    async def _prepare(self, req: _Request) -> None:
+    def _queue(self, submissions: Sequence[Submission], timeout_s: float | None) -> list[RequestHandle]:
+        for i, sub in enumerate(submissions):
+            self._refuse(sub)
+            if sub.fork_of is not None and not 0 <= sub.fork_of < i:
+                raise ValueError(f"request {i}: fork_of {sub.fork_of} is not an earlier request of the call")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        reqs = [_Request(f"req-{next(_ids)}", sub, deadline, sub.task_name, sub.client) for sub in submissions]
+        self._waiting += len(reqs)
+        self._live.update((req.id, req) for req in reqs)
+        names: list[tuple[_Request, str, str | None]] = []  # requests whose task is a name, to resolve first
+        for req in reqs:
+            sub = req.submission
+            group = None if sub.fork_of is None else reqs[sub.fork_of].id
+            art: PrefixArtifact | None
+            if isinstance(sub.task, str):
+                # A version the host tier holds is resolved now, so rows submitted together queue together.
+                art = self.host_cache.peek(sub.task, sub.version)
+                if art is None:
+                    names.append((req, sub.task, group))
+                    continue
+            else:
+                art = sub.task
+            req.work = _work(req, art, group)
+            self._enqueue(req)
+        if names:
+            asyncio.create_task(self._resolve(names))
+        return [RequestHandle(req, self) for req in reqs]
+
+    def _refuse(self, sub: Submission) -> None:
+        """The request's kind and input against the backbone's, whatever its task: checked once, at submission."""
+        bb, kind = self.engine.bb, sub.kind
+        if kind is Kind.EMBED and (sub.params is not None or not bb.is_encoder):
+            raise Unsupported(
+                f"embeddings are pooled encoder states: {bb.name} is a causal LM"
+                if not bb.is_encoder
+                else "an embedding request takes no sampling parameters"
+            )
+        if kind is Kind.GENERATE and bb.is_encoder:
+            raise Unsupported(f"generation needs a causal LM backbone; {bb.name} is an encoder (classification only)")
+        if bb.is_image != (sub.pixel_values is not None):
+            what = "an image (pixel_values)" if bb.is_image else "text (prompt ids)"
+            raise Unsupported(f"backbone {bb.name} classifies {what}")
+        if not sub.prompt_ids and sub.pixel_values is None:
+            raise InputTooLong("the prompt is empty: expected at least one token")
+
+    async def _resolve(self, names: list[tuple[_Request, str, str | None]]) -> None:
+        """Resolves a call's task names through the host cache (a Redis miss never blocks the loop), each (name,
+        version) once, then builds and queues each request."""
+        keys = list(dict.fromkeys((name, req.submission.version) for req, name, _ in names))
+        artifacts = await asyncio.gather(*(self.host_cache.get(*k) for k in keys), return_exceptions=True)
+        found = dict(zip(keys, artifacts, strict=True))
+        for req, name, group in names:
+            art = found[(name, req.submission.version)]
+            if isinstance(art, Exception):
+                self._waiting -= 1
+                self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=art))
+            elif isinstance(art, BaseException):  # cancelled (the service stops): not a failure of the request
+                raise art
+            else:
+                req.work = _work(req, art, group)
+                self._enqueue(req)
+
+    def _enqueue(self, req: _Request) -> None:
+        """A resolved request: checked against its task version and the budgets, then ready (or failed)."""
         try:
-            if req.task is not None:
-                req.artifact = await self.host_cache.get(req.task, req.version)
-            self._check(req)
+            self._check(req.resolved)
         except Exception as e:
             self._waiting -= 1
             self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=e))
@@ -325,23 +360,22 @@ class Scheduler:
         self._ready.push(req)
         self._wake.set()
 
-    def _check(self, req: _Request) -> None:
-        art = req.artifact
-        if req.kind is Kind.CLASSIFY and (art is None or art.head is None):
+    def _check(self, er: EngineRequest) -> None:
+        art = er.artifact
+        if er.kind is Kind.CLASSIFY and (art is None or art.head is None):
             what = "the bare backbone" if art is None else f"task {art.task!r} v{art.version}"
             raise Unsupported(f"{what} has no classification head: classification needs a task trained with one")
-        if req.kind is Kind.CLASSIFY and art is not None and art.head is not None and art.head.verbalizer:
+        if er.kind is Kind.CLASSIFY and art is not None and art.head is not None and art.head.verbalizer:
             mask = self.engine.bb.mask_token_id
-            if mask not in req.prompt_ids:
+            if mask not in er.prompt_ids:
                 template = f" (its template: {art.template!r})" if art.template else ""
                 raise Unsupported(
                     f"task {art.task!r} reads its label at the mask token {mask}: the input has none{template}"
                 )
-        er = req.engine_request()
-        new = req.params.max_new_tokens if req.params else 0
+        new = er.params.max_new_tokens if er.params else 0
         if self.max_positions and er.reserved_tokens > self.max_positions:
             raise InputTooLong(
-                f"prefix ({er.num_virtual_tokens}) + prompt ({len(req.prompt_ids)}) + max new tokens ({new}) = "
+                f"prefix ({er.num_virtual_tokens}) + prompt ({len(er.prompt_ids)}) + max new tokens ({new}) = "
                 f"{er.reserved_tokens} exceeds the context window of {self.max_positions} positions"
             )
         if er.reserved_tokens > self.max_batch_tokens:
@@ -369,15 +403,13 @@ class Scheduler:
             to_load = self._pick_loads()
             if to_load:
                 try:
-                    loaded = await loop.run_in_executor(
-                        self._executor, self.engine.load, [r.engine_request() for r in to_load]
-                    )
+                    loaded = await loop.run_in_executor(self._executor, self.engine.load, [r.resolved for r in to_load])
                 except Exception as e:  # loading itself failed: fail those requests, keep serving the rest
                     log.exception("prefix load failed")
                     loaded = {r.id: EngineFailure(f"prefix load failed: {type(e).__name__}: {e}") for r in to_load}
                 self._after_load(to_load, loaded)
             admit = self._admit()
-            plan = StepPlan(tuple(r.engine_request() for r in admit), frozenset(self._cancel))
+            plan = StepPlan(tuple(r.resolved for r in admit), frozenset(self._cancel))
             self._cancel = set()
             rows = self._last.running + len(admit)
             if self.on_step is not None and rows:
@@ -438,7 +470,7 @@ class Scheduler:
         while progress and rows > 0 and self._ready:
             progress = False
             for req in self._ready.heads():
-                tokens = req.engine_request().reserved_tokens
+                tokens = req.resolved.reserved_tokens
                 if req.cancelled or (req.deadline is not None and time.monotonic() > req.deadline):
                     self._ready.pop(req, served=False)
                     self._waiting -= 1

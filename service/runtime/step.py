@@ -1,4 +1,5 @@
-"""The step as plain data: what the scheduler hands the engine for one step, and what the engine hands back.
+"""The step as plain data: what a caller hands the scheduler (a Submission per request), what the scheduler hands
+the engine for one step, and what the engine hands back.
 
 A step is `engine.step(StepPlan) -> StepOutput` (the shape of vLLM's SchedulerOutput / ModelRunnerOutput). The
 scheduler owns the queues and decides; the engine owns the running rows and executes. Nothing is mirrored: the
@@ -28,6 +29,49 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"
     CANCELLED = "cancelled"
     ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request as a caller queues it (`Scheduler.submit_all`); the scheduler resolves its task, checks it and
+    builds its EngineRequest, once.
+
+    Args:
+        prompt_ids: the prompt's token ids (empty with `pixel_values`).
+        task: what the prompt runs through: a task name (its current version when the request is prepared, or
+            `version`), a task version the caller has resolved already (run as given, not looked up again), or None:
+            the bare backbone.
+        params: sampling and stopping: a generation request; None: classification, or embedding with `embed`.
+        embed: an embedding request (encoders): the pooled state itself, no head.
+        version: with a task name, the version to run (None: the current one).
+        token_type_ids: segment ids of a sentence pair (encoders).
+        pixel_values: (C, H, W) the preprocessed image of an image backbone.
+        client: who sent it (ready_queue: the unit of fairness within a task).
+        fork_of: the index, in the same `submit_all` call, of an earlier request with the same prompt and task
+            (another choice of that prompt): this one may copy its prefill (EngineRequest.group).
+    """
+
+    prompt_ids: list[int]
+    task: str | PrefixArtifact | None = None
+    params: SamplingParams | None = None
+    embed: bool = False
+    version: int | None = None
+    token_type_ids: list[int] | None = None
+    pixel_values: torch.Tensor | None = None
+    client: str = ""
+    fork_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.version is not None and not isinstance(self.task, str):
+            raise ValueError("a version goes with a task name (a resolved artifact is its own version)")
+
+    @property
+    def kind(self) -> Kind:
+        return Kind.EMBED if self.embed else Kind.CLASSIFY if self.params is None else Kind.GENERATE
+
+    @property
+    def task_name(self) -> str | None:
+        return self.task.task if isinstance(self.task, PrefixArtifact) else self.task
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """The sampling surface against references: every logits transform of a mixed batch equals transformers' logits
 processors (or, for OpenAI's presence/frequency penalties, which transformers lacks, their published formula) applied
 to that row alone; in the engine, rows with different parameters in one batch give the tokens they give alone, and a
-greedy row with penalties gives the tokens of transformers' generate on the same model."""
+greedy row with penalties gives the tokens of transformers' generate on the same model. The engine is driven
+directly (no Redis), except where the scheduler's part is the point (n choices sharing one prefill)."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 
 import pytest
@@ -21,9 +21,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from service.runtime import SamplingParams
+from service.runtime import EngineRequest, SamplingParams, Submission
 from service.runtime.sampling import TokenHistory, filter_logits, forbid_ending, penalise
-from tests.engine_harness import publish_peft, serving_stack, trained_peft
+from tests.engine_harness import engine_for, generate, import_peft, publish_peft, serving_stack, trained_peft
 from tests.models import tiny_model
 
 V = 64
@@ -103,20 +103,20 @@ GEN = [
 ]
 
 
-@pytest.mark.redis
-async def test_rows_of_a_mixed_batch_equal_their_runs_alone(store, llama, tmp_path):
+def test_rows_of_a_mixed_batch_equal_their_runs_alone(llama, tmp_path):
+    arts = {}
     for i, task in enumerate(("a", "b")):
         pm = trained_peft(llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3 + i), seed=i)
-        await publish_peft(store, pm, task, llama.config, tmp_path / task)
+        arts[task] = import_peft(pm, task, llama.config, tmp_path / task)
     prompts = [[5, 6, 7, 5, 6], [9, 10], [11, 12, 13], [5, 5, 5], [20, 21], [30]]
     tasks = ["a", "b", None, "a", "b", None]
-    async with serving_stack(store, copy.deepcopy(llama)) as stack:
+    engine = engine_for(copy.deepcopy(llama))
 
-        async def run(i):
-            return await stack.scheduler.submit(tasks[i], prompts[i], SamplingParams(**GEN[i])).result()
+    def request(i: int, rid: str) -> EngineRequest:
+        return EngineRequest.generate(rid, prompts[i], arts.get(tasks[i]), SamplingParams(**GEN[i]))
 
-        alone = [await run(i) for i in range(len(GEN))]
-        mixed = await asyncio.gather(*(run(i) for i in range(len(GEN))))
+    alone = [generate(engine, [request(i, f"alone{i}")])[0] for i in range(len(GEN))]
+    mixed = generate(engine, [request(i, f"mixed{i}") for i in range(len(GEN))])
     for i, (a, m) in enumerate(zip(alone, mixed, strict=True)):
         assert a.token_ids == m.token_ids, (i, GEN[i])
         assert a.logprobs == pytest.approx(m.logprobs, abs=1e-5) if a.logprobs else True
@@ -126,7 +126,6 @@ async def test_rows_of_a_mixed_batch_equal_their_runs_alone(store, llama, tmp_pa
     assert all(t[0][1] >= t[-1][1] for t in tops)
 
 
-@pytest.mark.redis
 @pytest.mark.parametrize(
     "kw, hf",
     [
@@ -134,7 +133,7 @@ async def test_rows_of_a_mixed_batch_equal_their_runs_alone(store, llama, tmp_pa
         (dict(min_tokens=8, ignore_eos=False), dict(min_new_tokens=8)),
     ],
 )
-async def test_greedy_with_penalties_equals_transformers_generate(store, llama, kw, hf):
+def test_greedy_with_penalties_equals_transformers_generate(llama, kw, hf):
     prompt = [5, 6, 7, 5, 6, 7]
     model = copy.deepcopy(llama)
     model.generation_config.eos_token_id = 2
@@ -145,25 +144,25 @@ async def test_greedy_with_penalties_equals_transformers_generate(store, llama, 
     want = out[0, len(prompt) :].tolist()
     if 2 in want:
         want = want[: want.index(2) + 1]
-    async with serving_stack(store, model) as stack:
-        res = await stack.scheduler.submit(None, prompt, SamplingParams(max_new_tokens=8, **kw)).result()
+    (res,) = generate(
+        engine_for(model), [EngineRequest.generate("r", prompt, None, SamplingParams(max_new_tokens=8, **kw))]
+    )
     assert res.token_ids == want
 
 
-@pytest.mark.redis
 @pytest.mark.parametrize("chunk", [3, 8192])
-async def test_prompt_logprobs_equal_peft_across_prefill_chunks(store, llama, tmp_path, chunk):
+def test_prompt_logprobs_equal_peft_across_prefill_chunks(llama, tmp_path, chunk):
     """echo's prompt log-probabilities: token t given tokens < t under the task's prefix, as PEFT computes them,
     also when the prompt is prefilled in chunks of 3 tokens."""
     pm = trained_peft(llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), seed=7)
-    await publish_peft(store, pm, "t", llama.config, tmp_path / "t")
+    art = import_peft(pm, "t", llama.config, tmp_path / "t")
     prompt = [5, 6, 7, 8, 9, 10, 11, 12]
     with torch.no_grad():
         lp = torch.log_softmax(pm(input_ids=torch.tensor([prompt])).logits[0].float(), -1)  # (T, V)
     want = lp[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
-    async with serving_stack(store, copy.deepcopy(llama), max_prefill_tokens=chunk) as stack:
-        params = SamplingParams(max_new_tokens=2, prompt_logprobs=True, top_logprobs=3)
-        res = await stack.scheduler.submit("t", prompt, params).result()
+    params = SamplingParams(max_new_tokens=2, prompt_logprobs=True, top_logprobs=3)
+    engine = engine_for(copy.deepcopy(llama), max_prefill_tokens=chunk)
+    (res,) = generate(engine, [EngineRequest.generate("r", prompt, art, params)])
     got = res.prompt_logprobs
     assert got[0] is None and len(got) == len(prompt)
     assert (torch.tensor([g[0] for g in got[1:]]) - want).abs().max() <= 1e-5
@@ -193,7 +192,7 @@ async def test_n_choices_prefill_the_prompt_once(store, llama, tmp_path):
         assert sum(prefilled) == 4 * len(prompt)
         prefilled.clear()
         handles = stack.scheduler.submit_all(
-            [dict(task="t", prompt_ids=prompt, params=p) | ({"fork_of": 0} if i else {}) for i, p in enumerate(params)]
+            [Submission(prompt, "t", p, fork_of=0 if i else None) for i, p in enumerate(params)]
         )
         forked = [await h.result() for h in handles]
     assert sum(prefilled) == len(prompt), "one prefill for the four choices"

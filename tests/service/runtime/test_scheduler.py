@@ -255,3 +255,25 @@ async def test_bfloat16_backbone_serves_prefixes(store, llama, tmp_path):
         )
         assert all(r.completion_tokens == 4 for r in results)
         assert stack.engine.pool.data.dtype == torch.bfloat16 and len(stack.engine.device_cache.entries) == 2
+
+
+async def test_rows_submitted_together_share_one_forward(store):
+    """Image rows of several tasks (held by the host tier) and bare rows, submitted in one go, are admitted in one
+    step, and each equals its reference: the scheduler mixes tasks in a batch, whatever order they resolve in."""
+    from tests.service.runtime.test_vpt import case, reference
+
+    vit, arts, images = case()
+    for art in arts:
+        await store.put(art)
+    async with serving_stack(store, copy.deepcopy(vit)) as stack:
+        for i, art in enumerate(arts):  # every version loaded first: the rows can then share a forward
+            await stack.scheduler.submit(art.task, [], pixel_values=images[i]).result()
+        handles = [stack.scheduler.submit(a.task, [], pixel_values=images[i]) for i, a in enumerate(arts)]
+        handles += [stack.scheduler.submit(None, [], pixel_values=img, embed=True) for img in images[:2]]
+        outs = await asyncio.gather(*(anext(aiter(h.events())) for h in handles))
+    assert len({o.step for o in outs}) == 1, "the rows shared one forward"
+    for art, img, out in zip(arts, images, outs):
+        assert (out.logits - reference(vit, img, art)).abs().max().item() <= 1e-5
+    for img, out in zip(images[:2], outs[len(arts) :]):
+        want = torch.nn.functional.normalize(reference(vit, img, None), dim=0)
+        assert (out.embedding - want).abs().max().item() <= 1e-5
