@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 LATEST_VENV ?= .venv-latest
 
-.PHONY: serve test test-latest lint lock tools
+.PHONY: serve test test-fast test-latest lint lock tools
 
 # --no-deps: the lock is the whole set, resolved once by `make lock`; pip installs exactly it (hash-checked) and
 # `pip check` proves it consistent with the torch installed before it.
@@ -35,10 +35,16 @@ serve: $(STAMP)
 test: $(STAMP) tools lint
 	$(BIN)/python -m pytest -q
 
+# The tier that runs in seconds, for the edit-test loop: unit tests and the engine driven directly on tiny models.
+# No Redis, no server, no training, no subprocess, no lint (the markers: pyproject.toml, tests/conftest.py).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not redis and not slow and not gpu"
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # The same suite on the newest release of every dependency, ignoring the lock (torch stays at $(TORCH): a newer
 # one would be a multi-GB CUDA download). Tests whose reference is PEFT become expected failures only when a probe

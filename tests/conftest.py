@@ -1,5 +1,7 @@
 """Shared fixtures: one real embedded Redis server per test session, a fresh key namespace per test. Also: the
-versions the suite runs on (in its header), and the PEFT reference gate of `make test-latest`."""
+versions the suite runs on (in its header), the tiers (markers, see pyproject.toml: a test that uses the Redis server
+is marked `redis` whatever its module says; a `gpu` test is skipped where torch sees no CUDA device; `make test-fast`
+runs what is neither `redis`, `slow` nor `gpu`), and the PEFT reference gate of `make test-latest`."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import torch
 
 from prefix_store import EmbeddedRedis, PrefixStore, connect
 
@@ -24,7 +27,24 @@ def pytest_report_header(config) -> str:
     return f"prefix-serve suite on {'the newest releases' if LATEST else 'the lock'}: {versions}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by markers
 def pytest_collection_modifyitems(config, items) -> None:
+    mark_tiers(items)
+    gate_peft_references(items)
+
+
+def mark_tiers(items) -> None:
+    """A test that uses the Redis server (directly or through a fixture) is `redis`, so the fast tier never starts
+    one; a `gpu` test is skipped, saying why, where torch sees no CUDA device."""
+    cuda = torch.cuda.is_available()
+    for item in items:
+        if "redis_server" in getattr(item, "fixturenames", ()) and item.get_closest_marker("redis") is None:
+            item.add_marker(pytest.mark.redis)
+        if item.get_closest_marker("gpu") is not None and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False"))
+
+
+def gate_peft_references(items) -> None:
     """Under `make test-latest`, a test marked peft_reference(capability) is an expected failure when the probe
     finds that capability of PEFT broken on the installed transformers. Under the lock nothing is excused: PEFT must
     work there (test_peft_probe checks it)."""

@@ -29,6 +29,7 @@ def _config(env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # runs docker-compose: a subprocess, installed by `make test`, not `make test-fast`
 @needs_compose
 def test_compose_file_is_valid_and_wired():
     r = _config({"PREFIXSERVE_API_KEYS": "k1", "PREFIXSERVE_ADMIN_KEYS": "a1"})
@@ -55,6 +56,7 @@ def test_compose_file_is_valid_and_wired():
     assert trainer["environment"]["PREFIXSERVE_TORCH_THREADS"] == "2"
 
 
+@pytest.mark.slow  # runs docker-compose: a subprocess, installed by `make test`, not `make test-fast`
 @needs_compose
 def test_compose_refuses_to_start_without_keys():
     r = _config({})

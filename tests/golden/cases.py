@@ -3,7 +3,8 @@ equivalence tests) or loaded from the golden files that `python -m tests.golden.
 locked versions (the golden tests), so the engine is checked even where PEFT does not work.
 
 A case's adapters travel the real path when built: PEFT save_pretrained -> import -> artifact. PEFT is imported
-only to build a case, never to load one.
+only to build a case, never to load one. `run` drives the engine directly (the engine tier, no Redis), with the
+artifacts as the store hands them back; `serve` runs the same rows through Redis, the host cache and the scheduler.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefix_store import BackboneFingerprint, ClassificationHead, PrefixArtifact, import_peft_dir
-from service.runtime import SamplingParams
-from tests.engine_harness import serving_stack, trained_peft
+from service.runtime import EngineRequest, Kind, SamplingParams
+from tests.engine_harness import engine_for, run_engine, serving_stack, stored, trained_peft
 from tests.families import ENCODERS, FAMILIES, encoder_model, family_model
 from tests.models import tiny_model
 from tests.references import random_deltas, reference_encode, reference_generate
@@ -352,6 +353,36 @@ def load(name: str) -> Case:
         [tensors[f"ref.{i}.logits"] for i in range(n)],
         meta["types"],
     )
+
+
+# -- running a case through the engine (no Redis) ---------------------------------------------------------------
+def run(case: Case, first_group: int = 3, model: torch.nn.Module | None = None) -> list[list]:
+    """Runs every row of the case through one engine (driven directly, its artifacts as the store hands them back) in
+    the mixed batches of `serve`; returns each row's outputs. All-generation cases: the first `first_group` rows
+    decode two tokens before the rest join, so rows join mid-decode, loading their prefixes cold. A case with
+    classification rows first runs each row once, so every prefix is resident, then admits all rows together: they
+    share one forward."""
+    engine = engine_for(model or backbone_of(case.kind), case.tokenizer, name=case.kind, max_rows=8)
+    arts = {task: stored(art) for task, art in case.artifacts.items()}
+    params = SamplingParams(max_new_tokens=STEPS, return_logits=True, ignore_eos=True)
+    n = len(case.tasks)
+
+    def request(i: int, rid: str) -> EngineRequest:
+        art = arts[case.tasks[i]] if case.tasks[i] is not None else None
+        if case.generate[i]:
+            return EngineRequest(rid, Kind.GENERATE, case.inputs[i], art, params)
+        return EngineRequest.classify(rid, case.inputs[i], art, case.types[i])
+
+    if not all(case.generate):
+        for i in range(n):
+            run_engine(engine, [request(i, f"warm{i}")])
+        outs = run_engine(engine, [request(i, f"r{i}") for i in range(n)])
+    else:
+        k = min(first_group, n)
+        outs = run_engine(
+            engine, {0: [request(i, f"r{i}") for i in range(k)], 2: [request(i, f"r{i}") for i in range(k, n)]}
+        )
+    return [outs[f"r{i}"] for i in range(n)]
 
 
 # -- running a case through the serving stack --------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Property test of the codec: every valid artifact survives encode -> decode, whatever the lengths of its metadata
 (task name, labels, training notes, timestamps) and so whatever the length of the safetensors header."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -72,6 +73,7 @@ def artifacts(draw) -> PrefixArtifact:
     )
 
 
+@pytest.mark.slow  # 2000 examples: seconds, not the fast tier's
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(artifacts())
 def test_every_valid_artifact_round_trips(art):

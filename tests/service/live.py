@@ -1,13 +1,20 @@
-"""A real uvicorn server in a thread, configured as `python -m service` runs it (connection and header limits), for
-tests that need real HTTP (disconnects, the openai client, abuse)."""
+"""The two ways the API tests reach an app.
+
+`asgi_client`: the app in the test's own event loop through httpx's ASGI transport, no socket and no server thread,
+its lifespan entered as a server enters it: for plain request/response checks (validation, admin routes, status
+codes, metrics). `live_server`: a real uvicorn server in a thread, configured as `python -m service` runs it
+(connection and header limits), for what needs real HTTP: body-size limits and stalled bodies, client disconnects,
+streaming (SSE), timeouts, the openai client, CLI subprocesses and several replicas."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, contextmanager
 
+import httpx
 import uvicorn
 
 from service.server import uvicorn_config
@@ -35,3 +42,15 @@ def live_server(app):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@asynccontextmanager
+async def asgi_client(app, **client_kw) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on `app` in this event loop, with no socket: the app's lifespan (store, backbone, scheduler)
+    entered first and left after the client closes, as uvicorn does. ASGITransport runs no lifespan itself. Unhandled
+    errors come back as the app's 500 responses (as from a server), not raised into the test."""
+    client_kw.setdefault("timeout", 30)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://asgi", **client_kw) as client:
+            yield client

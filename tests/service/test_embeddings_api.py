@@ -1,12 +1,12 @@
-"""POST /v1/embeddings over real HTTP on a tiny BERT: the bare backbone's and a prefix task's pooled states, unit
-length, equal to a reference run of the model (the task's through PEFT); base64 encoding; errors name the field."""
+"""POST /v1/embeddings on a tiny BERT, through the ASGI transport (no socket): the bare backbone's and a prefix task's
+pooled states, unit length, equal to a reference run of the model (the task's through PEFT); base64 encoding; errors
+name the field."""
 
 from __future__ import annotations
 
 import base64
 import struct
 
-import httpx
 import pytest
 import torch
 from peft import PrefixTuningConfig
@@ -14,7 +14,7 @@ from peft import PrefixTuningConfig
 from service.runtime.backbone import default_pooling
 from tests.engine_harness import publish_peft, trained_peft
 from tests.models import tiny_model, tiny_tokenizer
-from tests.service.live import live_server
+from tests.service.live import asgi_client
 from tests.service.test_inference_api import make_app  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.redis
@@ -42,42 +42,40 @@ async def test_embeddings_of_the_bare_backbone_and_a_task(store, make_app, tmp_p
             pm(input_ids=torch.tensor([ids]))
     handle.remove()
     task = [pooled(out, torch.ones(len(ids)), pooling) for out, ids in zip(captured, IDS, strict=True)]
-    with live_server(make_app(bert.bert, tiny_tokenizer(), name="tiny-bert")) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            models = (await c.get("/v1/models")).json()
-            assert [m["id"] for m in models["data"]] == ["base", "sent"]
-            for model, want in (("base", bare), ("sent", task)):
-                r = await c.post("/v1/embeddings", json={"model": model, "input": IDS})
-                assert r.status_code == 200, r.text
-                out = r.json()
-                assert out["object"] == "list" and out["model"] == model
-                assert out["usage"] == {"prompt_tokens": 8, "total_tokens": 8}
-                for d, w in zip(out["data"], want, strict=True):
-                    got = torch.tensor(d["embedding"])
-                    assert d["object"] == "embedding" and (got - w).abs().max() <= 1e-5, model
-                    assert abs(got.norm().item() - 1) < 1e-5
-            assert (task[0] - bare[0]).abs().max() > 1e-3, "the prefix shapes the embedding"
-            r = await c.post("/v1/embeddings", json={"model": "sent", "input": IDS[0], "encoding_format": "base64"})
-            raw = base64.b64decode(r.json()["data"][0]["embedding"])
-            vec = torch.tensor(struct.unpack(f"<{len(raw) // 4}f", raw))
-            assert (vec - task[0]).abs().max() <= 1e-5
-            text = (await c.post("/v1/embeddings", json={"model": "base", "input": "w5 w6"})).json()
-            assert len(text["data"]) == 1 and text["usage"]["prompt_tokens"] >= 2
-            hidden = bert.config.hidden_size
-            for body, status, words in [
-                ({"model": "base", "input": IDS, "dimensions": 3}, 422, f"embeds in {hidden} dimensions"),
-                ({"model": "nope", "input": "w5"}, 404, "not found"),
-                ({"model": "base", "input": []}, 422, "input"),
-                ({"model": "base", "input": [[5], [10**9]]}, 422, "input: expected token ids"),
-                ({"model": "base", "input": "w5", "encoding_format": "int8"}, 422, "encoding_format"),
-                ({"model": "base", "input": "w5", "truncate": True}, 422, "truncate"),
-            ]:
-                r = await c.post("/v1/embeddings", json=body)
-                assert r.status_code == status and words in r.text, (body, r.text)
+    async with asgi_client(make_app(bert.bert, tiny_tokenizer(), name="tiny-bert"), timeout=30) as c:
+        models = (await c.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == ["base", "sent"]
+        for model, want in (("base", bare), ("sent", task)):
+            r = await c.post("/v1/embeddings", json={"model": model, "input": IDS})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["object"] == "list" and out["model"] == model
+            assert out["usage"] == {"prompt_tokens": 8, "total_tokens": 8}
+            for d, w in zip(out["data"], want, strict=True):
+                got = torch.tensor(d["embedding"])
+                assert d["object"] == "embedding" and (got - w).abs().max() <= 1e-5, model
+                assert abs(got.norm().item() - 1) < 1e-5
+        assert (task[0] - bare[0]).abs().max() > 1e-3, "the prefix shapes the embedding"
+        r = await c.post("/v1/embeddings", json={"model": "sent", "input": IDS[0], "encoding_format": "base64"})
+        raw = base64.b64decode(r.json()["data"][0]["embedding"])
+        vec = torch.tensor(struct.unpack(f"<{len(raw) // 4}f", raw))
+        assert (vec - task[0]).abs().max() <= 1e-5
+        text = (await c.post("/v1/embeddings", json={"model": "base", "input": "w5 w6"})).json()
+        assert len(text["data"]) == 1 and text["usage"]["prompt_tokens"] >= 2
+        hidden = bert.config.hidden_size
+        for body, status, words in [
+            ({"model": "base", "input": IDS, "dimensions": 3}, 422, f"embeds in {hidden} dimensions"),
+            ({"model": "nope", "input": "w5"}, 404, "not found"),
+            ({"model": "base", "input": []}, 422, "input"),
+            ({"model": "base", "input": [[5], [10**9]]}, 422, "input: expected token ids"),
+            ({"model": "base", "input": "w5", "encoding_format": "int8"}, 422, "encoding_format"),
+            ({"model": "base", "input": "w5", "truncate": True}, 422, "truncate"),
+        ]:
+            r = await c.post("/v1/embeddings", json=body)
+            assert r.status_code == status and words in r.text, (body, r.text)
 
 
 async def test_embeddings_on_a_causal_lm_are_refused(make_app):  # noqa: F811
-    with live_server(make_app(tiny_model("llama"), tiny_tokenizer())) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            r = await c.post("/v1/embeddings", json={"model": "base", "input": "w5"})
-            assert r.status_code == 400 and "causal LM" in r.json()["error"]["message"]
+    async with asgi_client(make_app(tiny_model("llama"), tiny_tokenizer()), timeout=30) as c:
+        r = await c.post("/v1/embeddings", json={"model": "base", "input": "w5"})
+        assert r.status_code == 400 and "causal LM" in r.json()["error"]["message"]

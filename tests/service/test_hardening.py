@@ -1,5 +1,6 @@
 """Issue 10: no valid prefix refused, and no client without a key able to exhaust the server. One test per finding,
-over real HTTP (uvicorn as `python -m service` runs it) and a real Redis."""
+on a real Redis: over real HTTP (uvicorn as `python -m service` runs it) where the finding is about connections,
+bodies or time; through the ASGI transport (no socket) where it is about what a request gets back."""
 
 import asyncio
 import copy
@@ -23,7 +24,7 @@ from service.server import LogRateLimit
 from service.settings import ServiceSettings
 from tests.factories import make_artifact
 from tests.models import tiny_model, tiny_tokenizer
-from tests.service.live import live_server
+from tests.service.live import asgi_client, live_server
 
 pytestmark = pytest.mark.redis
 USER, ROOT = {"Authorization": "Bearer user"}, {"Authorization": "Bearer root"}
@@ -86,25 +87,24 @@ async def test_every_header_length_is_served_and_a_corrupt_stored_blob_is_a_500(
     request. 32 notes 8 bytes apart give 32 header lengths: every low byte a safetensors header length can have."""
     fp = BackboneFingerprint.from_config(llama.config)
     raw = redis.Redis.from_url(redis_url)
-    with live_server(app_for()) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30, headers=ROOT) as c:
-            first_bytes = set()
-            for k in range(0, 256, 8):
-                blob = encode(make_artifact(f"t{k}", fp=fp, training={"note": "x" * k}))
-                r = await c.put(f"/v1/tasks/t{k}", files={"artifact": ("a.safetensors", blob)})
-                assert r.status_code == 201, r.text
-                first_bytes.add(raw.hget(store.keys.version(f"t{k}", 1), "blob")[0])
-                r = await c.post("/v1/generate", json={"task": f"t{k}", "input_ids": [5, 6], "max_new_tokens": 2})
-                assert r.status_code == 200, (k, r.text)
-            assert 0x80 in first_bytes  # the case that used to break was exercised
+    async with asgi_client(app_for(), timeout=30, headers=ROOT) as c:
+        first_bytes = set()
+        for k in range(0, 256, 8):
+            blob = encode(make_artifact(f"t{k}", fp=fp, training={"note": "x" * k}))
+            r = await c.put(f"/v1/tasks/t{k}", files={"artifact": ("a.safetensors", blob)})
+            assert r.status_code == 201, r.text
+            first_bytes.add(raw.hget(store.keys.version(f"t{k}", 1), "blob")[0])
+            r = await c.post("/v1/generate", json={"task": f"t{k}", "input_ids": [5, 6], "max_new_tokens": 2})
+            assert r.status_code == 200, (k, r.text)
+        assert 0x80 in first_bytes  # the case that used to break was exercised
 
-            blob = encode(make_artifact("damaged", fp=fp))
-            assert (await c.put("/v1/tasks/damaged", files={"artifact": ("a", blob)})).status_code == 201
-            raw.hset(store.keys.version("damaged", 1), "blob", b"\x80garbage")  # a record damaged in the store
-            r = await c.post("/v1/generate", json={"task": "damaged", "input_ids": [5], "max_new_tokens": 1})
-            msg = r.json()["error"]["message"]
-            assert r.status_code == 500 and "stored prefix 'damaged' v1 does not decode" in msg
-            assert "prefixserve_store_decode_failures_total 1.0" in (await c.get("/metrics")).text
+        blob = encode(make_artifact("damaged", fp=fp))
+        assert (await c.put("/v1/tasks/damaged", files={"artifact": ("a", blob)})).status_code == 201
+        raw.hset(store.keys.version("damaged", 1), "blob", b"\x80garbage")  # a record damaged in the store
+        r = await c.post("/v1/generate", json={"task": "damaged", "input_ids": [5], "max_new_tokens": 1})
+        msg = r.json()["error"]["message"]
+        assert r.status_code == 500 and "stored prefix 'damaged' v1 does not decode" in msg
+        assert "prefixserve_store_decode_failures_total 1.0" in (await c.get("/metrics")).text
     raw.close()
 
 
@@ -161,37 +161,36 @@ class _RecordingTokenizer:
 
 async def test_prompts_are_bounded_and_tokenized_off_the_event_loop(app_for):
     tok = _RecordingTokenizer()
-    with live_server(app_for(tok)) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30, headers=USER) as c:
-            r = await c.post("/v1/completions", json={"model": "base", "prompt": "w5 " * 70_000, "max_tokens": 1})
-            assert r.status_code == 422 and "at most 200000 characters" in r.json()["error"]["message"]
-            r = await c.post("/v1/completions", json={"model": "base", "prompt": ["w5"] * 65, "max_tokens": 1})
-            assert r.status_code == 422 and "at most 64 items" in r.json()["error"]["message"]
-            r = await c.post("/v1/completions", json={"model": "base", "prompt": [[5]] * 65, "max_tokens": 1})
-            assert r.status_code == 422
-            r = await c.post("/v1/completions", json={"model": "base", "prompt": "w5 w6", "max_tokens": 1})
-            assert r.status_code == 200
-            r = await c.post("/v1/generate", json={"task": "base", "prompt": "w5 w6", "max_new_tokens": 1})
-            assert r.status_code == 200
-    assert tok.threads and "live-server" not in tok.threads, tok.threads  # the event loop runs on "live-server"
+    loop_thread = threading.current_thread().name  # the app's event loop runs in the test's thread
+    async with asgi_client(app_for(tok), timeout=30, headers=USER) as c:
+        r = await c.post("/v1/completions", json={"model": "base", "prompt": "w5 " * 70_000, "max_tokens": 1})
+        assert r.status_code == 422 and "at most 200000 characters" in r.json()["error"]["message"]
+        r = await c.post("/v1/completions", json={"model": "base", "prompt": ["w5"] * 65, "max_tokens": 1})
+        assert r.status_code == 422 and "at most 64 items" in r.json()["error"]["message"]
+        r = await c.post("/v1/completions", json={"model": "base", "prompt": [[5]] * 65, "max_tokens": 1})
+        assert r.status_code == 422
+        r = await c.post("/v1/completions", json={"model": "base", "prompt": "w5 w6", "max_tokens": 1})
+        assert r.status_code == 200
+        r = await c.post("/v1/generate", json={"task": "base", "prompt": "w5 w6", "max_new_tokens": 1})
+        assert r.status_code == 200
+    assert tok.threads and loop_thread not in tok.threads, tok.threads
 
 
 # -- 4: bounded metric labels, bounded error bodies --------------------------------------------------------------
 async def test_metric_labels_name_only_tasks_that_exist(app_for, store, llama):
     await store.put(make_artifact("real", fp=BackboneFingerprint.from_config(llama.config)))
-    with live_server(app_for()) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30, headers=ROOT) as c:
-            for i in range(40):
-                r = await c.post("/v1/generate", json={"task": f"ghost-{i}", "input_ids": [5], "max_new_tokens": 1})
-                assert r.status_code == 404
-            r = await c.post("/v1/generate", json={"task": "real", "input_ids": [5], "max_new_tokens": 1})
-            assert r.status_code == 200
-            huge = "x" * 100_000
-            r = await c.post("/v1/generate", json={"task": huge, "input_ids": [5], "max_new_tokens": 1})
-            assert r.status_code == 422 and len(r.content) < 1000, "a huge input is not echoed back"
-            r = await c.put(f"/v1/tasks/{'y' * 5000}", files={"artifact": ("a", b"x")})
-            assert r.status_code == 400 and len(r.content) < 1000
-            text = (await c.get("/metrics")).text
+    async with asgi_client(app_for(), timeout=30, headers=ROOT) as c:
+        for i in range(40):
+            r = await c.post("/v1/generate", json={"task": f"ghost-{i}", "input_ids": [5], "max_new_tokens": 1})
+            assert r.status_code == 404
+        r = await c.post("/v1/generate", json={"task": "real", "input_ids": [5], "max_new_tokens": 1})
+        assert r.status_code == 200
+        huge = "x" * 100_000
+        r = await c.post("/v1/generate", json={"task": huge, "input_ids": [5], "max_new_tokens": 1})
+        assert r.status_code == 422 and len(r.content) < 1000, "a huge input is not echoed back"
+        r = await c.put(f"/v1/tasks/{'y' * 5000}", files={"artifact": ("a", b"x")})
+        assert r.status_code == 400 and len(r.content) < 1000
+        text = (await c.get("/metrics")).text
     assert "ghost" not in text and "x" * 100 not in text and "y" * 100 not in text
     assert 'route="/v1/generate",status="404",task="unknown"} 40.0' in text
     assert 'route="/v1/generate",status="200",task="real"} 1.0' in text
@@ -247,53 +246,49 @@ def test_repeated_log_lines_are_rate_limited():
 
 # -- 6: bounded stop lists, valid stop tokens --------------------------------------------------------------------
 async def test_stop_lists_are_bounded_and_stop_tokens_checked(app_for):
-    with live_server(app_for()) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30, headers=USER) as c:
-            body = {"task": "base", "input_ids": [5], "max_new_tokens": 1}
-            r = await c.post("/v1/generate", json={**body, "stop": ["w5"] * 17})
-            assert r.status_code == 422 and "at most 16 items" in r.json()["error"]["message"]
-            r = await c.post("/v1/generate", json={**body, "stop": ["x" * 257]})
-            assert r.status_code == 422
-            r = await c.post("/v1/completions", json={"model": "base", "prompt": [5], "stop": ["w"] * 17})
-            assert r.status_code == 422
-            for bad in ([-1], [2**70], [128]):
-                r = await c.post("/v1/generate", json={**body, "stop_token_ids": bad})
-                msg = r.json()["error"]["message"]
-                assert r.status_code == 422 and "stop_token_ids: expected token ids in [0, 128)" in msg, msg
-            assert (await c.post("/v1/generate", json={**body, "stop": ["w5"] * 16})).status_code == 200
+    async with asgi_client(app_for(), timeout=30, headers=USER) as c:
+        body = {"task": "base", "input_ids": [5], "max_new_tokens": 1}
+        r = await c.post("/v1/generate", json={**body, "stop": ["w5"] * 17})
+        assert r.status_code == 422 and "at most 16 items" in r.json()["error"]["message"]
+        r = await c.post("/v1/generate", json={**body, "stop": ["x" * 257]})
+        assert r.status_code == 422
+        r = await c.post("/v1/completions", json={"model": "base", "prompt": [5], "stop": ["w"] * 17})
+        assert r.status_code == 422
+        for bad in ([-1], [2**70], [128]):
+            r = await c.post("/v1/generate", json={**body, "stop_token_ids": bad})
+            msg = r.json()["error"]["message"]
+            assert r.status_code == 422 and "stop_token_ids: expected token ids in [0, 128)" in msg, msg
+        assert (await c.post("/v1/generate", json={**body, "stop": ["w5"] * 16})).status_code == 200
 
 
 # -- 7: multi-prompt completions admitted all or none ------------------------------------------------------------
 async def test_completions_over_the_queue_bound_leave_no_work_behind(app_for):
-    with live_server(app_for(max_queue=16)) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30, headers=ROOT) as c:
-            r = await c.post("/v1/completions", json={"model": "base", "prompt": [[5]] * 40, "max_tokens": 200})
-            assert r.status_code == 429 and "this call adds 40" in r.json()["error"]["message"]
-            text = (await c.get("/metrics")).text
-            assert "prefixserve_running_requests 0.0" in text and "prefixserve_queue_depth 0.0" in text
-            r = await c.post("/v1/completions", json={"model": "base", "prompt": [[5]] * 8, "max_tokens": 2})
-            assert r.status_code == 200 and len(r.json()["choices"]) == 8
+    async with asgi_client(app_for(max_queue=16), timeout=30, headers=ROOT) as c:
+        r = await c.post("/v1/completions", json={"model": "base", "prompt": [[5]] * 40, "max_tokens": 200})
+        assert r.status_code == 429 and "this call adds 40" in r.json()["error"]["message"]
+        text = (await c.get("/metrics")).text
+        assert "prefixserve_running_requests 0.0" in text and "prefixserve_queue_depth 0.0" in text
+        r = await c.post("/v1/completions", json={"model": "base", "prompt": [[5]] * 8, "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 8
 
 
 # -- 8: nested JSON, dot names, /ready details -------------------------------------------------------------------
 async def test_nested_json_dot_names_and_ready_details(app_for):
-    with live_server(app_for()) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30, headers=ROOT) as c:
-            deep = b"[" * 100_000 + b"]" * 100_000
-            files = {"adapter_config": ("c.json", deep), "adapter_model": ("m.safetensors", b"x" * 16)}
-            r = await c.put("/v1/tasks/nested", files=files)
-            assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
-            blob = json.dumps({"a": 1}).encode()
-            for name in ("...", "....."):
-                r = await c.put(f"/v1/tasks/{name}", files={"artifact": ("a", blob)})
-                assert r.status_code == 400 and "not only dots" in r.json()["error"]["message"]
-            details = (await c.get("/ready")).json()
-            assert details["backbone"]["name"] == "tiny-llama"
-        async with httpx.AsyncClient(base_url=url, timeout=30) as anonymous:
-            r = await anonymous.get("/ready")
-            assert r.status_code == 200 and r.json()["backbone"] is None
-            assert all(v is True for v in r.json()["checks"].values())
-            assert (await anonymous.get("/ready", headers=USER)).json()["backbone"] is None
+    async with asgi_client(app_for()) as c:  # the admin key per request; none on the anonymous ones
+        deep = b"[" * 100_000 + b"]" * 100_000
+        files = {"adapter_config": ("c.json", deep), "adapter_model": ("m.safetensors", b"x" * 16)}
+        r = await c.put("/v1/tasks/nested", files=files, headers=ROOT)
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+        blob = json.dumps({"a": 1}).encode()
+        for name in ("...", "....."):
+            r = await c.put(f"/v1/tasks/{name}", files={"artifact": ("a", blob)}, headers=ROOT)
+            assert r.status_code == 400 and "not only dots" in r.json()["error"]["message"]
+        details = (await c.get("/ready", headers=ROOT)).json()
+        assert details["backbone"]["name"] == "tiny-llama"
+        r = await c.get("/ready")
+        assert r.status_code == 200 and r.json()["backbone"] is None
+        assert all(v is True for v in r.json()["checks"].values())
+        assert (await c.get("/ready", headers=USER)).json()["backbone"] is None
 
 
 # -- 9: torch threads per replica --------------------------------------------------------------------------------

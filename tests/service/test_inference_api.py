@@ -1,5 +1,7 @@
-"""The inference API over real HTTP (uvicorn in a thread), a real Redis and tiny backbones: generation (JSON and
-SSE), classification, OpenAI-compatible completions, every error status, auth, metrics, disconnects."""
+"""The inference API on a real Redis and tiny backbones: generation (JSON and SSE), classification, OpenAI-compatible
+completions, every error status, auth, metrics, disconnects. Plain request/response checks reach the app through the
+ASGI transport (no socket); streaming, queue limits, deadlines and disconnects go over real HTTP (uvicorn in a
+thread)."""
 
 import asyncio
 import copy
@@ -18,7 +20,7 @@ from service.settings import ServiceSettings
 from tests.engine_harness import publish_peft, trained_peft
 from tests.factories import make_artifact
 from tests.models import tiny_model, tiny_tokenizer
-from tests.service.live import live_server
+from tests.service.live import asgi_client, live_server
 
 pytestmark = pytest.mark.redis
 
@@ -84,43 +86,42 @@ async def test_generate_errors(store, make_app, llama, tmp_path):
     await publish_gen(store, llama, tmp_path, "alpha", P=4)
     # A prefix for another geometry that bypassed the upload check (written straight to the store).
     await store.put(make_artifact("alien", fp=BackboneFingerprint("llama", 3, 64, 8, 4, 8, 128)))
-    with live_server(make_app(llama, tiny_tokenizer())) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+    async with asgi_client(make_app(llama, tiny_tokenizer()), timeout=30) as c:
 
-            async def post(**body):
-                r = await c.post("/v1/generate", json={"task": "alpha", "input_ids": [5, 6], **body})
-                return r.status_code, r.json()["error"]["message"] if r.status_code >= 400 else r.json()
+        async def post(**body):
+            r = await c.post("/v1/generate", json={"task": "alpha", "input_ids": [5, 6], **body})
+            return r.status_code, r.json()["error"]["message"] if r.status_code >= 400 else r.json()
 
-            status, msg = await post(prompt="w5")
-            assert status == 422 and "exactly one of 'prompt' and 'input_ids'" in msg
-            status, msg = await post(input_ids=None)
-            assert status == 422
-            status, msg = await post(max_new_tokens=0)
-            assert status == 422 and "max_new_tokens" in msg
-            status, msg = await post(temperature=-1)
-            assert status == 422 and "temperature" in msg
-            status, msg = await post(input_ids=[5, 999])
-            assert status == 422 and "[0, 128)" in msg
-            status, msg = await post(task="missing")
-            assert status == 404 and "'missing' not found" in msg
-            status, msg = await post(task="Bad Name")
-            assert status == 400 and "lower-case" in msg
-            status, msg = await post(input_ids=[5] * 200, max_new_tokens=60)
-            assert status == 400 and "exceeds the context window of 256" in msg
-            status, msg = await post(task="alien")
-            assert status == 409 and "num_kv_heads" in msg
-            status, msg = await post(stream=True, task="missing")
-            assert status == 404  # errors before the first token keep their status when streaming
-            status, msg = await post(logit_bias={"5": 1})  # unknown fields are refused by name, never dropped
-            assert status == 422 and "logit_bias" in msg, msg
-            status, msg = await post(n=9)
-            assert status == 422 and "n: expected at most 8 (PREFIXSERVE_MAX_N), got 9" in msg, msg
-            status, msg = await post(min_tokens=20, max_new_tokens=4)
-            assert status == 422 and "min_tokens" in msg, msg
-            r = await c.post("/v1/completions", json={"model": "alpha", "prompt": "w5", "best_of": 2})
-            assert r.status_code == 422 and "best_of" in r.json()["error"]["message"], r.text
-            r = await c.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
-            assert r.status_code == 422 and r.json()["error"]["type"] == "RequestValidationError"
+        status, msg = await post(prompt="w5")
+        assert status == 422 and "exactly one of 'prompt' and 'input_ids'" in msg
+        status, msg = await post(input_ids=None)
+        assert status == 422
+        status, msg = await post(max_new_tokens=0)
+        assert status == 422 and "max_new_tokens" in msg
+        status, msg = await post(temperature=-1)
+        assert status == 422 and "temperature" in msg
+        status, msg = await post(input_ids=[5, 999])
+        assert status == 422 and "[0, 128)" in msg
+        status, msg = await post(task="missing")
+        assert status == 404 and "'missing' not found" in msg
+        status, msg = await post(task="Bad Name")
+        assert status == 400 and "lower-case" in msg
+        status, msg = await post(input_ids=[5] * 200, max_new_tokens=60)
+        assert status == 400 and "exceeds the context window of 256" in msg
+        status, msg = await post(task="alien")
+        assert status == 409 and "num_kv_heads" in msg
+        status, msg = await post(stream=True, task="missing")
+        assert status == 404  # errors before the first token keep their status when streaming
+        status, msg = await post(logit_bias={"5": 1})  # unknown fields are refused by name, never dropped
+        assert status == 422 and "logit_bias" in msg, msg
+        status, msg = await post(n=9)
+        assert status == 422 and "n: expected at most 8 (PREFIXSERVE_MAX_N), got 9" in msg, msg
+        status, msg = await post(min_tokens=20, max_new_tokens=4)
+        assert status == 422 and "min_tokens" in msg, msg
+        r = await c.post("/v1/completions", json={"model": "alpha", "prompt": "w5", "best_of": 2})
+        assert r.status_code == 422 and "best_of" in r.json()["error"]["message"], r.text
+        r = await c.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["type"] == "RequestValidationError"
 
 
 async def test_queue_full_and_deadline(store, make_app, llama, tmp_path):
@@ -142,12 +143,11 @@ async def test_queue_full_and_deadline(store, make_app, llama, tmp_path):
 async def test_store_down_is_503_for_uncached_tasks_only(llama):
     s = ServiceSettings(redis_url="redis://127.0.0.1:1", namespace="x")
     app = create_app(s, backbone=wrap_model(copy.deepcopy(llama), None, name="t"))
-    with live_server(app) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            r = await c.post("/v1/generate", json={"task": "alpha", "input_ids": [5], "max_new_tokens": 2})
-            assert r.status_code == 503 and "Redis unreachable" in r.json()["error"]["message"]
-            r = await c.post("/v1/generate", json={"task": "base", "input_ids": [5], "max_new_tokens": 2})
-            assert r.status_code == 200
+    async with asgi_client(app, timeout=60) as c:
+        r = await c.post("/v1/generate", json={"task": "alpha", "input_ids": [5], "max_new_tokens": 2})
+        assert r.status_code == 503 and "Redis unreachable" in r.json()["error"]["message"]
+        r = await c.post("/v1/generate", json={"task": "base", "input_ids": [5], "max_new_tokens": 2})
+        assert r.status_code == 200
 
 
 async def test_concurrent_requests_over_eight_tasks_equal_their_solo_results(store, make_app, llama, tmp_path):
@@ -161,10 +161,9 @@ async def test_concurrent_requests_over_eight_tasks_equal_their_solo_results(sto
         {"task": tasks[i % 8], "input_ids": torch.randint(3, 120, (3 + i % 5,)).tolist(), "max_new_tokens": 5}
         for i in range(32)
     ]
-    with live_server(make_app(llama, max_batch_size=32)) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            solo = [(await c.post("/v1/generate", json=b)).json()["token_ids"] for b in bodies]
-            together = await asyncio.gather(*(c.post("/v1/generate", json=b) for b in bodies))
+    async with asgi_client(make_app(llama, max_batch_size=32), timeout=60) as c:
+        solo = [(await c.post("/v1/generate", json=b)).json()["token_ids"] for b in bodies]
+        together = await asyncio.gather(*(c.post("/v1/generate", json=b) for b in bodies))
     assert [r.json()["token_ids"] for r in together] == solo
 
 
@@ -181,27 +180,26 @@ async def test_upload_then_use_rollback_and_delete_are_seen(store, make_app, lla
         }
 
     body = {"task": "fresh", "input_ids": [5, 6, 7], "max_new_tokens": 5}
-    with live_server(make_app(llama)) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            assert (await c.post("/v1/generate", json=body)).status_code == 404
-            assert (await c.put("/v1/tasks/fresh", files=files(tmp_path / "v1"))).status_code == 201
-            v1 = (await c.post("/v1/generate", json=body)).json()
-            assert v1["version"] == 1
-            assert (await c.put("/v1/tasks/fresh", files=files(tmp_path / "v2"))).json()["version"] == 2
-            assert await _eventually(c, body, lambda out: out["version"] == 2)
-            assert (await c.post("/v1/tasks/fresh/rollback", json={"version": 1})).status_code == 200
-            back = await _eventually(c, body, lambda out: out["version"] == 1)
-            assert back["token_ids"] == v1["token_ids"]
-            listed = (await c.get("/v1/tasks")).json()["tasks"]
-            assert listed[0]["task"] == "fresh" and listed[0]["resident"] is True
-            assert (await c.delete("/v1/tasks/fresh")).status_code == 204
-            for _ in range(100):
-                if (await c.post("/v1/generate", json=body)).status_code == 404:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                raise AssertionError("delete not seen")
-            assert (await c.put("/v1/tasks/base", files=files(tmp_path / "v1"))).status_code == 400
+    async with asgi_client(make_app(llama), timeout=30) as c:
+        assert (await c.post("/v1/generate", json=body)).status_code == 404
+        assert (await c.put("/v1/tasks/fresh", files=files(tmp_path / "v1"))).status_code == 201
+        v1 = (await c.post("/v1/generate", json=body)).json()
+        assert v1["version"] == 1
+        assert (await c.put("/v1/tasks/fresh", files=files(tmp_path / "v2"))).json()["version"] == 2
+        assert await _eventually(c, body, lambda out: out["version"] == 2)
+        assert (await c.post("/v1/tasks/fresh/rollback", json={"version": 1})).status_code == 200
+        back = await _eventually(c, body, lambda out: out["version"] == 1)
+        assert back["token_ids"] == v1["token_ids"]
+        listed = (await c.get("/v1/tasks")).json()["tasks"]
+        assert listed[0]["task"] == "fresh" and listed[0]["resident"] is True
+        assert (await c.delete("/v1/tasks/fresh")).status_code == 204
+        for _ in range(100):
+            if (await c.post("/v1/generate", json=body)).status_code == 404:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("delete not seen")
+        assert (await c.put("/v1/tasks/base", files=files(tmp_path / "v1"))).status_code == 400
 
 
 async def _eventually(c, body, cond):
@@ -282,35 +280,34 @@ async def test_classification_api_on_an_encoder(store, make_app, tmp_path):
     await publish_peft(store, pm, "sent", bert.config, tmp_path / "sent", labels=["neg", "neu", "pos"])
     with torch.no_grad():
         ref = torch.softmax(pm(input_ids=torch.tensor([[5, 6, 7]])).logits[0], -1)
-    with live_server(make_app(bert.bert, tiny_tokenizer(), name="tiny-bert")) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            r = await c.post("/v1/classify", json={"task": "sent", "input_ids": [5, 6, 7]})
-            assert r.status_code == 200, r.text
-            out = r.json()
-            assert out["version"] == 1 and set(out["results"][0]["scores"]) == {"neg", "neu", "pos"}
-            got = torch.tensor([out["results"][0]["scores"][k] for k in ("neg", "neu", "pos")])
-            assert (got - ref).abs().max() < 1e-5 and out["results"][0]["label"] == ["neg", "neu", "pos"][ref.argmax()]
-            many = (await c.post("/v1/classify", json={"task": "sent", "texts": ["w5 w6 w7", "w9"]})).json()
-            assert len(many["results"]) == 2 and many["results"][0]["label"] == out["results"][0]["label"]
-            batched = many["results"][0]["scores"]  # batched with another row: equal up to float noise
-            assert all(abs(batched[k] - v) < 1e-5 for k, v in out["results"][0]["scores"].items())
-            pair = await c.post("/v1/classify", json={"task": "sent", "text": "w5", "text_pair": "w6 w7"})
-            assert pair.status_code == 200
-            for body, status, words in [
-                ({"task": "sent", "text": "w5", "texts": ["w5"]}, 422, "exactly one of"),
-                ({"task": "sent", "texts": []}, 422, "texts"),
-                ({"task": "base", "text": "w5"}, 400, "no classification head"),
-                ({"task": "nope", "text": "w5"}, 404, "not found"),
-                ({"task": "sent", "text_pair": "w5", "input_ids": [5]}, 422, "text_pair"),
-            ]:
-                r = await c.post("/v1/classify", json=body)
-                assert r.status_code == status and words in r.json()["error"]["message"], (body, r.text)
-            gen = await c.post("/v1/generate", json={"task": "sent", "input_ids": [5], "max_new_tokens": 2})
-            assert gen.status_code == 400 and "encoder" in gen.json()["error"]["message"]
-            art = make_artifact("nohead", fp=BackboneFingerprint.from_config(bert.config))
-            assert (await c.put("/v1/tasks/nohead", files={"artifact": encode(art)})).status_code == 201
-            r = await c.post("/v1/classify", json={"task": "nohead", "text": "w5"})
-            assert r.status_code == 400 and "no classification head" in r.json()["error"]["message"]
+    async with asgi_client(make_app(bert.bert, tiny_tokenizer(), name="tiny-bert"), timeout=30) as c:
+        r = await c.post("/v1/classify", json={"task": "sent", "input_ids": [5, 6, 7]})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["version"] == 1 and set(out["results"][0]["scores"]) == {"neg", "neu", "pos"}
+        got = torch.tensor([out["results"][0]["scores"][k] for k in ("neg", "neu", "pos")])
+        assert (got - ref).abs().max() < 1e-5 and out["results"][0]["label"] == ["neg", "neu", "pos"][ref.argmax()]
+        many = (await c.post("/v1/classify", json={"task": "sent", "texts": ["w5 w6 w7", "w9"]})).json()
+        assert len(many["results"]) == 2 and many["results"][0]["label"] == out["results"][0]["label"]
+        batched = many["results"][0]["scores"]  # batched with another row: equal up to float noise
+        assert all(abs(batched[k] - v) < 1e-5 for k, v in out["results"][0]["scores"].items())
+        pair = await c.post("/v1/classify", json={"task": "sent", "text": "w5", "text_pair": "w6 w7"})
+        assert pair.status_code == 200
+        for body, status, words in [
+            ({"task": "sent", "text": "w5", "texts": ["w5"]}, 422, "exactly one of"),
+            ({"task": "sent", "texts": []}, 422, "texts"),
+            ({"task": "base", "text": "w5"}, 400, "no classification head"),
+            ({"task": "nope", "text": "w5"}, 404, "not found"),
+            ({"task": "sent", "text_pair": "w5", "input_ids": [5]}, 422, "text_pair"),
+        ]:
+            r = await c.post("/v1/classify", json=body)
+            assert r.status_code == status and words in r.json()["error"]["message"], (body, r.text)
+        gen = await c.post("/v1/generate", json={"task": "sent", "input_ids": [5], "max_new_tokens": 2})
+        assert gen.status_code == 400 and "encoder" in gen.json()["error"]["message"]
+        art = make_artifact("nohead", fp=BackboneFingerprint.from_config(bert.config))
+        assert (await c.put("/v1/tasks/nohead", files={"artifact": encode(art)})).status_code == 201
+        r = await c.post("/v1/classify", json={"task": "nohead", "text": "w5"})
+        assert r.status_code == 400 and "no classification head" in r.json()["error"]["message"]
 
 
 async def test_auth_matrix_and_metrics(store, make_app, llama, tmp_path):
@@ -319,28 +316,27 @@ async def test_auth_matrix_and_metrics(store, make_app, llama, tmp_path):
     user, root = {"Authorization": "Bearer user"}, {"Authorization": "Bearer root"}
     body = {"task": "alpha", "input_ids": [5, 6], "max_new_tokens": 3}
     generated = 0  # completions sample at temperature 1 and may stop at EOS early: count what was generated
-    with live_server(app) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            for path, method, payload in [
-                ("/v1/generate", "POST", body),
-                ("/v1/models", "GET", None),
-                ("/v1/completions", "POST", {"model": "alpha", "prompt": [5], "max_tokens": 2}),
-                ("/v1/classify", "POST", {"task": "alpha", "input_ids": [5]}),
-            ]:
-                assert (await c.request(method, path, json=payload)).status_code == 401
-                assert (
-                    await c.request(method, path, json=payload, headers={"Authorization": "Bearer x"})
-                ).status_code == 401
-                for key in (user, root):
-                    r = await c.request(method, path, json=payload, headers=key)
-                    assert r.status_code != 401
-                    if r.status_code == 200 and "usage" in r.json():
-                        generated += r.json()["usage"]["completion_tokens"]
-            for path in ["/v1/tasks", "/metrics"]:
-                assert (await c.get(path, headers=user)).status_code == 403
-                assert (await c.get(path, headers=root)).status_code == 200
-            assert (await c.get("/health")).status_code == 200 and (await c.get("/ready")).status_code == 200
-            text = (await c.get("/metrics", headers=root)).text
+    async with asgi_client(app, timeout=30) as c:
+        for path, method, payload in [
+            ("/v1/generate", "POST", body),
+            ("/v1/models", "GET", None),
+            ("/v1/completions", "POST", {"model": "alpha", "prompt": [5], "max_tokens": 2}),
+            ("/v1/classify", "POST", {"task": "alpha", "input_ids": [5]}),
+        ]:
+            assert (await c.request(method, path, json=payload)).status_code == 401
+            assert (
+                await c.request(method, path, json=payload, headers={"Authorization": "Bearer x"})
+            ).status_code == 401
+            for key in (user, root):
+                r = await c.request(method, path, json=payload, headers=key)
+                assert r.status_code != 401
+                if r.status_code == 200 and "usage" in r.json():
+                    generated += r.json()["usage"]["completion_tokens"]
+        for path in ["/v1/tasks", "/metrics"]:
+            assert (await c.get(path, headers=user)).status_code == 403
+            assert (await c.get(path, headers=root)).status_code == 200
+        assert (await c.get("/health")).status_code == 200 and (await c.get("/ready")).status_code == 200
+        text = (await c.get("/metrics", headers=root)).text
     for name in [
         'prefixserve_requests_total{route="/v1/generate",status="200",task="alpha"}',
         "prefixserve_request_latency_seconds_bucket",
@@ -370,21 +366,20 @@ async def test_families_with_windows_caps_and_scales_answer_over_http_as_peft_al
     pm = trained_peft(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), seed=2)
     await publish_peft(store, pm, "t", base.config, tmp_path / "t")
     ids = [(7 * i + 3) % 120 + 3 for i in range(12)]
-    with live_server(make_app(base, name=family)) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            for task, model in (("t", pm), ("base", base)):
-                body = {"task": task, "input_ids": ids, "max_new_tokens": 6, "logprobs": True, "ignore_eos": True}
-                r = await c.post("/v1/generate", json=body)
-                assert r.status_code == 200, r.text
-                tokens, logits = peft_generate(model, ids)
-                want = torch.log_softmax(logits.float(), -1)[range(6), tokens].tolist()
-                assert r.json()["token_ids"] == tokens
-                assert max(abs(a - b) for a, b in zip(r.json()["logprobs"], want)) <= 1e-4
-            body = {"model": "base", "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0}
-            r = await c.post("/v1/completions", json=body)
+    async with asgi_client(make_app(base, name=family), timeout=30) as c:
+        for task, model in (("t", pm), ("base", base)):
+            body = {"task": task, "input_ids": ids, "max_new_tokens": 6, "logprobs": True, "ignore_eos": True}
+            r = await c.post("/v1/generate", json=body)
             assert r.status_code == 200, r.text
-            echoed = r.json()["choices"][0]["logprobs"]["token_logprobs"][: len(ids)]
-            with torch.no_grad():
-                full = torch.log_softmax(base(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-            assert echoed[0] is None
-            assert max(abs(echoed[j] - full[j - 1, ids[j]].item()) for j in range(1, len(ids))) <= 1e-4
+            tokens, logits = peft_generate(model, ids)
+            want = torch.log_softmax(logits.float(), -1)[range(6), tokens].tolist()
+            assert r.json()["token_ids"] == tokens
+            assert max(abs(a - b) for a, b in zip(r.json()["logprobs"], want)) <= 1e-4
+        body = {"model": "base", "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0}
+        r = await c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        echoed = r.json()["choices"][0]["logprobs"]["token_logprobs"][: len(ids)]
+        with torch.no_grad():
+            full = torch.log_softmax(base(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        assert echoed[0] is None
+        assert max(abs(echoed[j] - full[j - 1, ids[j]].item()) for j in range(1, len(ids))) <= 1e-4

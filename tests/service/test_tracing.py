@@ -1,10 +1,9 @@
 """Optional tracing with the OpenTelemetry SDK's in-memory exporter: one server span per HTTP request, named by its
 route, with the status and the request id (refusals by the guard included), and one span per engine step; nothing
-is recorded when tracing is off."""
+is recorded when tracing is off. The app is reached through the ASGI transport (no socket)."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -12,7 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from service.runtime import tracing
 from tests.models import tiny_model, tiny_tokenizer
-from tests.service.live import live_server
+from tests.service.live import asgi_client
 from tests.service.test_inference_api import make_app  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.redis
@@ -29,12 +28,11 @@ def spans():
 
 
 async def test_routes_and_engine_steps_are_traced(make_app, spans):  # noqa: F811
-    with live_server(make_app(tiny_model("llama"), tiny_tokenizer(), api_keys=["k"])) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            auth = {"authorization": "Bearer k", "x-request-id": "trace-me"}
-            body = {"task": "base", "prompt": "w5 w6", "max_new_tokens": 3}
-            assert (await c.post("/v1/generate", json=body, headers=auth)).status_code == 200
-            assert (await c.post("/v1/generate", json=body)).status_code == 401
+    async with asgi_client(make_app(tiny_model("llama"), tiny_tokenizer(), api_keys=["k"]), timeout=30) as c:
+        auth = {"authorization": "Bearer k", "x-request-id": "trace-me"}
+        body = {"task": "base", "prompt": "w5 w6", "max_new_tokens": 3}
+        assert (await c.post("/v1/generate", json=body, headers=auth)).status_code == 200
+        assert (await c.post("/v1/generate", json=body)).status_code == 401
     finished = spans.get_finished_spans()
     http = [s for s in finished if s.name.startswith("POST ")]
     assert [s.name for s in http] == ["POST /v1/generate", "POST /v1/generate"]
@@ -50,9 +48,8 @@ async def test_nothing_is_traced_when_off(make_app):  # noqa: F811
     exporter = InMemorySpanExporter()
     TracerProvider().add_span_processor(SimpleSpanProcessor(exporter))  # built but not installed
     assert not tracing.enabled()
-    with live_server(make_app(tiny_model("llama"), tiny_tokenizer())) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-            assert (await c.get("/health")).status_code == 200
+    async with asgi_client(make_app(tiny_model("llama"), tiny_tokenizer()), timeout=30) as c:
+        assert (await c.get("/health")).status_code == 200
     assert exporter.get_finished_spans() == ()
 
 

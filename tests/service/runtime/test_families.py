@@ -7,7 +7,8 @@ prompts are prefilled in chunks (so sliding layers attend to their ring across c
 prefill (its ring is copied). Each feature has a negative control that must fail when the feature is dropped; the
 guards that keep an unproven family from being served wrong are tested here too.
 
-The engine is driven directly (Engine.step), without Redis: the golden tests serve the same cases through the store.
+The engine is driven directly (Engine.step), without Redis, as by the golden tests (the same cases against recorded
+references); test_equivalence serves a case end to end, through Redis and the scheduler.
 """
 
 from __future__ import annotations

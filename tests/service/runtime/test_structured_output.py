@@ -1,22 +1,20 @@
 """Structured output inside a mixed batch: rows constrained by a JSON schema or to any JSON object share the batch
 with free rows of other tasks; the constrained outputs parse and satisfy their schema, every row gives what it gives
-alone, and a bad schema is refused by name."""
+alone, and a bad schema is refused by name. The engine is driven directly (no Redis)."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 
 import pytest
 from peft import PrefixTuningConfig
 
-from service.runtime import SamplingParams
+from service.runtime import EngineRequest, SamplingParams
 from service.runtime.grammar import Grammars, InvalidGrammar
-from tests.engine_harness import publish_peft, serving_stack, trained_peft
+from tests.engine_harness import engine_for, generate, import_peft, trained_peft
 from tests.models import BYTE_EOS, byte_tokenizer, tiny_model
 
-pytestmark = pytest.mark.redis
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -47,9 +45,9 @@ def model():
     return tiny_model("llama-bytes")
 
 
-async def test_constrained_and_free_rows_mixed(store, model, tmp_path):
+def test_constrained_and_free_rows_mixed(model, tmp_path):
     pm = trained_peft(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), seed=3)
-    await publish_peft(store, pm, "t", model.config, tmp_path / "t")
+    art = import_peft(pm, "t", model.config, tmp_path / "t")
     tok = byte_tokenizer()
     grammars = Grammars(tok, model.config.vocab_size)
     schema = grammars.compile({"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
@@ -62,14 +60,14 @@ async def test_constrained_and_free_rows_mixed(store, model, tmp_path):
         (None, SamplingParams(max_new_tokens=80, grammar=anything)),
         (None, SamplingParams(max_new_tokens=20)),  # free
     ]
-    async with serving_stack(store, copy.deepcopy(model), tok) as stack:
+    engine = engine_for(copy.deepcopy(model), tok)
 
-        async def run(i):
-            task, params = rows[i]
-            return await stack.scheduler.submit(task, prompt, params).result()
+    def request(i: int, rid: str) -> EngineRequest:
+        task, params = rows[i]
+        return EngineRequest.generate(rid, prompt, art if task else None, params)
 
-        alone = [await run(i) for i in range(len(rows))]
-        mixed = await asyncio.gather(*(run(i) for i in range(len(rows))))
+    alone = [generate(engine, [request(i, f"alone{i}")])[0] for i in range(len(rows))]
+    mixed = generate(engine, [request(i, f"mixed{i}") for i in range(len(rows))])
     for i, (a, m) in enumerate(zip(alone, mixed, strict=True)):
         assert a.token_ids == m.token_ids, i
     for i in (0, 1):
