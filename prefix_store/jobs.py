@@ -242,7 +242,11 @@ class TrainSpec(BaseModel):
     )
 
     num_virtual_tokens: int | None = Field(None, ge=1, le=512, description="default: the method's")
-    reparam: bool | None = Field(None, description="MLP reparametrisation of key/values (default: the method's)")
+    reparam: bool | None = Field(
+        None,
+        description="train through a reparametrisation: key/values through an MLP (Prefix-Tuning), a soft prompt "
+        "through the prompt encoder (P-Tuning); default: the method's",
+    )
     reparam_hidden: int = Field(512, ge=8, le=8192)
     prompt_encoder: Literal["lstm", "mlp"] = "lstm"
     init_text: str | None = Field(
@@ -252,7 +256,8 @@ class TrainSpec(BaseModel):
     )
     prefix_init: Literal["activations", "random"] = Field(
         "activations",
-        description="P-Tuning v2 (no reparametrisation): start from the backbone's keys/values of real tokens "
+        description="key/values trained without a reparametrisation (P-Tuning v2's default): start from the "
+        "backbone's keys/values of real tokens "
         "(init_text, else tokens drawn from the training inputs; Li & Liang sec. 7.2), or N(0, 1) as PEFT does",
     )
 

@@ -51,7 +51,8 @@ class Method:
     defaults: what a training job that leaves these TrainSpec fields unset starts from
         (trainer.methods.with_method_defaults): learning rate, prompt length and warm-up that train well out of the
         box on the shared datasets with a MiniLM-sized encoder (bench/quality.py and bench/vpt_digits.py measure
-        them), and whether key/values train through an MLP (reparam).
+        them), and whether the prompt trains through a reparametrisation (reparam: Prefix-Tuning's MLP,
+        P-Tuning's prompt encoder), which is what tells the methods of one family apart.
     """
 
     name: str
@@ -111,7 +112,7 @@ _DECLARED = (
         _TEXT,
         _TEXT,
         "PROMPT_TUNING",
-        {"lr": 3e-2, "num_virtual_tokens": 32, "warmup_ratio": _WARMUP},
+        {"lr": 3e-2, "num_virtual_tokens": 32, "warmup_ratio": _WARMUP, "reparam": False},
     ),
     Method(
         "p_tuning",
@@ -121,7 +122,7 @@ _DECLARED = (
         _TEXT,
         _TEXT,
         "P_TUNING",
-        {"lr": 3e-3, "num_virtual_tokens": 32, "warmup_ratio": _WARMUP},
+        {"lr": 3e-3, "num_virtual_tokens": 32, "warmup_ratio": _WARMUP, "reparam": True},
     ),
     # Biases only (no prompt length), linear head; 150 steps, 600 dev: lr 2e-3 83.8%, 1e-2 82.0%. With a verbalizer
     # the job starts from trainer.methods.VERBALIZER_LR.
@@ -175,21 +176,9 @@ else:
     PeftMethodName = Literal[PEFT_METHODS]
 
 
-def of_family(family: Family) -> tuple[str, ...]:
-    return tuple(m.name for m in _DECLARED if m.family is family)
-
-
 def with_peft_type(peft_type: str) -> tuple[str, ...]:
     """The methods PEFT stores under `peft_type` (PREFIX_TUNING holds both prefix_tuning and p_tuning_v2)."""
     return tuple(m.name for m in _DECLARED if m.peft_type == peft_type)
-
-
-def method(name: str) -> Method:
-    """The registered method `name`; ValueError naming the known ones otherwise."""
-    found = REGISTRY.get(name)
-    if found is None:
-        raise ValueError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}")
-    return found
 
 
 def described() -> str:

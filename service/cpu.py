@@ -67,6 +67,7 @@ class CpuPools:
     images: CpuPool
     render: CpuPool
     sources: CpuPool
+    imports: CpuPool
 
     @classmethod
     def default(cls) -> CpuPools:
@@ -76,8 +77,11 @@ class CpuPools:
             images=CpuPool("decoding images", threads=2, queue=64, budget_s=30.0),
             render=CpuPool("serialising responses", threads=1, queue=16, budget_s=30.0),
             sources=CpuPool("reading adapters by reference", threads=2, queue=4, budget_s=60.0),
+            # An upload's parse and checks (a bias checkpoint compares every weight with the backbone's): one at a
+            # time, a few waiting, so concurrent uploads cannot each hold a decoded checkpoint at once.
+            imports=CpuPool("importing adapters", threads=1, queue=4, budget_s=300.0),
         )
 
     def shutdown(self) -> None:
-        for pool in (self.tokenize, self.grammar, self.images, self.render, self.sources):
+        for pool in (self.tokenize, self.grammar, self.images, self.render, self.sources, self.imports):
             pool.shutdown()

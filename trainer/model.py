@@ -103,7 +103,7 @@ class TaskModel(nn.Module):
         """(B, hidden) states the head reads. h (B, off + T, hidden): `off` soft-prompt columns, then the tokens.
         "cls" reads column 0 (the first soft-prompt token for soft prompts, as PEFT and the server do)."""
         m = batch.mask[..., None].to(h.dtype)  # (B, T, 1)
-        mean = (h[:, off : off + batch.ids.shape[1]] * m).sum(1) / m.sum(1)
+        mean = (h[:, off : off + batch.ids.shape[1]] * m).sum(1) / m.sum(1)  # (B, hidden)
         rows = torch.arange(h.shape[0], device=h.device)
         last = h[rows, torch.tensor(batch.lengths, device=h.device) - 1 + off]  # the last real token
         return pool(self.pooling, mean, h[:, 0] if self.pooling == "cls" else last, pooled)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -149,7 +148,7 @@ async def upload(
         if template is not None:
             check_template(template)
         ctx = dataclasses.replace(ctx, references=checkpoint_references(services.backbone), template=template)
-    art = await asyncio.to_thread(import_adapter, form, files, ctx)  # parsing, and comparing checkpoints: off the loop
+    art = await services.pools.imports.run(import_adapter, form, files, ctx)  # off the loop, bounded
     return await _publish(services, art, chat_template)
 
 
@@ -172,7 +171,7 @@ async def _upload_from_source(task: str, services: Services, body: bytes) -> Ver
 
     form, files = await services.pools.sources.run(fetch)  # disk and network: off the event loop, in their own pool
     ctx = _import_context(services, task, labels=spec.labels, method=spec.method, verbalizer=None)
-    art = await asyncio.to_thread(import_adapter, form, files, ctx)
+    art = await services.pools.imports.run(import_adapter, form, files, ctx)
     art.training = {**art.training, "source": {"kind": kind, "name": spec.source, "revision": spec.revision}}
     return await _publish(services, art, spec.chat_template)
 

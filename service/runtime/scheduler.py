@@ -205,6 +205,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._resolving: set[asyncio.Task[None]] = set()  # calls whose task names are being looked up (held here)
         self.cancelled = 0  # requests that ended cancelled (client gone, or explicit)
         self.on_step: Callable[[int], None] | None = None  # told the rows of each step (metrics)
         self.max_step_failures = max_step_failures
@@ -308,7 +309,9 @@ class Scheduler:
             req.work = _work(req, art, group)
             self._enqueue(req)
         if names:
-            asyncio.create_task(self._resolve(names))
+            task = asyncio.create_task(self._resolve(names))
+            self._resolving.add(task)
+            task.add_done_callback(self._resolving.discard)
         return [RequestHandle(req, self) for req in reqs]
 
     def _refuse(self, sub: Submission) -> None:
@@ -331,19 +334,28 @@ class Scheduler:
     async def _resolve(self, names: list[tuple[_Request, str, str | None]]) -> None:
         """Resolves a call's task names through the host cache (a Redis miss never blocks the loop), each (name,
         version) once, then builds and queues each request."""
-        keys = list(dict.fromkeys((name, req.submission.version) for req, name, _ in names))
-        artifacts = await asyncio.gather(*(self.host_cache.get(*k) for k in keys), return_exceptions=True)
-        found = dict(zip(keys, artifacts, strict=True))
-        for req, name, group in names:
-            art = found[(name, req.submission.version)]
-            if isinstance(art, Exception):
+        pending = list(names)  # not yet queued or finished: each leaves by one of the two, whatever happens
+        try:
+            keys = list(dict.fromkeys((name, req.submission.version) for req, name, _ in names))
+            artifacts = await asyncio.gather(*(self.host_cache.get(*k) for k in keys), return_exceptions=True)
+            found = dict(zip(keys, artifacts, strict=True))
+            while pending:
+                req, name, group = pending[0]
+                art = found[(name, req.submission.version)]
+                if isinstance(art, Exception):
+                    pending.pop(0)
+                    self._waiting -= 1
+                    self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=art))
+                elif isinstance(art, BaseException):  # cancelled (the service stops): not a failure of the request
+                    raise art
+                else:
+                    pending.pop(0)
+                    req.work = _work(req, art, group)
+                    self._enqueue(req)
+        finally:
+            for req, _, _ in pending:  # the lookup itself was cancelled: the requests end, their places free
                 self._waiting -= 1
-                self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=art))
-            elif isinstance(art, BaseException):  # cancelled (the service stops): not a failure of the request
-                raise art
-            else:
-                req.work = _work(req, art, group)
-                self._enqueue(req)
+                self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.CANCELLED))
 
     def _enqueue(self, req: _Request) -> None:
         """A resolved request: checked against its task version and the budgets, then ready (or failed)."""

@@ -60,3 +60,10 @@ class Adapter(nn.Module):
 def token_type_kwargs(bb: Backbone, types: torch.Tensor | None) -> dict[str, Any]:
     """Encoders take token type ids (segment A/B); decoders take none."""
     return {"token_type_ids": types} if bb.is_encoder else {}
+
+
+def repeat_to(ids: list[int], P: int) -> list[int]:
+    """`ids` repeated (or cut) to exactly P tokens: a start text shorter or longer than the prompt."""
+    if not ids:
+        raise ValueError("a prompt start needs at least one token")
+    return (ids * (P // len(ids) + 1))[:P]

@@ -13,7 +13,7 @@ from service.runtime import Backbone
 from service.runtime.prefix_kv import token_positions
 
 from ..batch import Batch
-from .base import Adapter, BuildContext, Hidden, token_type_kwargs
+from .base import Adapter, BuildContext, Hidden, repeat_to, token_type_kwargs
 
 
 class KVPrefix(Adapter):
@@ -28,7 +28,7 @@ class KVPrefix(Adapter):
             k = x[layer, 0].to(bb.dtype)[None].expand(B, -1, -1, -1)  # (B, H_kv, P, D)
             v = x[layer, 1].to(bb.dtype)[None].expand(B, -1, -1, -1)
             cache.update(k, v, layer)
-        mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], 1)
+        mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], 1)  # (B, P + T)
         out = bb.body(
             input_ids=batch.ids,
             attention_mask=mask.long(),
@@ -92,5 +92,5 @@ def build(spec: TrainSpec, ctx: BuildContext) -> KVPrefix:
     kv_init = None
     if spec.prefix_init == "activations":
         ids = ctx.init_ids or ctx.sample_tokens(P)
-        kv_init = activation_kv(ctx.backbone, (ids * (P // max(len(ids), 1) + 1))[:P])
+        kv_init = activation_kv(ctx.backbone, repeat_to(ids, P))
     return DirectKV(fp, P, kv_init)

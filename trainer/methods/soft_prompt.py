@@ -12,7 +12,7 @@ from service.runtime import Backbone
 from service.runtime.prefix_kv import token_positions
 
 from ..batch import Batch
-from .base import Adapter, BuildContext, Hidden
+from .base import Adapter, BuildContext, Hidden, repeat_to
 
 
 class SoftPromptAdapter(Adapter):
@@ -23,8 +23,9 @@ class SoftPromptAdapter(Adapter):
         P = x.shape[0]
         B, T = batch.ids.shape
         embeds = torch.cat([x.to(bb.dtype)[None].expand(B, -1, -1), bb.embeddings(batch.ids)], 1)  # (B, P + T, hidden)
-        mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], 1)
-        pos = token_positions([bb.position_offset] * B, [P + n for n in batch.lengths], P + T, batch.ids.device)
+        mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], 1)  # (B, P + T)
+        lengths = [P + n for n in batch.lengths]
+        pos = token_positions([bb.position_offset] * B, lengths, P + T, batch.ids.device)  # (B, P + T)
         kwargs = {}
         if bb.is_encoder:
             types = batch.types if batch.types is not None else torch.zeros_like(batch.ids)
@@ -69,12 +70,11 @@ class PromptEncoder(SoftPromptAdapter):
 
 
 def build(spec: TrainSpec, ctx: BuildContext) -> SoftPromptAdapter:
-    """P-Tuning's prompt encoder, or prompt tuning's embeddings started from init_text's tokens (repeated to P)
-    or from random vocabulary tokens."""
+    """Through P-Tuning's prompt encoder when spec.reparam (the method's default says which), else prompt tuning's
+    free embeddings started from init_text's tokens or from random vocabulary tokens."""
     bb, P = ctx.backbone, spec.num_virtual_tokens or 0
-    if spec.method == "p_tuning":
+    if spec.reparam:
         return PromptEncoder(bb.fingerprint.hidden_size, P, spec.prompt_encoder)
     words = bb.embeddings.weight  # (V, hidden)
     ids = ctx.init_ids if ctx.init_ids else torch.randint(0, words.shape[0], (P,), generator=ctx.generator).tolist()
-    ids = (ids * (P // len(ids) + 1))[:P]
-    return SoftPrompt(words[torch.tensor(ids, device=words.device)].detach().float())
+    return SoftPrompt(words[torch.tensor(repeat_to(ids, P), device=words.device)].detach().float())  # (P, hidden)

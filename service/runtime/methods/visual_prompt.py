@@ -37,5 +37,5 @@ def deep_prompt_kv(bb: Backbone, prompts: torch.Tensor) -> torch.Tensor:
         att = layer.attention
         k = att.k_proj(x).view(P, fp.num_kv_heads, fp.head_dim).transpose(0, 1)  # (H, P, D)
         v = att.v_proj(x).view(P, fp.num_kv_heads, fp.head_dim).transpose(0, 1)
-        out.append(torch.stack([k, v]))
+        out.append(torch.stack([k, v]))  # (2, H, P, D)
     return torch.stack(out)

@@ -277,3 +277,27 @@ async def test_rows_submitted_together_share_one_forward(store):
     for img, out in zip(images[:2], outs[len(arts) :]):
         want = torch.nn.functional.normalize(reference(vit, img, None), dim=0)
         assert (out.embedding - want).abs().max().item() <= 1e-5
+
+
+async def test_a_lookup_cancelled_mid_call_ends_every_request_of_the_call(store, llama):
+    """A call's task lookup that is cancelled (the service stopping) ends each of its requests as cancelled and frees
+    their places in the queue: none is left waiting for a lookup that will never come."""
+    from service.runtime import Submission
+
+    class Cancelling:  # the host tier, its lookup cancelled
+        def peek(self, task, version=None):
+            return None
+
+        async def get(self, task, version=None):
+            raise asyncio.CancelledError
+
+    async with serving_stack(store, llama, tiny_tokenizer()) as stack:
+        sched = stack.scheduler
+        real, sched.host_cache = sched.host_cache, Cancelling()
+        try:
+            handles = sched.submit_all([Submission([5, 6], "a", greedy(2)), Submission([7], "b", greedy(2))])
+            finals = [[e async for e in h.events()][-1] for h in handles]
+        finally:
+            sched.host_cache = real
+        assert [f.finish_reason.value for f in finals] == ["cancelled", "cancelled"]
+        assert sched._waiting == 0 and not sched._live
