@@ -23,6 +23,9 @@ runs, every prefix resident unless the scenario says otherwise.
             prefill (chunks of `--chunk`) and without
   loads     microseconds per prefix load from each tier: the Redis read, decoding (checksum and checks), placing
             key/values in the device pool, and the forward that turns a soft prompt into key/values
+  cascade   decode's prefix attention grouped by task (each prefix read once per layer) vs per row, 64 rows over
+            4 tasks and over 64 tasks, at P = --prefix-lengths: throughput ratio, and the key/value bytes a decode
+            step reads / the ideal (unique prefixes + the rows' tokens) for each path
 
     python bench/engine.py                       # everything, CPU-sized defaults (about 10 minutes on 2 cores)
     python bench/engine.py --only hosted churn   # some scenarios
@@ -51,7 +54,7 @@ from prefix_store import BackboneFingerprint, PrefixArtifact, open_store
 from service.runtime import SamplingParams, Scheduler, build_serving, wrap_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ["hosted", "prefix", "churn", "bare", "bias", "sampling", "peft", "memory", "stall", "loads"]
+SCENARIOS = ["hosted", "prefix", "churn", "bare", "bias", "sampling", "peft", "memory", "stall", "loads", "cascade"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -607,6 +610,42 @@ async def loads(b: Bench, report: dict) -> None:
         print(f"  {label:<48} {us:9.0f} us  (P = {a.prefix}, {size / 1024:.0f} KiB artifacts)", flush=True)
 
 
+async def cascade(b: Bench, report: dict) -> None:
+    """Grouped (attention.CASCADE = True) vs per-row (False) decode, each run alternately on one warm stack."""
+    from service.runtime import attention
+
+    a = b.args
+    rows = []
+    n = min(a.requests, 64)
+    per_token = 2 * b.fp.num_layers * b.fp.num_kv_heads * b.fp.head_dim  # key/value elements per token
+    saved = attention.CASCADE
+    try:
+        async with b.stack() as sched:
+            for P in a.prefix_lengths:
+                for k in (4, 64):
+                    tasks = spread(await b.tasks(k, P), n)
+                    await warm(sched, tasks, b.prompts)
+                    tok: dict[bool, list[float]] = {True: [], False: []}
+                    for r in range(a.repeats):
+                        for mode in (True, False) if r % 2 == 0 else (False, True):
+                            attention.CASCADE = mode
+                            tok[mode].append(await burst(sched, tasks, b.prompts, a.prompt, a.new))
+                    ratio = statistics.median(g / p for g, p in zip(tok[True], tok[False], strict=True))
+                    # One decode step, midway through the outputs: every row reads its own tokens either way.
+                    tokens = n * (a.prompt + a.new // 2) * per_token
+                    ideal = k * P * per_token + tokens
+                    per_row, grouped = n * P * per_token + tokens, k * P * per_token + tokens
+                    rows.append((P, k, ratio, per_row / ideal, grouped / ideal))
+                    print(
+                        f"  P = {P:>4}, {k:>2} tasks: grouped / per-row throughput {ratio:.3f}; key/value bytes "
+                        f"read / ideal: per-row {per_row / ideal:.2f}x, grouped {grouped / ideal:.2f}x",
+                        flush=True,
+                    )
+    finally:
+        attention.CASCADE = saved
+    report["cascade"] = rows
+
+
 # -- report ------------------------------------------------------------------------------------------------------
 def summary(report: dict, args: argparse.Namespace) -> None:
     print("\nfigure                                                      value     goal")
@@ -635,6 +674,10 @@ def summary(report: dict, args: argparse.Namespace) -> None:
     if "memory" in report:
         for label, _, _, peak, mean in report["memory"]:
             print(f" key/value bytes held / ideal, {label:<18}        {peak:>6.2f}x  <= 1.1x (mean {mean:.2f}x)")
+    if "cascade" in report:
+        for P, k, ratio, per_row, grouped in report["cascade"]:
+            label = f"grouped / per-row decode, P = {P}, {k} tasks"
+            print(f" {label:<58}{ratio:>6.3f}   (bytes read / ideal {per_row:.2f}x -> {grouped:.2f}x; <= 1.2x)")
     if "stall" in report:
         for label, _, _, p99, worst in report["stall"]:
             print(f" decode stall p99 / max, {label:<10}                   {p99 * 1e3:>6.1f} / {worst * 1e3:.0f} ms")
@@ -708,6 +751,7 @@ async def main(args: argparse.Namespace) -> dict:
         "memory": memory,
         "stall": stall,
         "loads": loads,
+        "cascade": cascade,
         "peft": peft,  # last: PEFT wraps the model
     }
     try:

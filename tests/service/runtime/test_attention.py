@@ -319,3 +319,19 @@ def test_serving_routes_the_models_attention_here_for_one_forward_and_checks_it(
         with serving(config, state()):
             prefix_serve_attention(SomeAttention(), q, kv, kv, None)
     assert config._attn_implementation == "sdpa", "restored even when the check fails"
+
+
+def test_task_groups_gather_rows_of_one_prefix_and_hand_each_row_its_own():
+    from service.runtime.attention import TaskGroups
+
+    # rows 0 and 2 share a prefix (pool positions 8..10), row 1 has another (4..5), row 3 none
+    index = torch.tensor([[8, 9, 10], [4, 5, 0], [8, 9, 10], [0, 0, 0]])
+    groups = TaskGroups.of(index, torch.tensor([3, 2, 3, 0]))
+    assert groups.index.tolist() == [[8, 9, 10], [4, 5, 0], [0, 0, 0]]
+    assert groups.members.tolist() == [[0, 2], [1, 1], [3, 3]]  # padded by repeating a group's first row
+    assert groups.row_group.tolist() == [0, 1, 0, 2] and groups.row_slot.tolist() == [0, 0, 1, 0]
+    x = torch.randn(4, 2, 3, 5)  # (B, H_kv, M, X)
+    assert torch.equal(groups.rows(groups.grouped(x)), x)  # grouped then back: every row its own again
+    assert not groups.pays(Pmax=128)  # 4 rows in 3 groups: nothing much shared
+    assert TaskGroups.of(index[[0, 2, 0, 2]], torch.tensor([3, 3, 3, 3])).pays(Pmax=128)
+    assert not TaskGroups.of(index[[0, 2, 0, 2]], torch.tensor([3, 3, 3, 3])).pays(Pmax=16)

@@ -5,6 +5,7 @@ engine is driven directly (no Redis); test_equivalence serves a case through the
 
 import pytest
 
+from service.runtime import attention
 from tests.golden.cases import CASES, assert_matches, load, run
 
 
@@ -12,3 +13,28 @@ from tests.golden.cases import CASES, assert_matches, load, run
 def test_engine_matches_recorded_peft_outputs(name):
     case = load(name)
     assert_matches(case, run(case))
+
+
+@pytest.mark.parametrize("cascade", [True, False], ids=["grouped", "per-row"])
+@pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("encoder")])
+def test_decode_grouped_by_task_or_per_row_matches_the_references(name, cascade, monkeypatch):
+    """Decode's prefix attention forced grouped by task (each prefix read once per layer) or per row, on every
+    causal case (mixed tasks, sliding windows, soft-caps, sinks, rows joining mid-decode): both equal PEFT."""
+    monkeypatch.setattr(attention, "CASCADE", cascade)
+    case = load(name)
+    assert_matches(case, run(case))
+
+
+def test_control_grouped_rows_taking_another_groups_prefix_fail(monkeypatch):
+    """The grouped path is really taken: rows handed the next group's prefix results no longer match."""
+    rows = attention.TaskGroups.rows
+
+    def shifted(self, y):
+        out = rows(self, y)
+        return out.roll(1, 0) if out.shape[0] > 1 else out
+
+    monkeypatch.setattr(attention, "CASCADE", True)
+    monkeypatch.setattr(attention.TaskGroups, "rows", shifted)
+    case = load("llama")
+    with pytest.raises(AssertionError):
+        assert_matches(case, run(case))
