@@ -21,5 +21,8 @@ def test_engine_benchmark_smoke(tmp_path, capsys):
     assert ours > 0 and theirs > 0 and 0 < achieved < peak
     assert all(held >= ideal > 0 for _, held, ideal, _, _ in report["memory"])
     assert report["bias"][0] > 0 and report["bias"][1] > 0
+    assert all(ratio > 0 and per_row >= grouped > 0 for _, _, ratio, per_row, grouped in report["cascade"])
+    step, needed, achieved, gbps, _, _ = report["roofline"]
+    assert step > 0 and needed > 0 and achieved > 0 and gbps > 0
     assert (tmp_path / "engine.png").exists() and (tmp_path / "stall.png").exists()
     assert "achieved FLOP/s / fp32 GEMM peak" in capsys.readouterr().out
