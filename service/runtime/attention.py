@@ -120,9 +120,10 @@ class ForwardState:
         self.calls = [0] * self.layers
         self.groups: TaskGroups | None = None
         cascade = CASCADE if self.cascade is None else self.cascade
-        if self.mode == "decode" and self.prefix_index.shape[1] and cascade is not False:
-            groups = TaskGroups.of(self.prefix_index, self.prefix_len)
-            if cascade or groups.pays(self.prefix_index.shape[1]):
+        Pmax = self.prefix_index.shape[1]
+        if self.mode == "decode" and Pmax and (cascade or (cascade is None and Pmax >= TaskGroups.MIN_PREFIX)):
+            groups = TaskGroups.of(self.prefix_index, self.prefix_len)  # only where it may pay: it reads B values
+            if cascade or groups.pays(Pmax):
                 self.groups = groups
 
     def attend(
@@ -251,8 +252,9 @@ class TaskGroups:
     """
 
     # When grouping pays, from bench/engine.py --only cascade (2-core CPU, GPT-2 4x256, 64 rows, throughput grouped
-    # / per row): 16 rows per task 1.00 at P = 16 and 32, 1.10 at 64, 1.12 at 128, 1.57 at 256; one row per task
-    # 0.93-0.98 (regrouping costs, nothing is shared). Below these bounds the per-row gather is kept.
+    # / per row, two runs): 16 rows per task 0.97-1.00 at P = 16 and 32, 1.04-1.10 at 64, 1.12-1.13 at 128,
+    # 1.30-1.57 at 256; one row per task 0.93-0.98 (regrouping costs, nothing is shared). Below these bounds the
+    # per-row gather is kept.
     MIN_ROWS_PER_GROUP = 2.0
     MIN_PREFIX = 64
 
