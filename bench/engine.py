@@ -26,6 +26,8 @@ runs, every prefix resident unless the scenario says otherwise.
   roofline  one decode step of 64 rows over 4 tasks, driven on the engine directly: bytes it must read (weights +
             the key/values it attends to) / its time, against the device's memory bandwidth (a GPU's from HBM_GBPS
             or --hbm-gbps; on a CPU a large copy measured in the same run)
+  first     the first request after a fresh start (its task read from Redis, the engine's buffers not yet grown)
+            vs the same request once warm: its latency ratio (eager; the step is not compiled)
   cascade   decode's prefix attention grouped by task (each prefix read once per layer) vs per row, 64 rows over
             4 tasks and over 64 tasks, at P = --prefix-lengths: throughput ratio, and the key/value bytes a decode
             step reads / the ideal (unique prefixes + the rows' tokens) for each path
@@ -70,6 +72,7 @@ SCENARIOS = [
     "loads",
     "cascade",
     "roofline",
+    "first",
 ]
 # Shapes of real models (random weights): --preset sets the architecture flags. llama-1b is Llama 3.2 1B's geometry.
 PRESETS = {
@@ -740,6 +743,26 @@ async def roofline(b: Bench, report: dict) -> None:
     )
 
 
+async def first_request(b: Bench, report: dict) -> None:
+    """Latency of the first request a freshly started stack serves vs the median of the same request warm."""
+    a = b.args
+    (task,) = await b.tasks(1, a.prefix)
+    params = SamplingParams(max_new_tokens=a.new, ignore_eos=True)
+    prompt = b.prompts[0, : a.prompt].tolist()
+    async with b.stack() as sched:
+        t0 = time.perf_counter()
+        await sched.submit(task, prompt, params).result()
+        first = time.perf_counter() - t0
+        warm_s = []
+        for _ in range(max(3, a.repeats)):
+            t0 = time.perf_counter()
+            await sched.submit(task, prompt, params).result()
+            warm_s.append(time.perf_counter() - t0)
+    warm = statistics.median(warm_s)
+    report["first"] = (first, warm, first / warm)
+    print(f"  first request {first * 1e3:.1f} ms, warm {warm * 1e3:.1f} ms: {first / warm:.2f}x", flush=True)
+
+
 # -- report ------------------------------------------------------------------------------------------------------
 def summary(report: dict, args: argparse.Namespace) -> None:
     print("\nfigure                                                      value     goal")
@@ -782,7 +805,9 @@ def summary(report: dict, args: argparse.Namespace) -> None:
         shown = f"{fraction:>6.0%}" if fraction is not None else "   n/a"
         label = "decode step's bytes / time / memory bandwidth"
         print(f" {label:<58}{shown}   ({achieved:.0f} of {gbps or 0:.0f} GB/s)")
-    print(" first request after start (compiled buckets warm) / warm   not measured: the step is not compiled yet")
+    if "first" in report:
+        label = "first request after start / warm (eager: nothing compiled)"
+        print(f" {label:<58}{report['first'][2]:>6.2f}x  <= 2x")
     if "stall" in report:
         for label, _, _, p99, worst in report["stall"]:
             print(f" decode stall p99 / max, {label:<10}                   {p99 * 1e3:>6.1f} / {worst * 1e3:.0f} ms")
@@ -858,6 +883,7 @@ async def main(args: argparse.Namespace) -> dict:
         "loads": loads,
         "cascade": cascade,
         "roofline": roofline,
+        "first": first_request,
         "peft": peft,  # last: PEFT wraps the model
     }
     try:

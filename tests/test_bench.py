@@ -24,5 +24,6 @@ def test_engine_benchmark_smoke(tmp_path, capsys):
     assert all(ratio > 0 and per_row >= grouped > 0 for _, _, ratio, per_row, grouped in report["cascade"])
     step, needed, achieved, gbps, _, _ = report["roofline"]
     assert step > 0 and needed > 0 and achieved > 0 and gbps > 0
+    assert all(x > 0 for x in report["first"])
     assert (tmp_path / "engine.png").exists() and (tmp_path / "stall.png").exists()
     assert "achieved FLOP/s / fp32 GEMM peak" in capsys.readouterr().out
