@@ -111,7 +111,6 @@ class ForwardState:
     slots: torch.Tensor | None = None
     past: torch.Tensor | None = None
     layers: int = 0
-    cascade: bool | None = None  # decode: prefix attention grouped by task (TaskGroups); None: when it pays
     calls: list[int] = field(default_factory=list, repr=False)
     _masks: dict[Any, Mask] = field(default_factory=dict, repr=False)
 
@@ -119,8 +118,7 @@ class ForwardState:
         self.first_chunk = self.past is not None and not bool(self.past.any())
         self.calls = [0] * self.layers
         self.groups: TaskGroups | None = None
-        cascade = CASCADE if self.cascade is None else self.cascade
-        Pmax = self.prefix_index.shape[1]
+        cascade, Pmax = CASCADE, self.prefix_index.shape[1]
         if self.mode == "decode" and Pmax and (cascade or (cascade is None and Pmax >= TaskGroups.MIN_PREFIX)):
             groups = TaskGroups.of(self.prefix_index, self.prefix_len)  # only where it may pay: it reads B values
             if cascade or groups.pays(Pmax):
@@ -254,9 +252,11 @@ class TaskGroups:
     # When grouping pays, from bench/engine.py --only cascade (2-core CPU, GPT-2 4x256, 64 rows, throughput grouped
     # / per row, two runs): 16 rows per task 0.97-1.00 at P = 16 and 32, 1.04-1.10 at 64, 1.12-1.13 at 128,
     # 1.30-1.57 at 256; one row per task 0.93-0.98 (regrouping costs, nothing is shared). Below these bounds the
-    # per-row gather is kept.
+    # per-row gather is kept. The grouped matmuls run over G x R query slots (R the largest group, the others padded),
+    # so a step of one big group and many single rows is kept per row too (MAX_PADDING).
     MIN_ROWS_PER_GROUP = 2.0
     MIN_PREFIX = 64
+    MAX_PADDING = 2.0
 
     def __init__(
         self, index: torch.Tensor, members: torch.Tensor, row_group: torch.Tensor, row_slot: torch.Tensor
@@ -282,8 +282,8 @@ class TaskGroups:
         return cls(index, members, torch.tensor(group_of, device=dev), torch.tensor(slot_of, device=dev))
 
     def pays(self, Pmax: int) -> bool:
-        B, G = self.row_group.shape[0], self.index.shape[0]
-        return Pmax >= self.MIN_PREFIX and B >= self.MIN_ROWS_PER_GROUP * G
+        B, (G, R) = self.row_group.shape[0], self.members.shape
+        return Pmax >= self.MIN_PREFIX and B >= self.MIN_ROWS_PER_GROUP * G and G * R <= self.MAX_PADDING * B
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """Rows (B, H_kv, M, X) -> groups (G, H_kv, R*M, X): each group's rows side by side."""

@@ -335,3 +335,51 @@ def test_task_groups_gather_rows_of_one_prefix_and_hand_each_row_its_own():
     assert not groups.pays(Pmax=128)  # 4 rows in 3 groups: nothing much shared
     assert TaskGroups.of(index[[0, 2, 0, 2]], torch.tensor([3, 3, 3, 3])).pays(Pmax=128)
     assert not TaskGroups.of(index[[0, 2, 0, 2]], torch.tensor([3, 3, 3, 3])).pays(Pmax=16)
+
+
+@pytest.mark.parametrize("softcap, sinks", [(None, False), (30.0, True)])
+def test_grouped_prefix_attention_equals_per_row_with_rows_sharing_tasks(softcap, sinks):
+    """Several rows per task, prefixes shorter than the batch's longest, rows without one, grouped-query heads,
+    soft-cap and sinks: every row's output grouped by task equals its output with its own gathered prefix."""
+    from service.runtime.attention import Features, Mask, TaskGroups, _manual
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, D, S, N = 7, 4, 2, 8, 5, 40  # rows, query heads, key/value heads, head dim, token keys, pool size
+    pool_k, pool_v = torch.randn(N, Hkv, D, generator=g), torch.randn(N, Hkv, D, generator=g)
+    tasks = {0: [0, 1, 2, 3, 4, 5], 1: [10, 11, 12], 2: [20, 21, 22, 23]}  # pool positions of three prefixes
+    owner = [0, 1, 0, None, 2, 0, 1]  # rows 0, 2, 5 share task 0; rows 1, 6 task 1; row 3 has none
+    Pmax = max(len(p) for p in tasks.values())
+    index = torch.zeros(B, Pmax, dtype=torch.long)
+    lens = torch.zeros(B, dtype=torch.long)
+    for b, t in enumerate(owner):
+        if t is not None:
+            index[b, : len(tasks[t])] = torch.tensor(tasks[t])
+            lens[b] = len(tasks[t])
+
+    def gather(idx):  # (n, Pmax) -> keys, values (n, H_kv, Pmax, D)
+        return pool_k[idx].permute(0, 2, 1, 3), pool_v[idx].permute(0, 2, 1, 3)
+
+    q = torch.randn(B, H, 1, D, generator=g)
+    tokens = (torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g))
+    keep = torch.cat([torch.arange(Pmax)[None] < lens[:, None], torch.rand(B, S, generator=g) < 0.7], 1)
+    keep[:, Pmax] = True  # every row sees at least one key
+    mask = Mask(keep[:, None, :])  # (B, T=1, Pmax + S)
+    f = Features(softcap=softcap, sinks=torch.randn(H, generator=g) if sinks else None)
+    groups = TaskGroups.of(index, lens)
+    assert groups.members.shape == (4, 3)  # three tasks and the prefix-less row; the largest group has 3 rows
+    per_row = _manual(q, [gather(index), tokens], mask, 0.3, f)
+    grouped = _manual(q, [gather(groups.index), tokens], mask, 0.3, f, groups)
+    assert (grouped - per_row).abs().max().item() <= 1e-6
+
+
+def test_grouping_is_chosen_only_where_it_pays():
+    from service.runtime.attention import TaskGroups
+
+    def groups(sizes):  # rows per task, each task its own prefix of 128 positions
+        index = torch.cat([torch.full((n, 128), 128 * t) for t, n in enumerate(sizes)])
+        return TaskGroups.of(index, torch.full((index.shape[0],), 128))
+
+    assert groups([16, 16, 16, 16]).pays(128)
+    assert not groups([16, 16, 16, 16]).pays(32)  # short prefixes: the per-row gather is as fast
+    assert not groups([1] * 64).pays(128)  # nothing shared
+    assert not groups([200] + [1] * 56).pays(128)  # one big group pads 56 single rows to 200 query slots each
