@@ -30,7 +30,7 @@ transformers' own attention for anything else (the trainer's forward, soft-promp
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +111,9 @@ class ForwardState:
     slots: torch.Tensor | None = None
     past: torch.Tensor | None = None
     layers: int = 0
+    # decode: each row's prefix as the host knows it (equal for rows of one task version, None without one), so
+    # grouping rows by task reads nothing back from the device; None: read from prefix_index.
+    task_names: Sequence[Hashable] | None = None
     calls: list[int] = field(default_factory=list, repr=False)
     _masks: dict[Any, Mask] = field(default_factory=dict, repr=False)
 
@@ -120,7 +123,7 @@ class ForwardState:
         self.groups: TaskGroups | None = None
         cascade, Pmax = CASCADE, self.prefix_index.shape[1]
         if self.mode == "decode" and Pmax and (cascade or (cascade is None and Pmax >= TaskGroups.MIN_PREFIX)):
-            groups = TaskGroups.of(self.prefix_index, self.prefix_len)  # only where it may pay: it reads B values
+            groups = TaskGroups.of(self.prefix_index, self.prefix_len, self.task_names)
             if cascade or groups.pays(Pmax):
                 self.groups = groups
 
@@ -264,10 +267,15 @@ class TaskGroups:
         self.index, self.members, self.row_group, self.row_slot = index, members, row_group, row_slot
 
     @classmethod
-    def of(cls, prefix_index: torch.Tensor, prefix_len: torch.Tensor) -> TaskGroups:
-        """Groups from a step's (B, Pmax) prefix positions and (B,) lengths (one host read of B values)."""
-        names = torch.where(prefix_len > 0, prefix_index[:, 0], -1).tolist()
-        rows: dict[int, list[int]] = {}
+    def of(
+        cls, prefix_index: torch.Tensor, prefix_len: torch.Tensor, names: Sequence[Hashable] | None = None
+    ) -> TaskGroups:
+        """Groups from a step's (B, Pmax) prefix positions and (B,) lengths. `names`: each row's prefix identity as
+        the host knows it (None for no prefix); without them, a prefix's first pool position names it (a host read
+        of B values)."""
+        if names is None:
+            names = [None if n < 0 else n for n in torch.where(prefix_len > 0, prefix_index[:, 0], -1).tolist()]
+        rows: dict[Hashable, list[int]] = {}
         for b, name in enumerate(names):
             rows.setdefault(name, []).append(b)
         groups = list(rows.values())

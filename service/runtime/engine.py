@@ -327,7 +327,8 @@ class Engine:
         n = len(b.decoding)
         index, plen = b.decode_prefix()
         bias_slots = b.bias_slot[:n] if any(r.prefix is not None and r.prefix.bias_slot for r in b.decoding) else None
-        logits = self.runner.decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen, bias_slots)
+        names = [r.prefix.key if r.prefix is not None and r.prefix.kv_len else None for r in b.decoding]  # slot order
+        logits = self.runner.decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen, bias_slots, names)
         history = None
         if b.counts is not None and b.seen is not None and any(r.params.counts_tokens for r in b.decoding):
             history = TokenHistory(b.counts[:n], b.seen[:n])  # decoders sit in slots 0..n-1: views, no gather

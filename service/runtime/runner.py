@@ -8,6 +8,7 @@ soft prompts on causal LMs are key/values at positions 0..P-1, computed once whe
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +160,7 @@ class ModelRunner:
         prefix_index: torch.Tensor,
         prefix_len: torch.Tensor,
         bias_slots: torch.Tensor | None = None,
+        task_names: Sequence[Hashable] | None = None,
     ) -> torch.Tensor:
         """One token per row for rows in slots 0..B-1: tokens, positions, past (tokens in each slot) (B,), prefix
         positions (B, Pmax) and lengths (B,), bias slots (B,). Appends the tokens' key/values to the slots; returns
@@ -172,6 +174,7 @@ class ModelRunner:
             cache=self.cache,
             past=past,
             layers=self.layers,
+            task_names=task_names,
         )
         with serving(self.body.config, state), self.biases.rows(bias_slots):
             h = self.body(input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False)

@@ -330,6 +330,8 @@ def test_task_groups_gather_rows_of_one_prefix_and_hand_each_row_its_own():
     assert groups.index.tolist() == [[8, 9, 10], [4, 5, 0], [0, 0, 0]]
     assert groups.members.tolist() == [[0, 2], [1, 1], [3, 3]]  # padded by repeating a group's first row
     assert groups.row_group.tolist() == [0, 1, 0, 2] and groups.row_slot.tolist() == [0, 0, 1, 0]
+    named = TaskGroups.of(index, torch.tensor([3, 2, 3, 0]), [("a", 1), ("b", 1), ("a", 1), None])  # as the engine
+    assert named.members.tolist() == groups.members.tolist() and torch.equal(named.index, groups.index)
     x = torch.randn(4, 2, 3, 5)  # (B, H_kv, M, X)
     assert torch.equal(groups.rows(groups.grouped(x)), x)  # grouped then back: every row its own again
     assert not groups.pays(Pmax=128)  # 4 rows in 3 groups: nothing much shared
