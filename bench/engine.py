@@ -439,19 +439,25 @@ async def sampling_features(b: Bench, report: dict) -> None:
     print(f"  all rows plain {tok_plain:.1f} tok/s, mixed features {tok_mixed:.1f} tok/s ({ratio:.3f})")
 
 
+def best_time(fn, device: str, repeats: int = 5) -> float:
+    """The shortest of `repeats` timings of fn() in seconds (a GPU synchronised around each)."""
+    best = float("inf")
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def gemm_peak(device: str, dtype: torch.dtype) -> float:
     """FLOP/s of a 2048^3 matrix multiply on this machine, best of 5."""
     x = torch.randn(2048, 2048, device=device, dtype=dtype)
     y = torch.randn(2048, 2048, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        x @ y
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+    best = best_time(lambda: x @ y, device)
     return 2 * 2048**3 / best
 
 
@@ -737,11 +743,7 @@ async def roofline(b: Bench, report: dict) -> None:
     else:
         x = torch.empty(64 * 1024**2 // 4, dtype=torch.float32)
         y = torch.empty_like(x)
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            y.copy_(x)
-            best = min(best, time.perf_counter() - t0)
+        best = best_time(lambda: y.copy_(x), "cpu")
         gbps, source = 2 * x.numel() * 4 / best / 1e9, "a 256 MiB copy on this CPU (read + write)"
     achieved = needed / step / 1e9
     fraction = achieved / gbps if gbps else None
