@@ -83,20 +83,26 @@ if not data then return {tonumber(v)} end
 return {tonumber(v), data}
 """
 
+# The task hash goes with its traffic split and pin; KEYS[4], the bucket's pinned set, forgets the pin too.
 _DELETE_TASK = """
 local versions = redis.call('ZRANGE', KEYS[2], 0, -1)
 if redis.call('EXISTS', KEYS[1]) == 0 and #versions == 0 then return 0 end
 for _, v in ipairs(versions) do redis.call('DEL', ARGV[2] .. v) end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('PUBLISH', ARGV[3], cjson.encode({type='delete', task=ARGV[1]}))
 return #versions
 """
 
+# A version the traffic split names (even at weight 0) is refused like the current one ({-4, the split}): deleting
+# it would leave the split pointing at nothing on every replica.
 _DELETE_VERSION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -3 end
 if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
 if redis.call('HGET', KEYS[1], 'current') == ARGV[2] then return -2 end
+local traffic = redis.call('HGET', KEYS[1], 'traffic')
+if traffic and cjson.decode(traffic)[ARGV[2]] ~= nil then return {-4, traffic} end
 redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[2], ARGV[2])
 local current = tonumber(redis.call('HGET', KEYS[1], 'current'))
@@ -105,24 +111,78 @@ redis.call('PUBLISH', ARGV[3], cjson.encode({type='delete_version', task=ARGV[1]
 return 1
 """
 
+# A rollback is the way back to one known version: it clears the traffic split too (subscribers know from the type).
 _ROLLBACK = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -3 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 redis.call('HSET', KEYS[1], 'current', ARGV[2])
+redis.call('HDEL', KEYS[1], 'traffic')
 redis.call('PUBLISH', ARGV[3], cjson.encode({type='rollback', task=ARGV[1], version=tonumber(ARGV[2]),
   current=tonumber(ARGV[2])}))
 return 1
 """
+
+# KEYS[1]: the task hash, KEYS[2]: its versions. ARGV[1]: the task, ARGV[2]: the split as JSON {"version": weight}
+# ('' clears it), ARGV[3]: the channel, ARGV[4..]: the versions it names. Returns {1}, {-3} (no task) or {-1, the
+# versions that do not exist}: a split names stored versions only, checked in the same atomic step that writes it.
+_TRAFFIC = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-3} end
+local missing = {-1}
+for i = 4, #ARGV do
+  if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then missing[#missing + 1] = ARGV[i] end
+end
+if #missing > 1 then return missing end
+local event = {type='traffic', task=ARGV[1], current=tonumber(redis.call('HGET', KEYS[1], 'current'))}
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], 'traffic')
+else
+  redis.call('HSET', KEYS[1], 'traffic', ARGV[2])
+  event['traffic'] = cjson.decode(ARGV[2])
+end
+redis.call('PUBLISH', ARGV[3], cjson.encode(event))
+return {1}
+"""
+
+# KEYS[1]: the task hash, KEYS[2]: its bucket's pinned set. ARGV[1]: the task, ARGV[2]: 'pin' or 'unpin', ARGV[3]:
+# the channel. -3: no such task.
+_PIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -3 end
+if ARGV[2] == 'pin' then
+  redis.call('HSET', KEYS[1], 'pinned', '1')
+  redis.call('SADD', KEYS[2], ARGV[1])
+else
+  redis.call('HDEL', KEYS[1], 'pinned')
+  redis.call('SREM', KEYS[2], ARGV[1])
+end
+redis.call('PUBLISH', ARGV[3], cjson.encode({type=ARGV[2], task=ARGV[1],
+  current=tonumber(redis.call('HGET', KEYS[1], 'current'))}))
+return 1
+"""
+
+MAX_TRAFFIC_ENTRIES = 16  # versions one traffic split may name
+MAX_TRAFFIC_WEIGHT = 1_000_000  # one version's weight at most (Lua's cjson writes larger numbers inexactly)
 
 
 @dataclass(frozen=True)
 class StoreEvent:
     """A change announced on the events channel. `version` is the version the event is about."""
 
-    type: str  # "publish" | "delete" | "delete_version" | "rollback"
+    type: str  # "publish" | "delete" | "delete_version" | "rollback" | "traffic" | "pin" | "unpin"
     task: str
     version: int | None = None
     current: int | None = None  # the task's current version after the change; None once the task is deleted
+    # "traffic": the split now in force, {"version": weight} (None: cleared, all unpinned requests go to current).
+    # A rollback clears the split as well; the other events leave it as it was.
+    traffic: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where a task's unpinned requests go, and whether it is kept resident, as stored with the task."""
+
+    current: int
+    traffic: dict[int, int] | None  # version -> weight; None: every unpinned request runs `current`
+    pinned: bool
 
 
 @dataclass(frozen=True)
@@ -326,6 +386,8 @@ class PrefixStore:
         self._delete_task = register_script(client, _DELETE_TASK)
         self._delete_version = register_script(client, _DELETE_VERSION)
         self._rollback = register_script(client, _ROLLBACK)
+        self._traffic = register_script(client, _TRAFFIC)
+        self._pin = register_script(client, _PIN)
         self._layout_checked = self.cluster
         self._layout_lock = asyncio.Lock()
 
@@ -404,13 +466,19 @@ class PrefixStore:
         validate_task_name(task)
         k = self.keys
         if version is None:
-            keys = [k.task(task), k.versions(task), k.index_of(task)]
+            keys = [k.task(task), k.versions(task), k.index_of(task), k.pinned_of(task)]
             n = await self._write(self._delete_task, keys, [task, k.version_prefix(task), self.channel])
             if n == 0:
                 raise TaskNotFound(f"task {task!r} not found")
             return
         keys = [k.task(task), k.versions(task), k.version(task, version)]
         rc = await self._write(self._delete_version, keys, [task, version, self.channel])
+        if isinstance(rc, list):  # {-4, the split}
+            split = ", ".join(f"v{v}: {w}" for v, w in json.loads(rc[1]).items())
+            raise VersionConflict(
+                f"version {version} of {task!r} is named by its traffic split ({split}): change the split (PUT "
+                f"/v1/tasks/{task}/traffic) or delete it first"
+            )
         if rc == -2:
             raise VersionConflict(
                 f"version {version} is the current version of {task!r}: roll back to another version first, "
@@ -419,11 +487,40 @@ class PrefixStore:
         self._raise_missing(rc, task, version)
 
     async def rollback(self, task: str, version: int) -> None:
-        """Makes an existing older (or newer) version current again. Later publishes still get fresh numbers."""
+        """Makes an existing older (or newer) version current again, and clears the task's traffic split (every
+        unpinned request runs this version). Later publishes still get fresh numbers."""
         validate_task_name(task)
         keys = [self.keys.task(task), self.keys.version(task, version)]
         rc = await self._write(self._rollback, keys, [task, version, self.channel])
         self._raise_missing(rc, task, version)
+
+    async def set_traffic(self, task: str, weights: dict[int, int] | None) -> None:
+        """Splits the task's unpinned requests between versions by weight ({version: weight}, non-negative ints
+        summing above 0, at most MAX_TRAFFIC_ENTRIES versions, each stored), or with None clears the split (every
+        unpinned request runs the current version again). Every replica hears it as a "traffic" event. Raises
+        TaskNotFound, or VersionNotFound naming every version that does not exist."""
+        validate_task_name(task)
+        split = "" if weights is None else json.dumps({str(v): w for v, w in sorted(_check_weights(weights).items())})
+        names = [] if weights is None else sorted(weights)
+        keys = [self.keys.task(task), self.keys.versions(task)]
+        rc = await self._write(self._traffic, keys, [task, split, self.channel, *names])
+        if int(rc[0]) == -3:
+            raise TaskNotFound(f"task {task!r} not found")
+        if int(rc[0]) == -1:
+            missing = [m.decode() if isinstance(m, bytes) else str(m) for m in rc[1:]]
+            raise VersionNotFound(
+                f"task {task!r} has no version{'s' if len(missing) > 1 else ''} {', '.join(missing)}: a traffic "
+                "split names stored versions only"
+            )
+
+    async def pin(self, task: str, pinned: bool = True) -> None:
+        """Marks the task pinned (kept resident on every replica's device, following its current version) or, with
+        `pinned` False, not; every replica hears it as a "pin" / "unpin" event. Raises TaskNotFound."""
+        validate_task_name(task)
+        keys = [self.keys.task(task), self.keys.pinned_of(task)]
+        rc = await self._write(self._pin, keys, [task, "pin" if pinned else "unpin", self.channel])
+        if rc == -3:
+            raise TaskNotFound(f"task {task!r} not found")
 
     # -- reads ----------------------------------------------------------------------------------------------------
     async def get(self, task: str, version: int | None = None) -> PrefixArtifact:
@@ -453,6 +550,24 @@ class PrefixStore:
         if v is None:
             raise TaskNotFound(f"task {task!r} not found")
         return int(v)
+
+    async def routing(self, task: str) -> Routing:
+        """The task's current version, traffic split and pin, in one read. Raises TaskNotFound."""
+        validate_task_name(task)
+        key = self.keys.task(task)
+        current, traffic, pinned = await self._read(
+            lambda: reply(self.client.hmget(key, ["current", "traffic", "pinned"]))
+        )
+        if current is None:
+            raise TaskNotFound(f"task {task!r} not found")
+        split = None if traffic is None else {int(v): int(w) for v, w in json.loads(traffic).items()}
+        return Routing(int(current), split, pinned is not None)
+
+    async def pinned_tasks(self) -> list[str]:
+        """The names of every pinned task, sorted: one pipelined read of the buckets' pinned sets (per cluster
+        node), whatever the number of tasks."""
+        members = await self._pipelined([("SMEMBERS", key) for key in self.keys.pinned_sets()])
+        return sorted(n.decode() for group in members for n in group)
 
     async def versions(self, task: str) -> list[dict[str, Any]]:
         """Summaries of every stored version of a task, oldest first."""
@@ -639,6 +754,23 @@ class PrefixStore:
             raise StoreUnavailable(f"Redis unreachable, the write is not acknowledged: {e}") from e
         except ResponseError as e:
             raise StoreUnavailable(f"Redis refused the write: {e}") from e
+
+
+def _check_weights(weights: dict[int, int]) -> dict[int, int]:
+    """A traffic split as the store keeps it, or ValueError naming what is wrong (the HTTP schema checks the same
+    first, so this guards runtime callers)."""
+    if not weights or len(weights) > MAX_TRAFFIC_ENTRIES:
+        raise ValueError(f"a traffic split names 1 to {MAX_TRAFFIC_ENTRIES} versions, got {len(weights)}")
+    for v, w in weights.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"a traffic split's versions are positive ints, got {v!r}")
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= MAX_TRAFFIC_WEIGHT:
+            raise ValueError(
+                f"a traffic split's weights are ints from 0 to {MAX_TRAFFIC_WEIGHT}, got {w!r} for version {v}"
+            )
+    if not sum(weights.values()):
+        raise ValueError("a traffic split's weights must sum above 0")
+    return weights
 
 
 def _node_options(client: RedisCluster) -> dict[str, Any]:

@@ -11,13 +11,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from prefix_store import REGISTRY, StoreUnavailable, open_store
+from prefix_store.tenants import KeyStore
 
+from .auth import KeyRing
 from .guard import RequestGuard
 from .http_errors import install_error_handlers
 from .metrics import Metrics
 from .request_ids import RequestIds
-from .routes import health, inference, openai, tasks, train
+from .routes import health, inference, keys, openai, tasks, train
 from .runtime import Backbone, build_serving, load_backbone
+from .runtime.warm import WarmSet
 from .settings import ServiceSettings
 from .state import Services
 from .templates import TemplateRenderer
@@ -54,6 +57,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 await store.migrate_layout()
             except StoreUnavailable as e:  # every read and write tries again first (see migrate_layout)
                 log.error("%s", e)
+            await key_ring.start(KeyStore(store))  # stored API keys, and their revocations from every replica
             bb = backbone or await asyncio.to_thread(lambda: load_backbone(**settings.backbone_args()))
             scheduler = build_serving(
                 bb,
@@ -68,11 +72,17 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
             )
             scheduler.on_fatal = lambda reason: _give_up(app, reason)
             host_cache = scheduler.host_cache
+            # Built before the subscription: it reads the pins at every one.
+            kept_warm = WarmSet(scheduler, store, preload=settings.preload_tasks)
             host_cache.start()
             scheduler.start()
             with contextlib.suppress(TimeoutError):  # /ready reports it if the subscription is still missing
                 await asyncio.wait_for(host_cache.subscribed.wait(), 5)
+            kept_warm.start()
+            with contextlib.suppress(TimeoutError):  # the pinned tasks, bounded alike; the preload goes on after
+                await asyncio.wait_for(kept_warm.pins_read.wait(), 5)
             services = Services(settings, store, bb, scheduler.engine, host_cache, scheduler, metrics, embedded)
+            services.warm = kept_warm  # /ready waits for its warm-up
             if bb.tokenizer is not None and not bb.is_encoder:
                 warm = asyncio.create_task(services.pools.grammar.run(scheduler.engine.grammars.warm_up))
                 warm.add_done_callback(_log_failure("warming the grammar compiler"))
@@ -89,23 +99,27 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
             try:
                 yield
             finally:
+                await kept_warm.stop()
                 await scheduler.stop()
                 await host_cache.stop()
                 services.pools.shutdown()
                 if services.templates is not None:
                     services.templates.stop()
         finally:
+            await key_ring.stop()
             await store.aclose()
             if embedded is not None:
                 embedded.stop()
 
     app = FastAPI(title="prefix-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    key_ring = KeyRing(settings)  # who a bearer key is: read by the guard, the routes and the limits
+    app.state.keys = key_ring
     app.state.fatal = None  # why the replica gave up (the engine cannot serve); the server then exits
     app.state.stop_server = None  # set by whoever runs the server: stops it
     metrics = Metrics()
     install_error_handlers(app)
-    app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(RequestGuard, settings=settings, keys=key_ring)
     app.add_middleware(Tracing)
     app.add_middleware(RequestIds)  # added last: outermost, so even the guard's refusals carry the id
     metrics.install(app)  # outermost: refused requests are counted too
@@ -115,6 +129,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     app.include_router(openai.tokens_router)
     app.include_router(tasks.router)
     app.include_router(train.router)
+    app.include_router(keys.router)
     return app
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,7 +18,7 @@ from fastapi import Request
 from prefix_store import PrefixArtifact, validate_task_name
 
 from . import auth, request_ids
-from .http_errors import ClientGone, InvalidRequest, status_of
+from .http_errors import BadRequest, ClientGone, InvalidRequest, status_of
 from .runtime import (
     ClassificationResult,
     EmbeddingResult,
@@ -37,9 +39,50 @@ T = TypeVar("T")
 Input = tuple[list[int], list[int] | None] | torch.Tensor
 
 
+@dataclass(frozen=True)
+class TaskRef:
+    """What a request's `task` / `model` names: `name@N` pins version N of task `name`; a plain name runs the
+    version the task's routing gives (its traffic split, else its current version)."""
+
+    name: str  # the task's name as given, the pin stripped (BASE_TASK: the bare backbone)
+    version: int | None  # the pinned version; None: unpinned
+
+    @property
+    def task(self) -> str | None:
+        """The store task (its name checked); None for the bare backbone."""
+        return None if self.name == BASE_TASK else validate_task_name(self.name)
+
+
+_PIN = re.compile(r"[1-9][0-9]{0,9}")  # version numbers are positive; 10 digits bound what a client may send
+
+
+def task_ref(given: str) -> TaskRef:
+    """Parses `task` or `task@N` (the one place a pin is read, for every inference route). Raises BadRequest for a
+    malformed pin or a pin on the bare backbone; the task name itself is checked by TaskRef.task."""
+    name, at, pin = given.partition("@")
+    if not at:
+        return TaskRef(given, None)
+    if not _PIN.fullmatch(pin):
+        raise BadRequest(
+            f"{given[:80]!r}: a version pin is task@N with N a positive version number (at most 10 digits), "
+            f"got {pin[:20]!r} after the '@'"
+        )
+    if name == BASE_TASK:
+        raise BadRequest(f"{given!r}: the {BASE_TASK!r} task is the bare backbone, which has no versions to pin")
+    return TaskRef(name, int(pin))
+
+
 def task_of(name: str) -> str | None:
-    """The store task a request names; None for the bare backbone."""
-    return None if name == BASE_TASK else validate_task_name(name)
+    """The store task a request names, a version pin (`@N`) stripped; None for the bare backbone."""
+    return task_ref(name).task
+
+
+def traffic_draw(task: str, request_id: str) -> float:
+    """Where a request falls in [0, 1) for the task's traffic split: a hash of (task, request id), so the same id
+    (a client's X-Request-ID, kept across its retries) always runs the same version, and ids the server made up
+    (uuid4) spread at random. The task is in the hash so that one id does not fall alike in every task's split."""
+    digest = hashlib.blake2b(f"{task}\0{request_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 async def prompt_ids(services: Services, prompt: str | None, input_ids: list[int] | None) -> list[int]:
@@ -169,6 +212,7 @@ def submit_all(
     per_input = choices(params, n) if params is not None else [None]
     submissions: list[Submission] = []
     who = client(user)
+    priority = auth.principal.get().priority  # the key's admission class (ready_queue)
     for x in inputs:
         ids, types, pixels = ([], None, x) if isinstance(x, torch.Tensor) else (x[0], x[1], None)
         first = len(submissions)  # the other choices of this prompt copy its prefill
@@ -183,6 +227,7 @@ def submit_all(
                     pixel_values=pixels,
                     client=who,
                     fork_of=first if j else None,
+                    priority=priority,
                 )
             )
     return services.scheduler.submit_all(submissions, timeout_s=services.settings.request_timeout_s)

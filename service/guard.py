@@ -1,12 +1,14 @@
 """The outermost ASGI layer: what a client without a key, or with a huge or slow body, may cost the server.
 
 For every HTTP request, before any byte of the body is read:
-  1. the bearer key is checked against the scope the path needs (401 / 403 at once);
+  1. the bearer key is resolved to its principal (service.auth.KeyRing: environment keys, then stored keys, which
+     may take a Redis lookup) and checked against the scope the path needs (401 / 403 at once; 503 when Redis
+     cannot say whether a stored key is valid);
   2. a declared Content-Length over the route's limit is refused (413).
 While the body is read:
   3. received bytes are counted, declared or chunked, and the body is cut at the limit (413);
   4. each chunk must arrive within `body_timeout_s` of the previous one (408).
-Admin routes (uploads, training jobs) get the artifact limit; every other route the small JSON limit.
+Uploads and training jobs get the artifact limit; every other route (/v1/keys too) the small JSON limit.
 After a request whose body was large, freed memory is handed back to the OS (service.memory).
 Pure ASGI, so routes still see client disconnects.
 """
@@ -18,18 +20,22 @@ import asyncio
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import client, client_id, key_scope, require, required_scope
+from prefix_store import StoreUnavailable
+
+from .auth import ANONYMOUS, KeyRing, client, principal, require, required_scope
 from .http_errors import error_response
 from .memory import Trimmer
 from .settings import ServiceSettings
 
 LARGE_BODY = 64 * 1024  # bytes; a request with a body this large is followed by a memory trim
+UPLOAD_PREFIXES = ("/v1/tasks", "/v1/train")  # the routes whose bodies may be artifacts or training data
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, settings: ServiceSettings) -> None:
+    def __init__(self, app: ASGIApp, settings: ServiceSettings, keys: KeyRing) -> None:
         self.app = app
         self.settings = settings
+        self.keys = keys
         self.admin_limit = settings.max_artifact_bytes + 1024**2  # an artifact plus the multipart framing
         self.trimmer = Trimmer()
 
@@ -41,13 +47,24 @@ class RequestGuard:
         needed = required_scope(scope["path"])
         authorization = _text(headers.get(b"authorization"))
         try:
-            if needed is not None:
-                require(needed, key_scope(authorization, self.settings))
+            if needed is None:
+                who = await self.keys.peek(authorization)
+            else:
+                who = await self.keys.resolve(authorization)
+                require(needed, who.scope)
         except HTTPException as e:
             await error_response(e.status_code, str(e.detail), "HTTPError", e.headers)(scope, receive, send)
             return
-        client.set(client_id(authorization) if self.settings.auth_enabled else "")
-        limit = self.admin_limit if needed == "admin" else self.settings.max_body_bytes
+        except StoreUnavailable as e:
+            msg = f"cannot check the bearer key: {e}"
+            await error_response(503, msg, "StoreUnavailable", {"Retry-After": "1"})(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = who
+        principal.set(who or ANONYMOUS)
+        client.set(who.client if who is not None else "")
+        path = scope["path"]
+        large = needed == "admin" and any(path == p or path.startswith(p + "/") for p in UPLOAD_PREFIXES)
+        limit = self.admin_limit if large else self.settings.max_body_bytes
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             msg = f"request body is {int(declared)} bytes: the limit for {scope['path']} is {limit}"

@@ -24,12 +24,14 @@ from prefix_store import (
     VersionNotFound,
 )
 from prefix_store.jobs import JobEnded, JobNotFound, JobPathError, PathNotAllowed
+from prefix_store.tenants import KeyExists, KeyNotFound, TooManyKeys
 
 from . import request_ids
 from .runtime.errors import (
     EngineFailure,
     InputTooLong,
     Overloaded,
+    PinRefused,
     QueueFull,
     RequestTimeout,
     ServingError,
@@ -69,6 +71,15 @@ class SourceUnavailable(WebError):
     """An adapter's source cannot be reached now (the hub offline or unreachable)."""
 
 
+class RateLimited(WebError):
+    """A key's requests or tokens per minute are used up (429), with Retry-After: `retry_after_s`, when this request
+    would pass if nothing else were charged."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
 class ClientGone(WebError):
     """The client disconnected before its answer was ready; its request was cancelled."""
 
@@ -92,6 +103,8 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (SourceNotFound, 404),
     (SourceUnavailable, 503),
     (ClientGone, 499),
+    (PinRefused, 507),
+    (RateLimited, 429),
     (TemplateRefused, 400),
     (ServerMisconfigured, 500),
     (Overloaded, 503),
@@ -104,6 +117,9 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (StoredArtifactCorrupt, 500),
     (TaskNotFound, 404),
     (JobNotFound, 404),
+    (KeyNotFound, 404),
+    (KeyExists, 409),
+    (TooManyKeys, 409),
     (JobEnded, 409),
     (PathNotAllowed, 403),  # a training job's path outside PREFIXSERVE_TRAIN_DATA_DIRS / PREFIXSERVE_EXPORT_DIRS
     (JobPathError, 400),
@@ -141,7 +157,7 @@ def error_response(status: int, message: str, kind: str, headers: dict[str, str]
 def install_error_handlers(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> JSONResponse:
         status = status_of(exc)
-        if status >= 500 and status != 503:
+        if status >= 500 and status not in (503, 507):  # 507: a pin past the budget, the operator's to choose
             log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(status, str(exc), type(exc).__name__, headers_of(exc))
 

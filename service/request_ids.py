@@ -1,6 +1,11 @@
 """Request ids: every HTTP request gets one (the client's X-Request-ID when it is a sane token, else a new one),
 echoed in the X-Request-ID response header, in error bodies, and in every log line written while the request is
 handled (the id lives in a context variable, which the request's tasks inherit).
+
+The task version an inference request runs (`note_served`, once its Call has resolved it: a pin, the traffic split or
+the current version) travels the same way: the X-Prefix-Version response header, and `task@N` in the log lines
+written after it, uvicorn's access line included. It is kept in the request's scope state too (`version`, `served`),
+since the access line is written from the task that sends the response, not always the one that resolved it.
 """
 
 from __future__ import annotations
@@ -10,13 +15,24 @@ import json
 import logging
 import re
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 HEADER = b"x-request-id"
+VERSION_HEADER = b"x-prefix-version"
 _VALID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 current: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+served: contextvars.ContextVar[str | None] = contextvars.ContextVar("served_version", default=None)  # "task@N"
+
+
+def note_served(state: Any, task: str, version: int) -> None:
+    """Records the task version a request runs, in its scope state (`state`: the request's `request.state`) and for
+    the log lines written from here on."""
+    state.version = version
+    state.served = f"{task}@{version}"
+    served.set(state.served)
 
 
 def request_id_of(headers: dict[bytes, bytes]) -> str:
@@ -40,13 +56,19 @@ class RequestIds:
             return
         rid = request_id_of(dict(scope["headers"]))
         token = current.set(rid)
+        served_token = served.set(None)
         started = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", []), (HEADER, rid.encode())]
+                headers = [*message.get("headers", []), (HEADER, rid.encode())]
+                state = scope.get("state") or {}
+                if state.get("version") is not None:
+                    headers.append((VERSION_HEADER, str(state["version"]).encode()))
+                    served.set(state["served"])  # for the access line, written by `send` in this task
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -61,19 +83,23 @@ class RequestIds:
             await send_with_id({"type": "http.response.start", "status": 500, "headers": headers})
             await send({"type": "http.response.body", "body": body})
         finally:
+            served.reset(served_token)
             current.reset(token)
 
 
 class RequestIdFilter(logging.Filter):
-    """Gives every record a `request_id` attribute ("-" outside a request)."""
+    """Gives every record a `request_id` attribute ("-" outside a request) and a `served` one (the task version the
+    request runs, `task@N`; "-" before it is known or without one)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = current.get() or "-"
+        record.served = served.get() or "-"
         return True
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id (and the exception, if any)."""
+    """One JSON object per line: time, level, logger, message, request id, the task version served (`served`,
+    once the request runs one) and the exception, if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -83,6 +109,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        if getattr(record, "served", "-") != "-":
+            out["served"] = record.served
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from prefix_store.methods import described
+from prefix_store.store import MAX_TRAFFIC_ENTRIES, MAX_TRAFFIC_WEIGHT
 
 
 class HeadInfo(BaseModel):
@@ -70,6 +71,14 @@ class TaskInfo(BaseModel):
 
 class TaskDetail(TaskInfo):
     history: list[VersionSummary] = Field(description="every stored version, oldest first")
+    traffic: dict[str, int] | None = Field(
+        None,
+        description="the split of unpinned requests between versions ({version: weight}); None: every unpinned "
+        "request runs the current version",
+    )
+    pinned: bool = Field(
+        False, description="kept resident in every replica's device prefix cache (its current version)"
+    )
 
     model_config = {
         "json_schema_extra": {
@@ -80,9 +89,39 @@ class TaskDetail(TaskInfo):
                 "resident": False,
                 "current": VersionSummary.model_config["json_schema_extra"]["example"],
                 "history": [VersionSummary.model_config["json_schema_extra"]["example"]],
+                "traffic": None,
+                "pinned": False,
             }
         }
     }
+
+
+class TrafficRequest(BaseModel):
+    """PUT /v1/tasks/{task}/traffic: how unpinned requests split between stored versions."""
+
+    model_config = {"extra": "forbid", "json_schema_extra": {"example": {"weights": {"1": 90, "2": 10}}}}
+    weights: dict[
+        Annotated[str, Field(pattern=r"^[1-9][0-9]{0,9}$")], Annotated[int, Field(ge=0, le=MAX_TRAFFIC_WEIGHT)]
+    ] = Field(
+        min_length=1,
+        max_length=MAX_TRAFFIC_ENTRIES,
+        description=f"version -> weight (0 to {MAX_TRAFFIC_WEIGHT}, summing above 0), at most "
+        f"{MAX_TRAFFIC_ENTRIES} versions, each stored; a request falls on a version by a hash of its X-Request-ID",
+    )
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> TrafficRequest:
+        if not sum(self.weights.values()):
+            raise ValueError("the weights sum to 0: at least one version needs a positive weight")
+        return self
+
+
+class PinResponse(BaseModel):
+    model_config = {"json_schema_extra": {"example": {"task": "sst2", "version": 3, "pinned": True, "bytes": 393216}}}
+    task: str
+    version: int = Field(description="the version pinned resident here: the current one (a pin follows it)")
+    pinned: bool = True
+    bytes: int = Field(description="bytes of the device prefix cache it holds on this replica")
 
 
 class TaskList(BaseModel):
@@ -123,7 +162,7 @@ class Readiness(BaseModel):
         "json_schema_extra": {
             "example": {
                 "ready": True,
-                "checks": {"backbone": True, "engine": True, "prefix_events": True, "redis": True},
+                "checks": {"backbone": True, "engine": True, "prefix_events": True, "warm": True, "redis": True},
                 "backbone": {"name": "sentence-transformers/all-MiniLM-L6-v2", "kind": "encoder"},
             }
         }
@@ -146,7 +185,8 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token
 MAX_N = 128  # outputs per prompt in a schema; PREFIXSERVE_MAX_N is the operator's cap
 MAX_MESSAGES = 256  # messages of one chat
 
-TaskName = Annotated[str, Field(min_length=1, max_length=MAX_TASK_CHARS)]
+# Room for a version pin, "task@N" (N at most 10 digits: dispatch.task_ref).
+TaskName = Annotated[str, Field(min_length=1, max_length=MAX_TASK_CHARS + 11)]
 PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 TokenIds = Annotated[list[int], Field(max_length=MAX_PROMPT_TOKENS)]
 StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]

@@ -118,9 +118,11 @@ _limited = logging.getLogger("service.server.limits")
 
 
 def configure_logging(level: str, fmt: str = "text") -> None:
-    """Root logging with the request id and the rate limit on its handler; uvicorn's loggers propagate to it
-    (log_config=None). fmt "json": one JSON object per line."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    """Root logging with the request id (and the task version the request runs, `task@N`) and the rate limit on its
+    handler; uvicorn's loggers propagate to it (log_config=None). fmt "json": one JSON object per line."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s %(served)s]: %(message)s"
+    )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
         handler.addFilter(LogRateLimit())

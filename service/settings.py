@@ -34,6 +34,11 @@ class ServiceSettings(RuntimeSettings):
         "echoed prompts included); past it, 400 before anything runs",
     )
     device_cache_bytes: int = Field(1024**3, gt=0, description="device-resident prefix LRU budget")
+    preload_tasks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated task-name globs (fnmatch: '*', '?', '[...]') whose current versions are loaded "
+        "into the host and device caches at start, before /ready answers 200; stops when the device cache is full",
+    )
     host_cache_bytes: int = Field(4 * 1024**3, gt=0, description="host-memory prefix LRU budget")
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of a request, queueing included; past it, 504")
     template_budget_s: float = Field(
@@ -61,10 +66,13 @@ class ServiceSettings(RuntimeSettings):
     host: str = Field("127.0.0.1", description="bind address (the --host flag wins)")
     port: int = Field(8000, ge=0, le=65535, description="bind port (the --port flag wins)")
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated bearer keys allowed to call inference routes"
+        default_factory=list,
+        description="comma-separated bearer keys allowed to call inference routes (every task, no limits). Any "
+        "key here or in admin_keys turns auth on, and with it the keys stored by POST /v1/keys; with none the service "
+        "is open (every request admin, stored keys ignored) and binds only loopback addresses",
     )
     admin_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated bearer keys allowed to call every route"
+        default_factory=list, description="comma-separated bearer keys allowed to call every route (turn auth on)"
     )
 
     otel_endpoint: str | None = Field(
@@ -78,7 +86,7 @@ class ServiceSettings(RuntimeSettings):
         "empty: no local sources",
     )
 
-    @field_validator("api_keys", "admin_keys", "adapter_dirs", mode="before")
+    @field_validator("api_keys", "admin_keys", "adapter_dirs", "preload_tasks", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -87,4 +95,5 @@ class ServiceSettings(RuntimeSettings):
 
     @property
     def auth_enabled(self) -> bool:
+        """Keys from the environment turn auth on; stored keys (POST /v1/keys) count only then."""
         return bool(self.api_keys or self.admin_keys)

@@ -13,6 +13,7 @@ from .cpu import CpuPools
 from .memory import Trimmer
 from .metrics import Metrics
 from .runtime import Backbone, Engine, HostCache, Scheduler
+from .runtime.warm import WarmSet
 from .settings import ServiceSettings
 from .templates import TemplateRenderer
 
@@ -32,6 +33,7 @@ class Services:
     templates: TemplateRenderer | None = None  # chat templates, rendered in a child process (causal LMs)
     # Hands freed memory back after work that allocates a lot and frees it all (schemas, images, big responses).
     trimmer: Trimmer = field(default_factory=Trimmer)
+    warm: WarmSet | None = None  # tasks kept resident: preloaded at start, pinned (runtime/warm.py)
 
 
 def get_services(request: Request) -> Services:

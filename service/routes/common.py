@@ -11,12 +11,12 @@ from fastapi import Depends, Request
 
 from prefix_store import PrefixArtifact
 
-from .. import dispatch
+from .. import auth, dispatch, limits, request_ids
 from ..dispatch import Input, TokenEvent
 from ..images import decode_images, pixel_values
-from ..metrics import confirm_task, name_task
+from ..metrics import confirm_task, name_task, serving_task
 from ..runtime import GenerationResult, RequestHandle, SamplingParams
-from ..schemas import ErrorBody, Usage
+from ..schemas import BASE_TASK, ErrorBody, Usage
 from ..state import Services, ServicesDep
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -27,7 +27,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         404: "unknown task or version",
         409: "prefix incompatible with the backbone",
         422: "invalid body",
-        429: "queue full (see Retry-After)",
+        429: "queue full, or the key's requests or tokens per minute used up (see Retry-After)",
         503: "prefix store unreachable for an uncached task",
         504: "request over its deadline",
     }.items()
@@ -38,6 +38,11 @@ class Call:
     """One inference request on its way down: the task its body names, resolved once (every input and choice of the
     request runs that one version); its submission; the waiting for its outputs (a client gone cancels them).
 
+    The version: `task@N` pins N; a plain name runs the version the task's traffic split draws for the request id
+    (dispatch.traffic_draw: the same X-Request-ID, the same version), else its current version. The one served is
+    noted for the response's X-Prefix-Version header and the log lines (request_ids.note_served) and kept in
+    `request.state.version`.
+
     The metrics are kept here, once for every route: the task label (named by `named`, confirmed when the task
     resolves: see metrics.name_task), the time to first token (when the first outputs are in) and the generated
     tokens (when every output is in)."""
@@ -45,15 +50,20 @@ class Call:
     def __init__(self, request: Request, services: ServicesDep) -> None:
         self.request = request
         self.services = services
-        self.name = ""  # the task name the body gives (schemas.BASE_TASK: the bare backbone)
+        self.name = ""  # the task name the body gives, a pin stripped (schemas.BASE_TASK: the bare backbone)
+        self.version: int | None = None  # the version the body pins (`task@N`); None: routed by the task
         self._artifact: PrefixArtifact | None = None
         self._resolved = False
         self._timed = True  # its outputs are tokens or labels, timed to the first (embeddings are not)
 
     def named(self, name: str) -> None:
-        """The task the body names: the request's metrics label once the task is known to exist."""
-        name_task(self.request, name)
-        self.name = name
+        """The task the body names, `task` or `task@N` (a malformed pin is a 400): the request's metrics label, the
+        pin stripped, once the task is known to exist. A task the request's key does not see is a 404 here, as an
+        unknown task is (auth.check_task): every route that names a task names it through this."""
+        auth.check_task(name)
+        ref = dispatch.task_ref(name)
+        name_task(self.request, ref.name)
+        self.name, self.version = ref.name, ref.version
 
     @property
     def task(self) -> str | None:
@@ -61,21 +71,36 @@ class Call:
         return dispatch.task_of(self.name)
 
     async def artifact(self) -> PrefixArtifact | None:
-        """The task's current version, looked up once for the whole request; None: the bare backbone. Raises
-        TaskNotFound (404) or StoreUnavailable (503)."""
+        """The task version the request runs (pinned, drawn from the traffic split, or current), looked up once for
+        the whole request; None: the bare backbone. Raises TaskNotFound or VersionNotFound (404), StoreUnavailable
+        (503)."""
         if not self._resolved:
             task = self.task
-            self._artifact = None if task is None else await self.services.host_cache.get(task)
+            self._artifact = None if task is None else await self._version_of(task)
+            if self._artifact is not None and self._artifact.version is not None:
+                request_ids.note_served(self.request.state, self._artifact.task, self._artifact.version)
             self._resolved = True
             confirm_task(self.request)
+            serving_task(self.request, BASE_TASK if self._artifact is None else self._artifact.task)
         return self._artifact
 
     async def check_task(self) -> None:
-        """That the task exists (a 404 if not, as everywhere), for a route that needs nothing of it."""
+        """That the task exists (a 404 if not, as everywhere), for a route that needs nothing of it; a pinned version
+        must exist too."""
         task = self.task
+        if task is not None and self.version is not None:
+            await self.artifact()
+            return
         if task is not None:
             await self.services.host_cache.current_version(task)
         confirm_task(self.request)
+
+    async def _version_of(self, task: str) -> PrefixArtifact:
+        cache = self.services.host_cache
+        version = self.version
+        if version is None:  # None again when the task has no split: its current version
+            version = await cache.choose(task, dispatch.traffic_draw(task, request_ids.current.get() or ""))
+        return await cache.get(task, version)
 
     async def submit(
         self,
@@ -86,10 +111,12 @@ class Call:
         embed: bool = False,
         user: str | None = None,
     ) -> list[RequestHandle]:
-        """Queues the inputs on the task's version (see dispatch.submit_all), all or none."""
+        """Queues the inputs on the task's version (see dispatch.submit_all), all or none, charged to the key's limits
+        first (limits.charged: every inference route submits through here, once per request)."""
         artifact = await self.artifact()
         self._timed = not embed
-        return dispatch.submit_all(self.services, artifact, inputs, params, n=n, embed=embed, user=user)
+        async with limits.charged(self.request, inputs, params, n):
+            return dispatch.submit_all(self.services, artifact, inputs, params, n=n, embed=embed, user=user)
 
     async def submit_images(self, images: list[str], *, embed: bool = False) -> list[RequestHandle]:
         """Decodes and prepares the images off the event loop (CPU work), then queues them all or none."""
@@ -144,7 +171,7 @@ class Call:
     def _first_outputs(self, handles: list[RequestHandle]) -> None:
         latency = handles[0].first_output_latency if handles else None
         if self._timed and latency is not None:
-            self.services.metrics.ttft.observe(latency)
+            self.services.metrics.first_output(self.request, latency)
 
     def _generated(self, tokens: int) -> None:
         self.services.metrics.generated.labels(self.name).inc(tokens)

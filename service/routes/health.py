@@ -1,10 +1,10 @@
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from prefix_store import StoreUnavailable
 
-from ..auth import AdminAuth, is_admin
+from ..auth import MetricsAuth, is_admin
 from ..schemas import Health, Readiness
 from ..state import Services, ServicesDep
 
@@ -19,7 +19,7 @@ async def health() -> Health:
 @router.get(
     "/ready",
     response_model=Readiness,
-    summary="Readiness: backbone loaded, engine running, Redis reachable",
+    summary="Readiness: backbone loaded, engine running, Redis reachable, pinned and preloaded tasks resident",
     responses={503: {"model": Readiness, "description": "not ready; `checks` says which part failed"}},
 )
 async def ready(request: Request, services: ServicesDep) -> JSONResponse:
@@ -29,6 +29,8 @@ async def ready(request: Request, services: ServicesDep) -> JSONResponse:
         "backbone": True,
         "engine": _engine_check(services),
         "prefix_events": services.host_cache.subscribed.is_set() or "not subscribed to prefix events",
+        # Pinned and preloaded tasks resident (PREFIXSERVE_PRELOAD_TASKS): "loading N/M tasks" until they are.
+        "warm": services.warm.progress if services.warm is not None else True,
     }
     try:
         await services.store.ping()
@@ -45,13 +47,15 @@ async def ready(request: Request, services: ServicesDep) -> JSONResponse:
 
 @router.get(
     "/metrics",
-    summary="Prometheus metrics (admin)",
-    dependencies=[AdminAuth],
+    summary="Prometheus metrics (a metrics or admin key)",
+    dependencies=[MetricsAuth],
     response_class=Response,
     responses={200: {"content": {"text/plain": {"example": "prefixserve_queue_depth 0.0\n"}}}},
 )
-async def metrics(services: ServicesDep) -> Response:
-    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request, services: ServicesDep) -> Response:
+    """Every series, or with `name[]` query parameters only those samples (see Metrics.exposition)."""
+    body = await services.metrics.render(request.query_params.getlist("name[]"))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 def _engine_check(services: Services) -> bool | str:

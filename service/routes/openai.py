@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from .. import dispatch
-from ..auth import InferenceAuth, is_admin
+from ..auth import InferenceAuth, is_admin, principal
 from ..dispatch import TokenEvent
 from ..http_errors import BadRequest, InvalidRequest
 from ..images import MAX_IMAGES
@@ -52,10 +52,13 @@ ChunkBuilder = Callable[[int, TokenEvent, bool], dict[str, Any]]  # (choice inde
 
 @router.get("/models", response_model=ModelList, responses=ERRORS, summary="Tasks, listed as OpenAI models")
 async def models(services: ServicesDep) -> ModelList:
+    """The tasks the key sees (its task globs; every task for an environment key), `base` first."""
     now = int(time.time())
+    who = principal.get()
     cards = [
         ModelCard(id=t.name, created=_epoch(t.summary.get("created_at"), now))
         for t in await services.store.list_tasks()
+        if who.sees(t.name)
     ]
     cards.insert(0, ModelCard(id=BASE_TASK, created=now))  # generates on causal LMs, embeds on encoders
     return ModelList(data=cards)

@@ -1,4 +1,5 @@
-"""Admin routes over the prefix store: list, inspect, upload, delete, roll back."""
+"""Admin routes over the prefix store: list, inspect, upload, delete, roll back; split traffic between versions; pin
+a task resident on every replica."""
 
 from __future__ import annotations
 
@@ -27,7 +28,17 @@ from ..http_errors import BadRequest, InvalidRequest, PayloadTooLarge
 from ..metrics import confirm_task, name_task
 from ..runtime.bias import checkpoint_references, verbalizer_tokens
 from ..runtime.methods import check as check_artifact
-from ..schemas import BASE_TASK, ErrorBody, RollbackRequest, TaskDetail, TaskInfo, TaskList, VersionSummary
+from ..schemas import (
+    BASE_TASK,
+    ErrorBody,
+    PinResponse,
+    RollbackRequest,
+    TaskDetail,
+    TaskInfo,
+    TaskList,
+    TrafficRequest,
+    VersionSummary,
+)
 from ..sources import SourceUpload, hub_files, local_files, read_adapter
 from ..state import Services, ServicesDep
 
@@ -61,10 +72,11 @@ async def list_tasks(services: ServicesDep) -> TaskList:
     )
 
 
-@router.get("/{task}", response_model=TaskDetail, summary="One task with every stored version")
+@router.get("/{task}", response_model=TaskDetail, summary="One task with every stored version, its split and pin")
 async def get_task(task: str, services: ServicesDep) -> TaskDetail:
     history = await services.store.versions(task)
-    current = await services.store.current_version(task)
+    routing = await services.store.routing(task)
+    current = routing.current
     by_version = {s["version"]: s for s in history}
     return TaskDetail(
         task=task,
@@ -73,7 +85,66 @@ async def get_task(task: str, services: ServicesDep) -> TaskDetail:
         resident=services.engine.is_resident(task, current),
         current=VersionSummary(**by_version[current]),
         history=[VersionSummary(**s) for s in history],
+        traffic=None if routing.traffic is None else {str(v): w for v, w in sorted(routing.traffic.items())},
+        pinned=routing.pinned,
     )
+
+
+@router.put(
+    "/{task}/traffic",
+    response_model=TaskDetail,
+    summary="Split the task's unpinned requests between versions",
+    description='Weights per stored version (`{"weights": {"1": 90, "2": 10}}`); every replica applies it '
+    "at once. An unpinned request falls on a version by a hash of its X-Request-ID (the same id, the same version), "
+    "at random without one; `task@N` still pins N. Stored with the task: it survives restarts. A publish leaves it "
+    "as it is (the new version gets unpinned traffic once the split names it); a rollback clears it.",
+    responses={404: {"model": ErrorBody, "description": "unknown task, or versions that do not exist (named)"}},
+)
+async def set_traffic(task: str, body: TrafficRequest, services: ServicesDep) -> TaskDetail:
+    await services.store.set_traffic(task, {int(v): w for v, w in body.weights.items()})
+    return await get_task(task, services)
+
+
+@router.delete(
+    "/{task}/traffic",
+    status_code=204,
+    summary="Remove the task's traffic split: every unpinned request runs the current version",
+    responses={404: {"model": ErrorBody, "description": "unknown task"}},
+)
+async def delete_traffic(task: str, services: ServicesDep) -> Response:
+    await services.store.set_traffic(task, None)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{task}/pin",
+    response_model=PinResponse,
+    summary="Keep the task resident in every replica's device prefix cache",
+    description="Its current version is loaded and never evicted (the pin follows the current version), on this "
+    "replica before the pin is stored, then on every replica as it hears of it. Pinned bytes count against "
+    "PREFIXSERVE_DEVICE_CACHE_BYTES: a pin beyond what other pins leave is refused (507, bytes needed and left).",
+    responses={
+        404: {"model": ErrorBody, "description": "unknown task"},
+        503: {"model": ErrorBody, "description": "running requests hold the device cache now; retry"},
+        507: {"model": ErrorBody, "description": "the pins would pass the device prefix cache's budget"},
+    },
+)
+async def pin(task: str, services: ServicesDep) -> PinResponse:
+    assert services.warm is not None, "the lifespan builds the warm set"
+    version, nbytes = await services.warm.pin(task)
+    return PinResponse(task=task, version=version, bytes=nbytes)
+
+
+@router.delete(
+    "/{task}/pin",
+    status_code=204,
+    summary="Unpin the task: its prefix becomes an ordinary cache entry again, on every replica",
+    responses={404: {"model": ErrorBody, "description": "unknown task"}},
+)
+async def unpin(task: str, services: ServicesDep) -> Response:
+    assert services.warm is not None, "the lifespan builds the warm set"
+    await services.warm.unpin(task)
+    return Response(status_code=204)
 
 
 @router.put(
@@ -216,9 +287,9 @@ async def export_artifact(
 @router.delete(
     "/{task}",
     status_code=204,
-    summary="Delete a task, or one non-current version of it",
+    summary="Delete a task (with its traffic split and pin), or one non-current version of it",
     responses={
-        409: {"model": ErrorBody, "description": "the version is current"},
+        409: {"model": ErrorBody, "description": "the version is current, or named by the traffic split"},
         404: {"model": ErrorBody, "description": "unknown task or version"},
     },
 )
@@ -231,7 +302,11 @@ async def delete_task(
     return Response(status_code=204)
 
 
-@router.post("/{task}/rollback", response_model=VersionSummary, summary="Make an existing version current again")
+@router.post(
+    "/{task}/rollback",
+    response_model=VersionSummary,
+    summary="Make an existing version current again (and clear the traffic split: everything runs it)",
+)
 async def rollback(task: str, body: RollbackRequest, services: ServicesDep) -> VersionSummary:
     await services.store.rollback(task, body.version)
     return VersionSummary(**await services.store.get_summary(task, body.version))

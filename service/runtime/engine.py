@@ -9,13 +9,15 @@ finish when their prompt is prefilled; generation rows join the decoders then. I
 and leave at every step.
 
 Prefixes are loaded (`load`) between steps, before their requests are admitted; a prefix that a row holds is never
-evicted.
+evicted, nor is one pinned for its task (`pin`: kept resident whatever the traffic), and `warm` loads one ahead of any
+request (preloading at start) only into room nobody uses.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -27,9 +29,11 @@ from prefix_store import PrefixArtifact, VersionKey
 from . import methods, tracing
 from .backbone import Backbone
 from .batch import Row, RunningBatch
+from .errors import PinRefused
 from .grammar import Grammars, advance, constrain
 from .heads import head_logits
 from .kv_cache import PrefixPool, SlotCache
+from .methods import DeviceParts
 from .output import TextStream, class_probabilities
 from .runner import Chunk, DevicePrefix, EncodeItem, ImageItem, ModelRunner
 from .sampling import (
@@ -55,9 +59,11 @@ class DeviceCache:
     """The device tier: prefixes ready to run, by (task, version), their key/values in the PrefixPool.
 
     An entry is held while any holder (a request waiting for admission, or a running row; both by request id) needs
-    it, and is never evicted then. Unheld entries stay as a cache and leave least recently used first when the pool
-    needs room. Invalidations and releases may come from any thread; they are applied on the engine's thread at the
-    next load or step.
+    it, and is never evicted then. An entry pinned for its task (`pins`, one version per task) is never evicted
+    either, until it is unpinned, another version of the task is pinned in its place, or its version is deleted;
+    the pool bytes pins hold are bounded by the pool's budget (PinRefused past it). Unheld, unpinned entries stay as
+    a cache and leave least recently used first when the pool needs room. Invalidations and releases may come from
+    any thread; they are applied on the engine's thread at the next load or step; pins are set on that thread.
     """
 
     def __init__(self, pool: PrefixPool, runner: ModelRunner) -> None:
@@ -65,8 +71,11 @@ class DeviceCache:
         self.runner = runner
         self.entries: OrderedDict[VersionKey, DevicePrefix] = OrderedDict()
         self.holders: dict[VersionKey, set[str]] = {}
+        self.pins: dict[str, VersionKey] = {}  # task -> its version kept resident (never evicted while pinned)
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
         self.other_bytes = 0  # heads and encoder soft prompts, outside the pool
+        # told (task, seconds) of each load a request waited for (metrics), on the engine's thread
+        self.on_load: Callable[[str, float], None] | None = None
         self._pending: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
@@ -81,6 +90,8 @@ class DeviceCache:
     def invalidate(self, task: str, version: int | None) -> None:
         def drop() -> None:
             for key in [k for k in self.entries if k[0] == task and (version is None or k[1] == version)]:
+                if self.pins.get(task) == key:  # a deleted version (or task) is not kept for anyone
+                    del self.pins[task]
                 if not self.holders.get(key):
                     self._evict(key)
 
@@ -110,12 +121,70 @@ class DeviceCache:
             return entry
         if entry is None:
             self.stats["misses"] += 1
+            start = time.perf_counter()
             entry = self._load(artifact)
+            if self.on_load is not None:
+                self.on_load(artifact.task, time.perf_counter() - start)
         else:
             self.stats["hits"] += 1
             self.entries.move_to_end(key)
         self.holders.setdefault(key, set()).add(holder)
         return entry
+
+    def pin(self, artifact: PrefixArtifact) -> DevicePrefix:
+        """Keeps the artifact's prefix resident for its task (loaded if needed) until `unpin`, or until another
+        version of the task is pinned in its place (that one then stays as an ordinary cache entry). Raises
+        PinRefused when the pins' pool bytes would pass the pool's budget, DeviceFull when rows hold the room now."""
+        key, task = artifact.key, artifact.task
+        entry = self.entries.get(key)
+        parts = None
+        if entry is None:
+            parts = methods.load(self.runner.bb, artifact)
+            needed = 0 if parts.kv is None else self.pool.bytes_for(parts.kv.shape[3])
+        else:
+            needed = self.pool_bytes(entry)
+        others = sum(self.pool_bytes(self.entries[k]) for t, k in self.pins.items() if t != task and k in self.entries)
+        left = self.pool.max_bytes - others
+        if needed > left:
+            raise PinRefused(
+                f"pinning {task!r} v{artifact.version} needs {needed} bytes of the device prefix cache; other pins "
+                f"hold {others} of its {self.pool.max_bytes} (PREFIXSERVE_DEVICE_CACHE_BYTES), {left} left: unpin "
+                "another task or raise the budget",
+                needed=needed,
+                left=left,
+            )
+        old = self.pins.pop(task, None)  # the version it replaces may make room for it
+        try:
+            if entry is None:
+                entry = self._load(artifact, parts)
+            else:
+                self.entries.move_to_end(key)
+        except Exception:
+            if old is not None and old in self.entries:
+                self.pins[task] = old
+            raise
+        self.pins[task] = key
+        return entry
+
+    def unpin(self, task: str) -> None:
+        """Lets the task's pinned version go back to being an ordinary cache entry (evictable)."""
+        self.pins.pop(task, None)
+
+    def warm(self, artifact: PrefixArtifact) -> bool:
+        """Loads the artifact's prefix as an ordinary cache entry, held by no one, only into room nothing uses: True
+        once it is resident; False when the pool would have to evict another prefix for it (preloading stops
+        there rather than pushing out what it loaded first)."""
+        if artifact.key in self.entries:
+            return True
+        parts = methods.load(self.runner.bb, artifact)
+        if parts.kv is not None and self.pool.blocks_for(parts.kv.shape[3]) > self.pool.free_blocks:
+            return False
+        self._load(artifact, parts)
+        return True
+
+    def pool_bytes(self, entry: DevicePrefix) -> int:
+        """The pool bytes an entry holds (its blocks), what pins are counted in."""
+        return 0 if entry.index is None else self.pool.bytes_for(len(entry.index))
 
     def release(self, key: VersionKey, holder: str) -> None:
         held = self.holders.get(key)
@@ -124,8 +193,9 @@ class DeviceCache:
             if not held:
                 del self.holders[key]
 
-    def _load(self, artifact: PrefixArtifact) -> DevicePrefix:
-        parts = methods.load(self.runner.bb, artifact)  # checked against the backbone, on the device
+    def _load(self, artifact: PrefixArtifact, parts: DeviceParts | None = None) -> DevicePrefix:
+        if parts is None:
+            parts = methods.load(self.runner.bb, artifact)  # checked against the backbone, on the device
         head = self.runner.head_tensors(artifact)
         kv, soft = parts.kv, parts.embeds
         index = None
@@ -151,7 +221,7 @@ class DeviceCache:
 
     def _evict_one(self) -> bool:
         for key in self.entries:  # least recently used first
-            if not self.holders.get(key):
+            if not self.holders.get(key) and self.pins.get(key[0]) != key:
                 self._evict(key)
                 self.stats["evictions"] += 1
                 return True
@@ -221,6 +291,28 @@ class Engine:
     def release(self, artifact: PrefixArtifact, holder: str) -> None:
         """A request that was loaded for but will not be admitted (cancelled, expired) lets its prefix go."""
         self.device_cache.release_later(artifact.key, holder)
+
+    @property
+    def pins(self) -> dict[str, int]:
+        """task -> its version pinned resident (a copy, safe to read from any thread)."""
+        return {task: key[1] for task, key in list(self.device_cache.pins.items())}
+
+    # -- kept resident (on the engine's thread, between steps: see Scheduler.on_engine) ---------------------------
+    @torch.inference_mode()
+    def pin(self, artifact: PrefixArtifact) -> int:
+        """Pins the artifact's prefix resident for its task (DeviceCache.pin); returns the pool bytes it holds."""
+        self.device_cache.apply_pending()
+        return self.device_cache.pool_bytes(self.device_cache.pin(artifact))
+
+    def unpin(self, task: str) -> None:
+        self.device_cache.apply_pending()
+        self.device_cache.unpin(task)
+
+    @torch.inference_mode()
+    def warm(self, artifact: PrefixArtifact) -> bool:
+        """Loads the artifact's prefix ahead of any request if it fits without evicting (DeviceCache.warm)."""
+        self.device_cache.apply_pending()
+        return self.device_cache.warm(artifact)
 
     # -- state between steps ------------------------------------------------------------------------------------
     def reset(self) -> None:

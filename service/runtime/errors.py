@@ -36,3 +36,13 @@ class Overloaded(ServingError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class PinRefused(ServingError):
+    """Pinning a task would hold more of the device prefix cache than its budget (PREFIXSERVE_DEVICE_CACHE_BYTES):
+    `needed` bytes asked for, `left` bytes the other pins leave."""
+
+    def __init__(self, message: str, needed: int, left: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.left = left

@@ -2,15 +2,20 @@
 memory, bounded by bytes, in front of Redis. The device tier is the engine's (`engine.DeviceCache`).
 
 Versions are immutable and their numbers never reused, so a cached (task, version) entry is never stale; only the
-task -> current-version map can be, and store events keep it fresh. When the event subscription drops, the map is
-cleared: pub/sub does not replay what was missed.
+task -> current-version map and the task -> traffic-split map can be, and store events keep them fresh. When the
+event subscription drops, both are cleared: pub/sub does not replay what was missed.
+
+A traffic split sends each unpinned request to one of the versions it names, by weight: `choose` takes a draw in
+[0, 1) (the service hashes the request id into it, so a retry with the same id lands on the same version) and walks
+the cumulative weights in version order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 
 from prefix_store import PrefixArtifact, PrefixStore, StoreEvent, StoreUnavailable, VersionKey
 
@@ -24,6 +29,9 @@ class HostCache:
     store: the Redis prefix store.
     capacity_bytes: host-memory budget for artifacts.
     on_invalidate: told (task, version or None for every version) when entries must leave lower tiers too.
+
+    `on_event` is told every store event once this tier has applied it, and `on_subscribed` every (re)subscription
+    (anything may have changed while unsubscribed): the warm set (warm.py) follows pins through them.
     """
 
     def __init__(
@@ -36,6 +44,11 @@ class HostCache:
         self.store = store
         self.on_invalidate = on_invalidate or (lambda task, version: None)
         self.current: dict[str, int] = {}
+        # task -> its traffic split ({version: weight}; None: none), for the tasks whose split is known here
+        self.traffic: dict[str, dict[int, int] | None] = {}
+        self.on_event: Callable[[StoreEvent], None] | None = None
+        self.on_subscribed: Callable[[], None] | None = None
+        self.on_load: Callable[[str, float], None] | None = None  # told (task, seconds) of each Redis read (metrics)
         self.lru: ByteLRU[VersionKey, PrefixArtifact] = ByteLRU(capacity_bytes, lambda a: a.nbytes)
         self._generation: dict[str, int] = {}  # bumped by every event of a task, to discard racing lookups
         self._epoch = 0  # bumped by every (re)subscription
@@ -78,8 +91,30 @@ class HostCache:
             self.current[task] = v
         return v
 
+    async def route(self, task: str) -> tuple[int, dict[int, int] | None]:
+        """The task's current version and its traffic split (None: none): from this tier when both are known, else
+        from one store read (cached unless an event moved the task meanwhile). Raises TaskNotFound."""
+        v = self.current.get(task)
+        if v is not None and task in self.traffic:
+            return v, self.traffic[task]
+        stamp = self._stamp(task)
+        found = await self.store.routing(task)
+        if self._stamp(task) == stamp:
+            self.current[task] = found.current
+            self.traffic[task] = found.traffic
+        return found.current, found.traffic
+
+    async def choose(self, task: str, draw: float) -> int | None:
+        """The version an unpinned request of the task runs under its traffic split: the one `draw` (uniform in
+        [0, 1)) falls on; None when the task has no split (its current version: `get(task)`)."""
+        _, split = await self.route(task)
+        return pick(split, draw) if split else None
+
     async def _load(self, key: VersionKey) -> PrefixArtifact:
+        start = time.perf_counter()
         artifact = await self.store.get(*key)
+        if self.on_load is not None:
+            self.on_load(key[0], time.perf_counter() - start)
         self.lru.put(key, artifact)
         return artifact
 
@@ -92,14 +127,21 @@ class HostCache:
         self._generation[ev.task] = self._generation.get(ev.task, 0) + 1
         if ev.type == "delete":
             self.current.pop(ev.task, None)
+            self.traffic.pop(ev.task, None)
             self._drop(ev.task, None)
-            return
-        if ev.current is not None:
-            self.current[ev.task] = ev.current
         else:
-            self.current.pop(ev.task, None)
-        if ev.type == "delete_version" and ev.version is not None:
-            self._drop(ev.task, ev.version)
+            if ev.current is not None:
+                self.current[ev.task] = ev.current
+            else:
+                self.current.pop(ev.task, None)
+            if ev.type == "traffic":
+                self.traffic[ev.task] = None if ev.traffic is None else {int(v): w for v, w in ev.traffic.items()}
+            elif ev.type == "rollback":  # the store cleared the split with it
+                self.traffic[ev.task] = None
+            if ev.type == "delete_version" and ev.version is not None:
+                self._drop(ev.task, ev.version)
+        if self.on_event is not None:
+            self.on_event(ev)
 
     def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="prefix-cache-events")
@@ -126,8 +168,28 @@ class HostCache:
         # Events missed while unsubscribed could have moved any task: forget every current version, and make
         # lookups already in flight discard what they read.
         self.current.clear()
+        self.traffic.clear()
         self._epoch += 1
         self.subscribed.set()
+        if self.on_subscribed is not None:
+            self.on_subscribed()
 
     def _stamp(self, task: str) -> tuple[int, int]:
         return self._epoch, self._generation.get(task, 0)
+
+
+def pick(split: Mapping[int, int], draw: float) -> int:
+    """The version of a traffic split ({version: weight}, weights summing above 0) that `draw` in [0, 1) falls on:
+    the versions in ascending order, each owning a share of [0, 1) in proportion to its weight (weight 0: none)."""
+    total = sum(split.values())
+    at = draw * total
+    chosen = 0
+    for version in sorted(split):
+        weight = split[version]
+        if weight <= 0:
+            continue
+        chosen = version
+        if at < weight:
+            break
+        at -= weight
+    return chosen  # the last weighted version when rounding put `at` past the end

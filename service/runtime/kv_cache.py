@@ -51,9 +51,18 @@ class PrefixPool:
     def used_bytes(self) -> int:
         return (self.capacity_blocks - len(self._free)) * BLOCK * self.token_bytes
 
+    @property
+    def max_bytes(self) -> int:
+        """The budget the pool may grow to, in whole blocks."""
+        return self.max_blocks * BLOCK * self.token_bytes
+
     @staticmethod
     def blocks_for(P: int) -> int:
         return -(-P // BLOCK)
+
+    def bytes_for(self, P: int) -> int:
+        """Pool bytes a prefix of P tokens holds (whole blocks)."""
+        return self.blocks_for(P) * BLOCK * self.token_bytes
 
     def alloc(self, P: int) -> torch.Tensor | None:
         """Positions (P,) long for a prefix of P tokens, or None when the pool is full (the caller evicts)."""

@@ -7,8 +7,9 @@ or from a task name through the prefix cache, by a short task per call (a Redis 
 EngineRequest is built then, once, checked against the context budget, and put in its task's ready queue. The loop
 then runs forever:
 
-  admit    take ready requests round-robin across tasks (a hot task cannot starve the others), within the free
-           rows (max_batch_size), the key/value token budget (max_batch_tokens) and the prefill budget per step;
+  admit    take ready requests by priority class, then round-robin across tasks (a hot task cannot starve the
+           others) and each task's clients, within the free rows (max_batch_size), the key/value token budget
+           (max_batch_tokens) and the prefill budget per step;
   step     run `engine.step` on the engine's one worker thread, so the event loop stays responsive;
   deliver  append each event to its request's history; finished and cancelled rows have already left the batch.
 
@@ -24,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -47,6 +49,7 @@ from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, Step
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,6 +63,7 @@ class _Request:
     deadline: float | None
     task: str | None  # the ready queue's keys: the task's name ...
     client: str  # ... and who sent it (the unit of fairness within a task)
+    priority: str  # its class in the ready queue (Submission.priority)
     work: EngineRequest | None = None
     # Outputs are appended to `history`; a streaming reader waits on `signal`, a non-streaming one only on
     # `finished`, so a request awaiting its result is not woken once per token.
@@ -224,6 +228,11 @@ class Scheduler:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
+    async def on_engine(self, fn: Callable[[Engine], T]) -> T:
+        """Runs fn(engine) on the engine's one worker thread, between two steps (the executor runs one job at a
+        time, so it never overlaps a step or a load): how anything but the loop changes engine state (pins)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self.engine)
+
     @property
     def alive(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
@@ -241,6 +250,25 @@ class Scheduler:
     def running(self) -> int:
         return self._last.running
 
+    @property
+    def reserved_tokens(self) -> int:
+        """Key/value columns the running rows reserve (prefix + prompt + max new tokens), as of the last step."""
+        return self._last.reserved_tokens
+
+    def task_requests(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Live requests per task, (waiting for admission, admitted), for the metrics: one pass over at most
+        max_queue + max_batch_size requests, from any thread (the dict is copied whole, in one call, first). Only
+        requests whose task version is resolved count, so every name is a stored task's; the bare backbone's
+        requests are left out."""
+        waiting: dict[str, int] = {}
+        admitted: dict[str, int] = {}
+        for req in list(self._live.values()):
+            art = req.artifact
+            if art is not None:
+                side = admitted if req.admitted else waiting
+                side[art.task] = side.get(art.task, 0) + 1
+        return waiting, admitted
+
     # -- submission ---------------------------------------------------------------------------------------------
     def submit(
         self,
@@ -254,6 +282,7 @@ class Scheduler:
         pixel_values: torch.Tensor | None = None,
         embed: bool = False,
         client: str = "",
+        priority: str = "normal",
     ) -> RequestHandle:
         """Queues one generation (params given), classification (params None) or embedding (`embed`, encoders)
         request for `task` (a name, a resolved version, or None: the bare backbone; see Submission); an image
@@ -270,6 +299,7 @@ class Scheduler:
             token_type_ids=token_type_ids,
             pixel_values=pixel_values,
             client=client,
+            priority=priority,
         )
         return self._queue([sub], timeout_s)[0]
 
@@ -290,7 +320,9 @@ class Scheduler:
             if sub.fork_of is not None and not 0 <= sub.fork_of < i:
                 raise ValueError(f"request {i}: fork_of {sub.fork_of} is not an earlier request of the call")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        reqs = [_Request(f"req-{next(_ids)}", sub, deadline, sub.task_name, sub.client) for sub in submissions]
+        reqs = [
+            _Request(f"req-{next(_ids)}", sub, deadline, sub.task_name, sub.client, sub.priority) for sub in submissions
+        ]
         self._waiting += len(reqs)
         self._live.update((req.id, req) for req in reqs)
         names: list[tuple[_Request, str, str | None]] = []  # requests whose task is a name, to resolve first
@@ -471,32 +503,34 @@ class Scheduler:
         self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=error))
 
     def _admit(self) -> list[_Request]:
-        """Round-robin over tasks with ready requests, and within a task over its clients: one request per task per
-        turn, while rows and the key/value budget allow. Only requests whose prefix is held on the device are
-        admitted (the others are loaded first, see _pick_loads); a task whose next request does not fit is skipped
-        this turn."""
+        """Priority class by class (high, normal, low), and within a class round-robin over tasks with ready
+        requests and within a task over its clients: one request per task per turn, while rows and the key/value
+        budget allow. Only requests whose prefix is held on the device are admitted (the others are loaded first,
+        see _pick_loads); a task whose next request does not fit is skipped this turn, and a lower class gets the
+        rows and budget left once no request of a higher class fits."""
         admitted: list[_Request] = []
         rows = self.max_batch_size - self._last.running
         kv_left = self.max_batch_tokens - self._last.reserved_tokens
-        progress = True
-        while progress and rows > 0 and self._ready:
-            progress = False
-            for req in self._ready.heads():
-                tokens = req.resolved.reserved_tokens
-                if req.cancelled or (req.deadline is not None and time.monotonic() > req.deadline):
-                    self._ready.pop(req, served=False)
-                    self._waiting -= 1
-                    self._finish(req, self._expired_or_cancelled(req))
-                elif (req.held or req.artifact is None) and tokens <= kv_left:
-                    self._ready.pop(req, served=True)
-                    self._waiting -= 1
-                    req.admitted = True
-                    admitted.append(req)
-                    rows -= 1
-                    kv_left -= tokens
-                    progress = True
-                if rows == 0:
-                    break
+        for priority in self._ready.priorities():
+            progress = True
+            while progress and rows > 0 and self._ready.has(priority):
+                progress = False
+                for req in self._ready.heads(priority):
+                    tokens = req.resolved.reserved_tokens
+                    if req.cancelled or (req.deadline is not None and time.monotonic() > req.deadline):
+                        self._ready.pop(req, served=False)
+                        self._waiting -= 1
+                        self._finish(req, self._expired_or_cancelled(req))
+                    elif (req.held or req.artifact is None) and tokens <= kv_left:
+                        self._ready.pop(req, served=True)
+                        self._waiting -= 1
+                        req.admitted = True
+                        admitted.append(req)
+                        rows -= 1
+                        kv_left -= tokens
+                        progress = True
+                    if rows == 0:
+                        break
         return admitted
 
     def _expire_running(self) -> None:

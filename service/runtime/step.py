@@ -15,6 +15,7 @@ import torch
 
 from prefix_store import PrefixArtifact
 
+from .ready_queue import PRIORITIES
 from .sampling import SamplingParams
 
 
@@ -49,6 +50,8 @@ class Submission:
         client: who sent it (ready_queue: the unit of fairness within a task).
         fork_of: the index, in the same `submit_all` call, of an earlier request with the same prompt and task
             (another choice of that prompt): this one may copy its prefill (EngineRequest.group).
+        priority: its admission class, "high", "normal" or "low" (ready_queue.PRIORITIES): every ready request of a
+            higher class is admitted before any of a lower one.
     """
 
     prompt_ids: list[int]
@@ -60,10 +63,13 @@ class Submission:
     pixel_values: torch.Tensor | None = None
     client: str = ""
     fork_of: int | None = None
+    priority: str = "normal"
 
     def __post_init__(self) -> None:
         if self.version is not None and not isinstance(self.task, str):
             raise ValueError("a version goes with a task name (a resolved artifact is its own version)")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority: expected one of {', '.join(PRIORITIES)}, got {self.priority!r}")
 
     @property
     def kind(self) -> Kind:

@@ -55,6 +55,7 @@ def test_each_tasks_keys_share_a_slot():
     keys = KeyLayout("prefixserve")
     for task in ("a", "sst2", "e2e-nlg.v2", "x" * 64):
         names = [keys.task(task), keys.versions(task), keys.version(task, 7), keys.seq(task), keys.index_of(task)]
+        names.append(keys.pinned_of(task))
         assert len({slot(n) for n in names}) == 1, names
     assert len({slot(k) for k in (keys.jobs, keys.job("abc"))}) == 1
     assert len({slot(k) for k in keys.indexes()}) > BUCKETS * 0.9  # spread
@@ -86,8 +87,13 @@ async def test_store_on_a_cluster(cluster, cstore):
     assert {i.name: i.current for i in infos}[names[0]] == 2
     assert [v["version"] for v in await cstore.versions(names[0])] == [1, 2]
     assert (await cstore.get(names[0], 1)).kv.shape[-2] == 2
+    await cstore.set_traffic(names[0], {1: 1, 2: 1})  # the split and pin scripts, on the task's master too
+    await cstore.pin(names[0])
+    await cstore.pin(names[5])
+    assert (await cstore.routing(names[0])).traffic == {1: 1, 2: 1}
+    assert await cstore.pinned_tasks() == sorted([names[0], names[5]]), "read from every master's buckets"
     await cstore.rollback(names[0], 1)
-    assert (await cstore.get(names[0])).version == 1
+    assert (await cstore.get(names[0])).version == 1 and (await cstore.routing(names[0])).traffic is None
     with pytest.raises(VersionConflict):
         await cstore.delete(names[0], 1)
     await cstore.delete(names[0], 2)
@@ -99,13 +105,20 @@ async def test_store_on_a_cluster(cluster, cstore):
     assert stored.version == 2, "a version number is never reused, also after deleting the task"
 
     for _ in range(100):  # events from every master reach the subscriber
-        if len(events) >= len(names) + 5:
+        if len(events) >= len(names) + 8:
             break
         await asyncio.sleep(0.1)
     listener.cancel()
     published = {e.task for e in events if e.type == "publish"}
     assert published == set(names)
-    assert [e.type for e in events if e.task == names[0]] == ["publish", "publish", "rollback", "delete_version"]
+    assert [e.type for e in events if e.task == names[0]] == [
+        "publish",
+        "publish",
+        "traffic",
+        "pin",
+        "rollback",
+        "delete_version",
+    ]
 
 
 async def test_job_queue_on_a_cluster(cluster, cstore):
@@ -151,3 +164,30 @@ async def test_uploads_through_a_cluster_failover_lose_no_acknowledged_version(t
         until(lambda: ok(lambda: redis.Redis(port=alive[0]).cluster("info")["cluster_state"] == "ok"), 10, "ok")
         for s in (store, reader, lister):
             await s.aclose()
+
+
+async def test_api_keys_on_a_cluster(cstore):
+    """Every key record and rate counter shares one slot, so creating, revoking and charging a key are one script
+    there; the revocation reaches a subscriber on any node."""
+    from prefix_store.tenants import KeySpec, KeyStore
+
+    k = cstore.keys
+    assert len({slot(n) for n in (k.key_records, k.key_digests, k.key_names, k.key_rate("a"), k.key_rate("z"))}) == 1
+    keys = KeyStore(cstore)
+    record, secret = await keys.create(KeySpec(name="team", requests_per_minute=1))
+    assert (await keys.lookup(secret)) == record
+    assert [r.name for r in await keys.list_keys()] == ["team"]
+    assert (await keys.charge("team", requests_per_minute=1, tokens_per_minute=None, tokens=1)).charged
+    assert not (await keys.charge("team", requests_per_minute=1, tokens_per_minute=None, tokens=1)).charged
+    subscribed, seen = asyncio.Event(), []
+
+    async def listen():
+        async for event in keys.events(on_subscribed=subscribed.set):
+            seen.append(event.name)
+            return
+
+    listener = asyncio.create_task(listen())
+    await asyncio.wait_for(subscribed.wait(), 10)
+    await keys.delete("team")
+    await asyncio.wait_for(listener, 10)
+    assert seen == ["team"] and await keys.lookup(secret) is None

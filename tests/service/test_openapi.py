@@ -71,6 +71,10 @@ def test_every_route_is_documented_with_an_example(server):
         ("/health", "get"),
         ("/ready", "get"),
         ("/metrics", "get"),
+        ("/v1/keys", "post"),
+        ("/v1/keys", "get"),
+        ("/v1/keys/{name}", "get"),
+        ("/v1/keys/{name}", "delete"),
     }
     ops = {(path, method) for path, item in spec["paths"].items() for method in item}
     assert expected <= ops

@@ -301,3 +301,20 @@ async def test_a_lookup_cancelled_mid_call_ends_every_request_of_the_call(store,
             sched.host_cache = real
         assert [f.finish_reason.value for f in finals] == ["cancelled", "cancelled"]
         assert sched._waiting == 0 and not sched._live
+
+
+async def test_high_priority_is_admitted_ahead_of_earlier_low_requests(store, llama):
+    """One row, busy: three low requests queue, then one high. The high one takes the row next, before the low ones
+    queued ahead of it; the low ones then keep their own order."""
+    async with serving_stack(store, copy.deepcopy(llama), max_batch_size=1) as stack:
+        sched = stack.scheduler
+        busy = sched.submit(None, [5, 6], greedy(8))
+        await anext(aiter(busy.events()))  # admitted: the row is taken
+        low = [sched.submit(None, [5, 6], greedy(2), priority="low", client=f"c{i}") for i in range(3)]
+        high = sched.submit(None, [7, 8], greedy(2), priority="high")
+        first = {}
+        for name, h in [("high", high)] + [(f"low{i}", h) for i, h in enumerate(low)]:
+            async for ev in h.events():
+                first.setdefault(name, ev.step)
+        await busy.result()
+    assert first["high"] < first["low0"] < first["low1"] < first["low2"], first
