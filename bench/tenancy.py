@@ -5,8 +5,12 @@ embedded Redis and a random tiny Llama (weights do not change what is measured h
   split     a 50/50 traffic split between two versions of one task, then `--requests` unpinned requests with
             distinct X-Request-IDs: the fraction each version served (goal: each within 45-55%), and the same ids
             sent again land on the same versions (a retry keeps its version)
-  priority  (not written yet) priority `high` requests keep their latency while `low` ones saturate the server:
-            a scenario function `priority(bench, report)` beside `split`, registered in SCENARIOS
+  priority  priority `high` requests keep their latency while `low` ones saturate the server: a key of priority
+            `low` floods the queue (`--flood` requests of 1..2 x `--flood-new` tokens, far more than `--batch`
+            rows), and while it waits, a `high` key and, as the control, another `low` key each send `--probes`
+            requests one after another: their median latency under the flood against the same requests on an idle
+            server. Admission has no preemption, so a high request still waits for the next row to free up and runs
+            in a full batch: what it never waits for is the queue, which the control does.
 
     python bench/tenancy.py                  # every scenario
     python bench/tenancy.py --only split --requests 1000
@@ -46,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=128)
     p.add_argument("--prefix", type=int, default=8, help="virtual tokens of each task version")
+    p.add_argument("--flood", type=int, default=512, help="low-priority requests queued at once (priority)")
+    p.add_argument("--probes", type=int, default=20, help="requests each probing key sends in turn (priority)")
+    p.add_argument("--batch", type=int, default=8, help="PREFIXSERVE_MAX_BATCH_SIZE of the priority scenario")
+    p.add_argument("--flood-new", type=int, default=16, help="max_new_tokens of each flooding request (priority)")
     return p.parse_args(argv)
 
 
@@ -80,6 +88,7 @@ class Bench:
         app = create_app(s, backbone=self.backbone)
         async with app.router.lifespan_context(app):
             self.store = app.state.services.store
+            self.scheduler = app.state.services.scheduler
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=120) as client:
                 yield client
@@ -139,7 +148,65 @@ async def split(bench: Bench, report: dict) -> None:
     )
 
 
-SCENARIOS: dict[str, Callable[[Bench, dict], Awaitable[None]]] = {"split": split}
+ADMIN = "bench-admin"
+
+
+async def priority(bench: Bench, report: dict) -> None:
+    args = bench.args
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    async with bench.serving(admin_keys=[ADMIN], max_batch_size=args.batch) as client:
+        await bench.publish("shared", 1)
+        keys = {}
+        for name, prio in (("flood", "low"), ("high", "high"), ("control", "low")):
+            r = await client.post(
+                "/v1/keys", json={"name": name, "scope": "inference", "priority": prio}, headers=admin
+            )
+            assert r.status_code == 201, r.text
+            keys[name] = {"authorization": f"Bearer {r.json()['key']}"}
+        probe = {"task": "shared", "input_ids": [5, 6, 7], "max_new_tokens": args.new, "ignore_eos": True}
+        # flood lengths spread over 1..2 x --flood-new, so rows free up one by one as in real traffic (equal lengths
+        # would finish a whole batch at once, every --flood-new steps)
+        lengths = [1 + (i * 7919) % (2 * args.flood_new) for i in range(args.flood)]
+
+        async def latencies(key: str) -> list[float]:
+            out = []
+            for _ in range(args.probes):
+                start = time.perf_counter()
+                r = await client.post("/v1/generate", json=probe, headers=keys[key])
+                assert r.status_code == 200, r.text
+                out.append(time.perf_counter() - start)
+            return out
+
+        idle = {key: await latencies(key) for key in ("high", "control")}
+        scheduler = bench.scheduler
+        bodies = [({**probe, "max_new_tokens": n}, keys["flood"]) for n in lengths]
+        flooding = asyncio.ensure_future(send_all(client, bodies, args.flood))
+        while scheduler.queue_depth < args.flood // 2:  # the flood is queued before the probes start
+            await asyncio.sleep(0.01)
+        loaded = {}
+        for key in ("high", "control"):
+            depth = scheduler.queue_depth
+            loaded[key] = await latencies(key)
+            print(f"  {key}: probes sent with {depth} flood requests waiting", flush=True)
+        responses = await flooding
+        assert all(r.status_code == 200 for r in responses), "every flood request is served in the end"
+
+    def median(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    figures = {}
+    for key in ("high", "control"):
+        ratio = median(loaded[key]) / median(idle[key])
+        figures[key] = {"idle_s": median(idle[key]), "loaded_s": median(loaded[key]), "ratio": ratio}
+        print(
+            f"priority {key:>7} ({'high' if key == 'high' else 'low'}): median latency idle "
+            f"{median(idle[key]) * 1e3:.1f} ms, under a saturating low flood {median(loaded[key]) * 1e3:.1f} ms "
+            f"({ratio:.2f}x)"
+        )
+    report["priority"] = figures
+
+
+SCENARIOS: dict[str, Callable[[Bench, dict], Awaitable[None]]] = {"split": split, "priority": priority}
 
 
 async def main(args: argparse.Namespace) -> dict:
