@@ -5,12 +5,13 @@ priority), the lookup of a bearer secret, revocation events, and the per-key rat
   {N:keys}:digests      hash: digest -> name
   {N:keys}:names        sorted set of names, all scored 0 (ZRANGEBYLEX pages through them in name order)
   {N:keys}:rate:k       hash: key k's charges per minute window w, fields "r<w>" (requests) and "t<w>" (tokens)
-  N:key-events          pub/sub channel: {"type": "revoke", "name"} per revoked key
+  N:key-events          pub/sub channel: {"type": "create" | "revoke", "name"} per key made or revoked
 
-Everything shares the hash tag {N:keys} (keys.py), so creating a key (record, digest and name together), revoking it
-(the three, its counters, and the event) and charging it are each one Lua script, atomic on one server, behind
-Sentinel and on Redis Cluster alike. The secret is made here (`KEY_PREFIX` + 32 random bytes, URL-safe) and leaves
-only once, in `create`'s answer: Redis holds its digest, which is what a bearer key is looked up by.
+Everything shares the hash tag {N:keys} (keys.py), so creating a key (record, digest and name together, and the
+event), revoking it (the three, its counters, and the event) and charging it are each one Lua script, atomic on one
+server, behind Sentinel and on Redis Cluster alike. The secret is made here (`KEY_PREFIX` + 32 random bytes,
+URL-safe) and leaves only once, in `create`'s answer: Redis holds its digest, which is what a bearer key is looked up
+by.
 
 Limits are a sliding-window counter over two fixed one-minute windows (as Cloudflare's): a key's use now is the
 current window's count plus the previous window's count scaled by the share of it still inside the last minute.
@@ -71,6 +72,7 @@ if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -2 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
+redis.call('PUBLISH', ARGV[5], cjson.encode({type='create', name=ARGV[1]}))
 return 1
 """
 
@@ -91,11 +93,10 @@ redis.call('PUBLISH', ARGV[2], cjson.encode({type='revoke', name=ARGV[1]}))
 return 1
 """
 
-# KEYS[1]: the key's rate hash. ARGV: requests per minute ('' = none), tokens per minute ('' = none), the tokens
-# this request charges, the window in ms. Returns {1, window} when charged, else {0, requests wait, tokens wait}:
-# each the milliseconds until that limit would let this request through if nothing else were charged (0: it would
-# now; -1: never, the request alone is over the limit).
-_CHARGE = """
+# The window maths `charge` and `over_limit` share. KEYS[1]: the key's rate hash; ARGV[4]: the window in ms.
+# wait(kind, limit, cost): the milliseconds until a charge of `cost` against `limit` would pass if nothing else were
+# charged (0: it would now; -1: never, the cost alone is over the limit).
+_WINDOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local W = tonumber(ARGV[4])
@@ -112,6 +113,13 @@ local function wait(kind, limit, cost)
   end
   return (W - elapsed) + math.ceil(W - (limit - cost) * W / cur)
 end
+"""
+
+# ARGV: requests per minute ('' = none), tokens per minute ('' = none), the tokens this request charges, the window
+# in ms. Returns {1, window} when charged, else {0, requests wait, tokens wait} (see wait).
+_CHARGE = (
+    _WINDOW
+    + """
 local rw, tw = 0, 0
 if ARGV[1] ~= '' then rw = wait('r', tonumber(ARGV[1]), 1) end
 if ARGV[2] ~= '' then tw = wait('t', tonumber(ARGV[2]), tonumber(ARGV[3])) end
@@ -122,6 +130,19 @@ redis.call('HDEL', KEYS[1], 'r' .. (w - 2), 't' .. (w - 2))
 redis.call('PEXPIRE', KEYS[1], 2 * W)
 return {1, w}
 """
+)
+
+# Read-only: whether one more request of one token (the least any request charges) would pass both limits now, with
+# the charge's own maths; writes nothing. ARGV as _CHARGE's (ARGV[3] unused). Returns {requests wait, tokens wait}.
+_OVER = (
+    _WINDOW
+    + """
+local rw, tw = 0, 0
+if ARGV[1] ~= '' then rw = wait('r', tonumber(ARGV[1]), 1) end
+if ARGV[2] ~= '' then tw = wait('t', tonumber(ARGV[2]), 1) end
+return {rw, tw}
+"""
+)
 
 # Takes a charge back (the request was refused after it was charged), from its window while that is still counted.
 _REFUND = """
@@ -263,7 +284,7 @@ class Charge:
 
 @dataclass(frozen=True)
 class KeyEvent:
-    type: str  # "revoke"
+    type: str  # "create" or "revoke"
     name: str
 
 
@@ -281,6 +302,7 @@ class KeyStore:
         self._lookup = register_script(client, _LOOKUP)
         self._delete = register_script(client, _DELETE)
         self._charge = register_script(client, _CHARGE)
+        self._over = register_script(client, _OVER)
         self._refund = register_script(client, _REFUND)
 
     @property
@@ -296,7 +318,7 @@ class KeyStore:
         stored = json.dumps({**record.model_dump(), "digest": d})
         k = self.keys
         keys = [k.key_records, k.key_digests, k.key_names]
-        rc = await self.store._write(self._create, keys, [spec.name, d, stored, self.max_keys])
+        rc = await self.store._write(self._create, keys, [spec.name, d, stored, self.max_keys, self.channel])
         if rc == 0:
             raise KeyExists(f"key {spec.name!r} exists: delete it first, or pick another name")
         if rc == -1:
@@ -315,18 +337,26 @@ class KeyStore:
 
     async def list_keys(self, *, after: str | None = None, limit: int = 100) -> list[KeyRecord]:
         """Up to `limit` records in name order, from the first name after `after` (a page's last name)."""
+        return (await self.page_keys(after=after, limit=limit))[0]
+
+    async def page_keys(self, *, after: str | None = None, limit: int = 100) -> tuple[list[KeyRecord], str | None]:
+        """A page of `list_keys` and the `after` of the next one (None: this was the last). The next page starts
+        after the last name the range returned, whether or not its record was still there when read: a key revoked
+        between the range and the read of the records shortens this page, never the listing."""
         start = "-" if after is None else "(" + validate_key_name(after)
         k = self.keys
 
-        async def page() -> list[bytes | None]:
+        async def page() -> tuple[list[bytes], list[bytes | None]]:
             client = self.store.client
             names: list[bytes] = await reply(client.zrangebylex(k.key_names, start, "+", start=0, num=limit))
             if not names:
-                return []
+                return [], []
             records: list[bytes | None] = await reply(client.hmget(k.key_records, names))
-            return records
+            return names, records
 
-        return [_record(raw) for raw in await self.store._read(page) if raw is not None]
+        names, records = await self.store._read(page)
+        following = names[-1].decode() if len(names) == limit else None
+        return [_record(raw) for raw in records if raw is not None], following
 
     async def lookup(self, secret: str) -> KeyRecord | None:
         """The record of the key whose secret this is; None when no stored key has it. Raises StoreUnavailable."""
@@ -361,12 +391,25 @@ class KeyStore:
         res = await self.store._write_unacked(self._charge(keys=[self.keys.key_rate(name)], args=args))
         if int(res[0]) == 1:
             return Charge(True, window=int(res[1]))
-        waits = {"requests_per_minute": int(res[1]), "tokens_per_minute": int(res[2])}
-        never = [lim for lim, ms in waits.items() if ms < 0]
-        if never:
-            return Charge(False, limit=never[0])
-        limit = max(waits, key=lambda lim: waits[lim])
-        return Charge(False, limit=limit, retry_after_ms=waits[limit])
+        return _refusal(int(res[1]), int(res[2]))
+
+    async def over_limit(
+        self, name: str, *, requests_per_minute: int | None, tokens_per_minute: int | None
+    ) -> Charge | None:
+        """Reads, without counting anything, whether the key is already past a limit: over its requests per minute
+        (one more request would not pass) or at its tokens per minute (one more token would not). The refusal
+        `charge` would give any request then (every request charges one request and at least one token), or None.
+        A cheap check before a request's work; `charge` stays the one that counts."""
+        args = [
+            "" if requests_per_minute is None else requests_per_minute,
+            "" if tokens_per_minute is None else tokens_per_minute,
+            0,
+            WINDOW_MS,
+        ]
+        res = await self.store._read(lambda: self._over(keys=[self.keys.key_rate(name)], args=args))
+        if int(res[0]) == 0 and int(res[1]) == 0:
+            return None
+        return _refusal(int(res[0]), int(res[1]))
 
     async def refund(self, name: str, charge: Charge, *, tokens: int, request: bool = True) -> None:
         """Takes back a charge of a request that was then refused (e.g. the queue was full)."""
@@ -374,8 +417,9 @@ class KeyStore:
         await self.store._write_unacked(self._refund(keys=[self.keys.key_rate(name)], args=args))
 
     async def events(self, on_subscribed: Callable[[], None] | None = None) -> AsyncIterator[KeyEvent]:
-        """Yields revocations until cancelled; `on_subscribed` runs once the subscription is live. Raises
-        StoreUnavailable when it drops (pub/sub does not replay: a subscriber should then forget what it cached)."""
+        """Yields key events (creations, revocations) until cancelled; `on_subscribed` runs once the subscription is
+        live. Raises StoreUnavailable when it drops (pub/sub does not replay: a subscriber should then forget what
+        it cached)."""
         try:
             conn = await self.store._subscriber_client()
         except TRANSIENT as e:
@@ -402,6 +446,17 @@ class KeyStore:
                     await conn.aclose()
             except (RedisError, OSError):
                 pass
+
+
+def _refusal(requests_wait: int, tokens_wait: int) -> Charge:
+    """A refused charge from the script's waits (see wait in _WINDOW): the limit that never passes, else the one
+    that passes last."""
+    waits = {"requests_per_minute": requests_wait, "tokens_per_minute": tokens_wait}
+    never = [lim for lim, ms in waits.items() if ms < 0]
+    if never:
+        return Charge(False, limit=never[0])
+    limit = max(waits, key=lambda lim: waits[lim])
+    return Charge(False, limit=limit, retry_after_ms=waits[limit])
 
 
 def _record(raw: bytes) -> KeyRecord:

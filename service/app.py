@@ -63,6 +63,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 bb,
                 store,
                 device_cache_bytes=settings.device_cache_bytes,
+                pin_fraction=settings.pin_fraction,
                 host_cache_bytes=settings.host_cache_bytes,
                 max_batch_size=settings.max_batch_size,
                 max_batch_tokens=settings.max_batch_tokens,
@@ -91,7 +92,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 )
                 if getattr(bb.tokenizer, "chat_template", None):  # chats will come: start the renderer meanwhile
                     await asyncio.get_running_loop().run_in_executor(None, services.templates.start)
-            metrics.watch(scheduler, store)
+            metrics.watch(scheduler, store, lambda: kept_warm.pinned)
             app.state.services = services
             log.info(
                 "prefix-serve ready: backbone %s, store %s", bb.name, "embedded" if embedded else settings.redis_url

@@ -13,7 +13,10 @@ key.
 
 A stored key's principal is cached in the process (`KeyRing`), bounded, for at most CACHE_TTL_S; a revocation is
 published on the key channel and drops it on every replica at once (the TTL only covers a lost subscription). An
-unknown key is never cached, so a key made on one replica works on every other at once.
+unknown key (the shape of a stored one, no record) is remembered too, so a client repeating a made-up `ps-` key
+costs Redis one lookup a second, not one a request: its digest, bounded (UNKNOWN_ENTRIES), for UNKNOWN_TTL_S. Every
+key made is published on the same channel, and each replica forgets its unknown keys when it hears it, so a key
+made on one replica works on every other at once (the TTL covers a lost subscription).
 
 The key is checked by `service.guard.RequestGuard` from the request head, before any byte of the body is read; the
 guard puts the Principal in `request.state.principal` and the `principal` context variable. The route dependencies
@@ -52,6 +55,8 @@ ADMIN_PREFIXES = ("/v1/tasks", "/v1/train", "/v1/keys")
 METRICS_PATH = "/metrics"
 CACHE_TTL_S = 5.0  # the longest a stored key's principal is trusted without Redis, should a revocation be missed
 CACHE_ENTRIES = 10_000
+UNKNOWN_TTL_S = 1.0  # the longest an unknown key is refused without asking Redis again, should a creation be missed
+UNKNOWN_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -158,15 +163,26 @@ class KeyRing:
     bounded cache that revocation events empty (see the module docstring). `start` attaches the key store (the app's
     lifespan); until then only environment keys resolve."""
 
-    def __init__(self, settings: ServiceSettings, *, ttl_s: float = CACHE_TTL_S, entries: int = CACHE_ENTRIES) -> None:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        *,
+        ttl_s: float = CACHE_TTL_S,
+        entries: int = CACHE_ENTRIES,
+        unknown_ttl_s: float = UNKNOWN_TTL_S,
+        unknown_entries: int = UNKNOWN_ENTRIES,
+    ) -> None:
         self.settings = settings
         self.store: KeyStore | None = None
         self.ttl_s = ttl_s
         self.entries = entries
+        self.unknown_ttl_s = unknown_ttl_s
+        self.unknown_entries = unknown_entries
         self.subscribed = asyncio.Event()
         self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()  # digest -> (principal, expiry)
-        # Bumped whenever entries are dropped: a lookup that started before cannot cache what it read (it may be a
-        # key revoked meanwhile).
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # digest of a key with no record -> expiry
+        # Bumped whenever entries are dropped or a key is made: a lookup that started before cannot cache what it
+        # read (it may be a key revoked, or made, meanwhile).
         self._generation = 0
         self._listener: asyncio.Task[None] | None = None
 
@@ -194,15 +210,24 @@ class KeyRing:
         if self.store is None or not could_be_stored(key):
             raise _invalid()
         d = digest(key)
+        now = time.monotonic()
         hit = self._cache.get(d)
-        if hit is not None and hit[1] > time.monotonic():
+        if hit is not None and hit[1] > now:
             self._cache.move_to_end(d)
             return hit[0]
+        if self._unknown.get(d, 0.0) > now:
+            raise _invalid()
         generation = self._generation
         record = await self.store.lookup(key)
         if record is None:
             self._cache.pop(d, None)
+            if generation == self._generation:
+                self._unknown[d] = time.monotonic() + self.unknown_ttl_s
+                self._unknown.move_to_end(d)
+                while len(self._unknown) > self.unknown_entries:
+                    self._unknown.popitem(last=False)
             raise _invalid()
+        self._unknown.pop(d, None)
         found = _stored_principal(record, client_id(key))
         if generation == self._generation:
             self._cache[d] = (found, time.monotonic() + self.ttl_s)
@@ -221,17 +246,24 @@ class KeyRing:
             return None
 
     def forget(self, name: str | None = None) -> None:
-        """Drops the cached principal of the key `name`, or every one."""
+        """Drops the cached principal of the key `name`, or every one (and every unknown key)."""
         self._generation += 1
         if name is None:
             self._cache.clear()
+            self._unknown.clear()
             return
         for d in [d for d, (p, _) in self._cache.items() if p.name == name]:
             del self._cache[d]
 
+    def created(self) -> None:
+        """A key was made (here or on another replica): no key is known to be unknown any more (the new key's digest
+        may be among them; which one is not published)."""
+        self._generation += 1
+        self._unknown.clear()
+
     async def _listen(self) -> None:
-        """Follows revocations for as long as the app runs; while the subscription is down nothing is known about
-        them, so the cache is emptied when it drops and again once it is back."""
+        """Follows creations and revocations for as long as the app runs; while the subscription is down nothing is
+        known about them, so the caches are emptied when it drops and again once it is back."""
         assert self.store is not None
         delay = 0.1
         while True:
@@ -239,6 +271,8 @@ class KeyRing:
                 async for event in self.store.events(on_subscribed=self._on_subscribed):
                     if event.type == "revoke":
                         self.forget(event.name)
+                    elif event.type == "create":
+                        self.created()
                     delay = 0.1
             except StoreUnavailable as e:
                 log.warning("API key events: %s; subscribing again in %.1fs", e, delay)

@@ -256,12 +256,18 @@ async def first_events(
     request: Request, handles: list[RequestHandle]
 ) -> tuple[list[TokenEvent], AsyncIterator[tuple[int, TokenEvent]]]:
     """The first event of each of several streams (n choices), awaited before any byte is sent, then the rest of
-    them merged as (index, event) in the order they arrive."""
+    them merged as (index, event) in the order they arrive. Should one fail (displaced from the queue, over its
+    deadline), every handle is cancelled: the caller gets that error, so the other choices would run for nobody."""
     firsts, streams = [], []
-    for h in handles:
-        first, events = await first_event(request, h)
-        firsts.append(first)
-        streams.append(events)
+    try:
+        for h in handles:
+            first, events = await first_event(request, h)
+            firsts.append(first)
+            streams.append(events)
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
     return firsts, _merged(streams)
 
 

@@ -4,10 +4,12 @@ For every HTTP request, before any byte of the body is read:
   1. the bearer key is resolved to its principal (service.auth.KeyRing: environment keys, then stored keys, which
      may take a Redis lookup) and checked against the scope the path needs (401 / 403 at once; 503 when Redis
      cannot say whether a stored key is valid);
-  2. a declared Content-Length over the route's limit is refused (413).
+  2. on the routes that submit inference requests, a key already past its requests or tokens per minute is refused
+     (429, service.limits.precheck: one read-only Redis script), before the body is read, tokenised or rendered;
+  3. a declared Content-Length over the route's limit is refused (413).
 While the body is read:
-  3. received bytes are counted, declared or chunked, and the body is cut at the limit (413);
-  4. each chunk must arrive within `body_timeout_s` of the previous one (408).
+  4. received bytes are counted, declared or chunked, and the body is cut at the limit (413);
+  5. each chunk must arrive within `body_timeout_s` of the previous one (408).
 Uploads and training jobs get the artifact limit; every other route (/v1/keys too) the small JSON limit.
 After a request whose body was large, freed memory is handed back to the OS (service.memory).
 Pure ASGI, so routes still see client disconnects.
@@ -23,7 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prefix_store import StoreUnavailable
 
 from .auth import ANONYMOUS, KeyRing, client, principal, require, required_scope
-from .http_errors import error_response
+from .http_errors import RateLimited, error_response
+from .limits import COUNTED, precheck
 from .memory import Trimmer
 from .settings import ServiceSettings
 
@@ -63,6 +66,16 @@ class RequestGuard:
         principal.set(who or ANONYMOUS)
         client.set(who.client if who is not None else "")
         path = scope["path"]
+        if who is not None and who.limited and scope.get("method") == "POST" and path in COUNTED:
+            try:
+                await precheck(self.keys, who)
+            except RateLimited as e:
+                await error_response(429, str(e), "RateLimited", e.headers)(scope, receive, send)
+                return
+            except StoreUnavailable as e:
+                msg = f"cannot check the key's limits: {e}"
+                await error_response(503, msg, "StoreUnavailable", {"Retry-After": "1"})(scope, receive, send)
+                return
         large = needed == "admin" and any(path == p or path.startswith(p + "/") for p in UPLOAD_PREFIXES)
         limit = self.admin_limit if large else self.settings.max_body_bytes
         declared = headers.get(b"content-length", b"")

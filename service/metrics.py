@@ -11,13 +11,17 @@ configuration maps) are `prefixserve:num_requests_waiting`, `prefixserve:num_req
 deploy/k8s/inference-gateway maps them.
 
 Task label values are always the names of stored tasks (or "base", the bare backbone): a name becomes a label only
-once the store has answered for it (see name_task, serving_task and the collectors), since each value is a series
-held forever.
+once the store has answered for it (see name_task, serving_task and the collectors), and a task's series are removed
+when it is deleted (Metrics.forget_task, on its `delete` store event). Version label values are bounded the same way:
+a version is its own value only while it is the task's current version or named by its traffic split, else "other",
+and a version's series are removed once it is neither (Metrics.version_label, Metrics.on_store_event).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -27,9 +31,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, ge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from prefix_store import PrefixStore, VersionKey
+from prefix_store import PrefixStore, StoreEvent, VersionKey
 
 from .runtime import Scheduler
+from .runtime.engine import DeviceCache
+from .runtime.host_cache import HostCache
 from .runtime.kv_cache import BLOCK, PrefixPool
 from .runtime.runner import DevicePrefix
 
@@ -62,6 +68,12 @@ def serving_task(request: Any, task: str) -> None:
     the body's spelling of it), or "base" for the bare backbone. It labels the request's per-task latency and time
     to first token."""
     request.state.serving_task = task
+
+
+def task_deleted(request: Any) -> None:
+    """Marks a request that deleted its task: the task's series go once the request itself is counted (its store
+    event, which removes them on every replica, may come before or after)."""
+    request.state.task_deleted = True
 
 
 def _task_label(state: dict[str, Any]) -> str:
@@ -97,20 +109,30 @@ class Metrics:
             registry=r,
         )
         self.generated = Counter("prefixserve_generated_tokens", "generated tokens by task", ["task"], registry=r)
-        # Per task: a task's series appear with its first request (or load) and stay until the process restarts,
-        # 36 of them (15 + 15 + 2 x 3), about 0.3 ms of every full scrape.
+        # Per task: a task's series appear with its first request (or load) and stay until it is deleted, 36 of them
+        # (15 + 15 + 2 x 3) for a task served at one version, about 0.3 ms of every full scrape; each other version
+        # its traffic split names adds 30 (the two histograms), and requests of any other version share "other".
         self.task_latency = Histogram(
             "prefixserve_task_request_latency_seconds",
-            "successful inference requests by task (base: the bare backbone), arrival to last byte sent",
-            ["task"],
+            "successful inference requests by task (base: the bare backbone) and version (its number while current "
+            "or named by the task's traffic split, else other; empty for base), arrival to last byte sent",
+            ["task", "version"],
             buckets=TASK_BUCKETS,
             registry=r,
         )
         self.task_ttft = Histogram(
             "prefixserve_task_time_to_first_token_seconds",
-            "submission to first token (or label) by task (base: the bare backbone)",
-            ["task"],
+            "submission to first token (or label) by task (base: the bare backbone) and version (as for "
+            "prefixserve_task_request_latency_seconds)",
+            ["task", "version"],
             buckets=TASK_BUCKETS,
+            registry=r,
+        )
+        self.version_requests = Counter(
+            "prefixserve_task_version_requests",
+            "inference requests that ran a task version, by task, version (its number while current or named by the "
+            "task's traffic split, else other) and status: a canary's share of traffic and of errors",
+            ["task", "version", "status"],
             registry=r,
         )
         # Loads are rare (a cache miss each): their count and total time, not a histogram.
@@ -121,12 +143,21 @@ class Metrics:
             ["task", "stage"],
             registry=r,
         )
+        self.routing: HostCache | None = None  # the task versions the version labels name (set by `watch`)
+        # task -> the label sets of its series whose labels vary beyond the task (route, status, version), so that
+        # they can be removed (prometheus_client keeps every label set until `remove`); any thread adds to it
+        self._series: dict[str, set[tuple[Counter | Histogram, tuple[str, ...]]]] = {}
+        self._series_lock = threading.Lock()
 
-    def watch(self, scheduler: Scheduler, store: PrefixStore) -> None:
-        """Registers the gauges read at scrape time from the live scheduler, its caches and the store, and hooks the
-        two caches' loads (the device's runs on the engine's thread: Histogram.observe takes its own lock)."""
+    def watch(self, scheduler: Scheduler, store: PrefixStore, pinned: Callable[[], set[str]] | None = None) -> None:
+        """Registers the gauges read at scrape time from the live scheduler, its caches and the store, hooks the
+        two caches' loads (the device's runs on the engine's thread: Histogram.observe takes its own lock), and
+        follows the store's events (series of deleted tasks and of versions no longer routed to go). `pinned`: the
+        tasks pinned in the store, as this replica heard (WarmSet.pinned), for the per-task pinned gauge."""
         self.registry.register(_StateCollector(scheduler, store))
-        self.registry.register(_GatewayCollector(scheduler))
+        self.registry.register(_GatewayCollector(scheduler, pinned))
+        self.routing = scheduler.host_cache
+        scheduler.host_cache.observers.append(self.on_store_event)
         scheduler.on_step = self.batch_size.observe
         scheduler.host_cache.on_load = lambda task, seconds: self.task_load.labels(task, "fetch").observe(seconds)
         scheduler.engine.device_cache.on_load = lambda task, s: self.task_load.labels(task, "device").observe(s)
@@ -145,11 +176,62 @@ class Metrics:
         return await asyncio.to_thread(self.exposition, names)
 
     def first_output(self, request: Any, latency: float) -> None:
-        """A request's time to first token (or label), overall and for the task it runs."""
+        """A request's time to first token (or label), overall and for the task version it runs."""
         self.ttft.observe(latency)
         task = getattr(request.state, "serving_task", None)
         if task is not None:
-            self.task_ttft.labels(task).observe(latency)
+            version = self.version_label(task, getattr(request.state, "version", None))
+            self.series(self.task_ttft, task, task, version).observe(latency)
+
+    def version_label(self, task: str, version: int | None) -> str:
+        """A served version's label value: its number while it is the task's current version or named by its
+        traffic split, as this replica's host tier knows them (so at most 17 numbers per task, and only those a
+        canary compares), else "other" (a `task@N` of an older version); "" for the bare backbone."""
+        if version is None:
+            return ""
+        routing = self.routing
+        if routing is not None:
+            split = routing.traffic.get(task)
+            if version == routing.current.get(task) or (split is not None and version in split):
+                return str(version)
+        return "other"
+
+    def series(self, metric: Any, task: str, *labels: str) -> Any:
+        """metric.labels(*labels), the label set noted for the task, so that it can be removed (`forget_task`)."""
+        with self._series_lock:
+            self._series.setdefault(task, set()).add((metric, labels))
+        return metric.labels(*labels)
+
+    def on_store_event(self, ev: StoreEvent) -> None:
+        """A deleted task's series go; after an event that moves the task's current version or split, so do those
+        of its versions no longer routed to (the split is known here once a request was routed by it)."""
+        if ev.type == "delete":
+            self.forget_task(ev.task)
+        elif ev.type in ("publish", "rollback", "traffic", "delete_version") and self.routing is not None:
+            routing = self.routing
+            if ev.task not in routing.current or ev.task not in routing.traffic:  # nothing to tell stale ones by
+                return
+            routed = {str(routing.current[ev.task]), *(str(v) for v in routing.traffic[ev.task] or ())}
+            versioned = (self.task_latency, self.task_ttft, self.version_requests)
+            self._remove(ev.task, lambda m, labels: m in versioned and labels[1] not in (*routed, "other", ""))
+
+    def forget_task(self, task: str) -> None:
+        """Removes every series of the task (a deleted one: its name may never come back)."""
+        self._remove(task, lambda m, labels: True)
+        for metric, labels in ((self.generated, (task,)), *((self.task_load, (task, s)) for s in ("fetch", "device"))):
+            with contextlib.suppress(KeyError):  # never labelled so
+                metric.remove(*labels)
+
+    def _remove(self, task: str, stale: Callable[[Any, tuple[str, ...]], bool]) -> None:
+        with self._series_lock:
+            noted = self._series.get(task, set())
+            gone = {(m, labels) for m, labels in noted if stale(m, labels)}
+            noted -= gone
+            if not noted:
+                self._series.pop(task, None)
+        for metric, labels in gone:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
 
     def install(self, app: FastAPI) -> None:
         app.add_middleware(_CountRequests, metrics=self)
@@ -182,11 +264,19 @@ class _CountRequests:
             elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", "unmatched")
             state = scope.get("state", {})
-            self.metrics.requests.labels(route, str(status), _task_label(state)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
-            serving = state.get("serving_task")
-            if serving is not None and status < 400:
-                self.metrics.task_latency.labels(serving).observe(elapsed)
+            metrics = self.metrics
+            task = _task_label(state)
+            metrics.series(metrics.requests, task, route, str(status), task).inc()
+            metrics.latency.labels(route).observe(elapsed)
+            serving, served = state.get("serving_task"), state.get("version")
+            if serving is not None:
+                version = metrics.version_label(serving, served)
+                if status < 400:
+                    metrics.series(metrics.task_latency, serving, serving, version).observe(elapsed)
+                if served is not None:
+                    metrics.series(metrics.version_requests, serving, serving, version, str(status)).inc()
+            if state.get("task_deleted"):  # after its own count: the deleting request's series go with the task's
+                metrics.forget_task(task)
 
 
 class _StateCollector:
@@ -235,6 +325,12 @@ LORA_INFO_HELP = (
 )
 
 
+PINNED = "prefixserve_task_pinned"
+PINNED_HELP = (
+    "pinned tasks (pinned in the store, as this replica heard, or here): 1 when this replica holds the task's current "
+    "version pinned resident, 0 when it does not (no room for it yet, past this replica's pin budget, or the pin "
+    "still on an older version)"
+)
 _ONLY = "(tasks queued, running or resident here only)"
 PER_TASK = {
     "requests_waiting": f"requests of the task waiting for admission {_ONLY}",
@@ -256,10 +352,11 @@ class _GatewayCollector:
     iterating a dict another thread resizes would raise), single values are read once, nothing is written.
     """
 
-    NAMES = (NUM_WAITING, NUM_RUNNING, KV_USAGE, LORA_INFO, *(f"prefixserve_task_{n}" for n in PER_TASK))
+    NAMES = (NUM_WAITING, NUM_RUNNING, KV_USAGE, LORA_INFO, *(f"prefixserve_task_{n}" for n in PER_TASK), PINNED)
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, pinned: Callable[[], set[str]] | None = None) -> None:
         self.scheduler = scheduler
+        self.pinned = pinned
 
     def describe(self) -> Iterator[Metric]:
         """The families' names, without reading any state: what lets a scrape restricted to some of them (see
@@ -306,6 +403,19 @@ class _GatewayCollector:
             for task in tasks:
                 fam.add_metric([task], values[key].get(task, 0))
             yield fam
+        yield self._pins(cache)
+
+    def _pins(self, cache: DeviceCache) -> GaugeMetricFamily:
+        """See PINNED_HELP: a pin stored but not held here (yet, or past this replica's budget) reads 0, a pin that
+        lags the current version too (its new version waits for room)."""
+        here = {task: key[1] for task, key in _copy(lambda: list(cache.pins.items()))}
+        stored = set(self.pinned()) if self.pinned is not None else set()
+        current = self.scheduler.host_cache.current
+        fam = GaugeMetricFamily(PINNED, PINNED_HELP, labels=["task"])
+        for task in sorted(stored | set(here)):
+            v, want = here.get(task), current.get(task)
+            fam.add_metric([task], int(v is not None and (want is None or v == want)))
+        return fam
 
     def _kv_usage(self, entries: dict[VersionKey, DevicePrefix], in_use: set[VersionKey]) -> float:
         """See KV_USAGE_HELP. Counted in columns: a pool position and a slot position hold the same bytes (a

@@ -77,7 +77,13 @@ class TaskDetail(TaskInfo):
         "request runs the current version",
     )
     pinned: bool = Field(
-        False, description="kept resident in every replica's device prefix cache (its current version)"
+        False,
+        description="pinned in the store: kept resident in every replica's device prefix cache (its current version)",
+    )
+    pinned_here: bool = Field(
+        False,
+        description="this replica holds the current version pinned resident now (false while a pin waits for room "
+        "here, past this replica's pin budget, or not pinned at all)",
     )
 
     model_config = {
@@ -91,6 +97,7 @@ class TaskDetail(TaskInfo):
                 "history": [VersionSummary.model_config["json_schema_extra"]["example"]],
                 "traffic": None,
                 "pinned": False,
+                "pinned_here": False,
             }
         }
     }

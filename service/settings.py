@@ -34,6 +34,13 @@ class ServiceSettings(RuntimeSettings):
         "echoed prompts included); past it, 400 before anything runs",
     )
     device_cache_bytes: int = Field(1024**3, gt=0, description="device-resident prefix LRU budget")
+    pin_fraction: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="the most of device_cache_bytes pinned tasks may hold (whole pool blocks); the rest stays for "
+        "every other task and version, so pins never shut them out",
+    )
     preload_tasks: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="comma-separated task-name globs (fnmatch: '*', '?', '[...]') whose current versions are loaded "

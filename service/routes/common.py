@@ -4,18 +4,19 @@ metrics kept on that way, so that no route sets a metric itself."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from prefix_store import PrefixArtifact
+from prefix_store import PrefixArtifact, VersionNotFound
 
 from .. import auth, dispatch, limits, request_ids
 from ..dispatch import Input, TokenEvent
 from ..images import decode_images, pixel_values
 from ..metrics import confirm_task, name_task, serving_task
-from ..runtime import GenerationResult, RequestHandle, SamplingParams
+from ..runtime import GenerationResult, QueueFull, RequestHandle, SamplingParams
 from ..schemas import BASE_TASK, ErrorBody, Usage
 from ..state import Services, ServicesDep
 
@@ -55,6 +56,7 @@ class Call:
         self._artifact: PrefixArtifact | None = None
         self._resolved = False
         self._timed = True  # its outputs are tokens or labels, timed to the first (embeddings are not)
+        self._charged: limits.Charged | None = None  # its key's charge, refunded should the queue displace it
 
     def named(self, name: str) -> None:
         """The task the body names, `task` or `task@N` (a malformed pin is a 400): the request's metrics label, the
@@ -97,10 +99,22 @@ class Call:
 
     async def _version_of(self, task: str) -> PrefixArtifact:
         cache = self.services.host_cache
-        version = self.version
-        if version is None:  # None again when the task has no split: its current version
-            version = await cache.choose(task, dispatch.traffic_draw(task, request_ids.current.get() or ""))
-        return await cache.get(task, version)
+        if self.version is not None:  # pinned: that version or a 404
+            return await cache.get(task, self.version)
+        draw = dispatch.traffic_draw(task, request_ids.current.get() or "")
+        version = await cache.choose(task, draw)  # None when the task has no split: its current version
+        if version is None:
+            return await cache.get(task)
+        try:
+            return await cache.get(task, version)
+        except VersionNotFound:
+            # The split known here names a version deleted since (a newer split dropped it, and this replica has not
+            # heard that event yet): read the routing again, once, and run what it draws, else the current version.
+            cache.forget_route(task)
+            version = await cache.choose(task, draw)
+            with contextlib.suppress(VersionNotFound):
+                return await cache.get(task, version)
+            return await cache.get(task)
 
     async def submit(
         self,
@@ -115,8 +129,10 @@ class Call:
         first (limits.charged: every inference route submits through here, once per request)."""
         artifact = await self.artifact()
         self._timed = not embed
-        async with limits.charged(self.request, inputs, params, n):
-            return dispatch.submit_all(self.services, artifact, inputs, params, n=n, embed=embed, user=user)
+        async with limits.charged(self.request, inputs, params, n) as charged:
+            handles = dispatch.submit_all(self.services, artifact, inputs, params, n=n, embed=embed, user=user)
+        self._charged = charged
+        return handles
 
     async def submit_images(self, images: list[str], *, embed: bool = False) -> list[RequestHandle]:
         """Decodes and prepares the images off the event loop (CPU work), then queues them all or none."""
@@ -135,7 +151,11 @@ class Call:
 
     async def results(self, handles: list[RequestHandle]) -> list[Any]:
         """Every handle's result; the time to first token observed, the generated tokens counted."""
-        results = await dispatch.results(self.request, handles)
+        try:
+            results = await dispatch.results(self.request, handles)
+        except QueueFull:
+            await self._displaced()
+            raise
         self._first_outputs(handles)
         if results and isinstance(results[0], GenerationResult):
             self._generated(sum(r.completion_tokens for r in results))
@@ -147,7 +167,11 @@ class Call:
         """The first event of every handle, awaited before any byte is sent (a failure before the first token keeps
         its HTTP status), then the rest of them merged as (index, event) in the order they arrive. The time to first
         token is observed then; the generated tokens are counted once every stream has finished."""
-        firsts, rest = await dispatch.first_events(self.request, handles)
+        try:
+            firsts, rest = await dispatch.first_events(self.request, handles)
+        except QueueFull:
+            await self._displaced()
+            raise
         self._first_outputs(handles)
         tokens, running = 0, len(handles)
 
@@ -167,6 +191,13 @@ class Call:
                 yield i, ev
 
         return firsts, counted()
+
+    async def _displaced(self) -> None:
+        """A handle ended with QueueFull: a higher-priority request displaced it from the queue after its submission
+        (a submission the queue refuses raises inside limits.charged, which refunds it). Its caller gets the 429 the
+        queue would have given at arrival, so its key's charge is taken back as it would have been then."""
+        if self._charged is not None:
+            await self._charged.refund()
 
     def _first_outputs(self, handles: list[RequestHandle]) -> None:
         latency = handles[0].first_output_latency if handles else None

@@ -1,6 +1,6 @@
 """Admin routes over the stored API keys (prefix_store.tenants): create (the secret shown once), list, inspect,
 revoke. A key made here works on every replica sharing the namespace at once; a revoked one stops within a second
-(auth.KeyRing follows the revocations). See the README's "Keys, scopes and limits"."""
+(auth.KeyRing follows the creations and revocations). See the README's "Keys, scopes and limits"."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ class KeyCreated(KeyRecord):
 
 class KeyList(BaseModel):
     keys: list[KeyRecord] = Field(description="in name order, without secrets")
-    next: str | None = Field(description="pass as `after` for the next page; null: this was the last")
+    next: str | None = Field(
+        description="pass as `after` for the next page; null: this was the last (a page may hold fewer than `limit` "
+        "keys, one revoked while it was read: only a null `next` ends the listing)"
+    )
 
     model_config = {"json_schema_extra": {"examples": [{"keys": [_EXAMPLE], "next": None}]}}
 
@@ -64,10 +67,13 @@ KeysDep = Annotated[KeyStore, Depends(_keys)]
 
 
 @router.post("", status_code=201, response_model=KeyCreated, responses=ERRORS, summary="Create a key")
-async def create_key(spec: KeySpec, keys: KeysDep) -> KeyCreated:
+async def create_key(spec: KeySpec, keys: KeysDep, request: Request) -> KeyCreated:
     """Makes the key's secret (`ps-` + 32 random bytes) and stores its record and the secret's SHA-256 in one atomic
-    script (a name in use is a 409). The answer is the only place the secret ever appears."""
+    script (a name in use is a 409), which announces it: every replica forgets the keys it knows to be unknown, this
+    one at once. The answer is the only place the secret ever appears."""
     record, secret = await keys.create(spec)
+    ring: KeyRing = request.app.state.keys
+    ring.created()
     return KeyCreated(**record.model_dump(), key=secret)
 
 
@@ -77,8 +83,8 @@ async def list_keys(
     after: Annotated[str | None, Query(description="list names after this one (a page's `next`)")] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="most keys in the page")] = 100,
 ) -> KeyList:
-    page = await keys.list_keys(after=after, limit=limit)
-    return KeyList(keys=page, next=page[-1].name if len(page) == limit else None)
+    page, following = await keys.page_keys(after=after, limit=limit)  # `next` from the names, not the records read
+    return KeyList(keys=page, next=following)
 
 
 @router.get("/{name}", response_model=KeyRecord, responses=ERRORS, summary="One key (no secret)")

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from .. import dispatch
+from .. import dispatch, limits
 from ..auth import InferenceAuth, is_admin, principal
 from ..dispatch import TokenEvent
 from ..http_errors import BadRequest, InvalidRequest
@@ -223,6 +223,8 @@ async def tokenize(body: TokenizeRequest, request: Request, call: CallDep, servi
     call.named(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequest("give exactly one of 'prompt' and 'messages'")
+    if body.messages is not None:  # renders a chat template, as the chat route does: one request of the key's limit
+        await limits.charge_request(request)
     art = await call.artifact()
     if body.messages is not None:
         chat = ChatCompletionRequest(model=body.model, messages=body.messages)

@@ -25,7 +25,7 @@ from prefix_store.methods import with_peft_type
 
 from ..auth import AdminAuth
 from ..http_errors import BadRequest, InvalidRequest, PayloadTooLarge
-from ..metrics import confirm_task, name_task
+from ..metrics import confirm_task, name_task, task_deleted
 from ..runtime.bias import checkpoint_references, verbalizer_tokens
 from ..runtime.methods import check as check_artifact
 from ..schemas import (
@@ -87,6 +87,7 @@ async def get_task(task: str, services: ServicesDep) -> TaskDetail:
         history=[VersionSummary(**s) for s in history],
         traffic=None if routing.traffic is None else {str(v): w for v, w in sorted(routing.traffic.items())},
         pinned=routing.pinned,
+        pinned_here=services.engine.pins.get(task) == current,
     )
 
 
@@ -121,12 +122,14 @@ async def delete_traffic(task: str, services: ServicesDep) -> Response:
     response_model=PinResponse,
     summary="Keep the task resident in every replica's device prefix cache",
     description="Its current version is loaded and never evicted (the pin follows the current version), on this "
-    "replica before the pin is stored, then on every replica as it hears of it. Pinned bytes count against "
-    "PREFIXSERVE_DEVICE_CACHE_BYTES: a pin beyond what other pins leave is refused (507, bytes needed and left).",
+    "replica before the pin is stored, then on every replica as it hears of it (retried there while running "
+    "requests hold the room; `pinned_here` in GET /v1/tasks/{task} says whether the replica answering holds it). "
+    "Pins may hold PREFIXSERVE_PIN_FRACTION (default half) of PREFIXSERVE_DEVICE_CACHE_BYTES, the rest staying for "
+    "every other task and version: a pin beyond what other pins leave of it is refused (507, bytes needed and left).",
     responses={
         404: {"model": ErrorBody, "description": "unknown task"},
         503: {"model": ErrorBody, "description": "running requests hold the device cache now; retry"},
-        507: {"model": ErrorBody, "description": "the pins would pass the device prefix cache's budget"},
+        507: {"model": ErrorBody, "description": "the pins would pass their share of the device prefix cache"},
     },
 )
 async def pin(task: str, services: ServicesDep) -> PinResponse:
@@ -296,9 +299,12 @@ async def export_artifact(
 async def delete_task(
     task: str,
     services: ServicesDep,
+    request: Request,
     version: Annotated[int | None, Query(ge=1, description="delete only this version", examples=[2])] = None,
 ) -> Response:
     await services.store.delete(task, version)
+    if version is None:
+        task_deleted(request)
     return Response(status_code=204)
 
 

@@ -29,10 +29,10 @@ from prefix_store import PrefixArtifact, VersionKey
 from . import methods, tracing
 from .backbone import Backbone
 from .batch import Row, RunningBatch
-from .errors import PinRefused
+from .errors import InputTooLong, PinRefused
 from .grammar import Grammars, advance, constrain
 from .heads import head_logits
-from .kv_cache import PrefixPool, SlotCache
+from .kv_cache import BLOCK, PrefixPool, SlotCache
 from .methods import DeviceParts
 from .output import TextStream, class_probabilities
 from .runner import Chunk, DevicePrefix, EncodeItem, ImageItem, ModelRunner
@@ -52,7 +52,12 @@ SHRINK_AFTER = 200  # steps a slot segment stays allocated after the last row th
 
 class DeviceFull(Exception):
     """The device budget cannot take a prefix now: everything it holds is in use by rows (or reserved for
-    admission). The request waits; it is not an error of the request."""
+    admission), or pinned (`pinned`: the pool bytes pins hold). The request waits; it is not an error of the request.
+    """
+
+    def __init__(self, message: str, pinned: int = 0) -> None:
+        super().__init__(message)
+        self.pinned = pinned
 
 
 class DeviceCache:
@@ -61,14 +66,17 @@ class DeviceCache:
     An entry is held while any holder (a request waiting for admission, or a running row; both by request id) needs
     it, and is never evicted then. An entry pinned for its task (`pins`, one version per task) is never evicted
     either, until it is unpinned, another version of the task is pinned in its place, or its version is deleted;
-    the pool bytes pins hold are bounded by the pool's budget (PinRefused past it). Unheld, unpinned entries stay as
+    the pool bytes pins hold are bounded by `pin_fraction` of the pool's budget (PinRefused past it), so the rest is
+    always there for every other task and version (a canary, a `task@N`). Unheld, unpinned entries stay as
     a cache and leave least recently used first when the pool needs room. Invalidations and releases may come from
     any thread; they are applied on the engine's thread at the next load or step; pins are set on that thread.
     """
 
-    def __init__(self, pool: PrefixPool, runner: ModelRunner) -> None:
+    def __init__(self, pool: PrefixPool, runner: ModelRunner, pin_fraction: float = 0.5) -> None:
         self.pool = pool
         self.runner = runner
+        # Whole blocks: a prefix's pool bytes are whole blocks too, so a pin fits exactly when its blocks do.
+        self.pin_budget = int(pool.max_blocks * pin_fraction) * BLOCK * pool.token_bytes
         self.entries: OrderedDict[VersionKey, DevicePrefix] = OrderedDict()
         self.holders: dict[VersionKey, set[str]] = {}
         self.pins: dict[str, VersionKey] = {}  # task -> its version kept resident (never evicted while pinned)
@@ -134,7 +142,7 @@ class DeviceCache:
     def pin(self, artifact: PrefixArtifact) -> DevicePrefix:
         """Keeps the artifact's prefix resident for its task (loaded if needed) until `unpin`, or until another
         version of the task is pinned in its place (that one then stays as an ordinary cache entry). Raises
-        PinRefused when the pins' pool bytes would pass the pool's budget, DeviceFull when rows hold the room now."""
+        PinRefused when the pins' pool bytes would pass the pin budget, DeviceFull when rows hold the room now."""
         key, task = artifact.key, artifact.task
         entry = self.entries.get(key)
         parts = None
@@ -144,12 +152,13 @@ class DeviceCache:
         else:
             needed = self.pool_bytes(entry)
         others = sum(self.pool_bytes(self.entries[k]) for t, k in self.pins.items() if t != task and k in self.entries)
-        left = self.pool.max_bytes - others
+        left = max(0, self.pin_budget - others)
         if needed > left:
             raise PinRefused(
                 f"pinning {task!r} v{artifact.version} needs {needed} bytes of the device prefix cache; other pins "
-                f"hold {others} of its {self.pool.max_bytes} (PREFIXSERVE_DEVICE_CACHE_BYTES), {left} left: unpin "
-                "another task or raise the budget",
+                f"hold {others} of the {self.pin_budget} pins may hold (PREFIXSERVE_PIN_FRACTION of its "
+                f"{self.pool.max_bytes}, PREFIXSERVE_DEVICE_CACHE_BYTES), {left} left: unpin another task or raise "
+                "the budget",
                 needed=needed,
                 left=left,
             )
@@ -201,11 +210,21 @@ class DeviceCache:
         index = None
         if kv is not None:
             P = kv.shape[3]
+            if self.pool.blocks_for(P) > self.pool.max_blocks:  # no eviction or wait would ever make room for it
+                raise InputTooLong(
+                    f"the prefix of {artifact.task!r} v{artifact.version} needs {self.pool.bytes_for(P)} bytes: it "
+                    f"does not fit the device cache at all ({self.pool.max_bytes}, PREFIXSERVE_DEVICE_CACHE_BYTES)"
+                )
             index = self.pool.alloc(P)
             while index is None and self._evict_one():
                 index = self.pool.alloc(P)
             if index is None:
-                raise DeviceFull(f"no room on the device for {artifact.task!r} v{artifact.version} now")
+                pinned = sum(self.pool_bytes(self.entries[k]) for k in self.pins.values() if k in self.entries)
+                raise DeviceFull(
+                    f"no room on the device for {artifact.task!r} v{artifact.version} now (pins hold {pinned} of "
+                    f"{self.pool.max_bytes} bytes)",
+                    pinned=pinned,
+                )
             self.pool.write(index, kv)
         assert artifact.version is not None, "only stored versions are served"
         entry = DevicePrefix(
@@ -247,6 +266,7 @@ class Engine:
     device_cache_bytes: the device memory for prefixes (held and cached).
     max_rows: the most rows running at once (the slot cache's size).
     max_prefill_tokens: the most prompt tokens prefilled in one step.
+    pin_fraction: the most of the device prefix budget pinned tasks may hold (DeviceCache).
     """
 
     def __init__(
@@ -256,6 +276,7 @@ class Engine:
         device_cache_bytes: int = 1024**3,
         max_rows: int = 32,
         max_prefill_tokens: int = 8192,
+        pin_fraction: float = 0.5,
     ) -> None:
         self.bb = backbone
         fp, dt, dev = backbone.fingerprint, backbone.dtype, backbone.device
@@ -265,7 +286,7 @@ class Engine:
             width = backbone.max_positions or 4096
             self.cache = SlotCache(fp, rows=max_rows, max_width=width, dtype=dt, device=dev, windows=backbone.windows)
         self.runner = ModelRunner(backbone, self.pool, self.cache)
-        self.device_cache = DeviceCache(self.pool, self.runner)
+        self.device_cache = DeviceCache(self.pool, self.runner, pin_fraction)
         self.batch = RunningBatch(self.cache) if self.cache is not None else None
         self.max_rows = max_rows
         self.max_prefill_tokens = max_prefill_tokens

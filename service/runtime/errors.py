@@ -39,10 +39,16 @@ class Overloaded(ServingError):
 
 
 class PinRefused(ServingError):
-    """Pinning a task would hold more of the device prefix cache than its budget (PREFIXSERVE_DEVICE_CACHE_BYTES):
-    `needed` bytes asked for, `left` bytes the other pins leave."""
+    """Pinning a task would hold more of the device prefix cache than pins may (PREFIXSERVE_PIN_FRACTION of
+    PREFIXSERVE_DEVICE_CACHE_BYTES): `needed` bytes asked for, `left` bytes the other pins leave."""
 
     def __init__(self, message: str, needed: int, left: int) -> None:
         super().__init__(message)
         self.needed = needed
         self.left = left
+
+
+class DeviceCacheFull(Overloaded):
+    """A request's prefix fits the device prefix cache, but not beside what pinned tasks hold now, and nothing else
+    would make room (no row runs, no request holds a prefix): 503 with Retry-After, as the room comes back when a pin
+    goes, and another replica may have it now."""

@@ -31,7 +31,8 @@ class HostCache:
     on_invalidate: told (task, version or None for every version) when entries must leave lower tiers too.
 
     `on_event` is told every store event once this tier has applied it, and `on_subscribed` every (re)subscription
-    (anything may have changed while unsubscribed): the warm set (warm.py) follows pins through them.
+    (anything may have changed while unsubscribed): the warm set (warm.py) follows pins through them. `observers` are
+    told every event after it (the metrics drop the series of deleted tasks and of versions no longer routed to).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class HostCache:
         self.traffic: dict[str, dict[int, int] | None] = {}
         self.on_event: Callable[[StoreEvent], None] | None = None
         self.on_subscribed: Callable[[], None] | None = None
+        self.observers: list[Callable[[StoreEvent], None]] = []
         self.on_load: Callable[[str, float], None] | None = None  # told (task, seconds) of each Redis read (metrics)
         self.lru: ByteLRU[VersionKey, PrefixArtifact] = ByteLRU(capacity_bytes, lambda a: a.nbytes)
         self._generation: dict[str, int] = {}  # bumped by every event of a task, to discard racing lookups
@@ -104,6 +106,14 @@ class HostCache:
             self.traffic[task] = found.traffic
         return found.current, found.traffic
 
+    def forget_route(self, task: str) -> None:
+        """Forgets the task's current version and split, so the next `route` reads them from the store: for a caller
+        that found what this tier knew stale (a split naming a version deleted since, its event not heard yet).
+        Lookups in flight discard what they read, as after an event."""
+        self._generation[task] = self._generation.get(task, 0) + 1
+        self.current.pop(task, None)
+        self.traffic.pop(task, None)
+
     async def choose(self, task: str, draw: float) -> int | None:
         """The version an unpinned request of the task runs under its traffic split: the one `draw` (uniform in
         [0, 1)) falls on; None when the task has no split (its current version: `get(task)`)."""
@@ -142,6 +152,8 @@ class HostCache:
                 self._drop(ev.task, ev.version)
         if self.on_event is not None:
             self.on_event(ev)
+        for observe in self.observers:
+            observe(ev)
 
     def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="prefix-cache-events")

@@ -30,7 +30,7 @@ T = TypeVar("T", bound=Queued)
 class ReadyQueue(Generic[T]):
     """One fair queue (_FairQueue) per priority class, each request in its own class's. The admission loop takes the
     classes in turn (`priorities`, then `heads` of each): a class gets what rows and key/value budget the classes
-    above it could not use this step."""
+    above it could not use this step, and nothing while one of them has a ready request waiting for room."""
 
     def __init__(self) -> None:
         self._classes: dict[str, _FairQueue[T]] = {p: _FairQueue() for p in PRIORITIES}
@@ -73,11 +73,16 @@ class ReadyQueue(Generic[T]):
         back of its class's turns."""
         self._classes[item.priority].pop(item, served=served)
 
-    def admission_order(self) -> Iterator[T]:
-        """Every queued request in the order admission takes them when nothing holds one back: class by class, and
-        within a class one per task per turn, each task's clients in turn."""
-        for queue in self._classes.values():
-            yield from queue.admission_order()
+    def admission_order(self, priority: str | None = None) -> Iterator[T]:
+        """Every queued request (of one class, given `priority`) in the order admission takes them when nothing
+        holds one back: class by class, and within a class one per task per turn, each task's clients in turn."""
+        for p, queue in self._classes.items():
+            if priority is None or p == priority:
+                yield from queue.admission_order()
+
+    def of(self, priority: str) -> Iterator[T]:
+        """The queued requests of one class, in no particular order."""
+        return iter(self._classes[priority])
 
 
 class _FairQueue(Generic[T]):

@@ -7,9 +7,9 @@ or from a task name through the prefix cache, by a short task per call (a Redis 
 EngineRequest is built then, once, checked against the context budget, and put in its task's ready queue. The loop
 then runs forever:
 
-  admit    take ready requests by priority class, then round-robin across tasks (a hot task cannot starve the
-           others) and each task's clients, within the free rows (max_batch_size), the key/value token budget
-           (max_batch_tokens) and the prefill budget per step;
+  admit    take ready requests by priority class (a class waiting for room holds it against the classes below),
+           then round-robin across tasks (a hot task cannot starve the others) and each task's clients, within the
+           free rows (max_batch_size), the key/value token budget (max_batch_tokens) and the prefill budget per step;
   step     run `engine.step` on the engine's one worker thread, so the event loop stays responsive;
   deliver  append each event to its request's history; finished and cancelled rows have already left the batch.
 
@@ -33,7 +33,7 @@ from prefix_store import PrefixArtifact, PrefixStore
 
 from .backbone import Backbone
 from .engine import DeviceFull, Engine
-from .errors import EngineFailure, InputTooLong, QueueFull, RequestTimeout, Unsupported
+from .errors import DeviceCacheFull, EngineFailure, InputTooLong, QueueFull, RequestTimeout, Unsupported
 from .host_cache import HostCache
 from .output import (
     ClassificationResult,
@@ -43,12 +43,13 @@ from .output import (
     embedding_result,
     generation_result,
 )
-from .ready_queue import ReadyQueue
+from .ready_queue import PRIORITIES, ReadyQueue
 from .sampling import SamplingParams
 from .step import EngineRequest, FinishReason, Kind, RowOutput, StepOutput, StepPlan, Submission
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+_calls = itertools.count()  # submit_all calls, in arrival order: the newest queued call is displaced first
 T = TypeVar("T")
 
 
@@ -64,6 +65,7 @@ class _Request:
     task: str | None  # the ready queue's keys: the task's name ...
     client: str  # ... and who sent it (the unit of fairness within a task)
     priority: str  # its class in the ready queue (Submission.priority)
+    call: int = 0  # the submit_all call it came in (all or none: a displaced call leaves the queue whole)
     work: EngineRequest | None = None
     # Outputs are appended to `history`; a streaming reader waits on `signal`, a non-streaming one only on
     # `finished`, so a request awaiting its result is not woken once per token.
@@ -160,12 +162,17 @@ def build_serving(
     host_cache_bytes: int = 4 * 1024**3,
     max_batch_size: int = 32,
     max_prefill_tokens: int = 8192,
+    pin_fraction: float = 0.5,
     **scheduler_kw: int,
 ) -> Scheduler:
     """Engine, host cache and scheduler, linked so that store events invalidate the device tier too.
     Nothing is started: call `scheduler.host_cache.start()` and `scheduler.start()`."""
     engine = Engine(
-        backbone, device_cache_bytes=device_cache_bytes, max_rows=max_batch_size, max_prefill_tokens=max_prefill_tokens
+        backbone,
+        device_cache_bytes=device_cache_bytes,
+        max_rows=max_batch_size,
+        max_prefill_tokens=max_prefill_tokens,
+        pin_fraction=pin_fraction,
     )
     host_cache = HostCache(store, capacity_bytes=host_cache_bytes, on_invalidate=engine.invalidate)
     return Scheduler(engine, host_cache, **scheduler_kw)
@@ -177,7 +184,8 @@ class Scheduler:
         most `max_prefill_tokens`.
     host_cache: resolves (task) -> artifact of its current version, through host memory and Redis.
     max_batch_tokens: most key/value columns (prefix + prompt + max new tokens) reserved by running rows.
-    max_queue: most requests waiting (resolving or ready); past it, submit raises QueueFull.
+    max_queue: most requests waiting (resolving or ready); past it, submit displaces queued requests of a lower
+        priority class to make room, or raises QueueFull.
     max_step_failures: consecutive failed engine steps after which the replica gives up (`on_fatal`).
 
     A failed step fails the requests it held and takes the replica out of readiness (`healthy`) until a step
@@ -287,9 +295,7 @@ class Scheduler:
         """Queues one generation (params given), classification (params None) or embedding (`embed`, encoders)
         request for `task` (a name, a resolved version, or None: the bare backbone; see Submission); an image
         backbone reads `pixel_values` (C, H, W) instead of prompt ids. Raises QueueFull at once when the queue is at
-        its bound."""
-        if self._waiting >= self.max_queue:
-            raise QueueFull(f"queue full: {self._waiting} requests waiting (limit {self.max_queue}); retry later")
+        its bound and holds no request of a lower class to displace (see submit_all)."""
         sub = Submission(
             list(prompt_ids),
             task,
@@ -301,27 +307,77 @@ class Scheduler:
             client=client,
             priority=priority,
         )
+        self._validate([sub])
+        if not self._make_room([sub]):
+            raise QueueFull(f"queue full: {self._waiting} requests waiting (limit {self.max_queue}); retry later")
         return self._queue([sub], timeout_s)[0]
 
     def submit_all(self, submissions: Sequence[Submission], *, timeout_s: float | None = None) -> list[RequestHandle]:
-        """Queues several requests all or none: QueueFull when they do not all fit, or the refusal of one that
-        cannot run on this backbone (Unsupported, InputTooLong), before any is queued. Each task name of the call is
-        resolved once, so its requests run one version; a request with `fork_of` may share its leader's prefill."""
-        if self._waiting + len(submissions) > self.max_queue:
+        """Queues several requests all or none: the refusal of one that cannot run on this backbone (Unsupported,
+        InputTooLong), or QueueFull when they do not all fit, before any is queued. A full queue first makes room by
+        displacing queued requests of a strictly lower class (`_make_room`). Each task name of the call is resolved
+        once, so its requests run one version; a request with `fork_of` may share its leader's prefill."""
+        self._validate(submissions)
+        if not self._make_room(submissions):
             raise QueueFull(
                 f"queue full: {self._waiting} requests waiting, this call adds {len(submissions)} "
                 f"(limit {self.max_queue}); retry later"
             )
         return self._queue(submissions, timeout_s)
 
-    def _queue(self, submissions: Sequence[Submission], timeout_s: float | None) -> list[RequestHandle]:
+    def _validate(self, submissions: Sequence[Submission]) -> None:
+        """Every check a call can fail at submission, made before any queued request is displaced for it."""
         for i, sub in enumerate(submissions):
             self._refuse(sub)
             if sub.fork_of is not None and not 0 <= sub.fork_of < i:
                 raise ValueError(f"request {i}: fork_of {sub.fork_of} is not an earlier request of the call")
+
+    def _make_room(self, submissions: Sequence[Submission]) -> bool:
+        """Whether the call fits the queue, after displacing what it may (False: it is refused). When it does not
+        fit, ready requests of a class strictly below the call's (its lowest, should a call mix classes) leave the
+        queue, the lowest class first and within it the newest call first, whole calls at a time (a call is all or
+        none: its caller gets the 429 for any one of its requests, so the others would only run for nobody), until
+        the call fits. Each ends with QueueFull, as if the queue had refused it at arrival (the HTTP layer answers
+        429 with Retry-After and refunds its key's charge: routes.common.Call). A request of an equal or higher
+        class is never displaced, nor one whose task name is still being resolved (not in the ready queue yet);
+        when displacing every candidate would not make room, nothing is displaced and the call is refused."""
+        need = self._waiting + len(submissions) - self.max_queue
+        if need <= 0:
+            return True
+        rank = max(PRIORITIES.index(sub.priority) for sub in submissions)
+        calls: dict[tuple[int, int], list[_Request]] = {}
+        for req in self._ready:
+            below = PRIORITIES.index(req.priority)
+            if below > rank:
+                calls.setdefault((below, req.call), []).append(req)
+        victims: list[_Request] = []
+        for key in sorted(calls, reverse=True):  # the lowest class first, within it the newest call first
+            if len(victims) >= need:
+                break
+            victims += calls[key]
+        if len(victims) < need:
+            return False
+        for req in victims:
+            self._ready.remove(req)
+            self._waiting -= 1
+            if req.cancelled:
+                self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.CANCELLED))
+                continue
+            waited = time.monotonic() - req.submitted_at
+            error = QueueFull(
+                f"queue full: a {PRIORITIES[rank]}-priority request took the place of this {req.priority}-priority "
+                f"one after {waited:.1f}s waiting (limit {self.max_queue} waiting); retry later"
+            )
+            self._finish(req, RowOutput(req.id, self._last.step, finish_reason=FinishReason.ERROR, error=error))
+        log.info("queue full: %d lower-priority requests displaced for a %s one", len(victims), PRIORITIES[rank])
+        return True
+
+    def _queue(self, submissions: Sequence[Submission], timeout_s: float | None) -> list[RequestHandle]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        call = next(_calls)
         reqs = [
-            _Request(f"req-{next(_ids)}", sub, deadline, sub.task_name, sub.client, sub.priority) for sub in submissions
+            _Request(f"req-{next(_ids)}", sub, deadline, sub.task_name, sub.client, sub.priority, call)
+            for sub in submissions
         ]
         self._waiting += len(reqs)
         self._live.update((req.id, req) for req in reqs)
@@ -476,26 +532,41 @@ class Scheduler:
                     self._deliver(req, row)
 
     def _pick_loads(self) -> list[_Request]:
-        """The ready requests to load prefixes for before this step, in the order admission takes them (round-robin
-        over tasks, one per task per turn), as many as rows are free, skipping requests already held. A second
-        request of a resident task is only a hold on the same device copy."""
+        """The ready requests to load prefixes for before this step, in the order admission takes them (class by
+        class, then round-robin over tasks, one per task per turn), as many as rows are free, skipping requests
+        already held. A second request of a resident task is only a hold on the same device copy. A class counts
+        only the holds of its own class and those above it against the free rows: held low requests waiting for
+        key/value room must not keep a high request's prefix from loading (admission takes the high one first)."""
         free = self.max_batch_size - self._last.running
-        want = free - sum(1 for r in self._ready if r.held)
-        if want <= 0:
-            return []
-        order = (r for r in self._ready.admission_order() if not r.held and r.artifact is not None and not r.cancelled)
-        return list(itertools.islice(order, want))
+        picked: list[_Request] = []
+        for priority in self._ready.priorities():
+            free -= sum(1 for r in self._ready.of(priority) if r.held)
+            if free <= 0:
+                break
+            order = (
+                r
+                for r in self._ready.admission_order(priority)
+                if not r.held and r.artifact is not None and not r.cancelled
+            )
+            more = list(itertools.islice(order, free))
+            picked += more
+            free -= len(more)
+        return picked
 
     def _after_load(self, requests: list[_Request], results: dict[str, Exception | None]) -> None:
+        for req in requests:  # every hold first: a request of this load that got room frees it once it has run
+            if results.get(req.id) is None:
+                req.held = True
         for req in requests:
             err = results.get(req.id)
             if err is None:
-                req.held = True
-            elif isinstance(err, DeviceFull):
-                if self._last.running == 0 and not any(r.held for r in self._ready):
-                    self._drop_ready(req, InputTooLong(f"{err}: its prefix does not fit the device cache at all"))
-            else:
+                continue
+            if not isinstance(err, DeviceFull):
                 self._drop_ready(req, err)
+            elif self._last.running == 0 and not any(r.held for r in self._ready):
+                # Nothing runs or waits loaded, so only pins hold the room (a prefix larger than the whole cache is
+                # refused by the engine as InputTooLong): it comes back when a pin goes, or on another replica.
+                self._drop_ready(req, DeviceCacheFull(f"{err}: the room is held by pinned tasks; retry", 5))
 
     def _drop_ready(self, req: _Request, error: Exception) -> None:
         if self._ready.remove(req):
@@ -506,8 +577,10 @@ class Scheduler:
         """Priority class by class (high, normal, low), and within a class round-robin over tasks with ready
         requests and within a task over its clients: one request per task per turn, while rows and the key/value
         budget allow. Only requests whose prefix is held on the device are admitted (the others are loaded first,
-        see _pick_loads); a task whose next request does not fit is skipped this turn, and a lower class gets the
-        rows and budget left once no request of a higher class fits."""
+        see _pick_loads); a task whose next request does not fit is skipped this turn. A lower class gets the rows
+        and budget a higher class leaves only when that class has no ready request blocked by them: while a
+        higher class's ready head waits for rows or key/value columns, lower classes admit nothing, so the
+        columns running rows free go to it rather than to a stream of smaller low requests."""
         admitted: list[_Request] = []
         rows = self.max_batch_size - self._last.running
         kv_left = self.max_batch_tokens - self._last.reserved_tokens
@@ -531,6 +604,11 @@ class Scheduler:
                         progress = True
                     if rows == 0:
                         break
+            if rows == 0 or any(
+                (h.held or h.artifact is None) and not h.cancelled and h.resolved.reserved_tokens > kv_left
+                for h in self._ready.heads(priority)
+            ):
+                break  # this class waits for room: what frees is held for it, not handed to a lower class
         return admitted
 
     def _expire_running(self) -> None:

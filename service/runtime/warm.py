@@ -6,9 +6,12 @@ replay what was missed.
 
 The warm-up at start reads the pins, pins those tasks, then loads the preload globs' other tasks (current versions)
 into room nothing else uses, stopping at the first that does not fit. `progress` says how far it got, for /ready.
-A task that fails to load is logged and skipped; a replica on which a pin does not fit logs it and serves the task
-unpinned. Engine state changes only on the engine's thread (Scheduler.on_engine), between steps; this set's own
-operations run one at a time, in the order their events arrived.
+A task that fails to load is logged and skipped. A pin that fails for now on this replica (running rows hold the room
+it needs, or Redis is away) is retried in the background, backing off, until it is applied, the next event of the
+task supersedes it, or `retry_attempts` are spent; meanwhile the task's previous version, if it was pinned here,
+stays pinned. A pin refused for good here (past this replica's pin budget, refused by the backbone) is logged and
+the task served unpinned. Engine state changes only on the engine's thread (Scheduler.on_engine), between steps;
+this set's own operations run one at a time, in the order their events arrived.
 """
 
 from __future__ import annotations
@@ -36,9 +39,20 @@ class WarmSet:
         store event and (re)subscription (the hooks are installed here: build this before starting the host cache).
     store: where pins are stored.
     preload: task-name globs (fnmatch) whose current versions the warm-up loads after the pinned tasks.
+    retry_s: (first, longest) wait between two tries of a pin that failed for now, doubling from the first.
+    retry_attempts: the tries after the first before a pin is given up on this replica. The defaults span about six
+        minutes, past the default request deadline (300 s), so rows holding the room have finished by then.
     """
 
-    def __init__(self, scheduler: Scheduler, store: PrefixStore, preload: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        store: PrefixStore,
+        preload: Sequence[str] = (),
+        *,
+        retry_s: tuple[float, float] = (0.5, 10.0),
+        retry_attempts: int = 40,
+    ) -> None:
         self.scheduler = scheduler
         self.host_cache = scheduler.host_cache
         self.store = store
@@ -51,6 +65,9 @@ class WarmSet:
         self._lock = asyncio.Lock()
         self._sync: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.retry_s = retry_s
+        self.retry_attempts = retry_attempts
+        self._retries: dict[str, asyncio.Task[None]] = {}  # task -> its pin being retried here
         self.host_cache.on_event = self._on_event
         self.host_cache.on_subscribed = self._on_subscribed
 
@@ -75,9 +92,10 @@ class WarmSet:
 
     # -- the admin routes' calls ----------------------------------------------------------------------------------
     async def pin(self, task: str) -> tuple[int, int]:
-        """Pins the task's current version here first, so that a refusal (PinRefused: beyond the budget; Overloaded:
-        running rows hold the room now) reaches the caller before anything is stored, then in the store, which
-        every replica hears. Returns (version, pool bytes it holds). Raises TaskNotFound."""
+        """Pins the task's current version here first, so that a refusal (PinRefused: beyond the pins' share;
+        Overloaded: running rows hold the room now) reaches the caller before anything is stored, then in the store,
+        which every replica hears. Returns (version, pool bytes it holds). Raises TaskNotFound."""
+        self._supersede(task)
         async with self._lock:
             artifact = await self.host_cache.get(task)
             try:
@@ -96,6 +114,7 @@ class WarmSet:
 
     async def unpin(self, task: str) -> None:
         """Unpins the task in the store (every replica hears it) and here. Raises TaskNotFound."""
+        self._supersede(task)
         async with self._lock:
             await self.store.pin(task, False)
             self.pinned.discard(task)
@@ -103,6 +122,8 @@ class WarmSet:
 
     # -- events ---------------------------------------------------------------------------------------------------
     def _on_event(self, ev: StoreEvent) -> None:
+        if ev.type in ("pin", "unpin", "delete") or (ev.type in ("publish", "rollback") and ev.task in self.pinned):
+            self._supersede(ev.task)  # what the event queues decides the task's pin here now
         if ev.type == "pin":
             self.pinned.add(ev.task)
             self._spawn(self._locked(self._pin_current, ev.task))
@@ -119,6 +140,8 @@ class WarmSet:
     def _on_subscribed(self) -> None:
         if self._sync is not None:
             self._sync.cancel()  # a newer subscription reads the pins again
+        for task in list(self._retries):  # ... and pins each again, retrying afresh what fails for now
+            self._supersede(task)
         self._sync = asyncio.create_task(self._read_pins(), name="warm-set-pins")
 
     async def _read_pins(self) -> None:
@@ -142,16 +165,67 @@ class WarmSet:
 
     async def _pin_current(self, task: str) -> None:
         """Pins the task's current version here (its previous version, if pinned, goes back to the cache); a task
-        gone or unpinned meanwhile is left alone, a refusal logged."""
+        gone or unpinned meanwhile is left alone, a refusal logged, a failure for now retried in the background."""
+        error = await self._try_pin(task)
+        if error is not None:
+            log.warning(
+                "pinning task %r on this replica failed for now: %s; %s; retrying", task, error, self._pinned_here(task)
+            )
+            self._supersede(task)
+            self._retries[task] = self._spawn(self._retry(task), f"warm-set-retry-{task}")
+
+    async def _try_pin(self, task: str) -> Exception | None:
+        """One try at pinning the task's current version here. Returns the failure worth trying again (DeviceFull:
+        running rows hold the room; StoreUnavailable: Redis away); None once pinned, when the task is not pinned in
+        the store any more, or when the pin is refused for good here, which is logged."""
         if task not in self.pinned:
-            return
+            return None
         try:
             artifact = await self.host_cache.get(task)
             await self.scheduler.on_engine(lambda e: e.pin(artifact))
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # TaskNotFound (deleted meanwhile), PinRefused, DeviceFull, StoreUnavailable, ...
-            log.warning("task %r stays unpinned on this replica: %s", task, e)
+        except (DeviceFull, StoreUnavailable) as e:
+            return e
+        except Exception as e:  # TaskNotFound (deleted meanwhile), PinRefused (past this replica's budget), ...
+            log.warning("pinning task %r on this replica was refused: %s; %s", task, e, self._pinned_here(task))
+        return None
+
+    async def _retry(self, task: str) -> None:
+        """Tries the task's pin again, backing off, until it is applied or refused for good, or the tries are spent;
+        cancelled when an event of the task (or a resubscription) supersedes it, or when the set stops."""
+        delay, longest = self.retry_s
+        error: Exception | None = None
+        try:
+            for attempt in range(1, self.retry_attempts + 1):
+                await asyncio.sleep(delay)
+                async with self._lock:
+                    error = await self._try_pin(task)
+                if error is None:
+                    log.info("task %r, its pin retried %d times: %s", task, attempt, self._pinned_here(task))
+                    return
+                delay = min(2 * delay, longest)
+            log.error(
+                "gave up pinning task %r on this replica after %d retries: %s; %s",
+                task,
+                self.retry_attempts,
+                error,
+                self._pinned_here(task),
+            )
+        finally:
+            if self._retries.get(task) is asyncio.current_task():
+                del self._retries[task]
+
+    def _supersede(self, task: str) -> None:
+        retry = self._retries.pop(task, None)
+        if retry is not None:
+            retry.cancel()
+
+    def _pinned_here(self, task: str) -> str:
+        """What this replica holds pinned for the task now, for the log (its previous version stays pinned when the
+        current one could not take its place)."""
+        version = self.scheduler.engine.pins.get(task)
+        return "not pinned here" if version is None else f"v{version} pinned here"
 
     async def _unpin_here(self, task: str) -> None:
         await self.scheduler.on_engine(lambda e: e.unpin(task))
@@ -191,10 +265,11 @@ class WarmSet:
         async with self._lock:
             await fn(task)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

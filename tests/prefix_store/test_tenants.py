@@ -162,3 +162,56 @@ async def test_a_full_current_window_waits_for_the_next(keys, store):
     # Next window: 4 x (W - e') / W <= 3 once e' >= W / 4.
     expected = (WINDOW_MS - elapsed) + WINDOW_MS / 4
     assert abs(res.retry_after_ms - expected) < 50
+
+
+async def test_over_limit_reads_the_window_without_counting(keys, store):
+    """The pre-check: a key over its requests per minute, or at its tokens per minute, is refused as `charge` would
+    refuse any request then (with the same Retry-After maths); below both it passes; it never counts anything."""
+    limits = {"requests_per_minute": 2, "tokens_per_minute": 10}
+    assert await keys.over_limit("k", **limits) is None
+    assert (await keys.charge("k", **limits, tokens=9)).charged
+    rate = store.keys.key_rate("k")
+    before = await store.client.hgetall(rate)
+    assert await keys.over_limit("k", **limits) is None  # one request left, and one token: a request could pass
+    assert await store.client.hgetall(rate) == before, "a pre-check counts nothing"
+    assert (await keys.charge("k", **limits, tokens=1)).charged
+    over = await keys.over_limit("k", **limits)  # 2 of 2 requests and 10 of 10 tokens
+    refused = await keys.charge("k", **limits, tokens=1)
+    assert over is not None and not over.charged and not refused.charged
+    assert over.limit == refused.limit and abs(over.retry_after_ms - refused.retry_after_ms) < 50
+    assert 0 < over.retry_after_ms <= 2 * WINDOW_MS
+    only_tokens = await keys.over_limit("k", requests_per_minute=None, tokens_per_minute=10)
+    assert only_tokens is not None and only_tokens.limit == "tokens_per_minute"
+    assert await keys.over_limit("k", requests_per_minute=3, tokens_per_minute=11) is None
+    assert await keys.over_limit("free", requests_per_minute=None, tokens_per_minute=None) is None
+
+
+async def test_creation_is_announced(keys):
+    subscribed = asyncio.Event()
+    seen = []
+
+    async def listen():
+        async for event in keys.events(on_subscribed=subscribed.set):
+            seen.append(event)
+            if len(seen) == 2:
+                return
+
+    listener = asyncio.create_task(listen())
+    await asyncio.wait_for(subscribed.wait(), 5)
+    await keys.create(KeySpec(name="new"))
+    await keys.delete("new")
+    await asyncio.wait_for(listener, 5)
+    assert [(e.type, e.name) for e in seen] == [("create", "new"), ("revoke", "new")]
+
+
+async def test_a_page_ends_at_the_last_name_listed_even_if_its_record_is_gone(keys, store):
+    """A key revoked between the range of names and the read of their records shortens its page, never the listing:
+    `next` is the last name the range returned."""
+    for name in ("a", "b", "c"):
+        await keys.create(KeySpec(name=name))
+    await store.client.hdel(store.keys.key_records, "b")  # as a revocation between the two reads leaves it seen
+    page, following = await keys.page_keys(limit=2)
+    assert [r.name for r in page] == ["a"] and following == "b"
+    page, following = await keys.page_keys(after=following, limit=2)
+    assert [r.name for r in page] == ["c"] and following is None
+    assert [r.name for r in await keys.list_keys()] == ["a", "c"]

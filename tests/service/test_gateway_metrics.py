@@ -192,3 +192,56 @@ async def test_max_lora_is_bounded_by_rows_and_by_the_prefix_pool(store, redis_u
         r = await c.get("/metrics", params=[("name[]", name) for name in gauges])
         assert r.status_code == 200 and "name%5B%5D" in str(r.request.url)
         assert [f.name for f in text_string_to_metric_families(r.text)] == gauges
+
+
+def by_version(m, name, task="alpha") -> dict[str, float]:
+    return {s.labels["version"]: s.value for s in m.get(name, []) if s.labels["task"] == task}
+
+
+LATENCY = "prefixserve_task_request_latency_seconds_count"
+TTFT = "prefixserve_task_time_to_first_token_seconds_count"
+VERSIONS = "prefixserve_task_version_requests_total"
+
+
+async def test_version_labels_follow_the_split_and_a_deleted_task_leaves_no_series(store, redis_url, llama):
+    for seed in (1, 2):
+        await publish(store, llama, "alpha", seed=seed)
+    await publish(store, llama, "beta")
+    app = make_app(llama, redis_url, store)
+    async with asgi_client(app) as c:
+        cache = app.state.services.host_cache
+
+        async def call(model: str, n: int = 1) -> dict[str, float]:
+            """n requests of distinct ids; how many ran each version (X-Prefix-Version)."""
+            served: dict[str, float] = {}
+            for i in range(n):
+                body = {"task": model, "input_ids": [5, 6], "max_new_tokens": 1}
+                r = await c.post("/v1/generate", json=body, headers={"x-request-id": f"{model}-{i}"})
+                assert r.status_code == 200, r.text
+                version = r.headers["x-prefix-version"]
+                served[version] = served.get(version, 0) + 1
+            return served
+
+        r = await c.put("/v1/tasks/alpha/traffic", json={"weights": {"1": 50, "2": 50}})
+        assert r.status_code == 200
+        await until(lambda: cache.traffic.get("alpha") == {1: 50, 2: 50})
+        split = await call("alpha", 12)  # the canary split: each version its own label value
+        assert set(split) == {"1", "2"}
+        await call("beta")
+        m = await scrape(c)
+        assert by_version(m, LATENCY) == split and by_version(m, TTFT) == split
+        assert by_version(m, VERSIONS) == split
+        assert value(m, VERSIONS, task="beta", version="1", status="200") == 1
+
+        assert (await c.delete("/v1/tasks/alpha/traffic")).status_code == 204  # v2 alone: v1's series go
+        await until(lambda: cache.traffic.get("alpha", 0) is None)
+        await call("alpha@1")  # an older version: "other", not one series per version ever asked for
+        m = await scrape(c)
+        assert by_version(m, LATENCY) == {"2": split["2"], "other": 1}
+        assert by_version(m, VERSIONS) == {"2": split["2"], "other": 1}
+
+        await store.delete("alpha")  # as another replica would: the store event removes the task's series
+        await until(lambda: "alpha" not in cache.current)
+        assert (await c.delete("/v1/tasks/beta")).status_code == 204  # here: gone once this request is counted
+        text = (await scrape(c))["_text"]
+        assert 'task="alpha"' not in text and 'task="beta"' not in text, text

@@ -33,10 +33,11 @@ def llama():
 def make_app(redis_url, store, llama):
     """An app on the test's namespace, with an environment admin key `root` and inference key `user`."""
 
-    def make(url=None, **settings):
+    def make(url=None, tokenizer=None, **settings):
         settings = {"api_keys": ["user"], "admin_keys": ["root"], **settings}
         s = ServiceSettings(redis_url=url or redis_url, namespace=store.ns, **settings)
-        return create_app(s, backbone=wrap_model(copy.deepcopy(llama), tiny_tokenizer(), name="tiny-llama"))
+        tok = tokenizer or tiny_tokenizer()
+        return create_app(s, backbone=wrap_model(copy.deepcopy(llama), tok, name="tiny-llama"))
 
     return make
 
@@ -281,3 +282,114 @@ async def _until(cond, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.005)
+
+
+async def test_a_key_past_its_limits_is_refused_before_any_work(make_app):
+    """Right after its key is resolved, before its body is read: a key over its requests per minute, or at its tokens
+    per minute, gets its 429 without tokenising, rendering or looking up anything (a malformed body is not even
+    parsed). /tokenize with chat messages renders a template, so it counts as a request; with a prompt it is free."""
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    app = make_app(tokenizer=tok)
+    async with asgi_client(app) as c:
+        services = app.state.services
+        renders = 0
+        render = services.templates.render
+
+        async def counted(*args, **kw):
+            nonlocal renders
+            renders += 1
+            return await render(*args, **kw)
+
+        services.templates.render = counted
+        chat = {"model": "base", "messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 2}
+
+        rpm = bearer(await new_key(c, name="rpm", requests_per_minute=2))
+        assert (
+            await c.post("/tokenize", json={"model": "base", "messages": chat["messages"]}, headers=rpm)
+        ).status_code == 200
+        assert (await c.post("/v1/chat/completions", json=chat, headers=rpm)).status_code == 200
+        assert renders == 2
+        for path, body in [("/v1/chat/completions", chat), ("/v1/generate", {"task": "base"})]:
+            r = await c.post(path, json=body, headers=rpm)  # the malformed one too: 429, not 422
+            msg = r.json()["error"]["message"]
+            assert r.status_code == 429 and "may use 2 requests per minute (requests_per_minute)" in msg, msg
+            assert 1 <= int(r.headers["retry-after"]) <= 120
+        r = await c.post("/tokenize", json={"model": "base", "messages": chat["messages"]}, headers=rpm)
+        assert r.status_code == 429 and "requests_per_minute" in r.json()["error"]["message"]
+        assert renders == 2, "nothing rendered for a key past its limit"
+        for path, body in [
+            ("/tokenize", {"model": "base", "prompt": "w5 w6"}),
+            ("/detokenize", {"model": "base", "tokens": [5]}),
+        ]:
+            assert (await c.post(path, json=body, headers=rpm)).status_code == 200, path  # not counted
+
+        tpm = bearer(await new_key(c, name="tpm", tokens_per_minute=30))
+        body = {"model": "base", "prompt": [5, 6], "max_tokens": 13}  # 2 + 13 = 15 tokens, twice: all 30 used
+        for _ in range(2):
+            assert (await c.post("/v1/completions", json=body, headers=tpm)).status_code == 200
+        r = await c.post("/v1/completions", json={"model": "base", "prompt": "w5", "max_tokens": "x"}, headers=tpm)
+        msg = r.json()["error"]["message"]
+        assert r.status_code == 429 and "may use 30 tokens per minute (tokens_per_minute) (all used)" in msg, msg
+
+
+async def test_a_made_up_key_is_remembered_until_a_key_is_made(make_app, monkeypatch):
+    """A client repeating a made-up `ps-` key costs one Redis lookup, not one a request. A key made on replica A
+    is announced, so replica B, which has just refused that very secret as unknown, takes it at once."""
+    import prefix_store.tenants as tenants
+
+    app_a, app_b = make_app(), make_app()
+    async with asgi_client(app_a) as a, asgi_client(app_b) as b:
+        await _until(lambda: app_a.state.keys.subscribed.is_set() and app_b.state.keys.subscribed.is_set())
+        ring = app_b.state.keys
+        ring.unknown_ttl_s = 60.0  # remembered far longer than the test: only the creation event can clear it
+        lookups = 0
+        lookup = ring.store.lookup
+
+        async def counted(secret):
+            nonlocal lookups
+            lookups += 1
+            return await lookup(secret)
+
+        ring.store.lookup = counted
+        made_up = bearer("ps-" + "x" * 43)
+        for _ in range(5):
+            r = await b.get("/v1/models", headers=made_up)
+            assert r.status_code == 401 and r.json()["error"]["message"] == "invalid bearer key"
+        assert lookups == 1
+
+        monkeypatch.setattr(tenants.secrets, "token_urlsafe", lambda n: "x" * 43)  # A makes exactly that secret
+        assert await new_key(a, name="late") == "ps-" + "x" * 43
+        start = time.monotonic()
+        while (await b.get("/v1/models", headers=made_up)).status_code != 200:
+            assert time.monotonic() - start < 1.0, "B still refuses a key made on A after 1 s"
+            await asyncio.sleep(0.01)
+        assert lookups == 2
+
+
+async def test_a_displaced_request_gets_a_clean_429_and_its_charge_back(make_app):
+    """One row, a queue of one: a low key's second request waits (streaming), then a high key's request takes its
+    place. The low request is answered 429 queue full with Retry-After, as if refused at arrival, and its charge is
+    refunded: the low key still has two of its three requests a minute."""
+    app = make_app(max_queue=1, max_batch_size=1)
+    async with asgi_client(app) as c:
+        low = bearer(await new_key(c, name="batch", priority="low", requests_per_minute=3))
+        high = bearer(await new_key(c, name="live", priority="high"))
+        sched = app.state.services.scheduler
+        long = {**GEN, "max_new_tokens": 80, "ignore_eos": True}
+        first = asyncio.create_task(c.post("/v1/generate", json=long, headers=low))
+        await _until(lambda: sched.running == 1)
+        queued = asyncio.create_task(c.post("/v1/generate", json={**GEN, "stream": True}, headers=low))
+        await _until(lambda: sched.queue_depth == 1)
+        r = await c.post("/v1/generate", json=GEN, headers=high)
+        assert r.status_code == 200, r.text
+        displaced = await queued
+        msg = displaced.json()["error"]["message"]
+        assert displaced.status_code == 429 and displaced.headers["retry-after"] == "1", displaced.text
+        assert "queue full: a high-priority request took the place of this low-priority one" in msg, msg
+        assert (await first).status_code == 200
+        for _ in range(2):  # the refunded second, and a third
+            assert (await c.post("/v1/generate", json=GEN, headers=low)).status_code == 200
+        r = await c.post("/v1/generate", json=GEN, headers=low)
+        assert r.status_code == 429 and "requests_per_minute" in r.json()["error"]["message"]
+        assert sched.queue_depth == 0 and sched.running == 0

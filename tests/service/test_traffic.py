@@ -27,6 +27,7 @@ from service.runtime import wrap_model
 from service.runtime.host_cache import pick
 from service.settings import ServiceSettings
 from tests.engine_harness import trained_peft
+from tests.factories import make_artifact
 from tests.models import tiny_model, tiny_tokenizer
 from tests.service.live import asgi_client, live_server
 from tests.service.test_request_ids import captured  # noqa: F401 (fixture)
@@ -262,6 +263,21 @@ async def test_a_split_survives_a_restart_and_goes_with_a_rollback(store, app_on
         assert (await c.get("/v1/tasks/alpha")).json()["traffic"] is None, "deleting the task deleted its split"
 
 
+async def test_a_stale_split_naming_a_deleted_version_falls_back(store, app_on, llama, tmp_path):
+    for seed in (1, 2):
+        await publish(store, llama, tmp_path, "alpha", seed)
+    await store.set_traffic("alpha", {2: 1})  # a split that drops v1 ...
+    await store.delete("alpha", 1)  # ... then v1 deleted
+    app = app_on(llama)
+    async with asgi_client(app) as c:
+        cache = app.state.services.host_cache
+        cache.current["alpha"], cache.traffic["alpha"] = 2, {1: 1}  # a replica that has not heard the events yet
+        assert await _versions(c, ["x", "y"]) == [2, 2], "re-read the routing: not a 404"
+        assert cache.traffic["alpha"] == {2: 1}, "and keeps what it read"
+        r = await c.post("/v1/generate", json={"task": "alpha@1", "input_ids": [5], "max_new_tokens": 1})
+        assert r.status_code == 404 and "has no version 1" in r.text, "a pinned version that is gone stays a 404"
+
+
 async def _artifact(store, llama, tmp_path):
     pm = trained_peft(llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), seed=9)
     pm.save_pretrained(tmp_path / "again")
@@ -312,10 +328,13 @@ async def test_preloaded_tasks_are_resident_when_ready(store, app_on, llama, tmp
 
 
 async def test_a_pinned_task_stays_resident_on_every_replica(store, app_on, llama, tmp_path):
-    tasks = ("alpha", "beta", "gamma", "delta")
+    tasks = ("alpha", "beta", "gamma", "delta", "eps")
     for task in tasks:
         await publish(store, llama, tmp_path, task, 1)
-    budget = {"device_cache_bytes": 2 * BLOCK_BYTES}  # two prefixes of 4 tokens
+    fp = BackboneFingerprint.from_config(llama.config)
+    await store.put(make_artifact("big", fp=fp, P=12))  # 3 blocks: fits the cache, not beside 2 blocks of pins
+    await store.put(make_artifact("huge", fp=fp, P=20))  # 5 blocks: more than the whole cache
+    budget = {"device_cache_bytes": 4 * BLOCK_BYTES}  # four prefixes of 4 tokens; pins may hold two
 
     def gen(task):
         return {"task": task, "input_ids": [5, 6], "max_new_tokens": 1}
@@ -325,32 +344,44 @@ async def test_a_pinned_task_stays_resident_on_every_replica(store, app_on, llam
         ea, eb = app_a.state.services.engine, app_b.state.services.engine
         r = await a.post("/v1/tasks/alpha/pin")
         assert r.status_code == 200 and r.json() == {"task": "alpha", "version": 1, "pinned": True, "bytes": 1536}
-        assert (await a.get("/v1/tasks/alpha")).json()["pinned"] is True
+        detail = (await a.get("/v1/tasks/alpha")).json()
+        assert detail["pinned"] is True and detail["pinned_here"] is True
         await _until(lambda: eb.pins == {"alpha": 1})  # B heard the pin and loaded it
+        assert (await b.get("/v1/tasks/alpha")).json()["pinned_here"] is True
         for client, engine in ((a, ea), (b, eb)):
-            for task in ("beta", "gamma", "delta", "beta", "gamma"):  # one room left: each evicts the last
+            for task in ("beta", "gamma", "delta", "eps", "beta", "gamma"):  # three rooms left: each evicts
                 assert (await client.post("/v1/generate", json=gen(task))).status_code == 200
-            assert engine.is_resident("alpha", 1) and not engine.is_resident("beta", 1)
-            assert engine.device_cache.stats["evictions"] >= 4
+            assert engine.is_resident("alpha", 1) and not engine.is_resident("delta", 1)
+            assert engine.device_cache.stats["evictions"] >= 3
 
         assert (await a.post("/v1/tasks/beta/pin")).status_code == 200
         r = await a.post("/v1/tasks/gamma/pin")
         assert r.status_code == 507, r.text
         message = r.json()["error"]["message"]
-        assert f"needs {BLOCK_BYTES} bytes of the device prefix cache; other pins hold {2 * BLOCK_BYTES}" in message
-        assert "0 left" in message and (await a.get("/v1/tasks/gamma")).json()["pinned"] is False
+        assert f"needs {BLOCK_BYTES} bytes of the device prefix cache; other pins hold {2 * BLOCK_BYTES} of the" in (
+            message
+        )
+        assert "0 left" in message and "PREFIXSERVE_PIN_FRACTION" in message
+        assert (await a.get("/v1/tasks/gamma")).json()["pinned"] is False
         assert (await a.post("/v1/tasks/nope/pin")).status_code == 404
-        r = await a.post("/v1/generate", json=gen("gamma"))
-        assert r.status_code == 400 and "does not fit the device cache" in r.text, "pins may take the whole budget"
+        for task in ("gamma", "delta", "eps"):  # the half pins leave serves every other task
+            assert (await a.post("/v1/generate", json=gen(task))).status_code == 200
+        r = await a.post("/v1/generate", json=gen("big"))
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert "the room is held by pinned tasks; retry" in r.json()["error"]["message"]
+        r = await a.post("/v1/generate", json=gen("huge"))
+        assert r.status_code == 400 and "it does not fit the device cache at all" in r.text
 
         assert (await b.delete("/v1/tasks/beta/pin")).status_code == 204
         await _until(lambda: ea.pins == {"alpha": 1} and eb.pins == {"alpha": 1})
-        assert (await a.post("/v1/generate", json=gen("gamma"))).status_code == 200  # beta, unpinned, made room
+        assert (await a.post("/v1/generate", json=gen("big"))).status_code == 200  # beta, unpinned, made room
         assert not ea.is_resident("beta", 1) and (await a.get("/v1/tasks/beta")).json()["pinned"] is False
 
         await publish(store, llama, tmp_path, "alpha", 2)  # the pin follows the current version
         await _until(lambda: ea.pins == {"alpha": 2} and eb.pins == {"alpha": 2})
         assert ea.is_resident("alpha", 2) and eb.is_resident("alpha", 2)
+        text = (await b.get("/metrics", params={"name[]": "prefixserve_task_pinned"})).text
+        assert 'prefixserve_task_pinned{task="alpha"} 1.0' in text
 
     app_c = app_on(llama, **budget)  # a restart: the pin is read from Redis before /ready answers 200
     async with asgi_client(app_c) as c:

@@ -88,3 +88,13 @@ def test_submission_priority_is_checked():
     assert Submission([5], priority="high").priority == "high"
     with pytest.raises(ValueError, match="priority: expected one of high, normal, low, got 'urgent'"):
         Submission([5], priority="urgent")
+
+
+def test_one_class_s_admission_order_and_members():
+    q = ReadyQueue()
+    items = [Item("a", priority="low"), Item("b", priority="high"), Item("a", priority="low"), Item("c", "x", "low")]
+    for item in items:
+        q.push(item)
+    assert list(q.admission_order("low")) == [items[0], items[3], items[2]]
+    assert list(q.admission_order("high")) == [items[1]] and list(q.admission_order("normal")) == []
+    assert set(q.of("low")) == {items[0], items[2], items[3]} and list(q.of("normal")) == []

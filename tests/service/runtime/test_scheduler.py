@@ -318,3 +318,88 @@ async def test_high_priority_is_admitted_ahead_of_earlier_low_requests(store, ll
                 first.setdefault(name, ev.step)
         await busy.result()
     assert first["high"] < first["low0"] < first["low1"] < first["low2"], first
+
+
+async def test_a_full_queue_displaces_the_newest_lower_class_requests(store, llama):
+    """max_queue 4, one row: a busy low row and four queued low requests fill the queue. A high request takes the
+    place of the newest low one, which ends with the queue-full error (429 with Retry-After over HTTP), as if it had
+    been refused at arrival; a low request is refused as before, and a request never displaces its own class."""
+    from service.runtime import Submission
+
+    async with serving_stack(store, copy.deepcopy(llama), max_batch_size=1, max_queue=4) as stack:
+        sched = stack.scheduler
+        busy = sched.submit(None, [5, 6], greedy(30), priority="low")
+        await anext(aiter(busy.events()))  # admitted: the row is taken
+        low = [sched.submit(None, [5, 6], greedy(2), priority="low", client=f"c{i}") for i in range(4)]
+        with pytest.raises(QueueFull, match=r"4 requests waiting \(limit 4\)"):
+            sched.submit(None, [5], greedy(1), priority="low")  # its own class: refused, nothing displaced
+        assert sched.queue_depth == 4 and not any(h._req.done for h in low)
+
+        high = sched.submit(None, [7, 8], greedy(2), priority="high")
+        assert sched.queue_depth == 4 and low[3]._req.done and not any(h._req.done for h in low[:3])
+        with pytest.raises(QueueFull, match="a high-priority request took the place of this low-priority one") as e:
+            await low[3].result()
+        assert headers_of(e.value) == {"Retry-After": "1"}
+
+        # A call of two normal requests needs two places: only three low ones are left, the newest two go.
+        pair = sched.submit_all([Submission([9], None, greedy(1)), Submission([9, 9], None, greedy(1))])
+        assert low[2]._req.done and low[1]._req.done and not low[0]._req.done and sched.queue_depth == 4
+        # Two more high ones: one low left, the normal ones are not below normal, so a normal call is refused whole.
+        with pytest.raises(QueueFull, match="this call adds 2"):
+            sched.submit_all([Submission([9], None, greedy(1))] * 2)
+        assert not low[0]._req.done and sched.queue_depth == 4
+        first = {}
+        for name, h in [("high", high), ("pair0", pair[0]), ("pair1", pair[1]), ("low0", low[0])]:
+            async for ev in h.events():
+                first.setdefault(name, ev.step)
+        await busy.result()
+    assert first["high"] < first["pair0"] <= first["pair1"] < first["low0"], first
+
+
+async def test_a_blocked_high_request_holds_the_key_value_room_against_low_ones(store, llama):
+    """The key/value budget is the limit (24 columns): three staggered low rows of 8 columns each fill it and 12 low
+    requests of 8 columns wait, then a high request of 17 columns arrives. Each finishing low row frees 8 columns,
+    which would fit the next low request every time; they are held for the high request instead, so it starts as
+    soon as the three running rows are done, before any of the low requests queued ahead of it."""
+    async with serving_stack(store, copy.deepcopy(llama), max_batch_tokens=24) as stack:
+        sched = stack.scheduler
+        running = []
+        for i in range(3):  # one step apart: they finish one after another
+            running.append(sched.submit(None, [5, 6], greedy(6), priority="low", client=f"r{i}"))
+            await anext(aiter(running[-1].events()))
+        queued = [sched.submit(None, [5, 6], greedy(6), priority="low", client=f"q{i % 4}") for i in range(12)]
+        high = sched.submit(None, [7, 8], greedy(15), priority="high")  # 2 + 15 = 17 columns
+        assert sched.running == 3 and sched.reserved_tokens == 24, "the three low rows still run"
+        first = {}
+        for name, h in (
+            [("high", high)]
+            + [(f"q{i}", h) for i, h in enumerate(queued)]
+            + [(f"r{i}", h) for i, h in enumerate(running)]
+        ):
+            async for ev in h.events():
+                first.setdefault(name, ev.step)
+    assert first["high"] < min(first[f"q{i}"] for i in range(12)), first
+
+
+async def test_a_high_request_s_prefix_loads_while_low_requests_hold_the_free_rows(store, llama, tmp_path):
+    """Four rows, 50 key/value columns: a long low row takes 46, so three queued low requests (12 columns each) have
+    their prefix held for the three free rows while they wait for columns. A high request of another task arrives:
+    its prefix is loaded at once (holds of a lower class do not count against it), so it starts no later than the
+    low requests once the long row ends, never a step after them."""
+    await _publish(store, llama, tmp_path, "lo", P=4)
+    await _publish(store, llama, tmp_path, "hi", P=4, seed=2)
+    async with serving_stack(store, copy.deepcopy(llama), max_batch_size=4, max_batch_tokens=50) as stack:
+        sched = stack.scheduler
+        long = sched.submit("lo", [5, 6], greedy(40), priority="low")  # 4 + 2 + 40 = 46 columns
+        await anext(aiter(long.events()))
+        lows = [sched.submit("lo", [5, 6], greedy(6), priority="low", client=f"c{i}") for i in range(3)]
+        await _until(lambda: all(h._req.held for h in lows))
+        high = sched.submit("hi", [7, 8], greedy(4), priority="high")  # 4 + 2 + 4 = 10 columns
+        await _until(lambda: high._req.held)
+        assert not long._req.done, "loaded while the long row still runs"
+        first = {}
+        for name, h in [("high", high)] + [(f"low{i}", h) for i, h in enumerate(lows)]:
+            async for ev in h.events():
+                first.setdefault(name, ev.step)
+        await long.result()
+    assert first["high"] <= min(first[f"low{i}"] for i in range(3)), first
