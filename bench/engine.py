@@ -31,6 +31,9 @@ runs, every prefix resident unless the scenario says otherwise.
   cascade   decode's prefix attention grouped by task (each prefix read once per layer) vs per row, 64 rows over
             4 tasks and over 64 tasks, at P = --prefix-lengths: throughput ratio, and the key/value bytes a decode
             step reads / the ideal (unique prefixes + the rows' tokens) for each path
+  lora      the LoRA tax: 64 LoRA tasks of rank --lora-rank on q/v (GPT-2: its fused c_attn, as PEFT targets it)
+            vs the bare backbone through the same engine, 1 - LoRA / bare; and 32 LoRA + 32 prefix tasks mixed, half
+            the rows each, vs 64 prefix tasks alone
 
     python bench/engine.py                       # everything, CPU-sized defaults (about 10 minutes on 2 cores)
     python bench/engine.py --only hosted churn   # some scenarios
@@ -57,6 +60,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from prefix_store import BackboneFingerprint, PrefixArtifact, open_store
+from prefix_store.artifact import LowRank
 from service.runtime import SamplingParams, Scheduler, build_serving, wrap_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +78,7 @@ SCENARIOS = [
     "cascade",
     "roofline",
     "first",
+    "lora",
 ]
 # Shapes of real models (random weights): --preset sets the architecture flags. llama-1b is Llama 3.2 1B's geometry.
 PRESETS = {
@@ -111,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--peft-max-batch", type=int, default=256, help="our max batch in the PEFT/FLOP/s run (PEFT batches per task)"
     )
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA tasks of the lora scenario")
     p.add_argument("--chunk", type=int, default=128, help="max prefill tokens per step in the stall scenario")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -168,6 +174,24 @@ def random_bias_artifact(name: str, backbone, seed: int) -> PrefixArtifact:
     return PrefixArtifact(task=name, method="bitfit", fingerprint=backbone.fingerprint, biases=deltas)
 
 
+def lora_targets(backbone) -> list[str]:
+    """The projections the lora scenario's tasks adapt: q and v (Llama), or GPT-2's fused c_attn (q, k and v in one
+    Conv1D: PEFT's default target there, since q and v cannot be adapted apart)."""
+    paths = [p for p in backbone.linear_sizes if p.endswith(("q_proj", "v_proj"))]
+    return paths or [p for p in backbone.linear_sizes if p.endswith("c_attn")]
+
+
+def random_lora_artifact(name: str, backbone, rank: int, seed: int) -> PrefixArtifact:
+    """A LoRA task of rank `rank` on lora_targets, scale alpha / r = 2 (alpha = 2r), B nonzero (as once trained)."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for path in lora_targets(backbone):
+        n_in, n_out = backbone.linear_sizes[path]
+        a = torch.randn(rank, n_in, generator=g) / n_in**0.5
+        factors[path] = LowRank(a, 0.01 * torch.randn(n_out, rank, generator=g), 2.0)
+    return PrefixArtifact(task=name, method="lora", fingerprint=backbone.fingerprint, low_rank=factors)
+
+
 def prefix_bytes(fp: BackboneFingerprint, P: int, dtype: torch.dtype) -> int:
     return 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * P * torch.empty((), dtype=dtype).element_size()
 
@@ -190,6 +214,14 @@ class Bench:
         while len(names) < n:
             name = f"bias-t{len(names)}"
             await self.store.put(random_bias_artifact(name, self.backbone, seed=len(names)))
+            names.append(name)
+        return names[:n]
+
+    async def lora_tasks(self, n: int) -> list[str]:
+        names = self.published.setdefault(-2, [])
+        while len(names) < n:
+            name = f"lora-t{len(names)}"
+            await self.store.put(random_lora_artifact(name, self.backbone, self.args.lora_rank, seed=len(names)))
             names.append(name)
         return names[:n]
 
@@ -377,6 +409,40 @@ async def bias(b: Bench, report: dict) -> None:
     report["bias"] = (tok_alone, tok_mixed, ratio, tok_bare, tok_bias, hooks)
     print(f"  64 prefix tasks {tok_alone:.1f} tok/s, + 64 bias tasks mixed in {tok_mixed:.1f} tok/s ({ratio:.3f})")
     print(f"  bare backbone {tok_bare:.1f} tok/s, 64 bias tasks only {tok_bias:.1f} tok/s ({hooks:.3f})")
+
+
+async def lora(b: Bench, report: dict) -> None:
+    """The LoRA tax (64 LoRA tasks vs the bare backbone) and LoRA rows mixed with prefix rows vs prefix rows alone,
+    the four workloads interleaved on one warm stack (every task resident)."""
+    a = b.args
+    prefix_tasks = spread(await b.tasks(64, a.prefix), a.requests)
+    lora_tasks = spread(await b.lora_tasks(64), a.requests)
+    half_prefix, half_lora = await b.tasks(32, a.prefix), await b.lora_tasks(32)
+    # Request i alternates prefix and LoRA tasks: any 64 consecutive requests (a batch) hold 32 of each, one row each.
+    mixed = [(half_prefix if i % 2 == 0 else half_lora)[(i // 2) % 32] for i in range(a.requests)]
+    bare_rows: list[str | None] = [None] * a.requests
+    async with b.stack() as sched:
+        await warm(sched, prefix_tasks + lora_tasks + mixed, b.prompts)
+        runs = [(sched, bare_rows), (sched, lora_tasks), (sched, prefix_tasks), (sched, mixed)]
+        tok_bare, tok_lora, tok_prefix, tok_mixed = await median_ratio(runs, b, a.prompt, a.new, a.repeats)
+    tax, mixed_ratio = 1 - pair_ratio(b, 1, 0), pair_ratio(b, 3, 2)
+    # Best of the repeats too: on a shared machine a slow spell only ever lowers a run's throughput.
+    best = [max(r) for r in b.last_runs]
+    tax_best, mixed_best = 1 - best[1] / best[0], best[3] / best[2]
+    peak = gemm_peak(a.device, getattr(torch, a.dtype))
+    report["lora"] = (tok_bare, tok_lora, tax, tok_prefix, tok_mixed, mixed_ratio, tax_best, mixed_best, peak)
+    where = "/".join(sorted({p.rsplit(".", 1)[-1] for p in lora_targets(b.backbone)}))
+    print(
+        f"  bare backbone {tok_bare:.1f} tok/s, 64 LoRA tasks (rank {a.lora_rank} on {where}) {tok_lora:.1f} tok/s: "
+        f"LoRA tax {tax:.1%} (best of {a.repeats}: {tax_best:.1%})",
+        flush=True,
+    )
+    print(
+        f"  64 prefix tasks {tok_prefix:.1f} tok/s, 32 LoRA + 32 prefix tasks {tok_mixed:.1f} tok/s "
+        f"({mixed_ratio:.3f}; best of {a.repeats}: {mixed_best:.3f}); {SHORT_DTYPE[a.dtype]} GEMM peak "
+        f"{peak / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
 
 
 SAMPLING_SCHEMA = {  # never complete within --new tokens, so every row generates the same number of tokens
@@ -804,6 +870,12 @@ def summary(report: dict, args: argparse.Namespace) -> None:
         ratio = report["bias"][2]
         print(f" bias tasks mixed with prefix tasks / prefix tasks alone   {ratio:>6.3f}   >= 0.95")
         print(f" 64 bias tasks / bare backbone (the hooks' cost)            {report['bias'][5]:>6.3f}")
+    if "lora" in report:
+        _, _, tax, _, _, mixed_ratio, tax_best, mixed_best, _ = report["lora"]
+        label = f"LoRA tax: 1 - 64 LoRA tasks (rank {args.lora_rank}) / bare backbone"
+        print(f" {label:<58}{tax:>6.1%}   <= 15%   (best of runs: {tax_best:.1%})")
+        label = "32 LoRA + 32 prefix tasks mixed / 64 prefix tasks alone"
+        print(f" {label:<58}{mixed_ratio:>6.3f}            (best of runs: {mixed_best:.3f})")
     if "sampling" in report:
         ratio = report["sampling"][2]
         print(f" penalties + top logprobs + JSON schema mixed / plain rows  {ratio:>6.3f}   >= 0.9")
@@ -902,6 +974,7 @@ async def main(args: argparse.Namespace) -> dict:
         "loads": loads,
         "cascade": cascade,
         "roofline": roofline,
+        "lora": lora,
         "peft": peft,  # last: PEFT wraps the model
     }
     try:

@@ -6,12 +6,13 @@ budget and batch size, mean and spread over seeds, trainable parameter counts, a
     .venv/bin/python bench/quality.py --few-shot 32 --seeds 0 1 2 3 4 --methods null_prompt bitfit probe
 
 Methods: a linear probe on frozen features, full fine-tuning (both with the backbone's own mean pooling, as the
-trainer's heads), the trainer's four prompt-learning methods (defaults: prefix_store/methods.py), BitFit with a
-linear head, and a null prompt + BitFit (Logan IV et al.: "{text} [MASK]", the label read at [MASK] over a
-verbalizer; MiniLM has no MLM head, so [MASK] is scored against the tied input embeddings). Their accuracy is the
-served one: the trainer evaluates the final artifact through the serving engine. --few-shot N trains every method on
-N random training examples per seed (the paper's setting: 32, five seeds). Train on
-shared/data/<dataset>/train.tsv, report accuracy on all of dev.tsv (tune there; the held-out test sets are not here).
+trainer's heads), the trainer's four prompt-learning methods (defaults: prefix_store/methods.py), BitFit, LoRA
+and IA3 with a linear head (LoRA and IA3 on PEFT's default target modules for BERT), and a null prompt + BitFit
+(Logan IV et al.: "{text} [MASK]", the label read at [MASK] over a verbalizer; MiniLM has no MLM head, so [MASK]
+is scored against the tied input embeddings). Their accuracy is the served one: the trainer evaluates the final
+artifact through the serving engine. --few-shot N trains every method on N random training examples per seed (the
+paper's setting: 32, five seeds). Train on shared/data/<dataset>/train.tsv, report accuracy on all of dev.tsv (tune
+there; the held-out test sets are not here).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from trainer.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-PROMPT_METHODS = ["p_tuning_v2", "prefix_tuning", "prompt_tuning", "p_tuning", "bitfit", "null_prompt"]
+PROMPT_METHODS = ["p_tuning_v2", "prefix_tuning", "prompt_tuning", "p_tuning", "bitfit", "null_prompt", "lora", "ia3"]
 ALL_METHODS = ["probe", "finetune", *PROMPT_METHODS]
 NULL_PROMPT = {  # template and verbalizer per dataset
     "sst2": ("{text} [MASK]", {"0": "terrible", "1": "great"}),
@@ -50,6 +51,8 @@ LABELS = {
     "p_tuning": "P-Tuning (LSTM prompt encoder)",
     "bitfit": "BitFit (linear head, mean-pooled)",
     "null_prompt": "null prompt + BitFit (verbalizer at [MASK])",
+    "lora": "LoRA (r = 8, alpha 16, on query and value; linear head, mean-pooled)",
+    "ia3": "IA3 (keys, values, feed-forward inputs; linear head, mean-pooled)",
 }
 
 

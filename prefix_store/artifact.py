@@ -3,7 +3,9 @@
 Which tensors an artifact carries is its method's (prefix_store/methods.py, which gives their shapes); the fields:
 `kv` (L, 2, H_kv, P, D), index 0 = keys, 1 = values; `soft_prompt` (P, hidden), input embeddings (text) or prompt
 tokens inserted after [CLS] (images); `deep_prompt` (L, P, hidden), layer i's visual prompt tokens; `biases`, per
-module path a delta (out,) added to that module's bias (tuned - base). A head is linear (weight over a pooled state)
+module path a delta (out,) added to that module's bias (tuned - base); `low_rank` (LoRA), per module path the
+factors A (r, in) and B (out, r) and a scale s, the module's output gaining `x A^T B^T s`; `scales` (IA3), per module
+path a vector scaling its output (out,) or its input (in,). A head is linear (weight over a pooled state)
 or a verbalizer (one vocabulary token per label, scored at the [MASK] position); a `template` ("{text} [MASK]") says
 how the task writes its input. An artifact that exists has passed validation: constructing one checks every
 invariant below.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +30,7 @@ PREFIX_FIELDS = ("kv", "soft_prompt", "deep_prompt")  # the artifact's prompt te
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POOLINGS = ("pooler", "cls", "mean", "last_token", "mask")  # "mask": a verbalizer reads the [MASK] position
 MAX_BIAS_MODULES = 4096
+MAX_ADAPTED_MODULES = 4096  # low_rank / scales: modules one artifact adapts (a 64-layer model's all-linear is 448)
 MAX_TEMPLATE_CHARS = 1000
 MAX_CHAT_TEMPLATE_CHARS = 64 * 1024  # Llama 3's is 4 KB, the longest common ones about 10 KB
 # (task, version) names one stored version's tensors: versions are immutable and their numbers never reused, so every
@@ -35,6 +39,12 @@ VersionKey = tuple[str, int]
 
 _TASK_NAME = re.compile(r"[a-z0-9._-]{1,64}")
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+MAX_MODULE_PATH_CHARS = 200
+
+
+def is_module_path(path: object) -> bool:
+    """A module path as artifacts store them: dotted names of letters, digits and '_', at most 200 characters."""
+    return isinstance(path, str) and len(path) <= MAX_MODULE_PATH_CHARS and bool(_MODULE_PATH.fullmatch(path))
 
 
 def validate_task_name(name: object) -> str:
@@ -145,6 +155,32 @@ class ClassificationHead:
         return self.token_ids is not None
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """One module's LoRA update: its output gains `(x A^T) B^T * scale`.
+
+    a: (r, in) PEFT's lora_A.weight; b: (out, r) its lora_B.weight; scale: lora_alpha / r (lora_alpha / sqrt(r) with
+    rsLoRA), per module (PEFT's alpha_pattern and rank_pattern give modules their own).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class ChannelScale:
+    """One module's IA3 vector: its output multiplied by it channel by channel (out,), or, for a feed-forward module
+    (`on_input`), its input (in,) before the projection."""
+
+    vector: torch.Tensor
+    on_input: bool = False
+
+
 @dataclass
 class PrefixArtifact:
     """One version of one task's prefix.
@@ -160,6 +196,8 @@ class PrefixArtifact:
         head: optional classification head, same dtype as the prefix.
         biases: module path -> bias delta (out,), e.g. "encoder.layer.0.attention.self.query"
             (transformers' parameter names without the base model's prefix and the ".bias").
+        low_rank: module path -> its LoRA factors (LowRank), paths as for `biases`.
+        scales: module path -> its IA3 vector (ChannelScale), paths as for `biases`.
         template: how the task writes its input for the backbone, with "{text}" (and "{text_pair}"), e.g.
             "{text} [MASK]" (null prompts); None: the text as it comes.
         chat_template: a Jinja chat template (transformers' format) for /v1/chat/completions on this task; None:
@@ -181,6 +219,8 @@ class PrefixArtifact:
     template: str | None = None
     deep_prompt: torch.Tensor | None = None
     chat_template: str | None = None
+    low_rank: dict[str, LowRank] | None = None
+    scales: dict[str, ChannelScale] | None = None
 
     def __post_init__(self) -> None:
         validate_task_name(self.task)
@@ -190,6 +230,8 @@ class PrefixArtifact:
             raise ArtifactFormatError(f"version: expected a positive int or None, got {self.version!r}")
         self._check_prefix_tensor()
         self._check_biases()
+        self._check_low_rank()
+        self._check_scales()
         if self.head is not None:
             self._check_head(self.head)
         if self.template is not None:
@@ -253,6 +295,59 @@ class PrefixArtifact:
             if t.ndim != 1 or t.numel() < 1:
                 raise ArtifactShapeError(f"bias delta {path}: expected a vector (out,), got shape {tuple(t.shape)}")
             _require_finite(f"bias delta {path}", t)
+
+    def _check_modules(self, name: str, modules: dict[str, Any] | None, dtypes: set[torch.dtype]) -> bool:
+        """The checks every per-module field shares (present iff the method carries it, paths, size, one dtype);
+        False when the method does not carry it."""
+        if name not in self.spec.fields:
+            if modules is not None:
+                raise ArtifactFormatError(f"method {self.method} carries no {name}")
+            return False
+        if not modules or not isinstance(modules, dict):
+            raise ArtifactFormatError(f"method {self.method}: expected {name} for at least one module")
+        if len(modules) > MAX_ADAPTED_MODULES:
+            raise ArtifactShapeError(f"{name}: at most {MAX_ADAPTED_MODULES} modules, got {len(modules)}")
+        for path in modules:
+            if not is_module_path(path):
+                raise ArtifactFormatError(f"{name} module path {path!r:.80}: expected dotted module names")
+        if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES.values():
+            got = sorted(map(str, dtypes))
+            raise ArtifactFormatError(f"{name}: expected one dtype among {', '.join(DTYPES)}, got {got}")
+        return True
+
+    def _check_low_rank(self) -> None:
+        factors = self.low_rank
+        dtypes = {t.dtype for f in (factors or {}).values() for t in (f.a, f.b)}
+        if not self._check_modules("low_rank", factors, dtypes):
+            return
+        assert factors is not None
+        self.low_rank = dict(sorted(factors.items()))  # one canonical order: encoding is deterministic
+        for path, f in self.low_rank.items():
+            a, b = f.a, f.b
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] < 1 or b.shape[1] != a.shape[0] or 0 in (a.numel(), b.numel()):
+                raise ArtifactShapeError(
+                    f"low_rank {path}: expected A (r, in) and B (out, r) with r >= 1, got A {tuple(a.shape)}, "
+                    f"B {tuple(b.shape)}"
+                )
+            scale = f.scale
+            if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+                raise ArtifactFormatError(f"low_rank {path} scale: expected a finite number, got {scale!r:.40}")
+            _require_finite(f"low_rank {path} A", a)
+            _require_finite(f"low_rank {path} B", b)
+
+    def _check_scales(self) -> None:
+        scales = self.scales
+        if not self._check_modules("scales", scales, {s.vector.dtype for s in (scales or {}).values()}):
+            return
+        assert scales is not None
+        self.scales = dict(sorted(scales.items()))
+        for path, s in self.scales.items():
+            if s.vector.ndim != 1 or s.vector.numel() < 1 or not isinstance(s.on_input, bool):
+                raise ArtifactShapeError(
+                    f"scales {path}: expected a vector (out,) or (in,) and whether it scales the input, got shape "
+                    f"{tuple(s.vector.shape)}, on_input={s.on_input!r:.20}"
+                )
+            _require_finite(f"scales {path}", s.vector)
 
     def _check_head(self, head: ClassificationHead) -> None:
         num_labels = len(head.labels)
@@ -323,9 +418,13 @@ class PrefixArtifact:
     @property
     def dtype(self) -> torch.dtype:
         t = self.prefix_tensor
-        if t is None:
-            assert self.biases, "an artifact carries a prefix or bias deltas"
+        if t is None and self.biases:
             t = next(iter(self.biases.values()))
+        if t is None and self.low_rank:
+            t = next(iter(self.low_rank.values())).a
+        if t is None and self.scales:
+            t = next(iter(self.scales.values())).vector
+        assert t is not None, "an artifact carries a prefix, bias deltas, low-rank factors or scales"
         return t.dtype
 
     @property
@@ -336,6 +435,8 @@ class PrefixArtifact:
         """Every tensor the artifact carries."""
         out = [t for t in (self.kv, self.soft_prompt, self.deep_prompt) if t is not None]
         out += list((self.biases or {}).values())
+        out += [t for f in (self.low_rank or {}).values() for t in (f.a, f.b)]
+        out += [s.vector for s in (self.scales or {}).values()]
         if self.head is not None:
             out += [t for t in (self.head.weight, self.head.bias) if t is not None]
         return out
@@ -357,6 +458,12 @@ class PrefixArtifact:
         if head is not None:
             head = dataclasses.replace(head, weight=cast(head.weight), bias=cast(head.bias))
         biases = None if self.biases is None else {k: v.to(dtype) for k, v in self.biases.items()}
+        low_rank = None
+        if self.low_rank is not None:
+            low_rank = {k: LowRank(f.a.to(dtype), f.b.to(dtype), f.scale) for k, f in self.low_rank.items()}
+        scales = None
+        if self.scales is not None:
+            scales = {k: ChannelScale(s.vector.to(dtype), s.on_input) for k, s in self.scales.items()}
         return dataclasses.replace(
             self,
             kv=cast(self.kv),
@@ -364,6 +471,8 @@ class PrefixArtifact:
             deep_prompt=cast(self.deep_prompt),
             head=head,
             biases=biases,
+            low_rank=low_rank,
+            scales=scales,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -376,6 +485,10 @@ class PrefixArtifact:
         extra: dict[str, Any] = {}
         if self.biases is not None:
             extra["bias_modules"] = sorted(self.biases)
+        if self.low_rank is not None:
+            extra["lora_modules"] = {k: {"rank": f.rank, "scale": f.scale} for k, f in self.low_rank.items()}
+        if self.scales is not None:
+            extra["scaled_modules"] = {k: "input" if s.on_input else "output" for k, s in self.scales.items()}
         if self.template is not None:
             extra["template"] = self.template
         if self.chat_template is not None:

@@ -1,11 +1,13 @@
 """Artifact <-> bytes: a safetensors file whose header metadata holds the artifact's JSON description.
 
 Layout: tensors "kv" (L, 2, H_kv, P, D), "soft_prompt" (P, hidden) or "deep_prompt" (L, P, hidden),
-"bias.<module path>" (out,) for bias deltas (with or without "kv"), optionally "head.weight" (C, hidden) and
-"head.bias" (C,) (a verbalizer head has its token ids in the metadata instead); `__metadata__["prefix_serve"]` is
-the JSON of `PrefixArtifact.summary()` plus a format version and a sha256 checksum of the tensor bytes. Decoding
-never unpickles: uploaded bytes are parsed as a safetensors header first and everything is checked before an
-artifact is built.
+"bias.<module path>" (out,) for bias deltas (with or without "kv"), "lora.<module path>.A" (r, in) and
+"lora.<module path>.B" (out, r) for LoRA factors (each module's scale in the metadata's lora_modules),
+"scale.<module path>" for IA3 vectors (the metadata's scaled_modules says which scale an input), optionally
+"head.weight" (C, hidden) and "head.bias" (C,) (a verbalizer head has its token ids in the metadata instead);
+`__metadata__["prefix_serve"]` is the JSON of `PrefixArtifact.summary()` plus a format version and a sha256
+checksum of the tensor bytes. Decoding never unpickles: uploaded bytes are parsed as a safetensors header first and
+everything is checked before an artifact is built.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .artifact import BackboneFingerprint, ClassificationHead, PrefixArtifact
+from .artifact import BackboneFingerprint, ChannelScale, ClassificationHead, LowRank, PrefixArtifact
 from .errors import ArtifactFormatError, ArtifactTooLarge, ChecksumMismatch
 
 FORMAT = "prefix-serve/1"
@@ -128,6 +130,8 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 BIAS_PREFIX = "bias."  # tensor "bias.<module path>": that module's bias delta
+LORA_PREFIX = "lora."  # tensors "lora.<module path>.A" and ".B": that module's LoRA factors
+SCALE_PREFIX = "scale."  # tensor "scale.<module path>": that module's IA3 vector
 
 
 def _tensors_of(artifact: PrefixArtifact) -> dict[str, torch.Tensor]:
@@ -140,6 +144,11 @@ def _tensors_of(artifact: PrefixArtifact) -> dict[str, torch.Tensor]:
         tensors["deep_prompt"] = artifact.deep_prompt
     for path, delta in (artifact.biases or {}).items():
         tensors[BIAS_PREFIX + path] = delta
+    for path, f in (artifact.low_rank or {}).items():
+        tensors[f"{LORA_PREFIX}{path}.A"] = f.a
+        tensors[f"{LORA_PREFIX}{path}.B"] = f.b
+    for path, sc in (artifact.scales or {}).items():
+        tensors[SCALE_PREFIX + path] = sc.vector
     if artifact.head is not None and artifact.head.weight is not None:
         tensors["head.weight"] = artifact.head.weight
         if artifact.head.bias is not None:
@@ -155,7 +164,10 @@ def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Pr
         if not isinstance(bias_modules, list) or not all(isinstance(m, str) for m in bias_modules):
             raise ArtifactFormatError("metadata bias_modules: expected a list of module paths")
         expected |= {BIAS_PREFIX + m for m in bias_modules}
-    elif not expected:
+    lora_modules, scaled_modules = _module_map(meta, "lora_modules", dict), _module_map(meta, "scaled_modules", str)
+    expected |= {f"{LORA_PREFIX}{m}.{x}" for m in lora_modules or {} for x in "AB"}
+    expected |= {SCALE_PREFIX + m for m in scaled_modules or {}}
+    if not expected:
         expected = {"kv or soft_prompt"}
     if head_meta and not head_meta.get("token_ids"):
         expected |= {"head.weight"} | ({"head.bias"} if head_meta.get("bias") else set())
@@ -175,6 +187,15 @@ def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Pr
         biases = None
         if bias_modules is not None:
             biases = {m: tensors[BIAS_PREFIX + m] for m in bias_modules}
+        low_rank = None
+        if lora_modules is not None:
+            low_rank = {
+                m: LowRank(tensors[f"{LORA_PREFIX}{m}.A"], tensors[f"{LORA_PREFIX}{m}.B"], info["scale"])
+                for m, info in lora_modules.items()
+            }
+        scales = None
+        if scaled_modules is not None:
+            scales = {m: ChannelScale(tensors[SCALE_PREFIX + m], side == "input") for m, side in scaled_modules.items()}
         return PrefixArtifact(
             task=meta["task"],
             version=meta["version"],
@@ -187,6 +208,8 @@ def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Pr
             training=meta.get("training") or {},
             created_at=meta.get("created_at") or "",
             biases=biases,
+            low_rank=low_rank,
+            scales=scales,
             template=meta.get("template"),
             chat_template=meta.get("chat_template"),
         )
@@ -194,8 +217,23 @@ def _artifact_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Pr
         raise ArtifactFormatError(f"artifact metadata is missing or mistypes field {e}") from None
 
 
+def _module_map(meta: dict[str, Any], key: str, kind: type) -> dict[str, Any] | None:
+    """The metadata's per-module description `key` (module path -> `kind`), None when absent."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(m, str) and isinstance(v, kind) for m, v in value.items()):
+        raise ArtifactFormatError(f"metadata {key}: expected an object of module path -> {kind.__name__}")
+    return value
+
+
 def _check_summary(meta: dict[str, Any], artifact: PrefixArtifact) -> None:
-    """The metadata restates P and dtype; a disagreement means the record was edited or mis-built."""
+    """The metadata restates P, dtype, LoRA ranks and IA3 sides; a disagreement means the record was edited or
+    mis-built."""
     for key, actual in (("num_virtual_tokens", artifact.num_virtual_tokens), ("dtype", artifact.dtype_name)):
         if meta.get(key) != actual:
             raise ArtifactFormatError(f"metadata {key}: says {meta.get(key)!r}, tensors have {actual!r}")
+    summary = artifact.summary()
+    for key in ("lora_modules", "scaled_modules"):  # ranks and sides, as the tensors and metadata make them
+        if meta.get(key) != summary.get(key):
+            raise ArtifactFormatError(f"metadata {key}: does not describe the artifact's tensors")

@@ -38,13 +38,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from redis.exceptions import ResponseError
 
 from .artifact import check_template, validate_task_name
 from .errors import ArtifactError, PrefixStoreError, StoreUnavailable
 from .keys import KeyLayout
-from .methods import METHODS, MethodName, described
+from .methods import METHODS, REGISTRY, MethodName, described
 from .store import TRANSIENT, Client, refresh_slots_on_fault, register_script, reply
 
 T = TypeVar("T")
@@ -156,6 +156,8 @@ MAX_LABEL_CHARS = 64
 # shapes of configuration lines and password entries, so a file read as data cannot turn its lines into the labels
 # a task serves.
 LABEL_PUNCTUATION = frozenset(" _-.,'&+()/!?")
+MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")  # a module path, or its last parts (target_modules)
+ALL_LINEAR = "all-linear"  # PEFT's name for every linear projection (its output layer aside)
 
 
 def check_label_names(labels: Sequence[str], what: str, *, quote: bool = False) -> list[str]:
@@ -186,6 +188,16 @@ def _label_char(c: str) -> bool:
     return c in LABEL_PUNCTUATION or unicodedata.category(c)[0] in "LMN" or unicodedata.category(c) == "So"
 
 
+def check_trainable(method: str) -> str:
+    """A method the trainer trains (the registry's trains_on names a kind); the others are served from uploads only."""
+    if not REGISTRY[method].trains_on:
+        raise ValueError(
+            f"training {method} is not supported yet: train it with PEFT and upload the adapter directory "
+            "(PUT /v1/tasks/{task})"
+        )
+    return method
+
+
 class SweepGrid(BaseModel):
     """A grid of training runs over one job's data: every combination of the listed methods, learning rates and
     prompt lengths (an omitted axis keeps the job's value, or the method's default). Each run is evaluated on the dev
@@ -201,6 +213,11 @@ class SweepGrid(BaseModel):
         description="runs trained at once (processes sharing the machine's cores); capped at the cores the worker may "
         "use, the effective value reported in the job's progress and result",
     )
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [check_trainable(m) for m in v]
 
     @model_validator(mode="after")
     def _size(self) -> SweepGrid:
@@ -260,6 +277,26 @@ class TrainSpec(BaseModel):
         "backbone's keys/values of real tokens "
         "(init_text, else tokens drawn from the training inputs; Li & Liang sec. 7.2), or N(0, 1) as PEFT does",
     )
+    lora_r: int | None = Field(None, ge=1, le=4096, description="lora: the rank of each update; default: the method's")
+    lora_alpha: float | None = Field(
+        None, gt=0, le=1e6, description="lora: each update is scaled by lora_alpha / lora_r; default: the method's"
+    )
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="lora, ia3: the projections adapted, named as PEFT's target_modules name them (a module path or "
+        f"its last parts, e.g. q_proj or self_attn.v_proj), or [{ALL_LINEAR!r}] for every projection of the body; "
+        "default: PEFT's for the backbone's family (lora: the attention's query and value projections; ia3: keys, "
+        "values and the MLP's down projection)",
+    )
+    feedforward_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="ia3: those of target_modules whose input is scaled (PEFT's feedforward_modules; the others' "
+        "output is); default: the family's MLP down projection",
+    )
 
     steps: int = Field(200, ge=1, le=10_000_000)
     batch_size: int = Field(16, ge=1, le=4096)
@@ -305,10 +342,27 @@ class TrainSpec(BaseModel):
     def _task(cls, v: str) -> str:
         return validate_task_name(v)
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return check_trainable(v)
+
     @field_validator("labels")
     @classmethod
     def _labels(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else check_label_names(v, "labels", quote=True)
+
+    @field_validator("target_modules", "feedforward_modules")
+    @classmethod
+    def _modules(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        every = info.field_name == "target_modules"  # all-linear picks targets; which scale their input is named
+        for name in v or []:
+            if len(name) > 200 or not (MODULE_NAME.fullmatch(name) or (every and name == ALL_LINEAR)):
+                also = f", or {ALL_LINEAR!r}" if every else ""
+                raise ValueError(f"{info.field_name} {name!r:.80}: expected dotted module names{also}")
+        if v is not None and ALL_LINEAR in v and len(v) > 1:
+            raise ValueError(f"target_modules: {ALL_LINEAR!r} names every projection, give it alone")
+        return v
 
     @field_validator("verbalizer")
     @classmethod

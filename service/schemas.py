@@ -31,6 +31,12 @@ class VersionSummary(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict, description="dataset, metrics, source, ...")
     created_at: str
     bias_modules: list[str] | None = Field(default=None, description="bias methods: the modules whose biases it shifts")
+    lora_modules: dict[str, dict[str, int | float]] | None = Field(
+        default=None, description="low-rank methods: per adapted module, its rank and scale"
+    )
+    scaled_modules: dict[str, str] | None = Field(
+        default=None, description="scaling methods: per adapted module, the side it scales ('input' or 'output')"
+    )
     template: str | None = Field(default=None, description='how the task writes its input, e.g. "{text} [MASK]"')
     chat_template: str | None = Field(default=None, description="the task's own chat template (Jinja)")
 

@@ -33,7 +33,9 @@ class ServiceSettings(RuntimeSettings):
         description="most log-probability entries one response may carry (tokens x choices x (1 + alternatives), "
         "echoed prompts included); past it, 400 before anything runs",
     )
-    device_cache_bytes: int = Field(1024**3, gt=0, description="device-resident prefix LRU budget")
+    device_cache_bytes: int = Field(
+        1024**3, gt=0, description="device budget of prefixes' pool blocks and LoRA / IA3 tables (LRU)"
+    )
     pin_fraction: float = Field(
         0.5,
         ge=0,

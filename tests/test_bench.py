@@ -25,5 +25,23 @@ def test_engine_benchmark_smoke(tmp_path, capsys):
     step, needed, achieved, gbps, _, _ = report["roofline"]
     assert step > 0 and needed > 0 and achieved > 0 and gbps > 0
     assert all(x > 0 for x in report["first"])
+    tok_bare, tok_lora, tax, tok_prefix, tok_mixed, mixed_ratio, _, _, peak = report["lora"]
+    assert min(tok_bare, tok_lora, tok_prefix, tok_mixed, mixed_ratio, peak) > 0 and tax < 1
     assert (tmp_path / "engine.png").exists() and (tmp_path / "stall.png").exists()
     assert "achieved FLOP/s / fp32 GEMM peak" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lora_scenario_on_llama_adapts_q_and_v(tmp_path, capsys):
+    """The LoRA tax on a Llama-shaped backbone (GPT-2's fused c_attn in the test above): tasks on q_proj and v_proj,
+    through the same engine."""
+    args = bench.parse_args(
+        "--only lora --arch llama --requests 4 --prompt 4 --new 3 --prefix 4 --layers 1 --hidden 32 --heads 2 "
+        f"--vocab 64 --repeats 1 --max-batch 4 --lora-rank 2 --plots {tmp_path}".split()
+    )
+    b = bench.Bench(args)
+    assert sorted(bench.lora_targets(b.backbone)) == ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj"]
+    asyncio.run(b.close())
+    report = asyncio.run(bench.main(args))
+    assert set(report) == {"lora"} and report["lora"][1] > 0
+    assert "LoRA tax: 1 - 64 LoRA tasks (rank 2) / bare backbone" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """The method registry (prefix_store/methods.py) is the one declaration of every adapter method: each family has its
 module on both sides and in the import contracts, every list the product shows is derived from it, and every
-registered method goes the whole way: a short training run, upload over the API, served in one engine step mixed with
-a task of another family (each row equal to its task alone), and exported back."""
+registered method goes the whole way: a short training run (or, for a method the trainer does not train yet, a clear
+refusal of the job and a PEFT adapter imported instead), upload over the API, served in one engine step mixed with a
+task of another family (each row equal to its task alone), and exported back."""
 
 from __future__ import annotations
 
@@ -13,8 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
-from prefix_store import METHODS, REGISTRY, BackboneKind, ClassificationHead, Family, PrefixArtifact, decode, encode
+from prefix_store import (
+    METHODS,
+    REGISTRY,
+    BackboneFingerprint,
+    BackboneKind,
+    ClassificationHead,
+    Family,
+    PrefixArtifact,
+    decode,
+    encode,
+)
+from prefix_store.artifact import ChannelScale, LowRank
 from prefix_store.jobs import SweepGrid, TrainSpec
 from prefix_store.peft_io import export_peft_adapter, import_peft_dir
 from service.app import create_app
@@ -55,6 +68,37 @@ def test_lists_derive_from_the_registry():
         assert set(m.defaults) <= set(TrainSpec.model_fields), f"{m.name}: defaults for fields a job lacks"
 
 
+def _peft_adapter(method: str, tmp_path: Path) -> PrefixArtifact:
+    """A SEQ_CLS PEFT adapter of `method` on the tiny BERT classifier, random weights, imported as an upload is."""
+    import peft
+
+    from tests.golden.cases import random_weights
+
+    config = {"lora": peft.LoraConfig(r=2, init_lora_weights=False), "ia3": peft.IA3Config()}[method]
+    config.task_type = "SEQ_CLS"
+    pm = random_weights(peft.get_peft_model(tiny_model("bert-cls"), config), seed=0)
+    pm.save_pretrained(tmp_path / "peft-in")
+    fp = BackboneFingerprint.from_config(pm.config)
+    return import_peft_dir(tmp_path / "peft-in", task="mine", backbone=fp, labels=["x", "y", "z"], method=method)
+
+
+def _assert_same(want, got, close: bool = False) -> None:
+    """Equal tensors, or dicts of equal tensors, LoRA factors or IA3 vectors."""
+    if isinstance(want, dict):
+        assert want.keys() == got.keys()
+        for k in want:
+            _assert_same(want[k], got[k], close)
+    elif isinstance(want, LowRank):
+        _assert_same(want.a, got.a, close)
+        _assert_same(want.b, got.b, close)
+        assert want.scale == pytest.approx(got.scale, rel=1e-12)
+    elif isinstance(want, ChannelScale):
+        _assert_same(want.vector, got.vector, close)
+        assert want.on_input == got.on_input
+    else:
+        assert torch.allclose(want, got) if close else torch.equal(want, got)
+
+
 def _other(method: str, fp, seed: int) -> PrefixArtifact:
     """A task of another family than `method`'s on the same backbone (a key/value prefix next to prompts, a soft
     prompt next to the rest), with a linear head over [CLS]."""
@@ -75,8 +119,13 @@ def test_every_method_trains_uploads_serves_mixed_and_exports(method, tmp_path, 
     image = REGISTRY[method].trains_on == {BackboneKind.IMAGE}
     model, tok = (tiny_vit(), None) if image else (tiny_model("bert-cls").bert, tiny_tokenizer())
     data = {"data": str(image_folder(tmp_path / "images", per_class=8))} if image else {"examples": CLS}
-    spec = TrainSpec(task="mine", method=method, steps=4, eval_every=4, batch_size=8, num_virtual_tokens=3, **data)
-    art = train(wrap_model(copy.deepcopy(model), tok, name="tiny"), spec).artifact  # a short real training run
+    job = dict(task="mine", method=method, steps=4, eval_every=4, batch_size=8, num_virtual_tokens=3, **data)
+    if REGISTRY[method].trains_on:
+        art = train(wrap_model(copy.deepcopy(model), tok, name="tiny"), TrainSpec(**job)).artifact  # a real run
+    else:  # served from uploads only: a job is refused, by name, when it is submitted
+        with pytest.raises(ValidationError, match=f"training {method} is not supported yet"):
+            TrainSpec(**job)
+        art = _peft_adapter(method, tmp_path)
     assert art.method == method and art.head is not None
     other = _other(method, art.fingerprint, seed=1)
     settings = ServiceSettings(redis_url=redis_url, namespace=f"reg-{uuid.uuid4().hex[:8]}")
@@ -89,11 +138,7 @@ def test_every_method_trains_uploads_serves_mixed_and_exports(method, tmp_path, 
         assert served.status_code == 200
         back = decode(served.content)
     for name in REGISTRY[method].fields:  # the upload stored exactly what training produced
-        want, got = getattr(art, name), getattr(back, name)
-        if isinstance(want, dict):
-            assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-        else:
-            assert torch.equal(want, got)
+        _assert_same(getattr(art, name), getattr(back, name))
 
     engine = engine_for(copy.deepcopy(model), tok)
     mine, theirs = stored(back), stored(other)
@@ -116,7 +161,7 @@ def test_every_method_trains_uploads_serves_mixed_and_exports(method, tmp_path, 
         out = export_peft_adapter(back, tmp_path / "peft")
         again = import_peft_dir(out, task="mine", backbone=back.fingerprint, labels=back.head.labels, method=method)
         for name in REGISTRY[method].fields:
-            assert torch.allclose(getattr(again, name), getattr(back, name))
+            _assert_same(getattr(back, name), getattr(again, name), close=True)
     else:
         with pytest.raises(Exception, match="PEFT has no adapter type"):
             export_peft_adapter(back, tmp_path / "peft")

@@ -34,6 +34,7 @@ from .settings import TrainerSettings
 from .worker import Worker, run_job
 
 log = logging.getLogger("trainer")
+LISTS = ("labels", "target_modules", "feedforward_modules")  # TrainSpec list fields: comma-separated here
 
 
 def _spec_parser(sub: argparse._SubParsersAction, command: str, help_text: str) -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def _spec_parser(sub: argparse._SubParsersAction, command: str, help_text: str) 
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None, help=help_text)
         elif name in ("columns", "verbalizer"):
             p.add_argument(flag, default=None, help=help_text + " (k=v,k=v)")
-        elif name == "labels":
+        elif name in LISTS:
             p.add_argument(flag, default=None, help=help_text + " (comma-separated)")
         else:
             p.add_argument(flag, type=kind, default=None, required=field.is_required(), help=help_text)
@@ -76,8 +77,9 @@ def _spec_from(args: argparse.Namespace) -> TrainSpec:
         values["columns"] = dict(pair.split("=", 1) for pair in values["columns"].split(","))
     if "verbalizer" in values:
         values["verbalizer"] = dict(parse_verbalizer(values["verbalizer"]))
-    if "labels" in values:
-        values["labels"] = [x.strip() for x in values["labels"].split(",")]
+    for name in LISTS:
+        if name in values:
+            values[name] = [x.strip() for x in values[name].split(",")]
     if getattr(args, "command", None) == "sweep":
         grid = {"methods": args.methods, "lrs": args.lrs, "num_virtual_tokens": args.prompt_lengths}
         values["sweep"] = {**{k: v for k, v in grid.items() if v}, "parallel": args.parallel}

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from prefix_store import REGISTRY, PrefixArtifact, decode, encode, render_template
+from prefix_store import REGISTRY, Family, PrefixArtifact, decode, encode, render_template
 from prefix_store.jobs import (
     TRAIN_DATA_SETTING,
     JobPathError,
@@ -37,6 +37,7 @@ from .methods import BuildContext, build_adapter, with_method_defaults
 from .model import TaskModel
 
 log = logging.getLogger(__name__)
+_TABLED = (Family.LOW_RANK, Family.SCALING)  # families served from per-row tables held to the device budget
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -155,10 +156,13 @@ class Trainer:
             backbone, spec.method, prefix.to(backbone.device), n_labels, pooling=pooling, verbalizer=self.verbalizer
         )
         self.model = model.to(backbone.device)
-        # Evaluation: each round's artifact is a new version; the device cache keeps room for two.
+        # Evaluation: each round's artifact is a new version; the device cache keeps room for two. LoRA factors and
+        # IA3 vectors count in the same budget, in per-row tables of a zero (or ones) row and a row per task, doubled
+        # when full: four rows of the adapter's parameters hold two versions (the pool and tables grow only as used).
         fp = backbone.fingerprint
         prefix_bytes = 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * (spec.num_virtual_tokens or 0) * 4
-        self.engine = Engine(backbone, device_cache_bytes=2 * prefix_bytes + 2**20, max_rows=64)
+        table_bytes = 4 * sum(p.numel() for p in prefix.parameters()) * 4 if method.family in _TABLED else 0
+        self.engine = Engine(backbone, device_cache_bytes=2 * prefix_bytes + table_bytes + 2**20, max_rows=64)
         self.order: list[int] = []  # indices of the examples still to visit in this pass over the data
 
     def _check_images(self, data_dirs: Sequence[str]) -> None:

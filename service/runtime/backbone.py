@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import CacheLayerMixin
+from transformers.pytorch_utils import Conv1D
 
 from prefix_store import DTYPES, BackboneFingerprint, BackboneKind, BackboneMismatch, PrefixArtifact
 
 from . import families
 from .bias import bias_targets
-from .settings import DEFAULT_BACKBONE
+from .settings import DEFAULT_BACKBONE, DEFAULT_MAX_LORA_RANK
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Backbone:
     final_logits: Any = None
     position_offset: int = 0  # the position id of a row's first token (RoBERTa-style encoders: padding_idx + 1)
     unverified: str | None = None  # the warning an unproven family was loaded under (allow_unverified), else None
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK  # the largest LoRA rank a low_rank task may have (its tables' width)
 
     @property
     def is_image(self) -> bool:
@@ -125,6 +127,11 @@ class Backbone:
         """Every bias a bias task may shift, by module path, and its size (see bias.bias_targets). The modules do
         not change after loading, so the walk over them happens once, not at every check of a bias artifact."""
         return {name: t.numel() for name, t in bias_targets(self).items()}
+
+    @functools.cached_property
+    def linear_sizes(self) -> dict[str, tuple[int, int]]:
+        """Every projection a weight-space adapter (LoRA, IA3) may adapt, by module path, and its (in, out)."""
+        return {name: linear_features(m) for name, m in linear_modules(self.body).items()}
 
     def check_common(self, artifact: PrefixArtifact) -> None:
         """Refuses an artifact this backbone cannot serve whatever its method, naming the difference: another
@@ -201,6 +208,20 @@ class Backbone:
         }
 
 
+def linear_modules(body: Any) -> dict[str, torch.nn.Module]:
+    """The body's projections a weight-space adapter may adapt, by path relative to the base model (as PEFT's keys
+    name them after the wrapper's prefix): nn.Linear, and transformers' Conv1D (GPT-2's, its weight (in, out))."""
+    return {name: m for name, m in body.named_modules() if name and isinstance(m, torch.nn.Linear | Conv1D)}
+
+
+def linear_features(module: torch.nn.Module) -> tuple[int, int]:
+    """(in, out) of a projection from linear_modules."""
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    assert isinstance(module, torch.nn.Linear)
+    return module.in_features, module.out_features
+
+
 def resolve_source(name: str) -> str:
     """The bundled MiniLM answers to its hub id offline; anything else is passed to transformers as is."""
     if name == DEFAULT_BACKBONE:
@@ -232,6 +253,7 @@ def load_backbone(
     local_files_only: bool = False,
     attn_implementation: str | None = None,
     allow_unverified: bool = False,
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
 ) -> Backbone:
     """Loads and freezes a backbone. Its family is checked from the config first, so an unsupported one is refused
     before any weights are read. `attn_implementation`: what the model uses outside the engine's own forwards
@@ -278,6 +300,7 @@ def load_backbone(
         mlm_head=mlm,
         image_processor=processor,
         allow_unverified=allow_unverified,
+        max_lora_rank=max_lora_rank,
     )
 
 
@@ -359,6 +382,7 @@ def wrap_model(
     mlm_head: Any | None = None,
     image_processor: Any | None = None,
     allow_unverified: bool = False,
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
 ) -> Backbone:
     """Freezes an already-built model (tests build tiny ones from configs: an encoder, a *ForMaskedLM, or a causal
     LM) and describes it. `mlm_head`: BERT's `cls` module loaded beside a bare encoder. Refuses a family the engine
@@ -418,6 +442,7 @@ def wrap_model(
         final_logits=final,
         position_offset=families.position_offset(config),
         unverified=unverified,
+        max_lora_rank=max_lora_rank,
     )
 
 

@@ -82,7 +82,8 @@ class RunningBatch:
     tokens, lengths, positions: (R,) long per slot: the token a decoder feeds next, the tokens in the slot, the
         position id of the next token.
     prefix_index: (R, Pcap) long per slot, its row's prefix positions in the pool; prefix_len: (R,) long.
-    bias_slot: (R,) long per slot, its row's slot in the bias table (0: no bias deltas).
+    table_slots: (R, 3) long per slot, its row's slots in the bias, low-rank and scale tables (DevicePrefix.table_slots;
+        0: none).
     counts, seen: (R, V) per slot, the penalties' token history (sampling.TokenHistory), once a row needs it.
     """
 
@@ -100,7 +101,7 @@ class RunningBatch:
         self.positions = torch.zeros(R, dtype=torch.long, device=dev)
         self.prefix_len = torch.zeros(R, dtype=torch.long, device=dev)
         self.prefix_index = torch.zeros(R, 0, dtype=torch.long, device=dev)
-        self.bias_slot = torch.zeros(R, dtype=torch.long, device=dev)
+        self.table_slots = torch.zeros(R, 3, dtype=torch.long, device=dev)
         # The penalties' token history per slot, (R, V) each, allocated when the first row that needs it decodes.
         self.counts: torch.Tensor | None = None  # float: generated tokens
         self.seen: torch.Tensor | None = None  # bool: prompt and generated tokens
@@ -223,7 +224,7 @@ class RunningBatch:
             self.seen = torch.zeros(R, vocab, dtype=torch.bool, device=dev)
 
     def _per_slot(self) -> list[torch.Tensor]:
-        per_slot = [self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index, self.bias_slot]
+        per_slot = [self.tokens, self.lengths, self.positions, self.prefix_len, self.prefix_index, self.table_slots]
         if self.counts is not None and self.seen is not None:
             per_slot += [self.counts, self.seen]
         return per_slot
@@ -236,7 +237,7 @@ class RunningBatch:
             wider[:, : self.prefix_index.shape[1]] = self.prefix_index
             self.prefix_index = wider
         self.prefix_len[slot] = P
-        self.bias_slot[slot] = 0 if row.prefix is None else row.prefix.bias_slot
+        self.table_slots[slot] = torch.tensor((0, 0, 0) if row.prefix is None else row.prefix.table_slots)
         index = None if row.prefix is None else row.prefix.index
         if P and index is not None:  # P > 0: the row's prefix has key/values, so an index
             self.prefix_index[slot, :P] = index

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 
 from prefix_store import PrefixArtifact, VersionKey
 
-from . import methods, tracing
+from . import methods, table_budget, tracing
 from .backbone import Backbone
 from .batch import Row, RunningBatch
 from .errors import InputTooLong, PinRefused
@@ -52,7 +52,8 @@ SHRINK_AFTER = 200  # steps a slot segment stays allocated after the last row th
 
 class DeviceFull(Exception):
     """The device budget cannot take a prefix now: everything it holds is in use by rows (or reserved for
-    admission), or pinned (`pinned`: the pool bytes pins hold). The request waits; it is not an error of the request.
+    admission), or pinned (`pinned`: the device bytes pins hold). The request waits; it is not an error of the
+    request.
     """
 
     def __init__(self, message: str, pinned: int = 0) -> None:
@@ -61,15 +62,18 @@ class DeviceFull(Exception):
 
 
 class DeviceCache:
-    """The device tier: prefixes ready to run, by (task, version), their key/values in the PrefixPool.
+    """The device tier: prefixes ready to run, by (task, version), their key/values in the PrefixPool, their LoRA
+    factors and IA3 vectors in the runner's per-row tables.
 
-    An entry is held while any holder (a request waiting for admission, or a running row; both by request id) needs
-    it, and is never evicted then. An entry pinned for its task (`pins`, one version per task) is never evicted
-    either, until it is unpinned, another version of the task is pinned in its place, or its version is deleted;
-    the pool bytes pins hold are bounded by `pin_fraction` of the pool's budget (PinRefused past it), so the rest is
-    always there for every other task and version (a canary, a `task@N`). Unheld, unpinned entries stay as
-    a cache and leave least recently used first when the pool needs room. Invalidations and releases may come from
-    any thread; they are applied on the engine's thread at the next load or step; pins are set on that thread.
+    One budget (`budget`, PREFIXSERVE_DEVICE_CACHE_BYTES) bounds the pool's used blocks and what those tables hold
+    together (table_budget.py), whichever kind of task needs the room. An entry is held while any holder (a request
+    waiting for admission, or a running row; both by request id) needs it, and is never evicted then. An entry
+    pinned for its task (`pins`, one version per task) is never evicted either, until it is unpinned, another
+    version of the task is pinned in its place, or its version is deleted; the device bytes pins hold (pool blocks,
+    table rows) are bounded by `pin_fraction` of the budget (PinRefused past it), so the rest is always there for
+    every other task and version (a canary, a `task@N`). Unheld, unpinned entries stay as a cache and leave least
+    recently used first when a load needs room. Invalidations and releases may come from any thread; they are
+    applied on the engine's thread at the next load or step; pins are set on that thread.
     """
 
     def __init__(self, pool: PrefixPool, runner: ModelRunner, pin_fraction: float = 0.5) -> None:
@@ -81,7 +85,7 @@ class DeviceCache:
         self.holders: dict[VersionKey, set[str]] = {}
         self.pins: dict[str, VersionKey] = {}  # task -> its version kept resident (never evicted while pinned)
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
-        self.other_bytes = 0  # heads and encoder soft prompts, outside the pool
+        self.other_bytes = 0  # heads and encoder soft prompts, outside the budget
         # told (task, seconds) of each load a request waited for (metrics), on the engine's thread
         self.on_load: Callable[[str, float], None] | None = None
         self._pending: list[Callable[[], None]] = []
@@ -89,7 +93,8 @@ class DeviceCache:
 
     @property
     def resident_bytes(self) -> int:
-        return self.pool.used_bytes + self.other_bytes + self.runner.biases.nbytes
+        tables = self.runner.biases.nbytes + self.runner.low_rank.nbytes + self.runner.scales.nbytes
+        return self.pool.used_bytes + self.other_bytes + tables
 
     def __contains__(self, key: VersionKey) -> bool:
         return key in self.entries
@@ -142,22 +147,26 @@ class DeviceCache:
     def pin(self, artifact: PrefixArtifact) -> DevicePrefix:
         """Keeps the artifact's prefix resident for its task (loaded if needed) until `unpin`, or until another
         version of the task is pinned in its place (that one then stays as an ordinary cache entry). Raises
-        PinRefused when the pins' pool bytes would pass the pin budget, DeviceFull when rows hold the room now."""
+        PinRefused when the pins' device bytes (pool blocks and LoRA / IA3 table rows) would pass the pin budget,
+        DeviceFull when rows hold the room now."""
         key, task = artifact.key, artifact.task
         entry = self.entries.get(key)
         parts = None
         if entry is None:
             parts = methods.load(self.runner.bb, artifact)
             needed = 0 if parts.kv is None else self.pool.bytes_for(parts.kv.shape[3])
+            needed += table_budget.held_after(self.runner, table_budget.Adds.of(parts))
         else:
-            needed = self.pool_bytes(entry)
-        others = sum(self.pool_bytes(self.entries[k]) for t, k in self.pins.items() if t != task and k in self.entries)
+            needed = self.device_bytes(entry)
+        others = sum(
+            self.device_bytes(self.entries[k]) for t, k in self.pins.items() if t != task and k in self.entries
+        )
         left = max(0, self.pin_budget - others)
         if needed > left:
             raise PinRefused(
                 f"pinning {task!r} v{artifact.version} needs {needed} bytes of the device prefix cache; other pins "
                 f"hold {others} of the {self.pin_budget} pins may hold (PREFIXSERVE_PIN_FRACTION of its "
-                f"{self.pool.max_bytes}, PREFIXSERVE_DEVICE_CACHE_BYTES), {left} left: unpin another task or raise "
+                f"{self.budget}, PREFIXSERVE_DEVICE_CACHE_BYTES), {left} left: unpin another task or raise "
                 "the budget",
                 needed=needed,
                 left=left,
@@ -181,19 +190,38 @@ class DeviceCache:
 
     def warm(self, artifact: PrefixArtifact) -> bool:
         """Loads the artifact's prefix as an ordinary cache entry, held by no one, only into room nothing uses: True
-        once it is resident; False when the pool would have to evict another prefix for it (preloading stops
+        once it is resident; False when the budget would have to evict another entry for it (preloading stops
         there rather than pushing out what it loaded first)."""
         if artifact.key in self.entries:
             return True
         parts = methods.load(self.runner.bb, artifact)
-        if parts.kv is not None and self.pool.blocks_for(parts.kv.shape[3]) > self.pool.free_blocks:
+        if self._after_load(parts) > self.budget:
             return False
         self._load(artifact, parts)
         return True
 
+    @property
+    def budget(self) -> int:
+        """PREFIXSERVE_DEVICE_CACHE_BYTES, in whole pool blocks: the pool's used blocks and the LoRA / IA3 tables
+        share it (each takes what its tasks need, up to all of it), so together they never pass it. Outside it:
+        heads, encoder soft prompts and bias deltas (small), and the pool's grown storage beyond its used blocks
+        (free blocks the next prefixes reuse; the pool does not shrink)."""
+        return self.pool.max_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """What the budget counts now: the pool's used blocks and what the LoRA / IA3 tables hold (padded rows, free
+        rows included)."""
+        return self.pool.used_bytes + table_budget.nbytes(self.runner)
+
     def pool_bytes(self, entry: DevicePrefix) -> int:
-        """The pool bytes an entry holds (its blocks), what pins are counted in."""
+        """The pool bytes an entry holds (its blocks)."""
         return 0 if entry.index is None else self.pool.bytes_for(len(entry.index))
+
+    def device_bytes(self, entry: DevicePrefix) -> int:
+        """The budget bytes an entry holds: its pool blocks and its rows in the LoRA / IA3 tables (at their padded
+        rank), what pins are counted in."""
+        return self.pool_bytes(entry) + table_budget.held(self.runner, entry)
 
     def release(self, key: VersionKey, holder: str) -> None:
         held = self.holders.get(key)
@@ -206,56 +234,116 @@ class DeviceCache:
         if parts is None:
             parts = methods.load(self.runner.bb, artifact)  # checked against the backbone, on the device
         head = self.runner.head_tensors(artifact)
-        kv, soft = parts.kv, parts.embeds
-        index = None
-        if kv is not None:
-            P = kv.shape[3]
-            if self.pool.blocks_for(P) > self.pool.max_blocks:  # no eviction or wait would ever make room for it
-                raise InputTooLong(
-                    f"the prefix of {artifact.task!r} v{artifact.version} needs {self.pool.bytes_for(P)} bytes: it "
-                    f"does not fit the device cache at all ({self.pool.max_bytes}, PREFIXSERVE_DEVICE_CACHE_BYTES)"
-                )
-            index = self.pool.alloc(P)
-            while index is None and self._evict_one():
-                index = self.pool.alloc(P)
-            if index is None:
-                pinned = sum(self.pool_bytes(self.entries[k]) for k in self.pins.values() if k in self.entries)
-                raise DeviceFull(
-                    f"no room on the device for {artifact.task!r} v{artifact.version} now (pins hold {pinned} of "
-                    f"{self.pool.max_bytes} bytes)",
-                    pinned=pinned,
-                )
-            self.pool.write(index, kv)
+        self._make_room(artifact, parts)
         assert artifact.version is not None, "only stored versions are served"
         entry = DevicePrefix(
-            artifact.task, artifact.version, artifact.method, artifact.num_virtual_tokens, index, soft, head
+            artifact.task, artifact.version, artifact.method, artifact.num_virtual_tokens, None, parts.embeds, head
         )
-        if parts.biases is not None:
-            entry.bias_slot = self.runner.biases.alloc(parts.biases)
-        if head is not None and head.token_ids is not None:
-            entry.verbalizer = torch.tensor(head.token_ids, device=self.runner.bb.device)
+        try:  # what it took goes back if a step of it fails (the device out of memory): a failed load leaks nothing
+            if parts.kv is not None:
+                entry.index = self.pool.alloc(parts.kv.shape[3])
+                assert entry.index is not None, "_make_room left the blocks free"
+                self.pool.write(entry.index, parts.kv)
+            if parts.biases is not None:
+                entry.bias_slot = self.runner.biases.alloc(parts.biases)
+            if parts.low_rank is not None:
+                entry.lora_slot = self.runner.low_rank.alloc(parts.low_rank)
+            if parts.scales is not None:
+                entry.scale_slot = self.runner.scales.alloc(parts.scales)
+            if head is not None and head.token_ids is not None:
+                entry.verbalizer = torch.tensor(head.token_ids, device=self.runner.bb.device)
+        except BaseException:
+            self._free(entry)
+            raise
+        if self.used_bytes > self.budget:  # table_budget's replay of the tables' growth no longer matches them
+            self._free(entry)
+            log.warning("device budget: %s took more table bytes than predicted (table_budget.py)", artifact.task)
+            raise self._full(artifact)
         self.other_bytes += _nbytes(entry)
         self.entries[entry.key] = entry
         return entry
 
-    def _evict_one(self) -> bool:
-        for key in self.entries:  # least recently used first
-            if not self.holders.get(key) and self.pins.get(key[0]) != key:
-                self._evict(key)
-                self.stats["evictions"] += 1
-                return True
-        return False
+    def _after_load(self, parts: DeviceParts, gone: list[DevicePrefix] | None = None) -> int:
+        """The budget's bytes once the entries `gone` are evicted and `parts` loaded."""
+        gone = gone or []
+        pool = self.pool.used_bytes - sum(self.pool_bytes(e) for e in gone)
+        if parts.kv is not None:
+            pool += self.pool.bytes_for(parts.kv.shape[3])
+        return pool + table_budget.after(self.runner, table_budget.Adds.of(parts), gone)
+
+    def _make_room(self, artifact: PrefixArtifact, parts: DeviceParts) -> None:
+        """Evicts, least recently used first, entries that no holder needs and no pin keeps, until `parts` fit the
+        budget beside what stays. Only an entry whose eviction frees budget bytes goes (its pool blocks, tables its
+        rows alone kept, or the growth its free rows spare the new task): a prefix's load never pushes out LoRA tasks
+        whose tables would stay the same. Raises InputTooLong when the parts alone would not fit the budget, and
+        DeviceFull (the request waits) when evicting every such entry would not make the room."""
+        adds = table_budget.Adds.of(parts)
+        alone = table_budget.alone(self.runner.bb, adds)
+        if parts.kv is not None:
+            alone += self.pool.bytes_for(parts.kv.shape[3])
+        if alone > self.budget:  # no eviction or wait would ever make room for it
+            raise InputTooLong(
+                f"{artifact.task!r} v{artifact.version} needs {alone} bytes: it does not fit the device cache at all "
+                f"({self.budget}, PREFIXSERVE_DEVICE_CACHE_BYTES, which prefixes' pool blocks and LoRA / IA3 table "
+                "rows share)"
+            )
+        now = self._after_load(parts)
+        if now <= self.budget:
+            return
+        victims = [
+            e
+            for k, e in self.entries.items()  # least recently used first
+            if not self.holders.get(k)
+            and self.pins.get(k[0]) != k
+            and (e.index is not None or e.lora_slot or e.scale_slot)
+        ]
+        if self._after_load(parts, victims) > self.budget:
+            raise self._full(artifact)
+        while now > self.budget:
+            if not victims:  # every victim gone and still no room: table_budget's replay disagrees with the tables
+                raise self._full(artifact)
+            victim = next((e for e in victims if self._after_load(parts, [e]) < now), None)
+            if victim is None:  # no one eviction frees bytes: tables several entries share go once all of them do
+                victim = self._sharing_victim(victims)
+            victims.remove(victim)
+            self._evict(victim.key)
+            self.stats["evictions"] += 1
+            now = self._after_load(parts)
+
+    def _full(self, artifact: PrefixArtifact) -> DeviceFull:
+        pinned = sum(self.device_bytes(self.entries[k]) for k in self.pins.values() if k in self.entries)
+        return DeviceFull(
+            f"no room on the device for {artifact.task!r} v{artifact.version} now (pins hold {pinned} of "
+            f"{self.budget} bytes)",
+            pinned=pinned,
+        )
+
+    def _sharing_victim(self, victims: list[DevicePrefix]) -> DevicePrefix:
+        """The least recently used victim with rows in a table that goes once the victims leave (every task with
+        rows in it is one of them): such a table takes several evictions, none of which frees bytes alone. The first
+        victim if there is none (not expected: every other way an eviction frees bytes shows in it alone)."""
+        keys = {id(e): table_budget.keys_of(self.runner, e) for e in victims}
+        by_victims = Counter(k for ks in keys.values() for k in ks)
+        users = table_budget.users(self.runner)
+        return next((e for e in victims if any(users[k] == by_victims[k] for k in keys[id(e)])), victims[0])
 
     def _evict(self, key: VersionKey) -> None:
         entry = self.entries.pop(key)
+        self._free(entry)
+        self.other_bytes -= _nbytes(entry)
+
+    def _free(self, entry: DevicePrefix) -> None:
+        """Gives back what an entry holds: its pool blocks and its slots in the per-row tables."""
         if entry.index is not None:
             self.pool.release(entry.index)
         self.runner.biases.release(entry.bias_slot)
-        self.other_bytes -= _nbytes(entry)
+        self.runner.low_rank.release(entry.lora_slot)
+        self.runner.scales.release(entry.scale_slot)
 
 
 def _nbytes(entry: DevicePrefix) -> int:
-    """Device bytes an entry holds outside the pool (its bias deltas are counted by the bias table's size)."""
+    """Device bytes an entry holds outside the pool (its bias deltas, LoRA factors and IA3 vectors are counted by
+    the per-row tables' sizes)."""
     ts = [entry.soft_prompt] + ([entry.head.weight, entry.head.bias] if entry.head is not None else [])
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
@@ -321,9 +409,10 @@ class Engine:
     # -- kept resident (on the engine's thread, between steps: see Scheduler.on_engine) ---------------------------
     @torch.inference_mode()
     def pin(self, artifact: PrefixArtifact) -> int:
-        """Pins the artifact's prefix resident for its task (DeviceCache.pin); returns the pool bytes it holds."""
+        """Pins the artifact's prefix resident for its task (DeviceCache.pin); returns the device bytes it holds
+        (pool blocks and LoRA / IA3 table rows, what pins are counted in)."""
         self.device_cache.apply_pending()
-        return self.device_cache.pool_bytes(self.device_cache.pin(artifact))
+        return self.device_cache.device_bytes(self.device_cache.pin(artifact))
 
     def unpin(self, task: str) -> None:
         self.device_cache.apply_pending()
@@ -439,9 +528,10 @@ class Engine:
         assert b is not None
         n = len(b.decoding)
         index, plen = b.decode_prefix()
-        bias_slots = b.bias_slot[:n] if any(r.prefix is not None and r.prefix.bias_slot for r in b.decoding) else None
+        adapted = any(r.prefix is not None and any(r.prefix.table_slots) for r in b.decoding)
+        slots = b.table_slots[:n] if adapted else None  # (n, 3): bias, low-rank and scale slots
         names = [r.prefix.key if r.prefix is not None and r.prefix.kv_len else None for r in b.decoding]  # slot order
-        logits = self.runner.decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen, bias_slots, names)
+        logits = self.runner.decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen, slots, names)
         history = None
         if b.counts is not None and b.seen is not None and any(r.params.counts_tokens for r in b.decoding):
             history = TokenHistory(b.counts[:n], b.seen[:n])  # decoders sit in slots 0..n-1: views, no gather

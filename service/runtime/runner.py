@@ -8,7 +8,8 @@ soft prompts on causal LMs are key/values at positions 0..P-1, computed once whe
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import contextlib
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,9 @@ from .backbone import Backbone, vit_layers
 from .bias import BiasTable
 from .heads import head_logits, mlm_states, pool, verbalizer_logits
 from .kv_cache import PrefixPool, SlotCache
+from .low_rank import LowRankTable
 from .prefix_kv import right_pad, token_positions
+from .scaling import ScaleTable
 
 
 @dataclass
@@ -32,6 +35,8 @@ class DevicePrefix:
     soft_prompt: (P, hidden) input embeddings (DeviceParts.embeds: soft prompts on encoders, VPT-shallow).
     head: the classification head, its tensors on the device.
     bias_slot: the task's slot in the BiasTable (bias methods), 0 for none.
+    lora_slot: its slot in the LowRankTable (low-rank methods), 0 for none.
+    scale_slot: its slot in the ScaleTable (scaling methods), 0 for none.
     verbalizer: (C,) long, a verbalizer head's label tokens on the device.
     """
 
@@ -44,6 +49,13 @@ class DevicePrefix:
     head: ClassificationHead | None
     bias_slot: int = 0
     verbalizer: torch.Tensor | None = None
+    lora_slot: int = 0
+    scale_slot: int = 0
+
+    @property
+    def table_slots(self) -> tuple[int, int, int]:
+        """Its slots in the per-row tables, in ModelRunner.tables' order (bias, low rank, scale)."""
+        return (self.bias_slot, self.lora_slot, self.scale_slot)
 
     @property
     def key(self) -> VersionKey:
@@ -100,6 +112,8 @@ class ModelRunner:
         self.bb = backbone
         self.pool, self.cache = pool, cache
         self.biases = BiasTable(backbone)
+        self.low_rank = LowRankTable(backbone)
+        self.scales = ScaleTable(backbone)
         self.body = backbone.body
         self.embed = backbone.embeddings
         self.layers = backbone.fingerprint.num_layers  # attention layers: each runs once per forward
@@ -142,7 +156,7 @@ class ModelRunner:
             past=past,
             layers=self.layers,
         )
-        with serving(self.body.config, state), self.biases.rows(self._bias_slots([c.prefix for c in chunks])):
+        with serving(self.body.config, state), self.adapted(self.table_slots([c.prefix for c in chunks])):
             h = self.body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
         results = []
         for i, c in enumerate(chunks):  # h: (B, T, hidden)
@@ -159,12 +173,12 @@ class ModelRunner:
         past: torch.Tensor,
         prefix_index: torch.Tensor,
         prefix_len: torch.Tensor,
-        bias_slots: torch.Tensor | None = None,
+        table_slots: torch.Tensor | None = None,
         task_names: Sequence[Hashable] | None = None,
     ) -> torch.Tensor:
         """One token per row for rows in slots 0..B-1: tokens, positions, past (tokens in each slot) (B,), prefix
-        positions (B, Pmax) and lengths (B,), bias slots (B,). Appends the tokens' key/values to the slots; returns
-        next-token logits (B, V) fp32."""
+        positions (B, Pmax) and lengths (B,), slots in the per-row tables (B, 3) (see `adapted`). Appends the tokens'
+        key/values to the slots; returns next-token logits (B, V) fp32."""
         state = ForwardState(
             "decode",
             self.pool,
@@ -176,7 +190,7 @@ class ModelRunner:
             layers=self.layers,
             task_names=task_names,
         )
-        with serving(self.body.config, state), self.biases.rows(bias_slots):
+        with serving(self.body.config, state), self.adapted(table_slots):
             h = self.body(input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False)
         return self.lm_logits(h.last_hidden_state[:, -1])
 
@@ -216,8 +230,8 @@ class ModelRunner:
             inputs = {"inputs_embeds": embeds}
         prefixes = [it.prefix for it in items]
         state = self._encode_state(prefixes, lengths)
-        bias_slots = self._bias_slots(prefixes)
-        with serving(self.body.config, state), self.biases.rows(bias_slots):
+        slots = self.table_slots(prefixes)
+        with serving(self.body.config, state), self.adapted(slots):
             out = self.body(
                 **inputs, token_type_ids=types, position_ids=token_positions(starts, lengths, ids.shape[1], dev)
             )
@@ -240,8 +254,8 @@ class ModelRunner:
             assert mask_id is not None, "verbalizer tasks are refused on backbones without a [MASK] token"
             pos = [n_soft[i] + items[i].input_ids.index(mask_id) for i in verbal]  # the first [MASK] of each row
             states = h[verbal, pos]  # (n, hidden)
-            slots = bias_slots[verbal] if bias_slots is not None else None
-            for i, row_logits in zip(verbal, self.verbalize(states, [prefixes[i] for i in verbal], slots), strict=True):
+            bias = slots[verbal, 0] if slots is not None else None
+            for i, row_logits in zip(verbal, self.verbalize(states, [prefixes[i] for i in verbal], bias), strict=True):
                 logits[i] = row_logits
         scored = [x for x in logits if x is not None]
         assert len(scored) == len(items), "every row has its logits: the verbalizer rows' were filled in above"
@@ -272,7 +286,7 @@ class ModelRunner:
             x[i, 1 + shallow[i] : lengths[i]] = emb[i, 1:]
         prefixes = [it.prefix for it in items]
         state = self._encode_state(prefixes, lengths)
-        with serving(self.body.config, state), self.biases.rows(self._bias_slots(prefixes)):
+        with serving(self.body.config, state), self.adapted(self.table_slots(prefixes)):
             for layer in vit_layers(self.body):
                 x = layer(x, None)
         h = self.body.layernorm(x)  # (B, T, hidden)
@@ -310,10 +324,21 @@ class ModelRunner:
         new = torch.tensor(lengths, device=self.bb.device)
         return ForwardState("encode", self.pool, *self._prefix_index(prefixes), new=new, layers=self.layers)
 
-    def _bias_slots(self, prefixes: list[DevicePrefix | None]) -> torch.Tensor | None:
-        """(B,) long, each row's slot in the bias table; None when no row has bias deltas."""
-        slots = [0 if p is None else p.bias_slot for p in prefixes]
-        return torch.tensor(slots, device=self.bb.device) if any(slots) else None
+    @contextlib.contextmanager
+    def adapted(self, slots: torch.Tensor | None) -> Iterator[None]:
+        """The forward inside applies each row's per-row adapters: `slots` (B, 3) its slots in the bias, low-rank
+        and scale tables (DevicePrefix.table_slots), 0 where it has none; None: no row has any."""
+        with (
+            self.biases.rows(None if slots is None else slots[:, 0]),
+            self.low_rank.rows(None if slots is None else slots[:, 1]),
+            self.scales.rows(None if slots is None else slots[:, 2]),
+        ):
+            yield
+
+    def table_slots(self, prefixes: list[DevicePrefix | None]) -> torch.Tensor | None:
+        """(B, 3) long, each row's slots in the per-row tables; None when no row has any."""
+        slots = [(0, 0, 0) if p is None else p.table_slots for p in prefixes]
+        return torch.tensor(slots, device=self.bb.device) if any(map(any, slots)) else None
 
     def _prefix_index(self, prefixes: list[DevicePrefix | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Pmax) pool positions and (B,) lengths of the rows' key/value prefixes."""

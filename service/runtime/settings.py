@@ -17,6 +17,7 @@ from prefix_store.keys import validate_namespace
 from prefix_store.store import check_redis_url
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_MAX_LORA_RANK = 64
 
 
 class RuntimeSettings(BaseSettings):
@@ -34,6 +35,12 @@ class RuntimeSettings(BaseSettings):
         False,
         description="serve a causal-LM family the family matrix does not prove exact, with a loud warning (and "
         "/ready's backbone details saying so); families known not to work are refused regardless",
+    )
+    max_lora_rank: int = Field(
+        DEFAULT_MAX_LORA_RANK,
+        ge=1,
+        le=4096,
+        description="the largest LoRA rank a task may have (per adapted module); an upload over it is refused (400)",
     )
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads; unset keeps torch's default (one per core)"
@@ -101,6 +108,7 @@ class RuntimeSettings(BaseSettings):
             "device": self.device,
             "local_files_only": self.local_files_only,
             "allow_unverified": self.allow_unverified_backbone,
+            "max_lora_rank": self.max_lora_rank,
         }
 
     def apply_torch_threads(self) -> None:

@@ -94,7 +94,7 @@ class WarmSet:
     async def pin(self, task: str) -> tuple[int, int]:
         """Pins the task's current version here first, so that a refusal (PinRefused: beyond the pins' share;
         Overloaded: running rows hold the room now) reaches the caller before anything is stored, then in the store,
-        which every replica hears. Returns (version, pool bytes it holds). Raises TaskNotFound."""
+        which every replica hears. Returns (version, device bytes it holds). Raises TaskNotFound."""
         self._supersede(task)
         async with self._lock:
             artifact = await self.host_cache.get(task)

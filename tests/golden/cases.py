@@ -10,6 +10,7 @@ artifacts as the store hands them back; `serve` runs the same rows through Redis
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefix_store import BackboneFingerprint, ClassificationHead, PrefixArtifact, import_peft_dir
+from prefix_store.artifact import ChannelScale, LowRank
 from service.runtime import EngineRequest, Kind, SamplingParams
 from tests.engine_harness import engine_for, run_engine, serving_stack, stored, trained_peft
 from tests.families import ENCODERS, FAMILIES, encoder_model, family_model
@@ -264,7 +266,156 @@ def _head_reference(art: PrefixArtifact, h: torch.Tensor) -> torch.Tensor:
     return x @ head.weight.T + head.bias
 
 
+# -- every adapter kind in one batch: LoRA and IA3 beside prefixes, soft prompts, bias deltas and the bare backbone -
+# Per backbone, LoRA tasks of three ranks and target sets (rsLoRA, per-module rank and alpha patterns, GPT-2's fused
+# c_attn) and an IA3 task (output-scaled keys/values, input-scaled feed-forward); the fourth row kind per backbone is
+# a bias task where the backbone has biases, a third LoRA task where it has none.
+ADAPTER_PROMPTS = [5, 9, 3, 7, 6, 4, 8, 10]
+_QV = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
+_PATTERNS = {  # (rank_pattern, alpha_pattern) of the all-linear task
+    "gpt2": ({"c_proj": 3}, {"c_fc": 4}),
+    "llama": ({"down_proj": 5}, {"gate_proj": 3}),
+    "qwen2": ({"down_proj": 5}, {"gate_proj": 3}),
+}
+
+
+def random_weights(pm, seed: int):
+    """A PEFT model with random, non-trivial trainable weights at sizes that keep logits O(1): LoRA factors A of unit
+    variance per input (N(0, 1) / sqrt(in)) and B a quarter of that (the update `x A^T B^T * scale` then about the
+    frozen weight's size, as a trained one is, rather than several times it), a head's weight as A, IA3 vectors
+    around 1, anything else (head biases, prompts) N(0, 1)."""
+    torch.manual_seed(seed)
+    for name, p in pm.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_A" in name or "lora_B" in name or ("score" in name or "classifier" in name) and p.ndim == 2:
+            p.data.normal_().div_(p.shape[1] ** 0.5 * (4 if "lora_B" in name else 1))
+        elif "ia3_l" in name:
+            p.data.normal_().mul_(0.3).add_(1)
+        else:
+            p.data.normal_()
+    return pm.eval()
+
+
+def _peft_model(base, name: str, seed: int, **kw):
+    """A PEFT model of config class `name` around a copy of `base`, its weights random (random_weights)."""
+    from peft import get_peft_model  # here, so the golden tests run where PEFT does not import
+
+    return random_weights(get_peft_model(copy.deepcopy(base), _peft_config(name, **kw)), seed)
+
+
+def adapters_case(kind: str, tmp_path: Path) -> Case:
+    """GPT-2 / Llama / Qwen2: every adapter kind in one mixed batch, each row referenced by PEFT's generate alone
+    (the bias task by transformers' forward on a biased copy)."""
+    base = tiny_model(kind)
+    torch.manual_seed(5)
+    prompts = [torch.randint(3, 120, (n,)).tolist() for n in ADAPTER_PROMPTS]
+    ranks, alphas = _PATTERNS[kind]
+    lora = dict(init_lora_weights=False)
+    specs: list[tuple[str | None, str | None, dict]] = [
+        (None, None, {}),
+        ("lora-qv", "LoraConfig", dict(r=4, lora_alpha=8, use_rslora=True, target_modules=_QV[kind], **lora)),
+        ("ia3", "IA3Config", {}),
+        ("prefix", "PrefixTuningConfig", dict(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),
+        (
+            "lora-all",
+            "LoraConfig",
+            dict(r=2, lora_alpha=6, target_modules="all-linear", rank_pattern=ranks, alpha_pattern=alphas, **lora),
+        ),
+        ("soft", "PromptTuningConfig", dict(num_virtual_tokens=4)),
+        ("ptv2", "PrefixTuningConfig", dict(num_virtual_tokens=5)),
+    ]
+    if kind == "llama":  # bias-free: a third LoRA task instead of a bias task
+        specs.append(("lora-ku", "LoraConfig", dict(r=8, lora_alpha=16, target_modules=["k_proj", "up_proj"], **lora)))
+    artifacts, tokens, logits, tasks = {}, [], [], []
+    for i, (task, cls, kw) in enumerate(specs):
+        model = base
+        if cls is not None:
+            model = _peft_model(base, cls, 50 + i, task_type="CAUSAL_LM", **kw)
+            artifacts[task] = _import(model, task, base.config, tmp_path / task)
+        t, lg = peft_generate(model, prompts[i])
+        tokens.append(t)
+        logits.append(lg)
+        tasks.append(task)
+    if kind != "llama":
+        art = PrefixArtifact(
+            "bias", "bitfit", BackboneFingerprint.from_config(base.config), biases=random_deltas(base, 57)
+        )
+        t, lg = reference_generate(base, prompts[7], art, STEPS)
+        artifacts["bias"] = art
+        tokens.append(t)
+        logits.append(lg)
+        tasks.append("bias")
+    return Case(kind, tasks, artifacts, prompts, [True] * len(tasks), tokens, logits)
+
+
+def _seq_cls_logits(pm, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return pm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0]
+
+
+def adapters_classification_case(tmp_path: Path) -> Case:
+    """SEQ_CLS LoRA and IA3 adapters (LlamaForSequenceClassification + PEFT, the score head over the last token)
+    served on the causal LM in one prefill with a LoRA generation row and a bare row."""
+    base = tiny_model("llama")
+    cls_base = tiny_model("llama-cls")
+    cls_base.model.load_state_dict(base.model.state_dict())
+    lora = dict(init_lora_weights=False)
+    models = {
+        "lora-cls": _peft_model(cls_base, "LoraConfig", 60, task_type="SEQ_CLS", r=4, lora_alpha=8, **lora),
+        "ia3-cls": _peft_model(cls_base, "IA3Config", 61, task_type="SEQ_CLS"),
+        "lora-gen": _peft_model(
+            base, "LoraConfig", 62, task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules="all-linear", **lora
+        ),
+    }
+    artifacts = {
+        task: _import(pm, task, base.config, tmp_path / task, labels=LABELS if task.endswith("-cls") else None)
+        for task, pm in models.items()
+    }
+    ids = [[5, 17, 33, 9, 41, 7], [8, 3, 21, 60], [4, 5, 6], [11, 12, 13, 14]]
+    refs = [_seq_cls_logits(models["lora-cls"], ids[0]), _seq_cls_logits(models["ia3-cls"], ids[1])]
+    gen_tokens = []
+    for model, x in ((models["lora-gen"], ids[2]), (base, ids[3])):
+        t, lg = peft_generate(model, x)
+        gen_tokens.append(t)
+        refs.append(lg)
+    tasks = ["lora-cls", "ia3-cls", "lora-gen", None]
+    return Case("llama", tasks, artifacts, ids, [False, False, True, True], [[], [], *gen_tokens], refs)
+
+
+def adapters_bert_case(tmp_path: Path) -> Case:
+    """A BERT classifier: SEQ_CLS LoRA (query/value; all-linear with rsLoRA, the pooler included), IA3 and P-Tuning
+    v2 rows in one forward, each referenced by PEFT's forward alone."""
+    base = tiny_model("bert-cls")
+    torch.manual_seed(6)
+    inputs = [torch.randint(3, 120, (n,)).tolist() for n in (7, 4, 9, 5)]
+    lora = dict(init_lora_weights=False)
+    specs = {
+        "lora-qv": ("LoraConfig", dict(r=4, lora_alpha=8, target_modules=["query", "value"], **lora)),
+        "ia3": ("IA3Config", {}),
+        "lora-all": ("LoraConfig", dict(r=2, lora_alpha=6, use_rslora=True, target_modules="all-linear", **lora)),
+        "ptv2": ("PrefixTuningConfig", dict(num_virtual_tokens=4)),
+    }
+    artifacts, logits = {}, []
+    for i, ((task, (cls, kw)), x) in enumerate(zip(specs.items(), inputs, strict=True)):
+        pm = _peft_model(base, cls, 70 + i, task_type="SEQ_CLS", **kw)
+        artifacts[task] = _import(pm, task, base.config, tmp_path / task, labels=LABELS)
+        logits.append(_seq_cls_logits(pm, x))
+    return Case("bert-cls", list(specs), artifacts, inputs, [False] * 4, [[]] * 4, logits)
+
+
+ADAPTER_CASES = {
+    "adapters-gpt2": lambda tmp: adapters_case("gpt2", tmp),
+    "adapters-llama": lambda tmp: adapters_case("llama", tmp),
+    "adapters-qwen2": lambda tmp: adapters_case("qwen2", tmp),
+    "adapters-llama-cls": adapters_classification_case,
+    "adapters-bert": adapters_bert_case,
+}
+
+
 def build(name: str, tmp_path: Path) -> Case:
+    if name in ADAPTER_CASES:
+        return ADAPTER_CASES[name](tmp_path)
     if name in ("gpt2", "llama", "qwen2"):
         return generation_case(name, tmp_path)
     if name.startswith("family-"):
@@ -282,6 +433,7 @@ CASES = [
     "bert-cls",
     *(f"family-{name}" for name in FAMILIES),
     *(f"encoder-{name}" for name in ENCODERS),
+    *ADAPTER_CASES,
 ]
 
 
@@ -295,6 +447,11 @@ def save(case: Case, path: Path, versions: dict[str, str]) -> None:
             tensors[f"art.{task}.prefix"] = art.prefix_tensor.contiguous()
         for module, delta in (art.biases or {}).items():
             tensors[f"art.{task}.bias.{module}"] = delta.contiguous()
+        for module, f in (art.low_rank or {}).items():
+            tensors[f"art.{task}.lora.{module}.A"] = f.a.contiguous()
+            tensors[f"art.{task}.lora.{module}.B"] = f.b.contiguous()
+        for module, sc in (art.scales or {}).items():
+            tensors[f"art.{task}.scale.{module}"] = sc.vector.contiguous()
         if art.head is not None:
             tensors[f"art.{task}.head.weight"] = art.head.weight.contiguous()
             if art.head.bias is not None:
@@ -303,6 +460,10 @@ def save(case: Case, path: Path, versions: dict[str, str]) -> None:
         arts[task]["pooling"] = art.head.pooling if art.head else None
         if art.biases:
             arts[task]["biases"] = sorted(art.biases)
+        if art.low_rank:
+            arts[task]["lora"] = {module: f.scale for module, f in art.low_rank.items()}
+        if art.scales:
+            arts[task]["scales"] = {module: sc.on_input for module, sc in art.scales.items()}
     for i, (tokens, logits) in enumerate(zip(case.ref_tokens, case.ref_logits, strict=True)):
         tensors[f"ref.{i}.logits"] = logits.float().contiguous()
         tensors[f"ref.{i}.tokens"] = torch.tensor(tokens, dtype=torch.long)
@@ -341,7 +502,22 @@ def load(name: str) -> Case:
             )
         kv = prefix if prefix is not None and prefix.ndim == 5 else None
         soft = None if kv is not None else prefix
-        artifacts[task] = PrefixArtifact(task, info["method"], fp, kv=kv, soft_prompt=soft, head=head, biases=biases)
+        low_rank = {
+            m: LowRank(tensors[f"art.{task}.lora.{m}.A"], tensors[f"art.{task}.lora.{m}.B"], scale)
+            for m, scale in info.get("lora", {}).items()
+        } or None
+        scales = {m: ChannelScale(tensors[f"art.{task}.scale.{m}"], inp) for m, inp in info.get("scales", {}).items()}
+        artifacts[task] = PrefixArtifact(
+            task,
+            info["method"],
+            fp,
+            kv=kv,
+            soft_prompt=soft,
+            head=head,
+            biases=biases,
+            low_rank=low_rank,
+            scales=scales or None,
+        )
     n = len(meta["tasks"])
     return Case(
         meta["kind"],

@@ -13,6 +13,7 @@ from prefix_store import (
     PrefixArtifact,
     validate_task_name,
 )
+from prefix_store.artifact import ChannelScale, LowRank
 from tests.factories import TINY_LLAMA, make_artifact
 
 
@@ -91,7 +92,29 @@ def test_method_carries_its_own_tensor():
     with pytest.raises(ArtifactFormatError, match=r"method p_tuning carries 'soft_prompt'; got \['kv'\]"):
         PrefixArtifact(task="t", method="p_tuning", fingerprint=TINY_LLAMA, kv=torch.zeros(3, 2, 2, 5, 8))
     with pytest.raises(ArtifactFormatError, match="unknown method"):
+        PrefixArtifact(task="t", method="dora", fingerprint=TINY_LLAMA, kv=torch.zeros(3, 2, 2, 5, 8))
+    with pytest.raises(ArtifactFormatError, match="method lora carries no prompt tensor"):
         PrefixArtifact(task="t", method="lora", fingerprint=TINY_LLAMA, kv=torch.zeros(3, 2, 2, 5, 8))
+
+
+def test_low_rank_and_scale_artifacts_are_checked():
+    a, b = torch.randn(4, 64), torch.randn(16, 4)
+    art = PrefixArtifact("t", "lora", TINY_LLAMA, low_rank={"layers.0.self_attn.v_proj": LowRank(a, b, 2.0)})
+    assert art.dtype == torch.float32 and art.summary()["lora_modules"] == {
+        "layers.0.self_attn.v_proj": {"rank": 4, "scale": 2.0}
+    }
+    with pytest.raises(ArtifactFormatError, match="method lora: expected low_rank for at least one module"):
+        PrefixArtifact("t", "lora", TINY_LLAMA)
+    with pytest.raises(ArtifactShapeError, match=r"expected A \(r, in\) and B \(out, r\)"):
+        PrefixArtifact("t", "lora", TINY_LLAMA, low_rank={"q": LowRank(a, b.T, 2.0)})
+    with pytest.raises(ArtifactFormatError, match="scale: expected a finite number"):
+        PrefixArtifact("t", "lora", TINY_LLAMA, low_rank={"q": LowRank(a, b, float("nan"))})
+    with pytest.raises(ArtifactFormatError, match="method ia3 carries no low_rank"):
+        PrefixArtifact(
+            "t", "ia3", TINY_LLAMA, low_rank={"q": LowRank(a, b, 1.0)}, scales={"q": ChannelScale(torch.ones(4))}
+        )
+    with pytest.raises(ArtifactShapeError, match=r"scales q: expected a vector"):
+        PrefixArtifact("t", "ia3", TINY_LLAMA, scales={"q": ChannelScale(torch.ones(4, 1))})
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -37,6 +37,8 @@ def assert_same(a, b):
     if a.biases is not None:
         assert a.biases.keys() == b.biases.keys()
         assert all(torch.equal(a.biases[k], b.biases[k]) for k in a.biases)
+    for key in ("lora_modules", "scaled_modules"):  # LoRA ranks and scales, IA3 sides
+        assert a.summary().get(key) == b.summary().get(key)
     assert (a.head is None) == (b.head is None)
     if a.head is not None:
         assert a.head.labels == b.head.labels and a.head.pooling == b.head.pooling

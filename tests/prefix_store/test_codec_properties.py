@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prefix_store import METHODS, BackboneFingerprint, ClassificationHead, PrefixArtifact, decode, encode
+from prefix_store.artifact import ChannelScale, LowRank
 from tests.prefix_store.test_codec import assert_same
 
 FP = BackboneFingerprint(
@@ -24,14 +25,15 @@ def artifacts(draw) -> PrefixArtifact:
     P = draw(st.integers(1, 6))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     bias_method = method == "bitfit"
+    weight_method = method in ("lora", "ia3")  # per-module tensors, no prompt
     kv_method = method in ("prefix_tuning", "p_tuning_v2") or (bias_method and draw(st.booleans()))
     deep = method == "vpt_deep"
     shape = (FP.num_layers, 2, FP.num_kv_heads, P, FP.head_dim) if kv_method else (P, FP.hidden_size)
     if deep:
         shape = (FP.num_layers, P, FP.hidden_size)
     prefix = torch.randn(shape, generator=g).to(dtype)
-    biases = None
-    if bias_method:
+    biases = low_rank = scales = None
+    if bias_method or weight_method:
         paths = draw(
             st.lists(
                 st.from_regex(r"[a-z_]{1,12}(\.[0-9a-z_]{1,12}){0,6}", fullmatch=True),
@@ -40,7 +42,22 @@ def artifacts(draw) -> PrefixArtifact:
                 unique=True,
             )
         )
-        biases = {p: torch.randn(draw(st.integers(1, 40)), generator=g).to(dtype) for p in paths}
+        sizes = {p: (draw(st.integers(1, 40)), draw(st.integers(1, 40)), draw(st.integers(1, 8))) for p in paths}
+        if bias_method:
+            biases = {p: torch.randn(n, generator=g).to(dtype) for p, (n, _, _) in sizes.items()}
+        elif method == "lora":
+            scale = st.floats(allow_nan=False, allow_infinity=False, width=64)
+            low_rank = {
+                p: LowRank(
+                    torch.randn(r, i, generator=g).to(dtype), torch.randn(o, r, generator=g).to(dtype), draw(scale)
+                )
+                for p, (i, o, r) in sizes.items()
+            }
+        else:
+            scales = {
+                p: ChannelScale(torch.randn(n, generator=g).to(dtype), draw(st.booleans()))
+                for p, (n, _, _) in sizes.items()
+            }
     head = None
     labels = draw(st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=6, unique=True) | st.none())
     if labels is not None and draw(st.booleans()):
@@ -62,9 +79,11 @@ def artifacts(draw) -> PrefixArtifact:
         method=method,
         fingerprint=FP,
         kv=prefix if kv_method else None,
-        soft_prompt=None if kv_method or bias_method or deep else prefix,
+        soft_prompt=None if kv_method or bias_method or weight_method or deep else prefix,
         deep_prompt=prefix if deep else None,
         biases=biases,
+        low_rank=low_rank,
+        scales=scales,
         template=template,
         head=head,
         version=draw(st.integers(1, 10**9) | st.none()),

@@ -137,7 +137,7 @@ async def test_service_queues_worker_trains_next_request_serves(model_dir, redis
                 r = await c.post("/v1/train", json=too_big)
                 assert r.status_code == 422 and "at most 64 runs" in r.json()["error"]["message"]
 
-                bad = await c.post("/v1/train", json={"task": "e2e", "method": "lora", "examples": DATA})
+                bad = await c.post("/v1/train", json={"task": "e2e", "method": "no_such_method", "examples": DATA})
                 assert bad.status_code == 422
                 assert (await c.get("/v1/train/nope")).status_code == 404
     finally:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from prefix_store import REGISTRY, Family
 from prefix_store.jobs import TrainSpec
 
-from . import bias, kv_prefix, soft_prompt, visual_prompt
+from . import bias, kv_prefix, low_rank, scaling, soft_prompt, visual_prompt
 from .base import Adapter, BuildContext
 
 BUILDERS: dict[Family, Callable[[TrainSpec, BuildContext], Adapter]] = {
@@ -22,6 +22,8 @@ BUILDERS: dict[Family, Callable[[TrainSpec, BuildContext], Adapter]] = {
     Family.SOFT_PROMPT: soft_prompt.build,
     Family.VISUAL_PROMPT: visual_prompt.build,
     Family.BIAS: bias.build,
+    Family.LOW_RANK: low_rank.build,
+    Family.SCALING: scaling.build,
 }
 # A null prompt's verbalizer starts from the masked-LM scores of its words and wants a larger step than a bias
 # task's linear head (bitfit, same run as its default: lr 2e-3 79.3%, 1e-2 81.2%).

@@ -5,7 +5,7 @@ tensors it exports. Each family module (kv_prefix.py, soft_prompt.py, ...) subcl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from prefix_store import REGISTRY
+from prefix_store.jobs import ALL_LINEAR
 from service.runtime import Backbone
+from service.runtime.backbone import linear_modules
+from service.runtime.prefix_kv import token_positions
 
 from ..batch import Batch
 
@@ -60,6 +63,43 @@ class Adapter(nn.Module):
 def token_type_kwargs(bb: Backbone, types: torch.Tensor | None) -> dict[str, Any]:
     """Encoders take token type ids (segment A/B); decoders take none."""
     return {"token_type_ids": types} if bb.is_encoder else {}
+
+
+def plain_hidden(bb: Backbone, batch: Batch) -> Hidden:
+    """The backbone's own forward on the batch, laid out as the server lays out a row without a prompt: what the
+    methods that change the frozen modules (bias deltas, low-rank updates, scales) run, their change in effect
+    through the hooks of `Adapter.applied`."""
+    B, T = batch.ids.shape
+    out = bb.body(
+        input_ids=batch.ids,
+        attention_mask=batch.mask.long(),
+        position_ids=token_positions([bb.position_offset] * B, batch.lengths, T, batch.ids.device),
+        **token_type_kwargs(bb, batch.types),
+    )
+    return out.last_hidden_state, getattr(out, "pooler_output", None), 0
+
+
+def named_by(path: str, names: Sequence[str]) -> bool:
+    """Whether one of `names` names the module at `path` as PEFT's target_modules do: the whole path, or its last
+    dotted parts (q_proj names layers.0.self_attn.q_proj)."""
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def adapted_modules(bb: Backbone, names: Sequence[str], method: str) -> dict[str, nn.Module]:
+    """The projections of the body that `names` picks (named_by, or ALL_LINEAR: every one), by path: the modules the
+    server adapts (backbone.linear_modules), so that what is trained is what can be served. A name that picks no
+    projection is refused, a typo or another family's name rather than a silent no-op."""
+    modules = linear_modules(bb.body)
+    if list(names) == [ALL_LINEAR]:
+        return modules
+    picked = {path: m for path, m in modules.items() if named_by(path, names)}
+    missing = [n for n in names if not any(named_by(path, [n]) for path in picked)]
+    if missing:
+        raise ValueError(
+            f"{method} target_modules {missing}: no linear projection of {bb.name} ({bb.fingerprint.model_type}) is "
+            f"named so; its {len(modules)} projections are named like {sorted(modules)[:4]}"
+        )
+    return picked
 
 
 def repeat_to(ids: list[int], P: int) -> list[int]:

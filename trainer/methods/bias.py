@@ -14,10 +14,9 @@ from torch import nn
 from prefix_store.jobs import TrainSpec
 from service.runtime import Backbone
 from service.runtime.bias import MLM_BIAS, bias_modules, bias_targets
-from service.runtime.prefix_kv import token_positions
 
 from ..batch import Batch
-from .base import Adapter, BuildContext, Hidden, token_type_kwargs
+from .base import Adapter, BuildContext, Hidden, plain_hidden
 
 
 class BiasDeltas(Adapter):
@@ -35,14 +34,7 @@ class BiasDeltas(Adapter):
 
     def hidden(self, bb: Backbone, batch: Batch) -> Hidden:
         """A plain forward: the deltas enter through the hooks of `applied`."""
-        B, T = batch.ids.shape
-        out = bb.body(
-            input_ids=batch.ids,
-            attention_mask=batch.mask.long(),
-            position_ids=token_positions([bb.position_offset] * B, batch.lengths, T, batch.ids.device),
-            **token_type_kwargs(bb, batch.types),
-        )
-        return out.last_hidden_state, getattr(out, "pooler_output", None), 0
+        return plain_hidden(bb, batch)
 
     @contextlib.contextmanager
     def applied(self, bb: Backbone) -> Iterator[None]:

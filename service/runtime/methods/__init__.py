@@ -4,7 +4,8 @@
     load(bb, artifact) -> DeviceParts    the artifact's device tensors, by where the forward reads them
 
 Families never import each other (an import contract says so); what they share lives in parts.py or below the
-package (backbone.py, bias.py). The engine calls `check` and `load` here, never a family directly.
+package (backbone.py, bias.py, low_rank.py, scaling.py). The engine calls `check` and `load` here, never a family
+directly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from prefix_store import Family, PrefixArtifact
 
 from ..backbone import Backbone
-from . import bias, kv_prefix, soft_prompt, visual_prompt
+from . import bias, kv_prefix, low_rank, scaling, soft_prompt, visual_prompt
 from .parts import DeviceParts, FamilyModule
 
 FAMILIES: dict[Family, FamilyModule] = {
@@ -20,6 +21,8 @@ FAMILIES: dict[Family, FamilyModule] = {
     Family.SOFT_PROMPT: soft_prompt,
     Family.VISUAL_PROMPT: visual_prompt,
     Family.BIAS: bias,
+    Family.LOW_RANK: low_rank,
+    Family.SCALING: scaling,
 }
 
 
