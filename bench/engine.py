@@ -1,5 +1,5 @@
 """The engine at scale, measured side by side in one run: tasks hosted, prefix length, cache churn, PEFT, the bare
-backbone, key/value memory, FLOP/s, and the decode stall of chunked prefill.
+backbone, key/value memory, FLOP/s, the decode stall of chunked prefill, and the LoRA tax.
 
 Every figure comes from the real serving stack (embedded Redis -> host cache -> device pool -> engine -> scheduler)
 in this process, with a random-initialised backbone (weights do not change speed) and tasks published as P-Tuning v2
