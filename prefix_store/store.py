@@ -604,13 +604,25 @@ class PrefixStore:
         """Yields change events until cancelled; `on_subscribed` runs once the subscription is live. Raises
         StoreUnavailable when the subscription drops: pub/sub does not replay, so a subscriber should treat that
         as "everything may have changed"."""
+        async for data in self.subscribe(self.channel, "prefix", on_subscribed):
+            try:
+                yield StoreEvent(**data)
+            except TypeError:
+                log.warning("ignoring malformed store event %r", data)
+
+    async def subscribe(
+        self, channel: str, what: str, on_subscribed: Callable[[], None] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yields the JSON objects published on `channel` until cancelled (anything else is logged and skipped);
+        `on_subscribed` runs once the subscription is live. Raises StoreUnavailable (naming `what` events) when it
+        cannot subscribe or the subscription drops."""
         try:
             conn = await self._subscriber_client()
         except TRANSIENT as e:
-            raise StoreUnavailable(f"prefix event subscription failed: {e}") from e
+            raise StoreUnavailable(f"{what} event subscription failed: {e}") from e
         pubsub = conn.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(self.channel)
+            await pubsub.subscribe(channel)
             if on_subscribed is not None:
                 on_subscribed()
             while True:
@@ -618,11 +630,15 @@ class PrefixStore:
                 if msg is None or msg.get("type") != "message":
                     continue
                 try:
-                    yield StoreEvent(**json.loads(msg["data"]))
-                except (TypeError, ValueError):
-                    log.warning("ignoring malformed store event %r", msg["data"])
+                    data = json.loads(msg["data"])
+                except ValueError:
+                    data = None
+                if isinstance(data, dict):
+                    yield data
+                else:
+                    log.warning("ignoring malformed %s event %r", what, msg["data"])
         except TRANSIENT as e:
-            raise StoreUnavailable(f"prefix event subscription lost: {e}") from e
+            raise StoreUnavailable(f"{what} event subscription lost: {e}") from e
         finally:
             try:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py's PubSub.aclose is unannotated

@@ -33,10 +33,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from redis.exceptions import RedisError
 
 from .errors import PrefixStoreError, StoreUnavailable
-from .store import TRANSIENT, register_script, reply
+from .store import register_script, reply
 
 if TYPE_CHECKING:
     from .store import PrefixStore
@@ -420,32 +419,11 @@ class KeyStore:
         """Yields key events (creations, revocations) until cancelled; `on_subscribed` runs once the subscription is
         live. Raises StoreUnavailable when it drops (pub/sub does not replay: a subscriber should then forget what
         it cached)."""
-        try:
-            conn = await self.store._subscriber_client()
-        except TRANSIENT as e:
-            raise StoreUnavailable(f"key event subscription failed: {e}") from e
-        pubsub = conn.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self.channel)
-            if on_subscribed is not None:
-                on_subscribed()
-            while True:
-                msg = await pubsub.get_message(timeout=1.0)
-                if msg is None or msg.get("type") != "message":
-                    continue
-                try:
-                    yield KeyEvent(**json.loads(msg["data"]))
-                except (TypeError, ValueError):
-                    log.warning("ignoring malformed key event %r", msg["data"])
-        except TRANSIENT as e:
-            raise StoreUnavailable(f"key event subscription lost: {e}") from e
-        finally:
+        async for data in self.store.subscribe(self.channel, "key", on_subscribed):
             try:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py's PubSub.aclose is unannotated
-                if conn is not self.store.client:
-                    await conn.aclose()
-            except (RedisError, OSError):
-                pass
+                yield KeyEvent(**data)
+            except TypeError:
+                log.warning("ignoring malformed key event %r", data)
 
 
 def _refusal(requests_wait: int, tokens_wait: int) -> Charge:
