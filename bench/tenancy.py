@@ -5,12 +5,13 @@ embedded Redis and a random tiny Llama (weights do not change what is measured h
   split     a 50/50 traffic split between two versions of one task, then `--requests` unpinned requests with
             distinct X-Request-IDs: the fraction each version served (goal: each within 45-55%), and the same ids
             sent again land on the same versions (a retry keeps its version)
-  priority  priority `high` requests keep their latency while `low` ones saturate the server: a key of priority
-            `low` floods the queue (`--flood` requests of 1..2 x `--flood-new` tokens, far more than `--batch`
-            rows), and while it waits, a `high` key and, as the control, another `low` key each send `--probes`
-            requests one after another: their median latency under the flood against the same requests on an idle
-            server. Admission has no preemption, so a high request still waits for the next row to free up and runs
-            in a full batch: what it never waits for is the queue, which the control does.
+  priority  priority `high` requests keep their latency while `low` ones saturate the server: `--flood-keys` low
+            keys (as many tenants) flood the queue with `--flood` requests of 1..2 x `--flood-new` tokens, far more
+            than `--batch` rows, and while they wait, a `high` key and, as the control, another `low` key each send
+            `--probes` requests one after another: their median latency under the flood against the same requests
+            on an idle server. Admission has no preemption, so a high request still waits for the next row to free
+            up and runs in a full batch: what it never waits for is the queue; the control waits its turn among the
+            flooding keys (round-robin within its class).
 
     python bench/tenancy.py                  # every scenario
     python bench/tenancy.py --only split --requests 1000
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=128)
     p.add_argument("--prefix", type=int, default=8, help="virtual tokens of each task version")
     p.add_argument("--flood", type=int, default=512, help="low-priority requests queued at once (priority)")
+    p.add_argument("--flood-keys", type=int, default=32, help="low-priority keys the flood comes from (priority)")
     p.add_argument("--probes", type=int, default=20, help="requests each probing key sends in turn (priority)")
     p.add_argument("--batch", type=int, default=8, help="PREFIXSERVE_MAX_BATCH_SIZE of the priority scenario")
     p.add_argument("--flood-new", type=int, default=16, help="max_new_tokens of each flooding request (priority)")
@@ -157,7 +159,8 @@ async def priority(bench: Bench, report: dict) -> None:
     async with bench.serving(admin_keys=[ADMIN], max_batch_size=args.batch) as client:
         await bench.publish("shared", 1)
         keys = {}
-        for name, prio in (("flood", "low"), ("high", "high"), ("control", "low")):
+        flooders = [f"flood-{i}" for i in range(args.flood_keys)]
+        for name, prio in [*((f, "low") for f in flooders), ("high", "high"), ("control", "low")]:
             r = await client.post(
                 "/v1/keys", json={"name": name, "scope": "inference", "priority": prio}, headers=admin
             )
@@ -179,7 +182,7 @@ async def priority(bench: Bench, report: dict) -> None:
 
         idle = {key: await latencies(key) for key in ("high", "control")}
         scheduler = bench.scheduler
-        bodies = [({**probe, "max_new_tokens": n}, keys["flood"]) for n in lengths]
+        bodies = [({**probe, "max_new_tokens": n}, keys[flooders[i % len(flooders)]]) for i, n in enumerate(lengths)]
         flooding = asyncio.ensure_future(send_all(client, bodies, args.flood))
         while scheduler.queue_depth < args.flood // 2:  # the flood is queued before the probes start
             await asyncio.sleep(0.01)
