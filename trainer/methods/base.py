@@ -5,7 +5,7 @@ tensors it exports. Each family module (kv_prefix.py, soft_prompt.py, ...) subcl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,3 +107,14 @@ def repeat_to(ids: list[int], P: int) -> list[int]:
     if not ids:
         raise ValueError("a prompt start needs at least one token")
     return (ids * (P // len(ids) + 1))[:P]
+
+
+@contextlib.contextmanager
+def removing(handles: list[Any]) -> Iterator[None]:
+    """Keeps the hooks `handles` registered for the block (an Adapter's `applied`) and removes them after it,
+    whatever happens inside."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

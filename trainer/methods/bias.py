@@ -16,7 +16,7 @@ from service.runtime import Backbone
 from service.runtime.bias import MLM_BIAS, bias_modules, bias_targets
 
 from ..batch import Batch
-from .base import Adapter, BuildContext, Hidden, plain_hidden
+from .base import Adapter, BuildContext, Hidden, plain_hidden, removing
 
 
 class BiasDeltas(Adapter):
@@ -45,11 +45,8 @@ class BiasDeltas(Adapter):
             module = modules.get(path)
             if module is not None:  # the masked-LM decoder's bias is applied by the verbalizer, not by a hook
                 handles.append(module.register_forward_hook(lambda m, a, out, d=delta: out + d.to(out.dtype)))
-        try:
+        with removing(handles):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def label_delta(self, verb: torch.Tensor) -> torch.Tensor | None:
         delta = self().get(MLM_BIAS)  # (V,) the masked-LM decoder's bias delta, when the backbone has one

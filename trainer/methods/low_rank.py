@@ -20,7 +20,7 @@ from service.runtime import Backbone
 from service.runtime.backbone import linear_features, linear_modules
 
 from ..batch import Batch
-from .base import Adapter, BuildContext, Hidden, adapted_modules, plain_hidden
+from .base import Adapter, BuildContext, Hidden, adapted_modules, plain_hidden, removing
 
 # What a job that names no target_modules adapts, by model type: PEFT's defaults
 # (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, copied: PEFT is no dependency of the
@@ -76,11 +76,8 @@ class LowRankUpdates(Adapter):
                 return out + ((x.to(a.dtype) @ a.T) @ b.T * self.scale).to(out.dtype)
 
             handles.append(modules[path].register_forward_hook(add_update))
-        try:
+        with removing(handles):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def artifact_tensors(self, method: str) -> dict[str, Any]:
         return {

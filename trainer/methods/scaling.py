@@ -20,7 +20,7 @@ from service.runtime import Backbone
 from service.runtime.backbone import linear_features, linear_modules
 
 from ..batch import Batch
-from .base import Adapter, BuildContext, Hidden, adapted_modules, plain_hidden
+from .base import Adapter, BuildContext, Hidden, adapted_modules, plain_hidden, removing
 
 # What a job that names no target_modules / feedforward_modules scales, by model type: PEFT's defaults
 # (peft.utils.constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING, copied:
@@ -79,11 +79,8 @@ class ChannelScales(Adapter):
                     return out * v.to(out.dtype)
 
                 handles.append(module.register_forward_hook(scale_output))
-        try:
+        with removing(handles):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def artifact_tensors(self, method: str) -> dict[str, Any]:
         return {
