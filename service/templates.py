@@ -1,5 +1,5 @@
 """Chat templates, rendered where a bad one cannot hurt the replica: in a child process of their own, one render at a
-time, under a time budget (past it the child is killed and replaced) and a memory budget (a watchdog in the child
+time, under a CPU-time budget (past it the child is killed and replaced) and a memory budget (a watchdog in the child
 exits it when its resident memory grows past the budget during a render). A template is code an uploader wrote: a
 loop of range(100000) inside another, `'x' * 10**7` or a huge power can hold a CPU or memory for as long as it likes,
 and only a process can be stopped from outside. The Jinja sandbox (transformers' ImmutableSandboxedEnvironment)
@@ -33,6 +33,10 @@ from .runtime.errors import QueueFull
 log = logging.getLogger(__name__)
 
 QUARANTINE_S = 60.0  # how long a template that overran its budget is refused without rendering
+# The budget is the child's CPU time: a render starved of CPU by a busy host (the engine's threads, other replicas) is
+# not the template's fault. Wall-clock still bounds it, at this multiple of the budget, so a template that sleeps or a
+# host that never frees a core cannot hold a render for ever.
+WALL_FACTOR = 4.0
 CANONICAL = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi! How can I help?"}]
 _MEMORY_EXIT = 71  # the child's exit status when its watchdog stopped a render past the memory budget
 
@@ -44,7 +48,8 @@ class TemplateFailed(ServerMisconfigured):
 class TemplateRenderer:
     """Args:
     tokenizer: the backbone's tokenizer (picklable: Hugging Face fast tokenizers are).
-    budget_s: the longest one render may take (the child is killed past it).
+    budget_s: the most CPU time one render may use (the child is killed past it, or past WALL_FACTOR times it of
+        wall-clock).
     memory_bytes: how much a render may grow the child's resident memory.
     queue: renders waiting at most beyond the one running (past it, 429).
     """
@@ -130,13 +135,14 @@ class TemplateRenderer:
             self._conn.send(("ping",))  # the first render waits for the child's imports, not counted in the budget
             await self._reply(loop, 120.0)
         conn = self._conn
+        cpu_start = _cpu_seconds(self._proc.pid)
         conn.send(("render", template, messages, generation))
         try:
-            status, value = await self._reply(loop, self.budget_s)
+            status, value = await self._reply_within_budget(loop, cpu_start)
         except TimeoutError:
             self._replace()
             raise TemplateFailed(
-                f"the chat template of {owner} did not render within its budget of {self.budget_s:g}s (stopped)"
+                f"the chat template of {owner} did not render within its budget of {self.budget_s:g}s of CPU (stopped)"
             ) from None
         except EOFError:  # the child died: its watchdog (memory) or a crash
             code = self._proc.exitcode if self._proc is not None else None
@@ -153,6 +159,24 @@ class TemplateRenderer:
         if status == "error":
             raise TemplateFailed(f"the chat template of {owner} failed: {value}")
         return value
+
+    async def _reply_within_budget(self, loop: asyncio.AbstractEventLoop, cpu_start: float | None) -> Any:
+        """The render's reply, once the child has spent at most `budget_s` of CPU on it (TimeoutError past that, or
+        past WALL_FACTOR x budget_s of wall-clock). Without a CPU clock for the child (not Linux) the budget is
+        wall-clock."""
+        wall_end = time.monotonic() + self.budget_s * WALL_FACTOR
+        wait = self.budget_s
+        while True:
+            try:
+                return await self._reply(loop, wait)
+            except TimeoutError:
+                used = _cpu_seconds(self._proc.pid) if self._proc is not None else None
+                if cpu_start is None or used is None:
+                    raise
+                left_cpu, left_wall = self.budget_s - (used - cpu_start), wall_end - time.monotonic()
+                if left_cpu <= 0.01 or left_wall <= 0:
+                    raise
+                wait = min(left_cpu, left_wall)  # starved, not spinning: wait for the CPU time it has left
 
     async def _reply(self, loop: asyncio.AbstractEventLoop, timeout: float) -> Any:
         """The child's next message, read when its pipe is readable (no thread waits on it)."""
@@ -172,6 +196,16 @@ class TemplateRenderer:
 
 
 # -- the child process -----------------------------------------------------------------------------------------------
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds process `pid` has used (Linux /proc), or None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
