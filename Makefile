@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 LATEST_VENV ?= .venv-latest
+WORKER ?= 1
 
-.PHONY: serve test test-fast test-latest lint lock tools
+.PHONY: serve worker test test-fast test-latest lint lock tools docker-images
 
 # --no-deps: the lock is the whole set, resolved once by `make lock`; pip installs exactly it (hash-checked) and
 # `pip check` proves it consistent with the torch installed before it.
@@ -22,18 +23,53 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip check
 	touch $@
 
-# docker-compose is only needed to validate docker-compose.yml in the suite; Debian ships it.
+# docker-compose is only needed to validate docker-compose.yml in the suite; Debian ships it. Chromium and its
+# driver run the console's browser tests (tests/service/test_ui_browser.py).
 tools:
 	@command -v docker-compose >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
 	  else echo "docker-compose not found: the compose-file test will be skipped"; fi; }
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "chromium or chromedriver not found: the console's browser tests will be skipped"; fi; }
 
+# The server and, beside it, one trainer worker (WORKER=0: none); Ctrl-C (or a TERM to make) stops both, and the
+# worker stops when the server does. Without PREFIXSERVE_REDIS_URL the worker starts once the server's embedded Redis
+# answers on its socket, and is given that socket: it never starts a second Redis.
 serve: $(STAMP)
-	$(BIN)/python -m service --host $(HOST) --port $(PORT)
+	@trap 'kill -TERM $$server $$worker 2>/dev/null' INT TERM; \
+	worker=; if [ "$(WORKER)" != 0 ] && [ -n "$$PREFIXSERVE_REDIS_URL" ]; then \
+	  $(BIN)/python -m trainer worker & worker=$$!; \
+	elif [ "$(WORKER)" != 0 ]; then \
+	  data="$${PREFIXSERVE_DATA_DIR:-data}"; case "$$data" in /*) ;; *) data="$$PWD/$$data";; esac; \
+	  ( until $(BIN)/python -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' \
+	      "$$data/redis.sock" 2>/dev/null; do sleep 1; done; \
+	    PREFIXSERVE_REDIS_URL="unix://$$data/redis.sock" exec $(BIN)/python -m trainer worker ) & worker=$$!; \
+	fi; \
+	$(BIN)/python -m service --host $(HOST) --port $(PORT) & server=$$!; \
+	wait $$server; status=$$?; \
+	if kill -0 $$server 2>/dev/null; then wait $$server; status=$$?; fi; \
+	if [ -n "$$worker" ]; then kill -TERM $$worker 2>/dev/null; wait $$worker; fi; \
+	exit $$status
 
+# One more trainer worker, on its own (`make serve` starts one): same PREFIXSERVE_* settings as the server. Without
+# PREFIXSERVE_REDIS_URL it attaches to the embedded Redis of a `make serve` running here (or starts it).
+worker: $(STAMP)
+	$(BIN)/python -m trainer worker
+
+# The Docker test (tests/test_docker.py) is its own step after the main suite: the first build of the images takes
+# minutes, and a failure there should not hide the main suite's result. It skips where no Docker engine can start.
 test: $(STAMP) tools lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not docker"
+	$(BIN)/python -m pytest -q -m docker tests/test_docker.py
+
+# The images docker-compose.yml runs (docker/build-base.sh): a Debian base made with debootstrap (no image registry
+# needed; root), Redis 7, the service and the trainer. BASE_IMAGE=<image> builds on another base (a CUDA one keeps
+# its torch).
+docker-images:
+	docker/build-base.sh
 
 # The tier that runs in seconds, for the edit-test loop: unit tests and the engine driven directly on tiny models.
 # No Redis, no server, no training, no subprocess, no lint (the markers: pyproject.toml, tests/conftest.py).
@@ -56,7 +92,7 @@ test-latest: tools
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
 	  -c $(LATEST_VENV)/torch-constraint.txt -e '.[dev]'
 	$(LATEST_VENV)/bin/python -m pip check
-	PREFIXSERVE_TEST_LATEST=1 $(LATEST_VENV)/bin/python -m pytest -q -rxX
+	PREFIXSERVE_TEST_LATEST=1 $(LATEST_VENV)/bin/python -m pytest -q -rxX -m "not docker"
 
 # Re-resolves both lock files (runtime: the Docker images; dev: make serve/test). Existing pins are kept unless
 # asked: `make lock UPGRADE=--upgrade`, or `make lock UPGRADE="--upgrade-package transformers"`.

@@ -2,6 +2,7 @@
 Stream read through a consumer group, plus one hash per job for its state.
 
   {N:train}:jobs        stream of {"job": id}; consumer group "trainers"
+  {N:train}:jobs:workers  sorted set: each worker's name, scored by when it last said it was alive
   {N:train}:job:id      hash: state (queued | running | succeeded | failed | cancelled), spec (without its inline
                       examples), examples (the inline records, JSON, only until the job ends), inline_examples and
                       inline_dev_examples (their counts), progress, result, error, worker, attempts, created_at,
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import unicodedata
 import uuid
 from collections.abc import Awaitable, Sequence
@@ -53,6 +55,7 @@ _JSON_FIELDS = ("spec", "progress", "result")
 ACTIVE = ("queued", "running")
 ENDED = ("succeeded", "failed", "cancelled")
 DEFAULT_TTL_S = 7 * 24 * 3600
+MAX_JOB_INDEX = 10_000  # jobs a listing can reach (JobQueue.recent), newest first; older ones stay readable by id
 INLINE = ("examples", "dev_examples")  # spec fields kept apart from the spec, and dropped when the job ends
 # The fields of a job's view: everything but its inline examples, which can be hundreds of megabytes.
 VIEW_FIELDS = (
@@ -438,6 +441,9 @@ return 1
 """
 
 
+WORKER_SEEN_S = 30.0  # a worker not seen for this long no longer counts as alive (JobQueue.workers_alive)
+
+
 class JobQueue:
     """The queue and the jobs' records. `ttl_s`: how long an ended job's record is kept (PREFIXSERVE_JOB_TTL_S)."""
 
@@ -446,6 +452,8 @@ class JobQueue:
         self.client = client
         self.stream = keys.jobs
         self.prefix = keys.job_prefix
+        self.workers = keys.jobs + ":workers"  # sorted set: worker name -> when it was last seen (unix seconds)
+        self.index = keys.jobs + ":index"  # sorted set: job id -> when it was queued (unix seconds)
         self.ttl_s = int(ttl_s)
         self._start = register_script(client, _START)
         self._finish = register_script(client, _FINISH)
@@ -473,6 +481,8 @@ class JobQueue:
             async with refresh_slots_on_fault(self.client), self.client.pipeline(transaction=True) as pipe:
                 pipe.hset(self.prefix + job_id, mapping=record)
                 pipe.xadd(self.stream, {"job": job_id})
+                pipe.zadd(self.index, {job_id: time.time()})
+                pipe.zremrangebyrank(self.index, 0, -MAX_JOB_INDEX - 1)  # only the newest are listed
                 await pipe.execute()
         except TRANSIENT as e:
             raise StoreUnavailable(f"Redis unreachable, job not queued: {e}") from e
@@ -498,6 +508,21 @@ class JobQueue:
             job[key] = int(job.get(key, 0))
         job["job_id"] = job_id
         return job
+
+    async def recent(self, offset: int = 0, limit: int = 20) -> tuple[list[dict[str, Any]], int]:
+        """A page of jobs, newest first (their views, as `get`), and how many the index holds. Ids whose record
+        has expired are dropped from the index here, so a page may hold fewer than `limit`."""
+        ids: list[bytes] = await self._call(reply(self.client.zrevrange(self.index, offset, offset + limit - 1)))
+        jobs, gone = [], []
+        for raw in ids:
+            try:
+                jobs.append(await self.get(raw.decode()))
+            except JobNotFound:
+                gone.append(raw)
+        if gone:
+            await self._call(reply(self.client.zrem(self.index, *gone)))
+        total: int = await self._call(reply(self.client.zcard(self.index)))
+        return jobs, int(total)
 
     async def spec(self, job_id: str) -> dict[str, Any]:
         """The whole spec, inline examples included (what a worker trains on)."""
@@ -586,6 +611,26 @@ class JobQueue:
     async def heartbeat(self, consumer: str, message_id: str) -> None:
         """Resets the message's idle time, so no other worker takes it while this one is alive."""
         await self.client.xclaim(self.stream, GROUP, consumer, 0, [message_id], justid=True)
+
+    async def worker_seen(self, consumer: str) -> None:
+        """Notes that worker `consumer` is alive now, whether it waits for a job or trains one (see workers_alive).
+        Workers unseen for a day are forgotten, and the set expires a day after the last worker's note."""
+        now = time.time()
+        async with refresh_slots_on_fault(self.client), self.client.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.workers, {consumer: now})
+            pipe.zremrangebyscore(self.workers, "-inf", now - 86_400)
+            pipe.expire(self.workers, 86_400)
+            await pipe.execute()
+
+    async def worker_gone(self, consumer: str) -> None:
+        await reply(self.client.zrem(self.workers, consumer))
+
+    async def workers_alive(self, within_s: float = WORKER_SEEN_S) -> int:
+        """How many workers noted themselves alive within `within_s` seconds (a worker does every heartbeat_s, 5 s
+        by default; the window leaves room for that and for clocks a few seconds apart). 0: nobody consumes the
+        queue, and a queued job waits until a worker starts."""
+        count: int = await self._call(reply(self.client.zcount(self.workers, time.time() - within_s, "+inf")))
+        return int(count)
 
     async def ack(self, message_id: str) -> None:
         """Acknowledges the message and deletes it from the stream, which would otherwise grow with every job."""

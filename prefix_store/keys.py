@@ -15,6 +15,9 @@ from the part between its first `{` and the next `}` (its hash tag) when it has 
                                 reused and caches keyed by it can never serve stale tensors
   {N:train}:jobs                stream of training jobs (consumer group "trainers")
   {N:train}:job:id              hash: one job's state
+  {N:train}:jobs:index          sorted set: job id -> when it was queued (unix seconds), the newest MAX_JOB_INDEX
+                                (listings; ids whose record expired are dropped as they are met)
+  {N:train}:jobs:workers        sorted set: worker name -> when it was last seen (unix seconds)
   {N:keys}:records              hash: API key name -> its record (JSON: scope, task globs, limits, priority,
                                 created_at, and the SHA-256 digest of its secret; never the secret)
   {N:keys}:digests              hash: secret digest -> key name (how a bearer key is looked up)

@@ -578,12 +578,19 @@ class PrefixStore:
         metas = await self._pipelined([("HGET", self.keys.version(task, n), "meta") for n in numbers])
         return [json.loads(m) for m in metas if m is not None]
 
-    async def list_tasks(self) -> list[TaskInfo]:
-        """Every task with its current version's summary, without loading any tensor: three pipelined round trips
-        (per cluster node), whatever the number of tasks."""
+    async def task_names(self, q: str = "") -> list[str]:
+        """The names of every task, sorted, or of those containing `q`: one pipelined round trip (per cluster node),
+        no task read, so a console can page through thousands."""
+        members = await self._pipelined([("SMEMBERS", key) for key in self.keys.indexes()])
+        return sorted(name for group in members for n in group if q in (name := n.decode()))
+
+    async def list_tasks(self, names: list[str] | None = None) -> list[TaskInfo]:
+        """Every task (or those of `names`, e.g. a page of `task_names`; unknown ones left out) with its current
+        version's summary, without loading any tensor: three pipelined round trips (per cluster node), whatever the
+        number of tasks."""
         k = self.keys
-        members = await self._pipelined([("SMEMBERS", key) for key in k.indexes()])
-        names = sorted(n.decode() for group in members for n in group)
+        if names is None:
+            names = await self.task_names()
         heads = []
         for name in names:
             heads += [("HGET", k.task(name), "current"), ("ZRANGE", k.versions(name), 0, -1)]

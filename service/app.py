@@ -18,7 +18,7 @@ from .guard import RequestGuard
 from .http_errors import install_error_handlers
 from .metrics import Metrics
 from .request_ids import RequestIds
-from .routes import health, inference, keys, openai, tasks, train
+from .routes import docs, health, inference, keys, openai, tasks, train, ui
 from .runtime import Backbone, build_serving, load_backbone
 from .runtime.warm import WarmSet
 from .settings import ServiceSettings
@@ -112,7 +112,15 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
             if embedded is not None:
                 embedded.stop()
 
-    app = FastAPI(title="prefix-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs is service/routes/docs.py (Swagger UI from local assets); no /redoc: no package ships ReDoc's bundle.
+    app = FastAPI(
+        title="prefix-serve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     key_ring = KeyRing(settings)  # who a bearer key is: read by the guard, the routes and the limits
     app.state.keys = key_ring
@@ -124,6 +132,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     app.add_middleware(Tracing)
     app.add_middleware(RequestIds)  # added last: outermost, so even the guard's refusals carry the id
     metrics.install(app)  # outermost: refused requests are counted too
+    app.include_router(docs.router)
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
@@ -131,6 +140,8 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
     app.include_router(tasks.router)
     app.include_router(train.router)
     app.include_router(keys.router)
+    app.include_router(ui.router)
+    app.include_router(ui.api)
     return app
 
 

@@ -50,8 +50,11 @@ log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="an inference, metrics or admin key")
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-ADMIN_PREFIXES = ("/v1/tasks", "/v1/train", "/v1/keys")
+OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/openapi.json"})
+DOCS_ASSETS = "/docs/assets/"  # Swagger UI's script, style and icon (service/routes/docs.py): open like /docs
+ADMIN_PREFIXES = ("/v1/tasks", "/v1/train", "/v1/keys", "/ui/api")
+UI_PATHS = ("/ui", "/ui/")  # the operator's console (service/routes/ui.py): open, its data comes from /ui/api, /v1
+UI_ASSETS = "/ui/static/"  # its scripts and style sheet: open like the page
 METRICS_PATH = "/metrics"
 CACHE_TTL_S = 5.0  # the longest a stored key's principal is trusted without Redis, should a revocation be missed
 CACHE_ENTRIES = 10_000
@@ -96,12 +99,14 @@ def task_name(name: str) -> str:
 def required_scope(path: str) -> str | None:
     """The scope a path needs: None (open), "inference", "metrics" or "admin". Paths nobody routes need a key too,
     so an anonymous client learns nothing from them."""
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or path.startswith(DOCS_ASSETS):
         return None
     if path == METRICS_PATH or path.startswith(METRICS_PATH + "/"):
         return "metrics"
     if any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES):
         return "admin"
+    if path in UI_PATHS or path.startswith(UI_ASSETS):  # the console's page and assets hold no data
+        return None
     return "inference"
 
 

@@ -1,6 +1,10 @@
 """The one place that maps errors to HTTP: the runtime's and the store's domain errors (which know nothing of HTTP)
 and the few errors of the web layer itself, to a status and the OpenAI error body, so its client surfaces our
 messages: {"error": {"message", "type", "code"}}.
+
+On the OpenAI routes (OPENAI_PATHS) a request the server cannot take as it is, invalid (a wrong type, a missing or
+unknown field: 422 elsewhere) or refused (400), is answered as OpenAI and vLLM answer it: 400, type
+"invalid_request_error" and the field in "param", so the `openai` client raises BadRequestError.
 """
 
 from __future__ import annotations
@@ -146,12 +150,49 @@ def headers_of(exc: Exception) -> dict[str, str] | None:
     return getattr(exc, "headers", None)
 
 
-def error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models")
+
+
+def is_openai(request: Request) -> bool:
+    path = request.url.path
+    return any(path == p or path.startswith(p + "/") for p in OPENAI_PATHS)
+
+
+def error_response(
+    status: int,
+    message: str,
+    kind: str,
+    headers: dict[str, str] | None = None,
+    *,
+    openai: bool = False,
+    param: str | None = None,
+) -> JSONResponse:
+    """The error body; `openai`: OpenAI's own fields too ("param": the field at fault, or null)."""
     error: dict[str, object] = {"message": message, "type": kind, "code": status}
+    if openai:
+        error["param"] = param
     rid = request_ids.current.get()
     if rid is not None:
         error["request_id"] = rid
     return JSONResponse({"error": error}, status, headers=headers)
+
+
+def _field(loc: tuple[int | str, ...]) -> str | None:
+    """OpenAI's `param` for a validation error's location: the field path (`messages[0].content`), without the
+    "body" root and pydantic's names for the branch of a union it tried (`constrained-str`, `list[int]`)."""
+    path = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier():
+            path += f".{part}" if path else part
+    return path or None
+
+
+def _param(message: str) -> str | None:
+    """The field a route's own refusal names first ("dimensions: ..."), for OpenAI's `param`."""
+    head, sep, _ = message.partition(":")
+    return head if sep and head.replace("_", "").replace(".", "").isalnum() else None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -159,14 +200,24 @@ def install_error_handlers(app: FastAPI) -> None:
         status = status_of(exc)
         if status >= 500 and status not in (503, 507):  # 507: a pin past the budget, the operator's to choose
             log.exception("unhandled error on %s %s", request.method, request.url.path)
+        if status in (400, 422) and is_openai(request):
+            return error_response(
+                400, str(exc), "invalid_request_error", headers_of(exc), openai=True, param=_param(str(exc))
+            )
         return error_response(status, str(exc), type(exc).__name__, headers_of(exc))
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
+        parts, fields = [], []
         for err in exc.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+            loc = err.get("loc", ())
+            where = ".".join(str(x) for x in loc if x != "body") or "body"
+            fields.append(_field(loc))
             parts.append(f"{where}: {err.get('msg')}")
-        return error_response(422, "invalid request: " + "; ".join(parts), "RequestValidationError")
+        message = "invalid request: " + "; ".join(parts)
+        if is_openai(request):
+            param = fields[0] if fields else None
+            return error_response(400, message, "invalid_request_error", openai=True, param=param)
+        return error_response(422, message, "RequestValidationError")
 
     async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), "HTTPError", getattr(exc, "headers", None))

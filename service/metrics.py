@@ -284,6 +284,16 @@ class _StateCollector:
         self.scheduler = scheduler
         self.store = store
 
+    def describe(self) -> Iterator[Metric]:
+        """The families' names, without reading any state: without them a scrape restricted to some samples (see
+        Metrics.exposition, /ui/api/load) would never collect these."""
+        yield GaugeMetricFamily("prefixserve_queue_depth", "")
+        yield GaugeMetricFamily("prefixserve_running_requests", "")
+        for name in ("hits", "misses", "evictions"):
+            yield CounterMetricFamily(f"prefixserve_prefix_cache_{name}", "")
+        yield CounterMetricFamily("prefixserve_store_decode_failures", "")
+        yield GaugeMetricFamily("prefixserve_prefix_cache_resident_bytes", "")
+
     def collect(self) -> Iterator[Metric]:
         sched = self.scheduler
         yield GaugeMetricFamily("prefixserve_queue_depth", "requests waiting for admission", value=sched.queue_depth)

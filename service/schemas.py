@@ -158,11 +158,12 @@ class TaskList(BaseModel):
 
 
 class RollbackRequest(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "json_schema_extra": {"example": {"version": 2}}}
     version: int = Field(ge=1, description="an existing version to make current", examples=[2])
 
 
 class Health(BaseModel):
+    model_config = {"json_schema_extra": {"example": {"status": "ok"}}}
     status: str = Field(examples=["ok"])
 
 
@@ -408,6 +409,15 @@ class CompletionRequest(OpenAISampling):
     )
     echo: bool = Field(False, description="the prompt in front of the completion (with its log-probabilities)")
 
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {"model": "e2e", "prompt": "name[The Vaults], eatType[pub]", "max_tokens": 32, "temperature": 0},
+                {"model": "base", "prompt": ["The weather today", "Once upon a time"], "max_tokens": 16, "n": 2},
+            ]
+        }
+    }
+
 
 class ChatContentPart(BaseModel):
     model_config = {"extra": "forbid"}
@@ -467,6 +477,26 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
 
+    model_config = {
+        "json_schema_extra": {
+            "example": {
+                "id": "chatcmpl-8d1e",
+                "object": "chat.completion",
+                "created": 1795478400,
+                "model": "support-bot",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "Your order ships tomorrow."},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 21, "completion_tokens": 6, "total_tokens": 27},
+            }
+        }
+    }
+
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
@@ -508,7 +538,15 @@ class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a prompt, or chat messages rendered by the task's chat template (the tokens the chat route
     would feed)."""
 
-    model_config = {"extra": "forbid"}
+    model_config = {
+        "extra": "forbid",
+        "json_schema_extra": {
+            "examples": [
+                {"model": "base", "prompt": "The weather today"},
+                {"model": "support-bot", "messages": [{"role": "user", "content": "Where is my order?"}]},
+            ]
+        },
+    }
     model: TaskName = Field(description=f"the task (its chat template matters for messages); {BASE_TASK!r}: none")
     prompt: PromptText | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
@@ -523,18 +561,35 @@ class TokenizeResponse(BaseModel):
     )
     token_strs: list[str] | None = None
 
+    model_config = {
+        "json_schema_extra": {
+            "example": {
+                "count": 3,
+                "max_model_len": 1024,
+                "tokens": [464, 6193, 1909],
+                "token_strs": ["The", "Ġweather", "Ġtoday"],
+            }
+        }
+    }
+
 
 class DetokenizeRequest(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "json_schema_extra": {"example": {"model": "base", "tokens": [464, 6193, 1909]}}}
     model: TaskName
     tokens: TokenIds
 
 
 class DetokenizeResponse(BaseModel):
+    model_config = {"json_schema_extra": {"example": {"prompt": "The weather today"}}}
     prompt: str
 
 
 class ModelCard(BaseModel):
+    model_config = {
+        "json_schema_extra": {
+            "example": {"id": "sentiment", "object": "model", "created": 1795478400, "owned_by": "prefix-serve"}
+        }
+    }
     id: str
     object: str = "model"
     created: int
@@ -585,6 +640,17 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+    model_config = {
+        "json_schema_extra": {
+            "example": {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.0213, -0.0872, 0.0451]}],
+                "model": "base",
+                "usage": {"prompt_tokens": 5, "total_tokens": 5},
+            }
+        }
+    }
 
 
 class ModelList(BaseModel):

@@ -14,6 +14,7 @@ Two ways in, two sets of rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -170,16 +171,33 @@ class Worker:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self._stop = stop or asyncio.Event()
         log.info("trainer worker %s waiting for jobs on %s", self.name, self.queue.stream)
-        while not self._stop.is_set():
-            try:
-                claimed = await self.redis(self._claim)
-            except _Stopping:
-                break
-            if claimed is not None:
+        alive = asyncio.create_task(self._alive())
+        try:
+            while not self._stop.is_set():
                 try:
-                    await self.handle(claimed)
-                except _Stopping:  # stopped while Redis was down: the message stays pending for the next worker
+                    claimed = await self.redis(self._claim)
+                except _Stopping:
                     break
+                if claimed is not None:
+                    try:
+                        await self.handle(claimed)
+                    except _Stopping:  # stopped while Redis was down: the message stays pending for the next worker
+                        break
+        finally:
+            alive.cancel()
+            with contextlib.suppress(*_REDIS_DOWN):
+                await self.queue.worker_gone(self.name)
+
+    async def _alive(self) -> None:
+        """Says this worker is alive every heartbeat_s, waiting or training (training runs in a thread), so the
+        service can tell a job queued behind busy workers from one that no worker will take (JobQueue.workers_alive).
+        A note Redis misses is just late; the next one goes through."""
+        while True:
+            try:
+                await self.queue.worker_seen(self.name)
+            except Exception as e:  # Redis down or refusing: the note is late, never the end of the worker
+                log.debug("worker %s: alive note not written (%s)", self.name, e)
+            await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _claim(self) -> Claimed | None:
         if not self._group_ready:

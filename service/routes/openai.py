@@ -9,9 +9,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response, StreamingResponse
 
 from .. import dispatch, limits
@@ -19,9 +19,10 @@ from ..auth import InferenceAuth, is_admin, principal
 from ..dispatch import TokenEvent
 from ..http_errors import BadRequest, InvalidRequest
 from ..images import MAX_IMAGES
-from ..runtime import EmbeddingResult, GenerationResult, RequestHandle, Unsupported
+from ..runtime import Backbone, EmbeddingResult, GenerationResult, RequestHandle, Unsupported
 from ..schemas import (
     BASE_TASK,
+    MAX_TASK_CHARS,
     ChatChoice,
     ChatChoiceLogprobs,
     ChatCompletionRequest,
@@ -48,6 +49,7 @@ from .common import ERRORS, Call, CallDep, token_text, usage
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[InferenceAuth])
 ChunkBuilder = Callable[[int, TokenEvent, bool], dict[str, Any]]  # (choice index, event, its first?) -> SSE chunk
+MAX_MODEL_CHARS = MAX_TASK_CHARS + 11  # a task name and its version pin (schemas.TaskName)
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS, summary="Tasks, listed as OpenAI models")
@@ -64,6 +66,35 @@ async def models(services: ServicesDep) -> ModelList:
     return ModelList(data=cards)
 
 
+@router.get(
+    "/models/{model}",
+    response_model=ModelCard,
+    responses=ERRORS,
+    summary="One task, as an OpenAI model (`task@N`: that version)",
+)
+async def model(
+    model: Annotated[str, Path(max_length=MAX_MODEL_CHARS, examples=["sentiment"])],
+    call: CallDep,
+    services: ServicesDep,
+) -> ModelCard:
+    """OpenAI's `models.retrieve`: the task's card, `created` from its current (or pinned) version; 404 for a task
+    that does not exist or that the key does not see."""
+    call.named(model)
+    now = int(time.time())
+    if call.task is None:
+        return ModelCard(id=BASE_TASK, created=now)
+    summary = await services.store.get_summary(call.task, call.version)
+    return ModelCard(id=model, created=_epoch(summary.get("created_at"), now))
+
+
+def encoder_can(bb: Backbone, route: str) -> str:
+    """What a generation route on an encoder backbone answers: what this backbone does instead, and where."""
+    return (
+        f"{route} needs a causal LM backbone; {bb.name} is an encoder: it classifies (POST /v1/classify, a task with "
+        "a classification head) and embeds (POST /v1/embeddings)"
+    )
+
+
 @router.post(
     "/completions",
     response_model=CompletionResponse,
@@ -73,6 +104,8 @@ async def models(services: ServicesDep) -> ModelList:
 async def completions(body: CompletionRequest, call: CallDep, services: ServicesDep) -> Response:
     # The body is a CompletionResponse serialised off the event loop (or a stream), documented by response_model.
     call.named(body.model)
+    if services.backbone.is_encoder:
+        raise Unsupported(encoder_can(services.backbone, "/v1/completions"))
     prompts = await _prompts(services, body.prompt)
     k = body.logprobs
     if k is not None:
@@ -179,7 +212,7 @@ async def chat_completions(
     call.named(body.model)
     bb = services.backbone
     if bb.is_encoder:
-        raise Unsupported(f"chat needs a causal LM backbone; {bb.name} is an encoder")
+        raise Unsupported(encoder_can(bb, "/v1/chat/completions"))
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs: goes with logprobs true")
     art = await call.artifact()

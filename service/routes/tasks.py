@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -55,9 +56,29 @@ async def _label_task(request: Request) -> AsyncIterator[None]:
 router = APIRouter(prefix="/v1/tasks", tags=["tasks (admin)"], dependencies=[AdminAuth, Depends(_label_task)])
 
 
-@router.get("", response_model=TaskList, summary="Every task with its current version")
-async def list_tasks(services: ServicesDep) -> TaskList:
-    infos = await services.store.list_tasks()
+MAX_PAGE = 200  # tasks per page: each costs a read of its current version's summary
+
+
+@router.get(
+    "",
+    response_model=TaskList,
+    summary="Every task with its current version, or a page of those whose name contains q",
+    description="Sorted by name. `q` keeps the tasks whose name contains it; `offset` and `limit` (at most "
+    f"{MAX_PAGE}) take one page of those. The header X-Total-Count says how many tasks match, whatever the page.",
+)
+async def list_tasks(
+    services: ServicesDep,
+    response: Response,
+    q: Annotated[str, Query(max_length=128, description="keep tasks whose name contains this", examples=["sst"])] = "",
+    offset: Annotated[int, Query(ge=0, le=10_000_000, description="skip this many matching tasks")] = 0,
+    limit: Annotated[
+        int | None, Query(ge=1, le=MAX_PAGE, description=f"at most this many tasks (1-{MAX_PAGE}); default: all")
+    ] = None,
+) -> TaskList:
+    names = await services.store.task_names(q)
+    response.headers["X-Total-Count"] = str(len(names))
+    page = names[offset:] if limit is None else names[offset : offset + limit]
+    infos = await services.store.list_tasks(page)
     return TaskList(
         tasks=[
             TaskInfo(
@@ -150,6 +171,28 @@ async def unpin(task: str, services: ServicesDep) -> Response:
     return Response(status_code=204)
 
 
+MAX_CHAT_TEMPLATE = 65536  # characters
+UPLOAD_EXAMPLES = {
+    "peft": {
+        "summary": "a PEFT adapter directory's two files, with the class names of its SEQ_CLS head",
+        "value": {
+            "adapter_config": "(adapter_config.json)",
+            "adapter_model": "(adapter_model.safetensors)",
+            "labels": "negative,positive",
+        },
+    },
+    "artifact": {"summary": "a prefix-serve artifact (GET /v1/tasks/{task}/artifact)", "value": {"artifact": "(file)"}},
+    "chat": {
+        "summary": "a PEFT adapter for a causal LM, with its chat template (a file part or a plain field)",
+        "value": {
+            "adapter_config": "(adapter_config.json)",
+            "adapter_model": "(adapter_model.safetensors)",
+            "chat_template": "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}<|assistant|>",
+        },
+    },
+}
+
+
 @router.put(
     "/{task}",
     response_model=VersionSummary,
@@ -161,7 +204,11 @@ async def unpin(task: str, services: ServicesDep) -> Response:
     'prefix-serve artifact). Or, with a JSON body, an adapter by reference: `{"source": "owner/name", '
     '"revision"?, "subfolder"?}` from the Hugging Face Hub, or `{"source": "/abs/path"}` inside a directory '
     "PREFIXSERVE_ADAPTER_DIRS allows (403 outside it), plus `labels`, `method`, `chat_template`. The adapter is "
-    "checked against the serving backbone, stored as the task's next version, and made current.",
+    "checked against the serving backbone, stored as the task's next version, and made current. `chat_template` is "
+    'a form field or a file part: `-F chat_template=@template.jinja` and `-F "chat_template=<template.jinja"` '
+    "both work. Local paths in the adapter's metadata (PEFT's base_model_name_or_path, a trainer's data files) are "
+    "stored as their base names: the uploader's directories stay theirs.",
+    openapi_extra={"requestBody": {"content": {"multipart/form-data": {"examples": UPLOAD_EXAMPLES}}}},
 )
 async def upload(
     task: str,
@@ -186,8 +233,11 @@ async def upload(
         UploadFile | None, File(description="a VPT reference-code checkpoint converted to safetensors")
     ] = None,
     chat_template: Annotated[
-        str | None,
-        Form(description="with any upload: the task's Jinja chat template for /v1/chat/completions", max_length=65536),
+        UploadFile | str | None,
+        Form(
+            description="with any upload: the task's Jinja chat template for /v1/chat/completions, a form field or a "
+            f"file part (UTF-8, at most {MAX_CHAT_TEMPLATE} characters)"
+        ),
     ] = None,
 ) -> VersionSummary:
     validate_task_name(task)
@@ -223,7 +273,7 @@ async def upload(
             check_template(template)
         ctx = dataclasses.replace(ctx, references=checkpoint_references(services.backbone), template=template)
     art = await services.pools.imports.run(import_adapter, form, files, ctx)  # off the loop, bounded
-    return await _publish(services, art, chat_template)
+    return await _publish(services, _without_local_paths(art), await _chat_template_text(chat_template))
 
 
 async def _upload_from_source(task: str, services: Services, body: bytes) -> VersionSummary:
@@ -245,7 +295,7 @@ async def _upload_from_source(task: str, services: Services, body: bytes) -> Ver
 
     form, files = await services.pools.sources.run(fetch)  # disk and network: off the event loop, in their own pool
     ctx = _import_context(services, task, labels=spec.labels, method=spec.method, verbalizer=None)
-    art = await services.pools.imports.run(import_adapter, form, files, ctx)
+    art = _without_local_paths(await services.pools.imports.run(import_adapter, form, files, ctx))
     art.training = {**art.training, "source": {"kind": kind, "name": spec.source, "revision": spec.revision}}
     return await _publish(services, art, spec.chat_template)
 
@@ -340,6 +390,44 @@ def _import_context(
         method=method,
         verbalizer=token_ids,
     )
+
+
+async def _chat_template_text(value: UploadFile | str | None) -> str | None:
+    """The chat template as text, from a form field (`-F "chat_template=<file"`) or a file part (`-F
+    chat_template=@file`), bounded either way."""
+    if value is None or isinstance(value, str):
+        text = value
+    else:
+        raw = await value.read(4 * MAX_CHAT_TEMPLATE + 1)  # UTF-8 takes at most 4 bytes a character
+        if len(raw) > 4 * MAX_CHAT_TEMPLATE:
+            raise BadRequest(f"chat_template: expected at most {MAX_CHAT_TEMPLATE} characters, got a larger file")
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError as e:
+            raise BadRequest(f"chat_template: expected a UTF-8 text file, got undecodable bytes at {e.start}") from None
+    if text is not None and len(text) > MAX_CHAT_TEMPLATE:
+        raise BadRequest(f"chat_template: expected at most {MAX_CHAT_TEMPLATE} characters, got {len(text)} or more")
+    return text
+
+
+# A local file system path (POSIX or Windows, absolute, home-relative or explicitly relative), as opposed to a hub
+# id such as "sentence-transformers/all-MiniLM-L6-v2".
+_LOCAL_PATH = re.compile(r"^(/|~|\.{1,2}[/\\]|[A-Za-z]:[/\\]|\\\\)")
+
+
+def _without_local_paths(art: PrefixArtifact) -> PrefixArtifact:
+    """The artifact with every local path in its training metadata (the directory PEFT recorded as the base model,
+    the trainer's data files: the uploader's machine, not this one) cut to its base name."""
+
+    def clean(value: object, depth: int = 0) -> object:
+        if isinstance(value, str) and _LOCAL_PATH.match(value):
+            return re.split(r"[/\\]", value.rstrip("/\\"))[-1]
+        if isinstance(value, dict) and depth < 4:
+            return {k: clean(v, depth + 1) for k, v in value.items()}
+        return value
+
+    training = clean(art.training)
+    return art if training == art.training else dataclasses.replace(art, training=training)
 
 
 # The multipart parts of each upload form, in the order its importer names its files (prefix_store.importers).

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Body, Path, Query
 from pydantic import BaseModel, Field
 
-from prefix_store.jobs import JobQueue, TrainSpec, check_job_paths
+from prefix_store.jobs import MAX_JOB_INDEX, WORKER_SEEN_S, JobQueue, TrainSpec, check_job_paths
 
 from ..auth import AdminAuth
 from ..schemas import ErrorBody
 from ..state import Services, ServicesDep
 
+MAX_JOB_PAGE = 100  # jobs per listing page: each is one read of its record
 router = APIRouter(prefix="/v1/train", tags=["training (admin)"], dependencies=[AdminAuth])
 JobId = Annotated[
     str, Path(description="the id POST /v1/train returned", examples=["9f1c2e7a4b0d4c55a1e2f3a4b5c6d7e8"])
@@ -50,6 +51,11 @@ class TrainJob(BaseModel):
     released_at: str | None = Field(
         None, description="a job cancelled while it ran: when its worker stopped training and let it go"
     )
+    workers_alive: int | None = Field(
+        None,
+        description=f"while the job is queued: trainer workers seen alive in the last {WORKER_SEEN_S:g} s; 0 means no "
+        "worker consumes the queue (start one: `make worker`, or `python -m trainer worker`)",
+    )
 
     model_config = {
         "json_schema_extra": {
@@ -70,9 +76,37 @@ class TrainJob(BaseModel):
                 "expires_at": None,
                 "cancelled_at": None,
                 "released_at": None,
+                "workers_alive": None,
             }
         }
     }
+
+
+SUBMIT_EXAMPLES: dict[str, Any] = {
+    "inline": {
+        "summary": "a classifier from inline examples",
+        "value": {
+            "task": "sentiment",
+            "method": "p_tuning_v2",
+            "examples": [
+                {"text": "a gripping, beautifully made film", "label": "positive"},
+                {"text": "dull and far too long", "label": "negative"},
+            ],
+            "steps": 50,
+        },
+    },
+    "file": {
+        "summary": "from a file inside PREFIXSERVE_TRAIN_DATA_DIRS, with a dev set and a gate",
+        "value": {
+            "task": "sst2",
+            "method": "p_tuning_v2",
+            "data": "/data/sst2/train.tsv",
+            "dev_data": "/data/sst2/dev.tsv",
+            "steps": 1000,
+            "gate": 0.8,
+        },
+    },
+}
 
 
 def _queue(services: Services) -> JobQueue:
@@ -91,12 +125,56 @@ def _queue(services: Services) -> JobQueue:
         422: {"model": ErrorBody, "description": "invalid spec"},
     },
 )
-async def submit(spec: TrainSpec, services: ServicesDep) -> TrainJob:
+async def submit(spec: Annotated[TrainSpec, Body(openapi_examples=SUBMIT_EXAMPLES)], services: ServicesDep) -> TrainJob:
     s = services.settings
     check_job_paths(spec, data_dirs=s.train_data_dirs, export_dirs=s.export_dirs)  # 403 before anything is queued
     queue = _queue(services)
     job_id = await queue.enqueue(spec.model_dump(mode="json"))
-    return TrainJob(**await queue.get(job_id))
+    return await _job(queue, job_id)
+
+
+class TrainJobPage(BaseModel):
+    jobs: list[TrainJob] = Field(description="newest first")
+    total: int = Field(description=f"jobs the listing can reach (the newest {MAX_JOB_INDEX}, records not expired)")
+    offset: int
+    limit: int
+
+
+@router.get(
+    "",
+    response_model=TrainJobPage,
+    summary="Recent training jobs, newest first, a page at a time",
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "jobs": [
+                            {
+                                "job_id": "9f1c2e7a4b0d4c55a1e2f3a4b5c6d7e8",
+                                "state": "running",
+                                "spec": {"task": "sst2", "method": "p_tuning_v2", "steps": 1000},
+                                "progress": {"step": 120, "steps": 1000, "loss": 0.41},
+                                "created_at": "2026-12-06T03:00:00+00:00",
+                            }
+                        ],
+                        "total": 1,
+                        "offset": 0,
+                        "limit": 20,
+                    }
+                }
+            }
+        },
+        422: {"model": ErrorBody, "description": "offset or limit out of range"},
+    },
+)
+async def recent(
+    services: ServicesDep,
+    offset: Annotated[int, Query(ge=0, le=MAX_JOB_INDEX, description="jobs to skip")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_JOB_PAGE, description=f"at most {MAX_JOB_PAGE}")] = 20,
+) -> TrainJobPage:
+    jobs, total = await _queue(services).recent(offset, limit)
+    return TrainJobPage(jobs=[TrainJob(**j) for j in jobs], total=total, offset=offset, limit=limit)
 
 
 @router.get(
@@ -106,7 +184,15 @@ async def submit(spec: TrainSpec, services: ServicesDep) -> TrainJob:
     responses={404: {"model": ErrorBody, "description": "unknown job"}},
 )
 async def status(job_id: JobId, services: ServicesDep) -> TrainJob:
-    return TrainJob(**await _queue(services).get(job_id))
+    return await _job(_queue(services), job_id)
+
+
+async def _job(queue: JobQueue, job_id: str) -> TrainJob:
+    """The job's view; a queued job's says how many workers could take it (none: it waits until one starts)."""
+    job = TrainJob(**await queue.get(job_id))
+    if job.state == "queued":
+        job.workers_alive = await queue.workers_alive()
+    return job
 
 
 @router.delete(

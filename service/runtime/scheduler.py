@@ -412,7 +412,9 @@ class Scheduler:
                 else "an embedding request takes no sampling parameters"
             )
         if kind is Kind.GENERATE and bb.is_encoder:
-            raise Unsupported(f"generation needs a causal LM backbone; {bb.name} is an encoder (classification only)")
+            raise Unsupported(
+                f"generation needs a causal LM backbone; {bb.name} is an encoder (it classifies and embeds)"
+            )
         if bb.is_image != (sub.pixel_values is not None):
             what = "an image (pixel_values)" if bb.is_image else "text (prompt ids)"
             raise Unsupported(f"backbone {bb.name} classifies {what}")

@@ -1,7 +1,10 @@
 """The official `openai` client against a running server (tiny random Llama, a chat template written here): chat
 (JSON and stream, n, logprobs with alternatives, penalties and vLLM's extras through extra_body), completions
-(echo with prompt log-probabilities), models, tokenize/detokenize; rows of different tasks and parameters mixed in
-one batch give what each gives alone; an unknown parameter is a 422 that names it."""
+(echo with prompt log-probabilities), models (listed and retrieved), tokenize/detokenize; rows of different tasks and
+parameters mixed in one batch give what each gives alone; an invalid request (a wrong type, a missing or unknown
+field) is a 400 in OpenAI's error shape naming the field, so the client raises BadRequestError; on an encoder
+backbone, completions and chat name what it does instead. Uploads: a chat template as a file part or a field; no
+local path of the uploader is stored."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig
 
 from tests.engine_harness import publish_peft, trained_peft
 from tests.models import tiny_model, tiny_tokenizer
-from tests.service.live import live_server
+from tests.service.live import asgi_client, live_server
 from tests.service.test_inference_api import make_app  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.redis
@@ -92,7 +95,7 @@ async def test_chat_completions_through_the_openai_client(store, make_app, llama
         assert texts == [ch.message.content for ch in many.choices]
         with pytest.raises(openai.BadRequestError, match="no chat template"):
             await client.chat.completions.create(model="plain", messages=CHAT)
-        with pytest.raises(openai.UnprocessableEntityError, match="logit_bias"):
+        with pytest.raises(openai.BadRequestError, match="logit_bias"):
             await client.chat.completions.create(model="chatty", messages=CHAT, logit_bias={"5": 1})
 
 
@@ -128,7 +131,7 @@ async def test_parameters_mixed_across_tasks_equal_their_runs_alone(store, make_
         assert len(lp.tokens) == 3 + 3 and all(len(t) == 2 for t in lp.top_logprobs[1:])
         models = await client.models.list()
         assert [m.id for m in models.data] == ["base", "chatty", "plain"]
-        with pytest.raises(openai.UnprocessableEntityError, match="best_of"):
+        with pytest.raises(openai.BadRequestError, match="best_of"):
             await client.completions.create(model="chatty", prompt="w5", best_of=2)
 
 
@@ -166,7 +169,98 @@ async def test_response_format_through_the_openai_client(make_app):  # noqa: F81
                 "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "x"}},
             }
             await client.chat.completions.create(model="base", messages=messages, response_format=bad)
-        with pytest.raises(openai.UnprocessableEntityError, match="ignore_eos"):
+        with pytest.raises(openai.BadRequestError, match="ignore_eos"):
             await client.chat.completions.create(
                 model="base", messages=messages, response_format=fmt, extra_body={"ignore_eos": True}
             )
+
+
+async def test_models_retrieve_and_validation_errors_in_openais_shape(store, make_app, llama, tmp_path):  # noqa: F811
+    await publish(store, llama, tmp_path)
+    with live_server(make_app(llama, tiny_tokenizer())) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        card = await client.models.retrieve("chatty")
+        assert card.id == "chatty" and card.object == "model" and card.owned_by == "prefix-serve" and card.created > 0
+        assert (await client.models.retrieve("base")).id == "base"
+        assert (await client.models.retrieve("chatty@1")).id == "chatty@1"
+        with pytest.raises(openai.NotFoundError, match="'nope' not found"):
+            await client.models.retrieve("nope")
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("chatty@7")
+        cases = {  # what the client sends -> the field the error names
+            "max_tokens": dict(model="plain", prompt="w5", max_tokens="many"),  # a wrong type
+            "prompt": dict(model="plain", prompt=None),  # a missing one, as null
+            "frobnicate": dict(model="plain", prompt="w5", extra_body={"frobnicate": 1}),  # an unknown field
+        }
+        for param, kw in cases.items():
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.completions.create(**kw)
+            err = info.value.body
+            assert err["type"] == "invalid_request_error" and err["param"] == param and err["code"] == 400, err
+            assert param in err["message"], err
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            r = await c.post("/v1/chat/completions", json={"model": "chatty"})  # no messages at all
+            assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "param", "code"}, r.text
+            assert r.json()["error"]["param"] == "messages"
+            r = await c.post("/v1/generate", json={"task": "plain", "prompt": "w5", "frobnicate": 1})
+            assert r.status_code == 422 and r.json()["error"]["type"] == "RequestValidationError", r.text
+        # the fields the client itself adds still pass
+        stream = await client.completions.create(
+            model="plain", prompt="w5", max_tokens=2, n=2, user="u", stream=True, stream_options={"include_usage": True}
+        )
+        assert [ch async for ch in stream][-1].usage.completion_tokens >= 2
+
+
+def _peft_parts(llama, tmp_path) -> dict[str, bytes]:
+    pm = trained_peft(llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), seed=1)
+    pm.save_pretrained(tmp_path / "a")
+    return {
+        "adapter_config": (tmp_path / "a" / "adapter_config.json").read_bytes(),
+        "adapter_model": (tmp_path / "a" / "adapter_model.safetensors").read_bytes(),
+    }
+
+
+async def test_chat_template_upload_as_a_file_part_or_a_field(make_app, llama, tmp_path):  # noqa: F811
+    parts = _peft_parts(llama, tmp_path)
+    async with asgi_client(make_app(llama, tiny_tokenizer()), timeout=30) as c:
+        # curl -F chat_template=@file sends a file part; curl -F "chat_template=<file" a plain field
+        r = await c.put("/v1/tasks/t1", files={**parts, "chat_template": ("t.jinja", TEMPLATE.encode())})
+        assert r.status_code == 201 and r.json()["chat_template"] == TEMPLATE, r.text
+        r = await c.put("/v1/tasks/t2", data={"chat_template": TEMPLATE}, files=parts)
+        assert r.status_code == 201 and r.json()["chat_template"] == TEMPLATE, r.text
+        r = await c.put("/v1/tasks/t3", files={**parts, "chat_template": ("t.jinja", b"\xff\xfe{{")})
+        assert r.status_code == 400 and "UTF-8" in r.json()["error"]["message"], r.text
+        r = await c.put("/v1/tasks/t3", files={**parts, "chat_template": ("t.jinja", b"x" * 300_000)})
+        assert r.status_code == 400 and "at most 65536 characters" in r.json()["error"]["message"], r.text
+        r = await c.put("/v1/tasks/t3", data={"chat_template": "x" * 70_000}, files=parts)
+        assert r.status_code == 400 and "at most 65536 characters" in r.json()["error"]["message"], r.text
+
+
+async def test_uploads_keep_no_local_paths_of_the_uploader(make_app, llama, tmp_path):  # noqa: F811
+    parts = _peft_parts(llama, tmp_path)
+    config = json.loads(parts["adapter_config"])
+    config["base_model_name_or_path"] = "/home/alice/models/tiny-llama"
+    async with asgi_client(make_app(llama, tiny_tokenizer()), timeout=30) as c:
+        r = await c.put("/v1/tasks/t1", files={**parts, "adapter_config": json.dumps(config).encode()})
+        assert r.status_code == 201, r.text
+        assert r.json()["training"]["source"]["base_model_name_or_path"] == "tiny-llama"
+        shown = (await c.get("/v1/tasks/t1")).text + (await c.get("/v1/tasks")).text
+        assert "/home/alice" not in shown and "tiny-llama" in shown
+        config["base_model_name_or_path"] = "org/tiny-llama"  # a hub id is not a path: kept as it is
+        r = await c.put("/v1/tasks/t1", files={**parts, "adapter_config": json.dumps(config).encode()})
+        assert r.json()["training"]["source"]["base_model_name_or_path"] == "org/tiny-llama", r.text
+
+
+async def test_an_encoder_backbone_names_what_it_can_do(make_app):  # noqa: F811
+    bert = tiny_model("bert-cls")
+    with live_server(make_app(bert.bert, tiny_tokenizer(), name="tiny-bert")) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for call in (
+            client.completions.create(model="base", prompt="w5", max_tokens=2),
+            client.chat.completions.create(model="base", messages=[{"role": "user", "content": "w5"}]),
+        ):
+            with pytest.raises(openai.BadRequestError) as info:
+                await call
+            message = info.value.body["message"]
+            assert "tiny-bert is an encoder" in message and "/v1/classify" in message and "/v1/embeddings" in message
+        assert len((await client.embeddings.create(model="base", input="w5 w6")).data) == 1

@@ -1,8 +1,10 @@
-"""The OpenAPI schema: complete, an example for every route, /docs renders; schemathesis finds no 5xx; the
-official openai client completes and streams against a running server."""
+"""The OpenAPI schema: complete, an example for every route (every request body and JSON answer), /docs renders
+offline from local assets; schemathesis finds no 5xx; the official openai client completes and streams against a
+running server."""
 
 import asyncio
 import copy
+import re
 import uuid
 
 import httpx
@@ -14,6 +16,7 @@ from peft import PrefixTuningConfig
 
 from prefix_store import PrefixStore, connect
 from service.app import create_app
+from service.auth import required_scope
 from service.runtime import wrap_model
 from service.settings import ServiceSettings
 from tests.engine_harness import publish_peft, trained_peft
@@ -121,3 +124,48 @@ def test_schemathesis_finds_no_server_errors(server):
     assert not failures, "\n".join(failures[:10])
     assert len(calls) >= 12 and sum(len(codes) for codes in calls.values()) > 150, {k: len(v) for k, v in calls.items()}
     assert any(code < 300 for codes in calls.values() for code in codes)
+
+
+def _top_example(media, components) -> bool:
+    """Whether a request or response body carries a whole example (a field's example alone does not count)."""
+    schema = media.get("schema") or {}
+    if "$ref" in schema:
+        schema = components.get(schema["$ref"].rsplit("/", 1)[-1], {})
+    return any(key in node for node in (media, schema) for key in ("example", "examples"))
+
+
+def test_every_request_body_and_json_answer_has_an_example(server):
+    spec = httpx.get(f"{server}/openapi.json").json()
+    components = spec["components"]["schemas"]
+    missing, bodies = [], 0
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            for content_type, media in (op.get("requestBody") or {}).get("content", {}).items():
+                bodies += 1
+                if not _top_example(media, components):
+                    missing.append(f"{method.upper()} {path}: request body ({content_type})")
+            for status, answer in op.get("responses", {}).items():
+                media = answer.get("content", {}).get("application/json")
+                if status.startswith("2") and media is not None and not _top_example(media, components):
+                    missing.append(f"{method.upper()} {path}: {status} answer")
+    assert bodies >= 12  # /tokenize, /detokenize and the upload route among them
+    assert not missing, "no example:\n" + "\n".join(missing)
+
+
+def test_docs_are_served_offline(server):
+    page = httpx.get(f"{server}/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert not re.search(r"https?://", page.text), "/docs must name no external URL: it would be blank offline"
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    types = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+    assert sorted(a.rsplit(".", 1)[-1] for a in assets) == ["css", "js", "png"], assets
+    for path in assets:
+        r = httpx.get(server + path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(types["." + path.rsplit(".", 1)[-1]])
+        assert len(r.content) > 500, path
+    assert "SwaggerUIBundle" in httpx.get(server + next(a for a in assets if a.endswith(".js"))).text
+    for path in ("/docs/assets/index.html", "/docs/assets/..%2F..%2Fapp.py", "/redoc"):
+        assert httpx.get(server + path).status_code == 404, path
+    # open like /docs itself, whatever keys the server has
+    assert required_scope("/docs") is None and required_scope("/docs/assets/swagger-ui.css") is None
+    assert required_scope("/docsx") == "inference"

@@ -77,7 +77,7 @@ def test_image_embeddings_bare_and_through_a_task(redis_url):
             got = torch.tensor(r.json()["data"][0]["embedding"])
             assert (got - torch.nn.functional.normalize(h, dim=0)).abs().max() <= 1e-5, model
         r = c.post("/v1/embeddings", json={"model": "base", "input": [[1, 2]]})
-        assert r.status_code == 422 and "embeds images" in r.text
+        assert r.status_code == 400 and "embeds images" in r.text
 
 
 def vpt_without_head(art: PrefixArtifact) -> PrefixArtifact:

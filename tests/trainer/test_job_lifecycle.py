@@ -123,6 +123,15 @@ async def test_cancel_queued_and_running_jobs_ttl_and_view(stack):
         assert raw.xlen(keys.jobs) == 0, "acknowledged messages leave the stream"
         r = await c.delete(f"/v1/train/{cjob['job_id']}")
         assert r.status_code == 409 and "already succeeded" in r.json()["error"]["message"]
+
+        # The listing: newest first, a page at a time, bounded.
+        page = (await c.get("/v1/train", params={"limit": 2})).json()
+        assert [j["job_id"] for j in page["jobs"]] == [cjob["job_id"], b["job_id"]] and page["total"] == 3, page
+        assert [j["state"] for j in page["jobs"]] == ["succeeded", "cancelled"]
+        page = (await c.get("/v1/train", params={"offset": 2})).json()
+        assert [j["job_id"] for j in page["jobs"]] == [a["job_id"]]
+        r = await c.get("/v1/train", params={"limit": 101})
+        assert r.status_code == 422 and "limit" in r.json()["error"]["message"], r.text
     assert "cancelled: training stopped, nothing published" in stack["log"].read_text()
 
 

@@ -2,6 +2,7 @@
 slot): a cancel and a worker never overwrite each other, ended jobs drop their inline examples and expire, the view
 never reads the examples, acknowledged messages leave the stream."""
 
+import asyncio
 import uuid
 
 import pytest
@@ -65,6 +66,23 @@ async def test_state_changes_never_overwrite_each_other(queue):
         with pytest.raises(JobNotFound):
             await queue.cancel(bad)
     assert not await queue.finish("nope", "failed", error="x") and not await c.exists(queue.prefix + "nope")
+
+
+async def test_recent_lists_newest_first_a_page_at_a_time_and_forgets_expired_jobs(queue, monkeypatch):
+    monkeypatch.setattr("prefix_store.jobs.MAX_JOB_INDEX", 3)
+    jobs = []
+    for _ in range(4):
+        jobs.append(await queue.enqueue(dict(SPEC)))
+        await asyncio.sleep(0.002)  # distinct scores: the order is by queuing time
+    page, total = await queue.recent(0, 2)
+    assert [j["job_id"] for j in page] == jobs[:0:-1][:2] and total == 3, "the oldest fell off the bounded index"
+    assert all("examples" not in j["spec"] and j["inline_examples"] == 3 for j in page), "views, never the examples"
+    page, total = await queue.recent(2, 2)
+    assert [j["job_id"] for j in page] == [jobs[1]]
+    assert (await queue.get(jobs[0]))["state"] == "queued", "a job off the index is still readable by id"
+    await queue.client.delete(queue.prefix + jobs[2])  # its record expired
+    page, total = await queue.recent(0, 10)
+    assert [j["job_id"] for j in page] == [jobs[3], jobs[1]] and total == 2
 
 
 def test_label_names():
