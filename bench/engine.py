@@ -31,6 +31,11 @@ runs, every prefix resident unless the scenario says otherwise.
   cascade   decode's prefix attention grouped by task (each prefix read once per layer) vs per row, 64 rows over
             4 tasks and over 64 tasks, at P = --prefix-lengths: throughput ratio, and the key/value bytes a decode
             step reads / the ideal (unique prefixes + the rows' tokens) for each path
+  compile   the decode step compiled (PREFIXSERVE_COMPILE=on, runtime/compiled.py) vs eager, on the engine directly:
+            compile time of each graph (batch buckets of --compile-batches at P = --prefix, a fresh inductor cache,
+            so nothing is reused from an earlier run), the first request of a fresh engine whose graphs are warm vs
+            the same request warm, and the median decode step time compiled vs eager at each of --compile-batches
+            rows (4 tasks), the two interleaved
   lora      the LoRA tax: 64 LoRA tasks of rank --lora-rank on q/v (GPT-2: its fused c_attn, as PEFT targets it)
             vs the bare backbone through the same engine, 1 - LoRA / bare; and 32 LoRA + 32 prefix tasks mixed, half
             the rows each, vs 64 prefix tasks alone
@@ -78,6 +83,7 @@ SCENARIOS = [
     "cascade",
     "roofline",
     "first",
+    "compile",
     "lora",
 ]
 # Shapes of real models (random weights): --preset sets the architecture flags. llama-1b is Llama 3.2 1B's geometry.
@@ -116,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--peft-max-batch", type=int, default=256, help="our max batch in the PEFT/FLOP/s run (PEFT batches per task)"
     )
+    p.add_argument("--compile-batches", type=int, nargs="+", default=[1, 8, 64], help="compile scenario's rows")
     p.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA tasks of the lora scenario")
     p.add_argument("--chunk", type=int, default=128, help="max prefill tokens per step in the stall scenario")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -847,6 +854,108 @@ async def first_request(b: Bench, report: dict) -> None:
     )
 
 
+async def compile_step(b: Bench, report: dict) -> None:
+    """The compiled decode step (runtime/compiled.py) against the eager one, on engines driven directly."""
+    import os
+
+    cache_dir, before = tempfile.mkdtemp(prefix="ps-inductor-"), os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # cold: every graph compiled, nothing reused from a past run
+    try:
+        await _compile_step(b, report)
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+async def _compile_step(b: Bench, report: dict) -> None:
+    from service.runtime import EngineRequest, StepPlan
+    from service.runtime.compiled import Key, batch_buckets, prefix_bucket, slot_bucket, up
+    from service.runtime.engine import Engine
+
+    a = b.args
+    dev = torch.device(a.device)
+    rows = max(a.compile_batches)
+    kw = dict(max_rows=rows, device_cache_bytes=256 * 1024**2)
+    arts = [replace(random_artifact(f"comp{i}", b.fp, a.prefix, i), version=1) for i in range(4)]
+    params = SamplingParams(max_new_tokens=a.new, ignore_eos=True)
+    # The cache grows to the power of two over prompt + new tokens: every decode step reads that slot bucket.
+    S = slot_bucket(a.prompt + a.new, b.backbone.max_positions or 4096)
+    buckets = batch_buckets(rows)
+    keys = sorted({Key(up(n, buckets), prefix_bucket(a.prefix), S) for n in a.compile_batches})
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def request(engine: Engine, tag: str, n: int) -> list[float]:
+        """n rows over the 4 tasks, prefilled together, then decoded to the end: each decode step's seconds."""
+        reqs = [
+            EngineRequest.generate(
+                f"{tag}-{i}", b.prompts[i % len(b.prompts), : a.prompt].tolist(), arts[i % 4], params
+            )
+            for i in range(n)
+        ]
+        engine.load(reqs)
+        engine.step(StepPlan(tuple(reqs)))
+        times = []
+        while engine.running:
+            sync()
+            t0 = time.perf_counter()
+            engine.step(StepPlan(()))
+            sync()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    fast = Engine(b.backbone, compile=True, **kw)
+    assert fast.compiled is not None
+    t0 = time.perf_counter()
+    per_key = [(key, fast.compiled.warm(key)) for key in keys]
+    warm_s = time.perf_counter() - t0
+    for key, sec in per_key:
+        print(f"  compile B={key.B:>3} P={key.P} S={key.S}: {sec:6.1f} s", flush=True)
+    # First request of a fresh engine (its prefix cold, its buffers new) whose graphs are warm, vs the same warm.
+    first_engine = Engine(b.backbone, compile=True, **kw)
+    assert first_engine.compiled is not None
+    for key in keys:
+        first_engine.compiled.warm(key)  # dynamo's cache already has them: seconds of guards, not a compile
+    t0 = time.perf_counter()
+    request(first_engine, "first", 1)
+    first = time.perf_counter() - t0
+    warms = []
+    for r in range(max(3, a.repeats)):
+        t0 = time.perf_counter()
+        request(first_engine, f"again{r}", 1)
+        warms.append(time.perf_counter() - t0)
+    warm = statistics.median(warms)
+    print(f"  first request (graphs warm) {first * 1e3:.1f} ms, warm {warm * 1e3:.1f} ms: {first / warm:.2f}x")
+    eager = Engine(b.backbone, **kw)
+    steps = []
+    for n in a.compile_batches:
+        times: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for r in range(3):  # interleaved; the first round warms allocators
+            for name, engine in (
+                (("eager", eager), ("compiled", fast)) if r % 2 == 0 else (("compiled", fast), ("eager", eager))
+            ):
+                t = request(engine, f"{name}{n}-{r}", n)
+                if r:
+                    times[name] += t
+        e, c = statistics.median(times["eager"]), statistics.median(times["compiled"])
+        steps.append((n, e, c))
+        print(
+            f"  decode step, {n:>3} rows: eager {e * 1e3:7.2f} ms, compiled {c * 1e3:7.2f} ms: {e / c:.2f}x", flush=True
+        )
+    assert fast.compiled.steps.get("no graph for the shape", 0) == 0, fast.compiled.steps
+    report["compile"] = {
+        "keys": [[*k, sec] for k, sec in per_key],
+        "warm_s": warm_s,
+        "first": (first, warm),
+        "steps": steps,
+    }
+
+
 # -- report ------------------------------------------------------------------------------------------------------
 def summary(report: dict, args: argparse.Namespace) -> None:
     print("\nfigure                                                      value     goal")
@@ -898,6 +1007,14 @@ def summary(report: dict, args: argparse.Namespace) -> None:
     if "first" in report:
         label = "first request after start / warm (eager: nothing compiled)"
         print(f" {label:<58}{report['first'][2]:>6.2f}x  <= 2x")
+    if "compile" in report:
+        c = report["compile"]
+        first, warm = c["first"]
+        label = "compiled: first request after start (graphs warm) / warm"
+        print(f" {label:<58}{first / warm:>6.2f}x  <= 2x   (warming {len(c['keys'])} graphs: {c['warm_s']:.0f} s)")
+        for n, e, cs in c["steps"]:
+            label = f"compiled / eager decode step time, {n} rows"
+            print(f" {label:<58}{cs / e:>6.2f}    ({cs * 1e3:.2f} vs {e * 1e3:.2f} ms)")
     if "stall" in report:
         for label, _, _, p99, worst in report["stall"]:
             print(f" decode stall p99 / max, {label:<10}                   {p99 * 1e3:>6.1f} / {worst * 1e3:.0f} ms")
@@ -975,6 +1092,7 @@ async def main(args: argparse.Namespace) -> dict:
         "cascade": cascade,
         "roofline": roofline,
         "lora": lora,
+        "compile": compile_step,
         "peft": peft,  # last: PEFT wraps the model
     }
     try:

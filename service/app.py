@@ -20,6 +20,7 @@ from .metrics import Metrics
 from .request_ids import RequestIds
 from .routes import docs, health, inference, keys, openai, tasks, train, ui
 from .runtime import Backbone, build_serving, load_backbone
+from .runtime.compiled import warm_up as warm_compiled
 from .runtime.warm import WarmSet
 from .settings import ServiceSettings
 from .state import Services
@@ -70,6 +71,7 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 max_prefill_tokens=settings.max_prefill_tokens,
                 max_queue=settings.max_queue,
                 max_step_failures=settings.max_step_failures,
+                compile=settings.compile == "on",
             )
             scheduler.on_fatal = lambda reason: _give_up(app, reason)
             host_cache = scheduler.host_cache
@@ -84,6 +86,12 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 await asyncio.wait_for(kept_warm.pins_read.wait(), 5)
             services = Services(settings, store, bb, scheduler.engine, host_cache, scheduler, metrics, embedded)
             services.warm = kept_warm  # /ready waits for its warm-up
+            graphs = None
+            if scheduler.engine.compiled is not None:  # the decode graphs, once the preloaded tasks are resident
+                graphs = asyncio.create_task(
+                    warm_compiled(scheduler.on_engine, scheduler.engine.compiled.progress, lambda: kept_warm.done)
+                )
+                graphs.add_done_callback(_log_failure("compiling the decode graphs"))
             if bb.tokenizer is not None and not bb.is_encoder:
                 warm = asyncio.create_task(services.pools.grammar.run(scheduler.engine.grammars.warm_up))
                 warm.add_done_callback(_log_failure("warming the grammar compiler"))
@@ -101,6 +109,8 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 yield
             finally:
                 await kept_warm.stop()
+                if graphs is not None:
+                    graphs.cancel()
                 await scheduler.stop()
                 await host_cache.stop()
                 services.pools.shutdown()

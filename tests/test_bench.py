@@ -12,7 +12,7 @@ def test_engine_benchmark_smoke(tmp_path, capsys):
     args = bench.parse_args(
         "--requests 4 --prompt 4 --new 3 --prefix 4 --layers 1 --hidden 32 --heads 2 --vocab 64 --repeats 1 "
         f"--max-batch 4 --hosted 1 3 --prefix-lengths 4 8 --churn-tasks 6 --peft-tasks 2 --peft-prompt 4 "
-        f"--peft-new 3 --peft-max-batch 4 --chunk 16 --plots {tmp_path}".split()
+        f"--peft-new 3 --peft-max-batch 4 --chunk 16 --compile-batches 1 --plots {tmp_path}".split()
     )
     report = asyncio.run(bench.main(args))
     assert set(bench.SCENARIOS) <= set(report)
@@ -25,6 +25,7 @@ def test_engine_benchmark_smoke(tmp_path, capsys):
     step, needed, achieved, gbps, _, _ = report["roofline"]
     assert step > 0 and needed > 0 and achieved > 0 and gbps > 0
     assert all(x > 0 for x in report["first"])
+    assert report["compile"]["warm_s"] > 0 and all(e > 0 and c > 0 for _, e, c in report["compile"]["steps"])
     tok_bare, tok_lora, tax, tok_prefix, tok_mixed, mixed_ratio, _, _, peak = report["lora"]
     assert min(tok_bare, tok_lora, tok_prefix, tok_mixed, mixed_ratio, peak) > 0 and tax < 1
     assert (tmp_path / "engine.png").exists() and (tmp_path / "stall.png").exists()

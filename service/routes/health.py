@@ -32,6 +32,9 @@ async def ready(request: Request, services: ServicesDep) -> JSONResponse:
         # Pinned and preloaded tasks resident (PREFIXSERVE_PRELOAD_TASKS): "loading N/M tasks" until they are.
         "warm": services.warm.progress if services.warm is not None else True,
     }
+    compiled = services.engine.compiled
+    if compiled is not None:  # PREFIXSERVE_COMPILE=on: "compiling decode graphs: 3/7 buckets" until all are
+        checks["compile"] = compiled.progress.check
     try:
         await services.store.ping()
         checks["redis"] = True

@@ -390,6 +390,74 @@ def _manual(
     return out.view(B, H, T, D).transpose(1, 2).contiguous()
 
 
+class GraphInputs:
+    """The per-step state of a compiled decode step (compiled.py), read by `prefix_serve_attention` while `active`.
+
+    ForwardState does not trace into one graph: it reads values back to the host per layer (the slot width
+    attended, the task groups) and caches masks in a dict. This one object lives for the process and only its
+    tensor attributes change between steps, so dynamo lifts them as graph inputs and guards on their shapes (its
+    Python ints are constants of a graph), and the graph holds no Python per layer (checked with fullgraph=True).
+    Every row is a decode row in slot b (rows are slots 0..B-1, B a batch bucket); padding rows (`real` False)
+    write only the scratch slot and their outputs are never read. One object per process: one engine at a time
+    may run compiled steps (the service has one engine, on one thread).
+
+    past: (B,) long, tokens already in each row's slot (this step's token is written at `past`).
+    real: (B,) bool, the batch's real rows (the others write into the cache's scratch slot).
+    prefix_index: (B, Pb) long pool positions, Pb a prefix-width bucket; prefix_len: (B,) long.
+    k, v: the SlotCache segments covering positions 0..S-1 (S a slot-width bucket), each the whole
+        (L_full, R + 1, H_kv, width_i, D) tensor, its last slot the scratch slot (SlotCache(scratch=True));
+        starts: each segment's first position; used: positions of each read.
+    layer_index: per layer, its index in a segment.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.pool: PrefixPool | None = None
+        self.past = self.real = self.prefix_index = self.prefix_len = torch.zeros(0)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.starts: tuple[int, ...] = ()
+        self.used: tuple[int, ...] = ()
+        self.layer_index: tuple[int, ...] = ()
+        self.calls: list[int] = []
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, f: Features
+    ) -> torch.Tensor:
+        """q (B, H, 1, D), the step's k, v (B, H_kv, 1, D) -> (B, 1, H, D): ForwardState.attend's decode case on a
+        full layer, with the write masked to real rows and the key columns padded to the buckets (masked)."""
+        self.calls[layer] += 1
+        assert self.pool is not None
+        B, li = q.shape[0], self.layer_index[layer]
+        rows = torch.arange(B, device=q.device)
+        for seg_k, seg_v, start in zip(self.k, self.v, self.starts, strict=True):
+            width, scratch = seg_k.shape[3], seg_k.shape[1] - 1  # the segment's last slot is the scratch slot
+            here = self.real & (self.past >= start) & (self.past < start + width)  # (B,): rows writing here
+            # Rows not writing here (padding, or their token in another segment) write into the scratch slot: a
+            # plain indexed write, which the compiled graph does in place (a masked read-modify-write of the real
+            # slots made it copy the layer's whole segment at every write).
+            dst = torch.where(here, rows, scratch)  # (B,)
+            off = (self.past - start).clamp(0, width - 1)  # (B,)
+            # The layer as a tensor index too: an int would write through a view of the layer, which the graph
+            # turns into a copy of that view and a scatter back.
+            layer_t = torch.full_like(dst, li)  # (B,)
+            seg_k[layer_t, dst, :, off] = k[:, :, 0]  # (B, H_kv, D) into (L_full, R + 1, H_kv, width, D)
+            seg_v[layer_t, dst, :, off] = v[:, :, 0]
+        parts = [self.pool.gather(layer, self.prefix_index)]  # (B, H_kv, Pb, D) each
+        parts += [(sk[li][:B, :, :n], sv[li][:B, :, :n]) for sk, sv, n in zip(self.k, self.v, self.used, strict=True)]
+        Pb, S = self.prefix_index.shape[1], sum(self.used)
+        pseq = torch.arange(Pb, device=q.device)[None]  # (1, Pb)
+        t = torch.arange(S, device=q.device)[None]  # (1, S)
+        kseq = torch.cat([pseq.expand(B, -1), self.prefix_len[:, None] + t], 1)  # (B, Pb + S)
+        keep = torch.cat([pseq < self.prefix_len[:, None], t <= self.past[:, None]], 1)  # (B, Pb + S)
+        qpos = (self.prefix_len + self.past)[:, None]  # (B, 1)
+        keep = keep & (kseq <= qpos)
+        if f.window is not None:
+            keep = keep & (kseq > qpos - f.window)
+        return _manual(q, parts, Mask(keep[:, None, :]), scale, f)
+
+
+GRAPH = GraphInputs()
 _STATE: ContextVar[ForwardState | None] = ContextVar("prefix_serve_forward", default=None)
 
 
@@ -402,6 +470,10 @@ def prefix_serve_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
+    if GRAPH.active:  # a compiled decode step: no ContextVar, nothing read back to the host
+        features = call_features(module, attention_mask, kwargs)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return GRAPH.attend(module.layer_idx, query, key, value, scale, features), None
     state = _STATE.get()
     if state is None:
         raise AttentionBypassed(f"{type(module).__name__}: the engine's attention was called outside an engine forward")

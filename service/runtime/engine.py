@@ -29,6 +29,7 @@ from prefix_store import PrefixArtifact, VersionKey
 from . import methods, table_budget, tracing
 from .backbone import Backbone
 from .batch import Row, RunningBatch
+from .compiled import CompiledDecode, Key
 from .errors import InputTooLong, PinRefused
 from .grammar import Grammars, advance, constrain
 from .heads import head_logits
@@ -355,6 +356,8 @@ class Engine:
     max_rows: the most rows running at once (the slot cache's size).
     max_prefill_tokens: the most prompt tokens prefilled in one step.
     pin_fraction: the most of the device prefix budget pinned tasks may hold (DeviceCache).
+    compile: decode steps through torch.compile'd graphs on bucketed shapes (compiled.py; causal LMs only): the
+        slot cache then grows in powers of two and the prefix pool takes its whole budget at start.
     """
 
     def __init__(
@@ -365,6 +368,7 @@ class Engine:
         max_rows: int = 32,
         max_prefill_tokens: int = 8192,
         pin_fraction: float = 0.5,
+        compile: bool = False,
     ) -> None:
         self.bb = backbone
         fp, dt, dev = backbone.fingerprint, backbone.dtype, backbone.device
@@ -372,8 +376,21 @@ class Engine:
         self.cache = None
         if not backbone.is_encoder:
             width = backbone.max_positions or 4096
-            self.cache = SlotCache(fp, rows=max_rows, max_width=width, dtype=dt, device=dev, windows=backbone.windows)
+            self.cache = SlotCache(
+                fp,
+                rows=max_rows,
+                max_width=width,
+                dtype=dt,
+                device=dev,
+                windows=backbone.windows,
+                pow2=compile,
+                scratch=compile,
+            )
         self.runner = ModelRunner(backbone, self.pool, self.cache)
+        self.compiled: CompiledDecode | None = None
+        if compile and self.cache is not None:
+            self.pool.reserve()  # the graphs specialise on the pool's shape
+            self.compiled = CompiledDecode(self.runner)
         self.device_cache = DeviceCache(self.pool, self.runner, pin_fraction)
         self.batch = RunningBatch(self.cache) if self.cache is not None else None
         self.max_rows = max_rows
@@ -423,6 +440,19 @@ class Engine:
         """Loads the artifact's prefix ahead of any request if it fits without evicting (DeviceCache.warm)."""
         self.device_cache.apply_pending()
         return self.device_cache.warm(artifact)
+
+    # -- compiled decode (on the engine's thread, between steps) ---------------------------------------------------
+    def compile_keys(self) -> list[Key]:
+        """The graphs a warm-up compiles (CompiledDecode.warm_keys) at the prefix widths of the resident tasks and
+        none; [] without compile."""
+        if self.compiled is None:
+            return []
+        return self.compiled.warm_keys([0, *(e.kv_len for e in self.device_cache.entries.values())])
+
+    def warm_compiled(self, key: Key) -> float:
+        """Compiles one graph (seconds taken; 0 if it had one)."""
+        assert self.compiled is not None
+        return self.compiled.warm(key)
 
     # -- state between steps ------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -531,7 +561,8 @@ class Engine:
         adapted = any(r.prefix is not None and any(r.prefix.table_slots) for r in b.decoding)
         slots = b.table_slots[:n] if adapted else None  # (n, 3): bias, low-rank and scale slots
         names = [r.prefix.key if r.prefix is not None and r.prefix.kv_len else None for r in b.decoding]  # slot order
-        logits = self.runner.decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen, slots, names)
+        decode = self.runner.decode if self.compiled is None else self.compiled.decode
+        logits = decode(b.tokens[:n], b.positions[:n], b.lengths[:n], index, plen, slots, names)
         history = None
         if b.counts is not None and b.seen is not None and any(r.params.counts_tokens for r in b.decoding):
             history = TokenHistory(b.counts[:n], b.seen[:n])  # decoders sit in slots 0..n-1: views, no gather

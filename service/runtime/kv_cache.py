@@ -21,6 +21,7 @@ import torch
 from prefix_store import BackboneFingerprint
 
 BLOCK = 4  # prefix tokens per pool block: small, so short prefixes waste little
+MIN_POW2_WIDTH = 64  # a pow2 SlotCache's first segment (compiled.py's smallest slot-width bucket)
 
 
 class PrefixPool:
@@ -93,6 +94,12 @@ class PrefixPool:
         v = self.data[layer, 1].view(-1, self.D).index_select(0, rows).view(B, self.H, Pmax, self.D)
         return k, v
 
+    def reserve(self) -> None:
+        """Grows the pool to its whole budget now, so its shape never changes again: a compiled step's graphs
+        specialise on it (compiled.py)."""
+        while self.capacity_blocks < self.max_blocks:
+            self._grow()
+
     def _grow(self) -> None:
         old = self.capacity_blocks
         new = min(self.max_blocks, max(4, 2 * old))
@@ -123,6 +130,12 @@ class SlotCache:
         rows: slots (the most rows running at once).
         max_width: the most positions a slot may hold (the context window).
         windows: per layer, its sliding window or None (families.attention_windows); default: none slides.
+        pow2: the width grows to powers of two (at least MIN_POW2_WIDTH, at most max_width), so segments end on the
+            slot-width buckets of a compiled step (compiled.py) and a bucket never ends inside a segment it does not
+            fill; otherwise by at least half the width (fewer segments for eager steps).
+        scratch: full layers' segments get one more slot, `rows` (no row ever owns it), where a compiled step's
+            padding rows write: a plain indexed write, where a masked read-modify-write of the real slots would
+            make the compiled graph copy whole segments.
     """
 
     def __init__(
@@ -134,9 +147,12 @@ class SlotCache:
         dtype: torch.dtype,
         device: torch.device,
         windows: tuple[int | None, ...] | None = None,
+        pow2: bool = False,
+        scratch: bool = False,
     ) -> None:
         self.L, self.H, self.D = fp.num_layers, fp.num_kv_heads, fp.head_dim
-        self.rows, self.max_width = rows, max_width
+        self.rows, self.max_width, self.pow2 = rows, max_width, pow2
+        self.scratch: int | None = rows if scratch else None  # the scratch slot, if any
         self.dtype, self.device = dtype, device
         windows = windows or (None,) * self.L
         # A window that covers every position a slot can hold changes nothing: such a layer keeps every token.
@@ -173,8 +189,11 @@ class SlotCache:
     def ensure_width(self, needed: int) -> None:
         """Adds a segment so that every slot holds `needed` positions (rings: their window, at most)."""
         if needed > self.width:
-            width = -(-max(needed - self.width, self.width // 2) // 16) * 16
-            shape = (len(self.full_layers), self.rows, self.H, width, self.D)
+            if self.pow2:
+                width = min(self.max_width, max(MIN_POW2_WIDTH, 1 << (needed - 1).bit_length())) - self.width
+            else:
+                width = -(-max(needed - self.width, self.width // 2) // 16) * 16
+            shape = (len(self.full_layers), self.rows + (self.scratch is not None), self.H, width, self.D)
             self.starts.append(self.width)
             self.k.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
             self.v.append(torch.zeros(shape, dtype=self.dtype, device=self.device))

@@ -163,6 +163,7 @@ def build_serving(
     max_batch_size: int = 32,
     max_prefill_tokens: int = 8192,
     pin_fraction: float = 0.5,
+    compile: bool = False,
     **scheduler_kw: int,
 ) -> Scheduler:
     """Engine, host cache and scheduler, linked so that store events invalidate the device tier too.
@@ -173,6 +174,7 @@ def build_serving(
         max_rows=max_batch_size,
         max_prefill_tokens=max_prefill_tokens,
         pin_fraction=pin_fraction,
+        compile=compile,
     )
     host_cache = HostCache(store, capacity_bytes=host_cache_bytes, on_invalidate=engine.invalidate)
     return Scheduler(engine, host_cache, **scheduler_kw)

@@ -42,6 +42,12 @@ class RuntimeSettings(BaseSettings):
         le=4096,
         description="the largest LoRA rank a task may have (per adapted module); an upload over it is refused (400)",
     )
+    compile: Literal["off", "on"] = Field(
+        "off",
+        description="on: decode steps run as torch.compile'd graphs on bucketed shapes (CUDA graphs on a GPU), "
+        "compiled in the background at start (/ready waits for them); steps a graph cannot run (LoRA, IA3 and bias "
+        "rows, sliding-window layers) stay eager. Off by default: measured slower on a 2-core CPU (README)",
+    )
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads; unset keeps torch's default (one per core)"
     )

@@ -532,13 +532,13 @@ def load(name: str) -> Case:
 
 
 # -- running a case through the engine (no Redis) ---------------------------------------------------------------
-def run(case: Case, first_group: int = 3, model: torch.nn.Module | None = None) -> list[list]:
+def run(case: Case, first_group: int = 3, model: torch.nn.Module | None = None, **engine_kw) -> list[list]:
     """Runs every row of the case through one engine (driven directly, its artifacts as the store hands them back) in
     the mixed batches of `serve`; returns each row's outputs. All-generation cases: the first `first_group` rows
     decode two tokens before the rest join, so rows join mid-decode, loading their prefixes cold. A case with
     classification rows first runs each row once, so every prefix is resident, then admits all rows together: they
     share one forward."""
-    engine = engine_for(model or backbone_of(case.kind), case.tokenizer, name=case.kind, max_rows=8)
+    engine = engine_for(model or backbone_of(case.kind), case.tokenizer, name=case.kind, max_rows=8, **engine_kw)
     arts = {task: stored(art) for task, art in case.artifacts.items()}
     params = SamplingParams(max_new_tokens=STEPS, return_logits=True, ignore_eos=True)
     n = len(case.tasks)
