@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
@@ -33,6 +34,7 @@ from .attention import ATTN_NAME, GRAPH, AttentionBypassed
 from .kv_cache import MIN_POW2_WIDTH
 from .runner import ModelRunner
 
+log = logging.getLogger(__name__)
 MIN_PREFIX_BUCKET = 16
 
 
@@ -90,12 +92,23 @@ async def warm_up(
     so requests keep being served between them."""
     while after is not None and not after():
         await asyncio.sleep(0.2)
-    keys = await on_engine(lambda e: e.compile_keys())
-    progress.buckets = len(keys)
-    for key in keys:
-        progress.seconds.append(await on_engine(functools.partial(_warm_one, key=key)))
-        progress.warmed += 1
-    progress.done = True
+    try:
+        keys = await on_engine(lambda e: e.compile_keys())
+        progress.buckets = len(keys)
+        for key in keys:
+            progress.seconds.append(await on_engine(functools.partial(_warm_one, key=key)))
+            progress.warmed += 1
+    finally:  # ready even when the warm-up failed or was cancelled: steps without a graph run eagerly
+        progress.done = True
+
+
+_ENGINES = [0]  # CompiledDecode instances made in this process (they share dynamo's cache of `_forward`)
+
+
+def _graph_room(max_graphs: int) -> int:
+    """Dynamo's recompile limit that leaves every engine made so far its `max_graphs` graphs (and a few more)."""
+    _ENGINES[0] += 1
+    return _ENGINES[0] * (max_graphs + 8)
 
 
 def _warm_one(engine: Any, key: Key) -> float:
@@ -116,13 +129,13 @@ class CompiledDecode:
         dev = runner.bb.device
         self.buckets = batch_buckets(self.cache.rows)
         self.graphs: dict[Key, float] = {}  # compiled: its compile time (seconds)
+        self.failed: dict[Key, str] = {}  # graphs that failed to compile or run (their steps run eagerly): why
         self.steps: Counter[str] = Counter()  # "compiled", or the reason a step ran eagerly
         self.progress = WarmProgress()
-        # Every bucket re-traces the same function: dynamo keeps them all (one cache entry per guard set).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_graphs + 8)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, max_graphs + 8
-        )
+        # Every bucket re-traces the same function: dynamo keeps them all (one cache entry per guard set). Its
+        # limits count per code object, and every engine of the process shares `_forward`'s: each engine adds room
+        # for its own graphs (a process holds one engine in service; tests hold several).
+        self._room = _graph_room(max_graphs)
         self.cuda = dev.type == "cuda"
         mode = "reduce-overhead" if self.cuda else None
         self._fn = torch.compile(self._forward, dynamic=False, fullgraph=True, mode=mode)
@@ -157,13 +170,28 @@ class CompiledDecode:
         if reason is None:
             S = int(past.max()) + 1  # one read back per step (eager reads one per layer)
             key = Key(up(n, self.buckets), prefix_bucket(prefix_index.shape[1]), slot_bucket(S, self.cache.width))
-            if key not in self.graphs and len(self.graphs) >= self.max_graphs:
+            if key in self.failed:
+                reason = "the shape's graph failed"
+            elif key not in self.graphs and len(self.graphs) >= self.max_graphs:
                 reason = "no graph for the shape"
-        if reason is not None or key is None:
-            self.steps[reason or "?"] += 1
-            return self.runner.decode(tokens, positions, past, prefix_index, prefix_len, table_slots, task_names)
-        self.steps["compiled"] += 1
-        return self.run(key, tokens, positions, past, prefix_index, prefix_len)
+        if reason is None and key is not None:
+            try:
+                logits = self.run(key, tokens, positions, past, prefix_index, prefix_len)
+                self.steps["compiled"] += 1
+                return logits
+            except AttentionBypassed:
+                raise
+            except Exception as e:  # noqa: BLE001 - a graph that cannot compile or run: that shape runs eagerly
+                # The eager forward below rewrites the same cache positions, so a graph that failed midway leaves
+                # nothing behind.
+                self._failed(key, e)
+                reason = "the shape's graph failed"
+        self.steps[reason or "?"] += 1
+        return self.runner.decode(tokens, positions, past, prefix_index, prefix_len, table_slots, task_names)
+
+    def _failed(self, key: Key, e: Exception) -> None:
+        self.failed[key] = f"{type(e).__name__}: {str(e)[:300]}"
+        log.error("the compiled decode graph %s failed; its shape runs eagerly from now on: %s", key, self.failed[key])
 
     def run(
         self,
@@ -181,6 +209,7 @@ class CompiledDecode:
         real = self._real(B, n)  # (B,)
         index = torch.nn.functional.pad(prefix_index, (0, key.P - prefix_index.shape[1], 0, pad))  # (B, Pb)
         padded = [torch.nn.functional.pad(t, (0, pad)) for t in (tokens, positions, past, prefix_len)]  # (B,) each
+        self._limits()
         start = time.perf_counter()
         with self._inputs(key, real, padded[2], index, padded[3]):
             logits = self._fn(padded[0], padded[1])  # (B, V)
@@ -188,6 +217,14 @@ class CompiledDecode:
             self.graphs[key] = time.perf_counter() - start
         # A CUDA graph's output buffer is overwritten by its next replay: the caller keeps a copy.
         return logits[:n].clone() if self.cuda else logits[:n]
+
+    def _limits(self) -> None:
+        """Dynamo's recompile limits, raised to this engine's room in the calling thread: dynamo's config is per
+        thread, and graphs compile on the engine's thread (the default limit, 8, would fail the 9th graph)."""
+        cfg = torch._dynamo.config
+        if cfg.recompile_limit < self._room or cfg.accumulated_recompile_limit < self._room:
+            cfg.recompile_limit = max(cfg.recompile_limit, self._room)
+            cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, self._room)
 
     def _real(self, B: int, n: int) -> torch.Tensor:
         """(B,) bool: rows 0..n-1 are the step's, the rest padding."""
@@ -237,7 +274,7 @@ class CompiledDecode:
     def warm(self, key: Key) -> float:
         """Compiles the key's graph (if it has none) on inputs that write only the scratch slot (every row padding),
         so it may run between any two steps; returns the seconds it took."""
-        if key in self.graphs or len(self.graphs) >= self.max_graphs:
+        if key in self.graphs or key in self.failed or len(self.graphs) >= self.max_graphs:
             return 0.0
         self.cache.ensure_width(key.S)
         dev = self.runner.bb.device
@@ -245,9 +282,16 @@ class CompiledDecode:
         tokens, positions, past, plen = (torch.zeros(key.B, dtype=torch.long, device=dev) for _ in range(4))
         index = torch.zeros(key.B, key.P, dtype=torch.long, device=dev)
         real = torch.zeros(key.B, dtype=torch.bool, device=dev)
+        self._limits()
         start = time.perf_counter()
-        with self._inputs(key, real, past, index, plen):
-            self._fn(tokens, positions)
+        try:
+            with self._inputs(key, real, past, index, plen):
+                self._fn(tokens, positions)
+        except AttentionBypassed:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for inductor: steps of this shape run eagerly
+            self._failed(key, e)
+            return 0.0
         self.graphs[key] = seconds = time.perf_counter() - start
         return seconds
 

@@ -187,18 +187,23 @@ class SlotCache:
         return self.rings[W]
 
     def ensure_width(self, needed: int) -> None:
-        """Adds a segment so that every slot holds `needed` positions (rings: their window, at most)."""
-        if needed > self.width:
-            if self.pow2:
-                width = min(self.max_width, max(MIN_POW2_WIDTH, 1 << (needed - 1).bit_length())) - self.width
-            else:
-                width = -(-max(needed - self.width, self.width // 2) // 16) * 16
-            shape = (len(self.full_layers), self.rows + (self.scratch is not None), self.H, width, self.D)
-            self.starts.append(self.width)
-            self.k.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-            self.v.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+        """Adds segments so that every slot holds `needed` positions (rings: their window, at most)."""
+        if needed > self.width and self.pow2:
+            target = min(self.max_width, max(MIN_POW2_WIDTH, 1 << (needed - 1).bit_length()))
+            # One doubling at a time, so the segments depend on the width alone: a compiled graph, keyed by the
+            # width it reads, bakes the segments' bounds in, and must meet the same ones after a shrink and regrow.
+            while self.width < target:
+                self._add_segment(min(max(self.width, MIN_POW2_WIDTH), target - self.width))
+        elif needed > self.width:
+            self._add_segment(-(-max(needed - self.width, self.width // 2) // 16) * 16)
         for ring in self.rings.values():
             ring.resize(min(ring.window, self.width))
+
+    def _add_segment(self, width: int) -> None:
+        shape = (len(self.full_layers), self.rows + (self.scratch is not None), self.H, width, self.D)
+        self.starts.append(self.width)
+        self.k.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.v.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
 
     def shrink(self, needed: int) -> None:
         """Drops the trailing segments that start at or past `needed` positions (rings follow the width)."""

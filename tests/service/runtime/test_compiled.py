@@ -154,14 +154,62 @@ def test_control_padding_rows_that_write_corrupt_a_prefilling_row(engines, base,
 
 
 @pytest.mark.slow
-def test_warm_compiles_the_buckets_without_writing(engines):
+def test_warm_compiles_a_new_bucket_without_writing_into_slots(engines):
     fast, _ = engines
-    keys = [Key(1, 16, 64), Key(2, 16, 64)]  # compiled by the tests above, or here
-    before = [s.clone() for s in fast.cache.k]
-    fast.compiled.warm_all(keys)
-    assert fast.compiled.progress.warmed == 2 and fast.compiled.progress.done
-    assert all(torch.equal(a, b) for a, b in zip(before, fast.cache.k, strict=True)), "warming wrote into slots"
+    key = Key(1, 32, 64)  # prefix bucket 32: no other test compiles it
+    assert key not in fast.compiled.graphs
+    fast.cache.ensure_width(64)
+    rows = fast.cache.rows
+    with torch.inference_mode():  # the cache's tensors are inference tensors
+        for k in fast.cache.k:  # slots holding something, so a stray write would show
+            k[:, :rows] = torch.randn_like(k[:, :rows])
+    before = [k[:, :rows].clone() for k in fast.cache.k]
+    fast.compiled.progress = compiled.WarmProgress()
+    fast.compiled.warm_all([key])
+    assert key in fast.compiled.graphs and fast.compiled.graphs[key] > 0, "it compiled"
+    assert fast.compiled.progress.warmed == 1 and fast.compiled.progress.done
+    after = [k[:, :rows] for k in fast.cache.k]  # the scratch slot (index rows) is the padding rows' to write
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "warming wrote into slots"
     assert set(fast.compile_keys()) >= {Key(b, 0, 64) for b in (1, 2, 4)}
+
+
+def test_a_graph_that_fails_leaves_its_shape_to_eager_steps(engines, base, monkeypatch):
+    """A graph that cannot compile or run (no C++ compiler for inductor, a family that breaks the trace): its steps
+    run eagerly and exactly, the failure is recorded, and the warm-up still ends (so /ready turns ready)."""
+    fast, eager = engines
+    monkeypatch.setattr(fast.compiled, "graphs", {})
+    monkeypatch.setattr(fast.compiled, "failed", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: no working C++ compiler found")
+
+    monkeypatch.setattr(fast.compiled, "_fn", broken)
+    reqs = lambda: [EngineRequest.generate("a", [5, 6, 7], None, PARAMS)]  # noqa: E731
+    before = fast.compiled.steps["the shape's graph failed"]
+    assert_same(run_engine(fast, reqs()), run_engine(eager, reqs()))
+    assert fast.compiled.steps["the shape's graph failed"] - before >= PARAMS.max_new_tokens - 1
+    assert "no working C++ compiler" in next(iter(fast.compiled.failed.values()))
+    progress = compiled.WarmProgress()
+    monkeypatch.setattr(fast.compiled, "progress", progress)
+    fast.compiled.warm_all([Key(2, 0, 64)])
+    assert progress.done and Key(2, 0, 64) in fast.compiled.failed and not fast.compiled.graphs
+
+
+def test_a_pow2_cache_lays_out_the_same_segments_for_the_same_width():
+    """Compiled graphs bake the segments' bounds in: after a shrink and a regrow to the same width, the same ones."""
+    from service.runtime.kv_cache import SlotCache
+
+    fp = BackboneFingerprint.from_config(tiny_model("llama").config)
+    cache = SlotCache(fp, rows=2, max_width=1000, dtype=torch.float32, device=torch.device("cpu"), pow2=True)
+    cache.ensure_width(300)
+    assert cache.starts == [0, 64, 128, 256] and cache.width == 512
+    cache.shrink(100)
+    assert cache.starts == [0, 64]
+    cache.ensure_width(600)  # to 1000, the context window, one doubling at a time
+    assert cache.starts == [0, 64, 128, 256, 512] and cache.width == 1000
+    cache.shrink(100)
+    cache.ensure_width(300)
+    assert cache.starts == [0, 64, 128, 256] and cache.width == 512
 
 
 @pytest.mark.slow  # each graph compiles for seconds (the slow tests still run in `make test`)
@@ -249,4 +297,5 @@ async def test_ready_reports_the_warm_up_and_requests_then_run_compiled(redis_ur
             "/v1/generate", json={"task": "base", "input_ids": [5, 6, 7], "max_new_tokens": 4}, headers=root
         )
         assert r.status_code == 200, r.text
-        assert app.state.services.engine.compiled.steps["compiled"] == 3
+        compiled_steps = app.state.services.engine.compiled
+        assert compiled_steps.steps["compiled"] == 3, (compiled_steps.steps, compiled_steps.failed)
