@@ -36,14 +36,16 @@ tools:
 	  else echo "chromium or chromedriver not found: the console's browser tests will be skipped"; fi; }
 
 # The server and, beside it, one trainer worker (WORKER=0: none); Ctrl-C (or a TERM to make) stops both, and the
-# worker stops when the server does. Without PREFIXSERVE_REDIS_URL the worker starts once the server's embedded Redis
-# answers on its socket, and is given that socket: it never starts a second Redis.
+# worker stops when the server does. Without a Redis URL (PREFIXSERVE_REDIS_URL, in the environment or .env, read
+# through the service's own settings) the worker starts once the server's embedded Redis answers on its socket, and
+# is given that socket: it never starts a second Redis.
 serve: $(STAMP)
 	@trap 'kill -TERM $$server $$worker 2>/dev/null' INT TERM; \
-	worker=; if [ "$(WORKER)" != 0 ] && [ -n "$$PREFIXSERVE_REDIS_URL" ]; then \
+	conf=$$($(BIN)/python -c 'from service.settings import ServiceSettings as S; s = S(); print(s.redis_url or ""); print(s.data_dir.resolve())'); \
+	redis_url=$$(echo "$$conf" | sed -n 1p); data=$$(echo "$$conf" | sed -n 2p); \
+	worker=; if [ "$(WORKER)" != 0 ] && [ -n "$$redis_url" ]; then \
 	  $(BIN)/python -m trainer worker & worker=$$!; \
 	elif [ "$(WORKER)" != 0 ]; then \
-	  data="$${PREFIXSERVE_DATA_DIR:-data}"; case "$$data" in /*) ;; *) data="$$PWD/$$data";; esac; \
 	  ( until $(BIN)/python -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' \
 	      "$$data/redis.sock" 2>/dev/null; do sleep 1; done; \
 	    PREFIXSERVE_REDIS_URL="unix://$$data/redis.sock" exec $(BIN)/python -m trainer worker ) & worker=$$!; \

@@ -422,8 +422,12 @@ def _without_local_paths(art: PrefixArtifact) -> PrefixArtifact:
     def clean(value: object, depth: int = 0) -> object:
         if isinstance(value, str) and _LOCAL_PATH.match(value):
             return re.split(r"[/\\]", value.rstrip("/\\"))[-1]
-        if isinstance(value, dict) and depth < 4:
+        if depth >= 64:  # metadata is parsed JSON, whose nesting the body limit bounds; this bounds the recursion
+            return value
+        if isinstance(value, dict):
             return {k: clean(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, depth + 1) for v in value]
         return value
 
     training = clean(art.training)

@@ -251,6 +251,20 @@ async def test_uploads_keep_no_local_paths_of_the_uploader(make_app, llama, tmp_
         assert r.json()["training"]["source"]["base_model_name_or_path"] == "org/tiny-llama", r.text
 
 
+def test_local_paths_are_cut_at_any_depth_of_the_training_metadata():
+    import dataclasses
+
+    from service.routes.tasks import _without_local_paths
+    from tests.factories import make_artifact
+
+    art = make_artifact("t", "p_tuning_v2", P=2)
+    nested = {"data": ["/home/alice/train.tsv", {"dev": "C:\\Users\\bob\\dev.tsv"}], "base": "org/model"}
+    art = dataclasses.replace(art, training={"a": {"b": {"c": {"d": {"e": nested}}}}})
+    cleaned = json.dumps(_without_local_paths(art).training)
+    assert "alice" not in cleaned and "bob" not in cleaned, cleaned
+    assert "train.tsv" in cleaned and "dev.tsv" in cleaned and "org/model" in cleaned
+
+
 async def test_an_encoder_backbone_names_what_it_can_do(make_app):  # noqa: F811
     bert = tiny_model("bert-cls")
     with live_server(make_app(bert.bert, tiny_tokenizer(), name="tiny-bert")) as url:

@@ -60,9 +60,10 @@ async def test_a_render_starved_past_the_wall_clock_bound_is_stopped(renderer):
     assert time.monotonic() - t0 < 4.0 + 2.0 and renderer.killed == 1
 
 
-async def test_a_render_that_spins_is_stopped_at_its_budget_of_cpu(renderer):
+async def test_a_render_that_spins_is_stopped_at_its_budget_of_cpu(renderer, monkeypatch):
+    monkeypatch.setattr("service.templates.WALL_FACTOR", 60.0)  # so only the CPU budget can stop it in time
     await renderer.render(PLAIN, [{"role": "user", "content": "w1"}], owner="the test")
     t0 = time.monotonic()
     with pytest.raises(TemplateFailed, match="within its budget of 1s of CPU"):
         await renderer.render(SPIN, [{"role": "user", "content": "w1"}], owner="the test")
-    assert time.monotonic() - t0 < 4.0 + 2.0 and renderer.killed == 1
+    assert time.monotonic() - t0 < 20.0 and renderer.killed == 1, "1 s of CPU, even on a host shared 10 ways"

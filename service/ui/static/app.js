@@ -317,14 +317,19 @@ function watchJob(id) {
   const bar = document.createElement("progress");
   bar.setAttribute("aria-label", `progress of job ${id}`);
   const svg = newSvg();
-  const cancel = button("Cancel job", () => attempt("Cancel", () => json(`/v1/train/${id}`, { method: "DELETE" })));
+  const cancel = button("Cancel job", () => attempt("Cancel", () => json(`/v1/train/${encodeURIComponent(id)}`, { method: "DELETE" })));
   item.append(h, line, bar, svg, cancel);
   $("jobs").prepend(item);
   const job = { loss: [], dev: [], timer: null };
   state.jobs.set(id, job);
   const poll = async () => {
-    const j = await attempt("Reading the job", () => json(`/v1/train/${id}`));
-    if (!j) return clearInterval(job.timer);
+    const j = await attempt("Reading the job", () => json(`/v1/train/${encodeURIComponent(id)}`));
+    if (!j) {
+      job.misses = (job.misses ?? 0) + 1; // a passing failure (a restart, a timeout) is retried a few times
+      if (job.misses >= 5) clearInterval(job.timer);
+      return;
+    }
+    job.misses = 0;
     const p = j.progress ?? {};
     if (Number.isFinite(p.loss) && job.loss.at(-1)?.[0] !== p.step) job.loss.push([p.step, p.loss]);
     const [devName, devValue] = Object.entries(p.val ?? p.dev ?? {}).find(([, v]) => Number.isFinite(v)) ?? [];
