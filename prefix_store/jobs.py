@@ -202,13 +202,17 @@ def check_trainable(method: str) -> str:
 
 
 class SweepGrid(BaseModel):
-    """A grid of training runs over one job's data: every combination of the listed methods, learning rates and
-    prompt lengths (an omitted axis keeps the job's value, or the method's default). Each run is evaluated on the dev
-    set through the serving engine; the best is published."""
+    """A grid of training runs over one job's data: every combination of the listed methods, learning rates, prompt
+    lengths, reparametrisations, poolings and prefix starts (an omitted axis keeps the job's value, or the method's
+    default). Each run is evaluated through the serving engine on its validation split (carved from the training
+    data); the best there is published, and the dev set only reported."""
 
     methods: list[MethodName] | None = Field(None, min_length=1, max_length=len(METHODS))
     lrs: list[float] | None = Field(None, min_length=1, max_length=16)
     num_virtual_tokens: list[int] | None = Field(None, min_length=1, max_length=16)
+    reparam: list[bool] | None = Field(None, min_length=1, max_length=2, description="with and without the MLP")
+    pooling: list[Literal["pooler", "cls", "mean", "last_token"]] | None = Field(None, min_length=1, max_length=4)
+    prefix_init: list[Literal["activations", "random"]] | None = Field(None, min_length=1, max_length=2)
     parallel: int = Field(
         1,
         ge=1,
@@ -225,6 +229,7 @@ class SweepGrid(BaseModel):
     @model_validator(mode="after")
     def _size(self) -> SweepGrid:
         n = len(self.methods or [0]) * len(self.lrs or [0]) * len(self.num_virtual_tokens or [0])
+        n *= len(self.reparam or [0]) * len(self.pooling or [0]) * len(self.prefix_init or [0])
         if n > 64:
             raise ValueError(f"sweep: expected at most 64 runs, the grid has {n}")
         if any(not 0 < lr <= 10 for lr in self.lrs or []):
@@ -253,7 +258,18 @@ class TrainSpec(BaseModel):
     )
     limit: int | None = Field(None, ge=1, description="read at most this many training records")
     dev_limit: int | None = Field(500, ge=1, description="evaluate on at most this many dev examples")
-    dev_fraction: float = Field(0.1, gt=0, lt=1)
+    dev_fraction: float = Field(
+        0.1, gt=0, lt=1, description="without a dev set: the fraction of the training data held out to report on"
+    )
+    val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="the validation split, carved from the training data (seeded; stratified by label): early "
+        "stopping, the best checkpoint, a sweep's choice and the degeneracy guard read it, never the dev set; 0: none "
+        "(the last evaluation's version is kept)",
+    )
+    val_max: int = Field(1000, ge=1, le=100_000, description="at most this many validation examples")
     labels: list[str] | None = Field(
         None,
         max_length=MAX_LABELS,
@@ -274,11 +290,12 @@ class TrainSpec(BaseModel):
         max_length=10_000,
         description="prompt tuning: initialise from this text's embeddings; P-Tuning v2: from its keys/values",
     )
-    prefix_init: Literal["activations", "random"] = Field(
-        "activations",
-        description="key/values trained without a reparametrisation (P-Tuning v2's default): start from the "
-        "backbone's keys/values of real tokens "
-        "(init_text, else tokens drawn from the training inputs; Li & Liang sec. 7.2), or N(0, 1) as PEFT does",
+    prefix_init: Literal["activations", "random"] | None = Field(
+        None,
+        description="key/value prefixes: start from real tokens (init_text, else tokens drawn from the training "
+        "inputs; Li & Liang sec. 7.2): free key/values from the backbone's keys/values of those tokens, the MLP "
+        "reparametrisation's input from their embeddings; or random (N(0, 1), as PEFT does); default: activations "
+        "for free key/values, random through the MLP",
     )
     lora_r: int | None = Field(None, ge=1, le=4096, description="lora: the rank of each update; default: the method's")
     lora_alpha: float | None = Field(
@@ -301,23 +318,41 @@ class TrainSpec(BaseModel):
         "output is); default: the family's MLP down projection",
     )
 
-    steps: int = Field(200, ge=1, le=10_000_000)
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="stop after this many optimizer steps; default: 200 when neither epochs nor max_time is given",
+    )
+    epochs: float | None = Field(None, gt=0, le=10_000, description="stop after this many passes over the train split")
+    max_time: float | None = Field(
+        None, gt=0, le=30 * 86_400, description="stop after this many seconds of training (evaluations included)"
+    )
     batch_size: int = Field(16, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=1024)
     lr: float | None = Field(None, gt=0, le=10, description="default: the method's")
     weight_decay: float = Field(0.0, ge=0, le=1)
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="default: the method's")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear",
+        description="after the linear warm-up: linear or cosine decay to 0 at the first budget (steps, epochs or "
+        "max_time, whichever is nearer), or constant",
+    )
     max_length: int = Field(128, ge=4, le=8192, description="truncate inputs (and targets) to this many tokens")
     max_new_tokens: int = Field(64, ge=1, le=4096, description="generation length at evaluation")
-    eval_every: int = Field(50, ge=1)
-    patience: int = Field(5, ge=1, description="stop after this many evaluations without improvement")
-    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=1, le=10_000_000, description="evaluate on the validation split every N steps")
+    patience: int = Field(
+        5, ge=1, le=100_000, description="stop after this many evaluations without improvement (by more than min_delta)"
+    )
+    min_delta: float = Field(0.0, ge=0, le=1, description="the least rise of the validation metric that counts")
+    checkpoint_every: int = Field(50, ge=1, le=10_000_000)
     seed: int = Field(0, ge=0)
     gate: float | None = Field(None, description="publish only if the best dev metric reaches this")
     publish_degenerate: bool = Field(
         False,
-        description="publish even a run whose dev accuracy never rose above the majority class, or whose loss did "
-        "not fall (by default such a run is reported and not published)",
+        description="publish even a run whose best validation accuracy does not beat the majority class by more than "
+        "the sampling noise (2 standard errors), or whose loss did not fall (by default such a run is reported and "
+        "not published)",
     )
     pooling: Literal["pooler", "cls", "mean", "last_token"] | None = Field(
         None, description="what the classification head reads; default: what the backbone was trained with"

@@ -1,6 +1,7 @@
 """bench/engine.py runs end to end (tiny sizes, every scenario): the benchmark cannot rot unnoticed."""
 
 import asyncio
+import json
 
 import pytest
 
@@ -46,3 +47,29 @@ def test_lora_scenario_on_llama_adapts_q_and_v(tmp_path, capsys):
     report = asyncio.run(bench.main(args))
     assert set(report) == {"lora"} and report["lora"][1] > 0
     assert "LoRA tax: 1 - 64 LoRA tasks (rank 2) / bare backbone" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quality_protocol_smoke(tmp_path, capsys):
+    """bench/quality.py's protocol end to end on a few MRPC examples with the real MiniLM: fine-tuning first, a grid
+    chosen on validation, both budgets (the time budget is fine-tuning's wall-clock), resumed without retraining,
+    and the table and plot rebuilt from the JSON alone."""
+    from bench import quality
+
+    argv = f"--smoke --datasets mrpc --methods p_tuning_v2 finetune --seeds 0 --out {tmp_path}".split()
+    quality.main(quality.parse_args(argv))
+    path = tmp_path / "quality-mrpc.json"
+    results = json.loads(path.read_text())
+    assert set(results["runs"]) == {"finetune/steps/0", "p_tuning_v2/steps/0", "p_tuning_v2/time/0"}
+    assert len(results["selection"]) == 1 and results["n_val"] > 0
+    ft, timed = results["runs"]["finetune/steps/0"], results["runs"]["p_tuning_v2/time/0"]
+    assert ft["steps"] <= 2 and timed["stop"]["reason"] in ("max_time", "patience", "converged")
+    assert all(0 <= r["dev"] <= 1 and r["trainable"] > 0 for r in results["runs"].values())
+    written = path.stat().st_mtime_ns
+    quality.main(quality.parse_args(argv))  # every run recorded: nothing trains again
+    assert path.stat().st_mtime_ns == written
+    capsys.readouterr()
+    quality.main(quality.parse_args([*argv, "--report"]))
+    out = capsys.readouterr().out
+    assert "| P-Tuning v2 | steps |" in out and "| full fine-tuning | equal steps" in out
+    assert (tmp_path / "quality-time.png").exists()

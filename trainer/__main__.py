@@ -1,11 +1,15 @@
 """python -m trainer train --task NAME --method M --data FILE [options]   train one prefix and publish it
 python -m trainer sweep --task NAME --method M --data FILE --lrs A B --prompt-lengths P Q [--methods ...]
+                        [--reparams true false] [--poolings cls mean] [--prefix-inits activations random]
                                                                         train a grid, print it, publish the best
 python -m trainer worker                                                take jobs from the Redis queue forever
 
-Options of `train` are the fields of prefix_store.jobs.TrainSpec (--steps, --lr, --num-virtual-tokens, --dev-data,
---columns input=mr,output=ref, --labels neg,pos, --gate 0.8, --export-peft DIR, ...). Everything else (backbone,
-Redis, work dir) comes from PREFIXSERVE_* settings, as for the service.
+Options of `train` are the fields of prefix_store.jobs.TrainSpec (--steps, --epochs, --max-time, --lr,
+--lr-schedule, --num-virtual-tokens, --dev-data, --columns input=mr,output=ref, --labels neg,pos, --gate 0.8,
+--export-peft DIR, ...). A run stops at the first of --steps, --epochs and --max-time it reaches, or early (patience,
+convergence) on its validation split, carved from the training data (--val-fraction, --val-max); the dev set is
+scored once, on the best version. Everything else (backbone, Redis, work dir) comes from PREFIXSERVE_* settings, as
+for the service.
 
 `train` and `sweep` are the local operator's: they read any path given and write --export-peft anywhere, with the
 operator's own file permissions. PREFIXSERVE_TRAIN_DATA_DIRS and PREFIXSERVE_EXPORT_DIRS bind the `worker`, which
@@ -37,8 +41,12 @@ log = logging.getLogger("trainer")
 LISTS = ("labels", "target_modules", "feedforward_modules")  # TrainSpec list fields: comma-separated here
 
 
+def _flag(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes", "on")
+
+
 def _spec_parser(sub: argparse._SubParsersAction, command: str, help_text: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(command, help=help_text)
+    p = sub.add_parser(command, help=help_text, description=help_text)
     p.add_argument(
         "--run-id",
         default=None,
@@ -50,9 +58,10 @@ def _spec_parser(sub: argparse._SubParsersAction, command: str, help_text: str) 
             continue
         flag = "--" + name.replace("_", "-")
         kind = _scalar(field.annotation)
-        help_text = field.description or ""
+        default = _default(field)
+        help_text = f"{field.description or ''}{f' ({default})' if default else ''}".lstrip()
         if kind is bool:
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None, help=help_text)
+            p.add_argument(flag, type=_flag, default=None, help=help_text)
         elif name in ("columns", "verbalizer"):
             p.add_argument(flag, default=None, help=help_text + " (k=v,k=v)")
         elif name in LISTS:
@@ -60,6 +69,15 @@ def _spec_parser(sub: argparse._SubParsersAction, command: str, help_text: str) 
         else:
             p.add_argument(flag, type=kind, default=None, required=field.is_required(), help=help_text)
     return p
+
+
+def _default(field: Any) -> str:
+    """What a flag left out stands for: the TrainSpec default (argparse's own default is None: unset)."""
+    if field.is_required():
+        return "required"
+    if field.default is None:
+        return "" if "default:" in (field.description or "") else "default: none"  # the description says
+    return f"default: {field.default}"
 
 
 def _scalar(annotation: Any) -> Any:
@@ -81,7 +99,14 @@ def _spec_from(args: argparse.Namespace) -> TrainSpec:
         if name in values:
             values[name] = [x.strip() for x in values[name].split(",")]
     if getattr(args, "command", None) == "sweep":
-        grid = {"methods": args.methods, "lrs": args.lrs, "num_virtual_tokens": args.prompt_lengths}
+        grid = {
+            "methods": args.methods,
+            "lrs": args.lrs,
+            "num_virtual_tokens": args.prompt_lengths,
+            "reparam": args.reparams,
+            "pooling": args.poolings,
+            "prefix_init": args.prefix_inits,
+        }
         values["sweep"] = {**{k: v for k, v in grid.items() if v}, "parallel": args.parallel}
     return TrainSpec(**values)
 
@@ -140,7 +165,26 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument(
         "--prompt-lengths", nargs="+", type=int, default=None, help="virtual tokens (default: --num-virtual-tokens)"
     )
-    sweep.add_argument("--parallel", type=int, default=1, help="runs trained at once, in separate processes")
+    sweep.add_argument(
+        "--reparams", nargs="+", type=_flag, default=None, help="with and without the MLP (default: --reparam)"
+    )
+    sweep.add_argument(
+        "--poolings",
+        nargs="+",
+        default=None,
+        choices=["pooler", "cls", "mean", "last_token"],
+        help="what the classification head reads (default: --pooling)",
+    )
+    sweep.add_argument(
+        "--prefix-inits",
+        nargs="+",
+        default=None,
+        choices=["activations", "random"],
+        help="key/value prefix starts (default: --prefix-init)",
+    )
+    sweep.add_argument(
+        "--parallel", type=int, default=1, help="runs trained at once, in separate processes (default: 1)"
+    )
     sub.add_parser("worker", help="consume training jobs from Redis")
     args = parser.parse_args(argv)
     settings = TrainerSettings()

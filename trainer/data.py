@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,10 @@ class Example:
 @dataclass
 class Dataset:
     kind: str  # "generation" | "classification"
-    train: list[Example]
-    dev: list[Example]
+    train: list[Example]  # what the optimizer sees
+    dev: list[Example]  # reported once, on the best checkpoint: never used to choose anything
     labels: list[str]  # sorted label names (classification), else []
+    val: list[Example] = field(default_factory=list)  # carved from train: early stopping, best checkpoint, guard
 
 
 def load_image_folder(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -153,8 +154,11 @@ def load_dataset(
     limit: int | None = None,
     dev_limit: int | None = None,
     seed: int = 0,
+    val_fraction: float = 0.0,
+    val_max: int | None = None,
 ) -> Dataset:
-    """Loads train (and dev) examples; without a dev set, holds out `dev_fraction` of train (seeded)."""
+    """Loads train (and dev) examples; without a dev set, holds out `dev_fraction` of train (seeded). Then carves
+    the validation split from what is left of train (`carve_validation`): the run selects on it, never on dev."""
     kind, train_ex = to_examples(train if isinstance(train, list) else load_records(train, limit), columns)
     if dev is not None:
         dev_kind, dev_ex = to_examples(dev if isinstance(dev, list) else load_records(dev, dev_limit), columns)
@@ -174,4 +178,45 @@ def load_dataset(
     labels = sorted({e.label for e in train_ex + dev_ex if e.label is not None}) if kind == "classification" else []
     if kind == "classification" and len(labels) < 2:
         raise DataError(f"classification needs at least two labels, found {len(labels)}")
-    return Dataset(kind, train_ex, dev_ex, labels)
+    train_ex, val_ex = carve_validation(train_ex, kind, val_fraction, val_max, seed)
+    return Dataset(kind, train_ex, dev_ex, labels, val_ex)
+
+
+def carve_validation(
+    examples: list[Example], kind: str, fraction: float, cap: int | None, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(train, val): `fraction` of the examples (at most `cap`, at least one; none when fewer than 4 examples or a
+    fraction of 0) held out, seeded. Classification is stratified: each label keeps its share in both parts (largest
+    remainders, at least one example of a label left to train), so the validation majority rate is the training
+    data's. Generation holds out whole inputs (E2E: every reference of a meaning representation on one side), so
+    a validation input is never one the run trained on."""
+    if fraction <= 0 or len(examples) < 4:
+        return examples, []
+    n_val = max(1, min(cap or len(examples), round(len(examples) * fraction)))
+    rng = random.Random(f"val-{seed}")  # a stream of its own: the dev hold-out above keeps its draw
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        key = (ex.label or "") if kind == "classification" else ex.text
+        groups.setdefault(key, []).append(i)
+    picked: list[int] = []
+    if kind == "classification":
+        keys = sorted(groups)
+        exact = {k: n_val * len(groups[k]) / len(examples) for k in keys}
+        shares = {k: int(exact[k]) for k in keys}
+        by_remainder = sorted(keys, key=lambda k: exact[k] - shares[k], reverse=True)
+        for k in by_remainder[: n_val - sum(shares.values())]:  # largest remainders: the shares sum to n_val
+            shares[k] += 1
+        for key in keys:
+            members = groups[key]
+            rng.shuffle(members)
+            picked += members[: min(shares[key], len(members) - 1)]
+    else:
+        keys = sorted(groups)
+        rng.shuffle(keys)
+        for key in keys:
+            if len(picked) >= n_val:
+                break
+            if len(picked) + len(groups[key]) < len(examples):
+                picked += groups[key]
+    chosen = set(picked)
+    return [ex for i, ex in enumerate(examples) if i not in chosen], [examples[i] for i in sorted(chosen)]

@@ -1,5 +1,7 @@
-"""Sweeps: one job's data trained over a grid of methods, learning rates and prompt lengths, each run evaluated on
-the dev set through the serving engine, the best kept for publishing.
+"""Sweeps: one job's data trained over a grid of methods, learning rates, prompt lengths, reparametrisations,
+poolings and prefix starts, each run evaluated through the serving engine on its validation split (carved from the
+training data, the same for every run of the grid: one seed), the best there kept for publishing. The dev set is
+reported for each run, never chosen on.
 
 Each run trains in its own directory under the sweep's work directory, with its own checkpoints, and a finished
 run's result is written to `sweep.json` there: a sweep that is stopped and started again skips the finished runs and
@@ -37,8 +39,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SweepResult:
-    rows: list[dict[str, Any]]  # one per run: its settings, dev metrics, steps, seconds, degenerate
-    best: int | None  # the best run that is not degenerate (any run when every one is and publish_degenerate is set)
+    rows: list[dict[str, Any]]  # one per run: its settings, validation and dev metrics, steps, stop, degenerate
+    # the best run by validation metric that is not degenerate (any, when every one is and publish_degenerate is set)
+    best: int | None
     artifact: PrefixArtifact | None  # the best run's artifact (its best evaluation)
     metric: str
     table: str = ""
@@ -56,9 +59,13 @@ def configs(spec: TrainSpec) -> list[TrainSpec]:
     methods = grid.methods or [spec.method]
     lrs = grid.lrs or [spec.lr]
     lengths = grid.num_virtual_tokens or [spec.num_virtual_tokens]
+    reparams = grid.reparam or [spec.reparam]
+    poolings = grid.pooling or [spec.pooling]
+    inits = grid.prefix_init or [spec.prefix_init]
     runs = []
-    for method, lr, P in itertools.product(methods, lrs, lengths):
-        run = spec.model_copy(update={"method": method, "lr": lr, "num_virtual_tokens": P, "sweep": None})
+    for method, lr, P, reparam, pooling, init in itertools.product(methods, lrs, lengths, reparams, poolings, inits):
+        update = {"method": method, "lr": lr, "num_virtual_tokens": P, "reparam": reparam, "sweep": None}
+        run = spec.model_copy(update={**update, "pooling": pooling, "prefix_init": init})
         runs.append(with_method_defaults(run))
     return runs
 
@@ -136,7 +143,7 @@ def run_sweep(
     learned = [i for i, r in enumerate(rows) if not r.get("degenerate")]
     if not learned and spec.publish_degenerate:
         learned = list(range(len(rows)))
-    scored = [(rows[i]["metrics"].get(metric, -math.inf), i) for i in learned]
+    scored = [(rows[i].get("val_metrics", rows[i]["metrics"]).get(metric, -math.inf), i) for i in learned]
     best = max(scored, key=lambda t: (t[0], -t[1]))[1] if scored else None  # ties go to the earlier run
     artifact = None
     if best is not None:
@@ -176,16 +183,20 @@ def _parallel(
 
 
 def table(rows: list[dict[str, Any]], metric: str, best: int | None) -> str:
+    """The grid as a markdown table: the validation metric chose, the dev metric is reported."""
     lines = [
-        f"| run | method | P | lr | dev {metric} | steps | trainable | seconds | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| run | method | P | lr | dev {metric} | val {metric} | reparam | pooling | init | steps | stop | "
+        "trainable | seconds | note |",
+        "|---|---|---:|---:|---:|---:|---|---|---|---:|---|---:|---:|---|",
     ]
     for i, r in enumerate(rows):
         note = "best" if i == best else ("degenerate" if r.get("degenerate") else "")
         value = r["metrics"].get(metric, float("nan"))
+        val = r.get("val_metrics", {}).get(metric, float("nan"))
         lines.append(
-            f"| {_name(i)} | {r['method']} | {r['num_virtual_tokens']} | {r['lr']:g} | {value:.4f} | {r['steps']} | "
-            f"{r['trainable']:,} | {r['seconds']:.0f} | {note} |"
+            f"| {_name(i)} | {r['method']} | {r['num_virtual_tokens']} | {r['lr']:g} | {value:.4f} | {val:.4f} | "
+            f"{r.get('reparam')} | {r.get('pooling') or 'default'} | {r.get('prefix_init') or 'default'} | "
+            f"{r['steps']} | {r.get('stop', {}).get('reason', '')} | {r['trainable']:,} | {r['seconds']:.0f} | {note} |"
         )
     return "\n".join(lines)
 
@@ -195,7 +206,14 @@ def _name(i: int) -> str:
 
 
 def _settings(run: TrainSpec) -> dict[str, Any]:
-    return {"method": run.method, "lr": run.lr, "num_virtual_tokens": run.num_virtual_tokens}
+    return {
+        "method": run.method,
+        "lr": run.lr,
+        "num_virtual_tokens": run.num_virtual_tokens,
+        "reparam": run.reparam,
+        "pooling": run.pooling,
+        "prefix_init": run.prefix_init,
+    }
 
 
 def _row(run: TrainSpec, result: TrainResult) -> dict[str, Any]:
@@ -203,7 +221,9 @@ def _row(run: TrainSpec, result: TrainResult) -> dict[str, Any]:
         **_settings(run),
         "metric": result.artifact.training.get("metric", "accuracy"),
         "metrics": result.metrics,
+        "val_metrics": result.val_metrics,
         "steps": result.steps,
+        "stop": result.stop,
         "seconds": result.artifact.training.get("train_seconds", 0.0),
         "degenerate": result.degenerate,
         "trainable": served_parameters(result.artifact),

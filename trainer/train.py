@@ -1,6 +1,8 @@
-"""The training loop: seeded, AdamW with warm-up and linear decay, gradient accumulation, bf16 autocast on GPU,
-periodic dev evaluation through the serving engine (what is measured is what is served), early stopping,
-checkpoint/resume, and the best version kept. No Redis here: the caller publishes the returned artifact.
+"""The training loop: seeded, AdamW with warm-up and linear or cosine decay, gradient accumulation, bf16 autocast on
+GPU, budgets in steps, epochs and seconds (the first reached ends the run), periodic evaluation through the serving
+engine (what is measured is what is served) on a validation split carved from the training data, early stopping,
+checkpoint/resume, and the best version kept. The dev set is evaluated once, on that best version: nothing is chosen
+on it. No Redis here: the caller publishes the returned artifact.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from prefix_store import REGISTRY, Family, PrefixArtifact, decode, encode, render_template
 from prefix_store.jobs import (
@@ -47,18 +48,98 @@ class StopFlag(Protocol):
     def is_set(self) -> bool: ...
 
 
+DEFAULT_STEPS = 200  # the budget of a spec that gives none of steps, epochs and max_time
+CONVERGED_LOSS = 1e-4  # a window's mean training loss below this: nothing left to learn
+LOSS_MARGIN = 0.98  # the guard: the last evaluation window's mean loss must be below this share of the first's
+NOISE_SE = 2.0  # the guard: standard errors of the majority rate a validation accuracy must clear
+
+
 class JobCancelled(Exception):
     """The job was cancelled while it trained: training stopped at the next step and nothing is published."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.stop = {"reason": "cancelled", "step": step}
 
 
 @dataclass
 class TrainResult:
     artifact: PrefixArtifact  # the best evaluation's version (training metadata inside)
-    metrics: dict[str, float]  # its dev metrics
+    metrics: dict[str, float]  # its dev metrics, measured once at the end (its validation metrics without a dev set)
     steps: int
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # validation metrics at each evaluation
     passed_gate: bool = True
     degenerate: str | None = None  # why the run learned nothing worth serving, if it did not
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the best version's, what it was chosen on
+    stop: dict[str, Any] = field(default_factory=dict)  # why and when training stopped, the best step and when
+    guard: dict[str, Any] = field(default_factory=dict)  # the degeneracy guard's numbers
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a run ends: the first of its limits reached (each None when not given).
+
+    steps: optimizer steps (spec.steps); epoch_steps: the steps of spec.epochs passes over the train split;
+    seconds: wall-clock of training, evaluations included (spec.max_time).
+    """
+
+    steps: int | None
+    epoch_steps: int | None
+    seconds: float | None
+
+    @classmethod
+    def of(cls, spec: TrainSpec, n_train: int) -> Budget:
+        steps = spec.steps if spec.steps or spec.epochs or spec.max_time else DEFAULT_STEPS
+        epoch_steps = None
+        if spec.epochs is not None:  # each step takes grad_accum batches; an epoch's last batch may be short
+            batches = math.ceil(n_train / spec.batch_size)
+            epoch_steps = max(1, math.ceil(spec.epochs * batches / spec.grad_accum))
+        return cls(steps, epoch_steps, spec.max_time)
+
+    @property
+    def max_steps(self) -> int | None:
+        """The step limit (the nearer of steps and epochs), None for a budget in seconds only."""
+        limits = [n for n in (self.steps, self.epoch_steps) if n is not None]
+        return min(limits) if limits else None
+
+    def reached(self, step: int, elapsed: float) -> str | None:
+        if self.steps is not None and step >= self.steps:
+            return "max_steps"
+        if self.epoch_steps is not None and step >= self.epoch_steps:
+            return "epochs"
+        if self.seconds is not None and elapsed >= self.seconds:
+            return "max_time"
+        return None
+
+    def progress(self, step: int, elapsed: float) -> float:
+        """How far the run is towards its nearest limit, in [0, 1]: what the learning-rate schedule follows."""
+        done = [step / n for n in (self.steps, self.epoch_steps) if n]
+        if self.seconds:
+            done.append(elapsed / self.seconds)
+        return min(1.0, max(done))
+
+
+def lr_factor(progress: float, warmup: float, schedule: str) -> float:
+    """The learning rate's multiplier at `progress` (0..1 of the budget): linear warm-up over the first `warmup`,
+    then linear or cosine decay to 0 at the end, or constant."""
+    if progress < warmup:
+        return progress / warmup
+    if schedule == "constant":
+        return 1.0
+    rest = min(1.0, (progress - warmup) / max(1e-9, 1.0 - warmup))
+    return 1.0 - rest if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * rest))
+
+
+def majority_noise(labels: Sequence[str | None]) -> tuple[float, float]:
+    """(majority rate p, sampling noise): the share of the most frequent label and NOISE_SE standard errors of a
+    binomial proportion at p over len(labels) examples, NOISE_SE * sqrt(p (1 - p) / n). An accuracy within the
+    noise of p cannot be told from always answering that label."""
+    counts: dict[str | None, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    n = len(labels)
+    p = max(counts.values()) / n
+    return p, NOISE_SE * math.sqrt(p * (1 - p) / n)
 
 
 class Trainer:
@@ -66,7 +147,7 @@ class Trainer:
     backbone: the frozen backbone, the same one the service runs.
     spec: the job.
     work_dir: checkpoints (`checkpoint.pt`, `best.safetensors`); a later run with the same dir resumes.
-    progress: told {"step", "steps", "loss", "dev"} as training goes.
+    progress: told {"step", "steps", "loss"} at each step, and "val" (the validation metrics) at each evaluation.
     data_dirs: the directories data may be read from (a queued job: PREFIXSERVE_TRAIN_DATA_DIRS), checked again
         here, in the process that reads, before anything is opened; images too. None: any path (the local command
         line, run by an operator with their own file permissions).
@@ -109,6 +190,8 @@ class Trainer:
             limit=spec.limit,
             dev_limit=spec.dev_limit,
             seed=spec.seed,
+            val_fraction=spec.val_fraction,
+            val_max=spec.val_max,
         )
         self._check_stop()
         if self.data.kind == "classification":  # what a served task will answer with: never raw file lines
@@ -168,7 +251,7 @@ class Trainer:
     def _check_images(self, data_dirs: Sequence[str]) -> None:
         """Every image path resolved inside `data_dirs` before any is opened. Counted, not named: a path from a CSV
         is the file's content."""
-        paths = [ex.text for ex in self.data.train + self.data.dev]
+        paths = [ex.text for ex in self.data.train + self.data.val + self.data.dev]
         bad = 0
         for path in paths:
             try:
@@ -181,9 +264,9 @@ class Trainer:
                 f"not absolute paths ({TRAIN_DATA_SETTING})"
             )
 
-    def _check_stop(self) -> None:
+    def _check_stop(self, step: int | None = None) -> None:
         if self.stop is not None and self.stop.is_set():
-            raise JobCancelled(f"{self.spec.task}: cancelled")
+            raise JobCancelled(f"{self.spec.task}: cancelled" + ("" if step is None else f" at step {step}"), step)
 
     def _training_tokens(self, n: int) -> list[int]:
         """n tokens drawn (seeded) from the inputs of up to 64 random training examples, special tokens left out:
@@ -309,20 +392,40 @@ class Trainer:
         return self._length_cache
 
     # -- the loop -----------------------------------------------------------------------------------------------
+    @property
+    def budget(self) -> Budget:
+        return Budget.of(self.spec, len(self.data.train))
+
     def run(self) -> TrainResult:
-        spec, model = self.spec, self.model
+        spec, model, budget = self.spec, self.model, self.budget
         params = model.trainable()
         opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-        sched = get_linear_schedule_with_warmup(opt, int(spec.warmup_ratio * spec.steps), spec.steps)
-        state: dict[str, Any] = {"step": 0, "best": -math.inf, "bad_evals": 0, "history": [], "loss_avg": None}
-        self._resume(opt, sched, state)
+        state: dict[str, Any] = {
+            "step": 0,
+            "best": -math.inf,
+            "bad_evals": 0,
+            "history": [],
+            "loss_avg": None,
+            "elapsed": 0.0,  # seconds trained so far, earlier runs of a resumed job included
+            "best_step": 0,
+            "best_s": 0.0,
+            "window": [],  # the raw training losses since the last evaluation
+        }
+        self._resume(opt, state)
+        started = time.monotonic() - state["elapsed"]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bb.device.type == "cuda" else nullcontext()
-        bar = tqdm(total=spec.steps, initial=state["step"], desc=f"train {spec.task}", disable=None)
+        bar = tqdm(total=budget.max_steps, initial=state["step"], desc=f"train {spec.task}", disable=None)
         loss_avg = state["loss_avg"]
-        while state["step"] < spec.steps and state["bad_evals"] < spec.patience:
+        reason = budget.reached(state["step"], state["elapsed"]) or self._early_stop(state)
+        while reason is None:
             model.train()
             self.bb.model.train()  # frozen weights, but dropout on, as in P-Tuning v2
-            self._check_stop()
+            self._check_stop(state["step"])
+            factor = lr_factor(
+                budget.progress(state["step"], state["elapsed"]), spec.warmup_ratio or 0.0, spec.lr_schedule
+            )
+            for group in opt.param_groups:
+                group["lr"] = spec.lr * factor
             opt.zero_grad(set_to_none=True)
             for _ in range(spec.grad_accum):
                 if not self.order:
@@ -333,64 +436,122 @@ class Trainer:
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            sched.step()
             state["step"] += 1
+            state["elapsed"] = time.monotonic() - started
             value = loss.item() * spec.grad_accum
+            state["window"].append(value)
             loss_avg = state["loss_avg"] = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
-            self.progress({"step": state["step"], "steps": spec.steps, "loss": loss_avg})
-            if state["step"] % spec.eval_every == 0 or state["step"] == spec.steps:
+            self.progress({"step": state["step"], "steps": budget.max_steps, "loss": loss_avg})
+            reason = budget.reached(state["step"], state["elapsed"])
+            if self.data.val and (state["step"] % spec.eval_every == 0 or reason):
                 self._evaluate_and_keep(state, loss_avg)
+                state["elapsed"] = time.monotonic() - started
+                reason = reason or self._early_stop(state) or budget.reached(state["step"], state["elapsed"])
             if state["step"] % spec.checkpoint_every == 0:
-                self._checkpoint(opt, sched, state)
+                self._checkpoint(opt, state)
         bar.close()
         self.bb.model.eval()
-        if not state["history"]:  # resumed after the last evaluation
+        if not self.data.val:  # nothing to choose on: the last version is the run's
+            state["best_step"], state["best_s"] = state["step"], state["elapsed"]
+            self._best = self._artifact({"step": state["step"]})
+        elif not state["history"]:  # resumed after the last evaluation
             self._evaluate_and_keep(state, loss_avg)
+        return self._finish(state, reason or "max_steps", time.monotonic() - started)
+
+    def _early_stop(self, state: dict[str, Any]) -> str | None:
+        """ "converged" when there is nothing left to gain (the validation accuracy is perfect, or the last window's
+        training loss is below CONVERGED_LOSS), "patience" after `patience` evaluations without improvement."""
+        history = state["history"]
+        if history and (
+            (self.metric_name == "accuracy" and state["best"] >= 1.0)
+            or history[-1].get("window_loss", math.inf) < CONVERGED_LOSS
+        ):
+            return "converged"
+        return "patience" if state["bad_evals"] >= self.spec.patience else None
+
+    def _finish(self, state: dict[str, Any], reason: str, seconds: float) -> TrainResult:
+        """The best version, scored once on dev, its guard and gate, and why the run stopped."""
+        spec = self.spec
         best = self._best_artifact()
-        metrics = best.training.get("metrics", {})
+        val_metrics = best.training.get("val_metrics", {})
+        metrics = self.evaluate(best) if self.data.dev else dict(val_metrics)
+        if not val_metrics:  # no validation split: the guard reads the dev set
+            val_metrics = metrics
+        stop = {
+            "reason": reason,
+            "step": state["step"],
+            "seconds": round(seconds, 1),
+            "metric": self.metric_name,
+            "best_val": val_metrics.get(self.metric_name),
+            "best_step": state["best_step"],
+            "best_seconds": round(state["best_s"], 1),
+        }
         passed = spec.gate is None or metrics.get(self.metric_name, -math.inf) >= spec.gate
-        degenerate = self.degenerate(metrics, state["history"])
+        degenerate, guard = self.degenerate(val_metrics, state["history"])
+        best.training.update(metrics=metrics, val_metrics=val_metrics, stop=stop, guard=guard)
         if degenerate:
             log.warning("%s: %s", spec.task, degenerate)
             best.training["degenerate"] = degenerate
-        return TrainResult(best, metrics, state["step"], state["history"], passed, degenerate)
+        log.info(
+            "%s: stopped (%s) at step %d; best validation at step %d",
+            spec.task,
+            reason,
+            state["step"],
+            state["best_step"],
+        )
+        return TrainResult(best, metrics, state["step"], state["history"], passed, degenerate, val_metrics, stop, guard)
 
-    def degenerate(self, metrics: dict[str, float], history: list[dict[str, Any]]) -> str | None:
-        """Why a run learned nothing worth serving: its best dev accuracy never rose above always answering the most
-        frequent dev label, or its training loss did not fall. None when it did learn."""
-        if self.data.kind == "classification" and self.data.dev:
-            counts: dict[str, int] = {}
-            for ex in self.data.dev:
-                counts[ex.label or ""] = counts.get(ex.label or "", 0) + 1
-            majority = max(counts.values()) / len(self.data.dev)
+    def degenerate(self, metrics: dict[str, float], history: list[dict[str, Any]]) -> tuple[str | None, dict[str, Any]]:
+        """(why the run learned nothing worth serving or None, the numbers). Classification: its best validation
+        accuracy must beat the validation split's majority-class rate by more than the sampling noise of that split
+        (majority_noise): a rise inside it is luck of the draw. Any run: its training loss must fall, the last
+        evaluation window's mean below LOSS_MARGIN of the first's."""
+        numbers: dict[str, Any] = {}
+        judged = self.data.val or self.data.dev
+        if self.data.kind == "classification" and judged:
+            majority, noise = majority_noise([ex.label for ex in judged])
             acc = metrics.get("accuracy", 0.0)
-            if acc <= majority + 0.005:
+            numbers.update(metric=acc, majority=majority, noise=noise, n=len(judged))
+            if acc <= majority + noise:
                 return (
-                    f"dev accuracy {acc:.4f} never rose above the majority-class baseline {majority:.4f} "
-                    "(always answering the most frequent label)"
-                )
-        losses = [h["train_loss"] for h in history if math.isfinite(h.get("train_loss", math.nan))]
-        if len(losses) >= 2 and losses[-1] >= 0.98 * losses[0]:
-            return f"training loss did not fall: {losses[0]:.4f} at the first evaluation, {losses[-1]:.4f} at the last"
-        return None
+                    f"best validation accuracy {acc:.4f} does not beat the majority-class baseline {majority:.4f} "
+                    f"(always answering the most frequent label) by more than the sampling noise {noise:.4f} "
+                    f"({NOISE_SE:g} standard errors at n={len(judged)})"
+                ), numbers
+        losses = [h.get("window_loss", h.get("train_loss", math.nan)) for h in history]
+        losses = [x for x in losses if math.isfinite(x)]
+        if len(losses) >= 2:
+            numbers.update(first_loss=losses[0], last_loss=losses[-1])
+            if losses[-1] >= LOSS_MARGIN * losses[0]:
+                return (
+                    f"training loss did not fall: {losses[0]:.4f} over the first evaluation window, {losses[-1]:.4f} "
+                    "over the last"
+                ), numbers
+        return None, numbers
 
     @property
     def metric_name(self) -> str:
         return "accuracy" if self.data.kind == "classification" else "bleu"
 
     def _evaluate_and_keep(self, state: dict[str, Any], loss: float | None) -> None:
+        """Scores the current version on the validation split; the best so far (by more than min_delta) is kept."""
         art = self._artifact({})
-        metrics = self.evaluate(art, round_=len(state["history"]) + 1)
+        metrics = self.evaluate(art, examples=self.data.val)
+        window = state["window"]
         metrics["train_loss"] = loss if loss is not None else float("nan")
+        metrics["window_loss"] = sum(window) / len(window) if window else float("nan")
+        state["window"] = []
         state["history"].append({"step": state["step"], **metrics})
         log.info("step %d: %s", state["step"], metrics)
-        self.progress({"step": state["step"], "steps": self.spec.steps, "loss": loss, "dev": metrics})
+        self.progress({"step": state["step"], "steps": self.budget.max_steps, "loss": loss, "val": metrics})
         score = metrics[self.metric_name]
-        if score > state["best"]:
+        if score > state["best"] + self.spec.min_delta:
             state["best"], state["bad_evals"] = score, 0
-            self._best = self._artifact({"metrics": metrics, "step": state["step"]})
+            state["best_step"], state["best_s"] = state["step"], state["elapsed"]
+            val = {k: v for k, v in metrics.items() if k not in ("train_loss", "window_loss")}
+            self._best = self._artifact({"val_metrics": val, "step": state["step"]})
             if self.work_dir:
                 self.work_dir.mkdir(parents=True, exist_ok=True)
                 (self.work_dir / "best.safetensors").write_bytes(encode(self._best))
@@ -410,8 +571,12 @@ class Trainer:
             "dataset": s.data or "inline",
             "dev": s.dev_data or ("inline" if s.dev_examples else "held out"),
             "train_examples": len(self.data.train),
+            "val_examples": len(self.data.val),
             "dev_examples": len(self.data.dev),
             "steps": s.steps,
+            "epochs": s.epochs,
+            "max_time": s.max_time,
+            "lr_schedule": s.lr_schedule,
             "batch_size": s.batch_size,
             "grad_accum": s.grad_accum,
             "lr": s.lr,
@@ -427,10 +592,12 @@ class Trainer:
 
     # -- evaluation through the serving engine ------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, art: PrefixArtifact, round_: int = 1) -> dict[str, float]:
+    def evaluate(self, art: PrefixArtifact, examples: list[Example] | None = None) -> dict[str, float]:
+        """The artifact's metrics on `examples` (default: the dev set), served by the engine."""
         self.bb.model.eval()
-        art.version = round_  # the engine caches by (task, version): a fresh number per evaluation
-        dev = self.data.dev
+        self._evaluations = getattr(self, "_evaluations", 0) + 1
+        art.version = self._evaluations  # the engine caches by (task, version): a fresh number per evaluation
+        dev = self.data.dev if examples is None else examples
         if self.data.kind == "classification":
             correct = 0
             for start in range(0, len(dev), 64):
@@ -498,7 +665,7 @@ class Trainer:
         return {"bleu": bleu, "rougeL": rouge / max(1, len(inputs))}
 
     # -- checkpoints --------------------------------------------------------------------------------------------
-    def _checkpoint(self, opt: torch.optim.Optimizer, sched: Any, state: dict[str, Any]) -> None:
+    def _checkpoint(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         if not self.work_dir:
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -508,7 +675,6 @@ class Trainer:
             {
                 "model": trained,
                 "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
                 "gen": self.gen.get_state(),
                 "order": torch.tensor(self.order, dtype=torch.long),
                 "torch_rng": torch.get_rng_state(),
@@ -517,25 +683,31 @@ class Trainer:
                 "bad_evals": state["bad_evals"],
                 "history": _jsonable(state["history"]),
                 "loss_avg": state["loss_avg"],
+                "elapsed": state["elapsed"],
+                "best_step": state["best_step"],
+                "best_s": state["best_s"],
+                "window": list(state["window"]),
             },
             tmp,
         )
         tmp.replace(self.work_dir / "checkpoint.pt")  # atomic: a crash never leaves half a checkpoint
 
-    def _resume(self, opt: torch.optim.Optimizer, sched: Any, state: dict[str, Any]) -> None:
+    def _resume(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         path = self.work_dir / "checkpoint.pt" if self.work_dir else None
         if path is None or not path.exists():
             return
         ck = torch.load(path, map_location=self.bb.device, weights_only=True)  # our own file, tensors only
         self.model.load_state_dict(ck["model"], strict=False)
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
+        opt.load_state_dict(ck["opt"])  # the learning rate is set afresh at every step from the budget's progress
         self.gen.set_state(ck["gen"])
         self.order = ck["order"].tolist()
         torch.set_rng_state(ck["torch_rng"])
         state.update(
             step=ck["step"], best=ck["best"], bad_evals=ck["bad_evals"], history=ck["history"], loss_avg=ck["loss_avg"]
         )
+        for key in ("elapsed", "best_step", "best_s", "window"):  # absent from checkpoints of older versions
+            if key in ck:
+                state[key] = ck[key]
         log.info("resumed %s at step %d", self.spec.task, state["step"])
 
 

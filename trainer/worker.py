@@ -93,7 +93,14 @@ async def run_job(
     result: TrainResult = await asyncio.to_thread(
         train, backbone, spec, settings.work_dir / job_id, on_progress, data_dirs=c.data_dirs, stop=c.stop
     )
-    summary: dict[str, Any] = {"metrics": result.metrics, "steps": result.steps, "history": result.history}
+    summary: dict[str, Any] = {
+        "metrics": result.metrics,  # dev, measured once on the chosen version
+        "val_metrics": result.val_metrics,  # the validation split's, what the version was chosen on
+        "steps": result.steps,
+        "stop": result.stop,  # why training stopped (converged, patience, max_steps, epochs, max_time), when, the best
+        "guard": result.guard,  # the degeneracy guard's numbers: metric, majority, noise, n, first and last loss
+        "history": result.history,
+    }
     if result.degenerate:
         summary["degenerate"] = result.degenerate
     return await _publish(store, spec, result.artifact, result.metrics, result.degenerate, summary, backbone, c)
@@ -124,7 +131,7 @@ async def _run_sweep(
         summary.update(published=False, reason="not published: every run of the sweep was degenerate")
         return summary
     best = sweep.rows[sweep.best]
-    summary.update(best=best, metrics=best["metrics"], steps=best["steps"])
+    summary.update(best=best, metrics=best["metrics"], val_metrics=best.get("val_metrics"), steps=best["steps"])
     return await _publish(store, spec, sweep.artifact, best["metrics"], best.get("degenerate"), summary, backbone, c)
 
 
@@ -338,7 +345,7 @@ class Worker:
 
         def report(info: dict[str, Any]) -> None:
             now = time.monotonic()
-            if "dev" in info or now - last[0] >= 1.0 or info.get("step") == info.get("steps"):
+            if "val" in info or now - last[0] >= 1.0 or info.get("step") == info.get("steps"):
                 last[0] = now
                 asyncio.run_coroutine_threadsafe(write(_clean(info)), loop)
 

@@ -35,10 +35,14 @@ class TrainJob(BaseModel):
     inline_examples: int = Field(0, description="how many inline training examples the job was given")
     inline_dev_examples: int = Field(0, description="how many inline dev examples the job was given")
     progress: dict[str, Any] | None = Field(
-        None, description="step, steps, loss, latest dev metrics; a sweep's run, runs and parallel"
+        None, description="step, steps, loss, latest validation metrics (val); a sweep's run, runs and parallel"
     )
     result: dict[str, Any] | None = Field(
-        None, description="published version, dev metrics, history; a sweep's runs, table and parallel"
+        None,
+        description="published version, dev metrics (scored once on the chosen version), val_metrics (what chose "
+        "it), stop (reason: converged | patience | max_steps | epochs | max_time; step, seconds, best_val, best_step, "
+        "best_seconds), guard (metric, majority, noise, n; degenerate says why a run was not published), history; a "
+        "sweep's runs, table and parallel",
     )
     error: str | None = None
     worker: str | None = None
@@ -65,7 +69,7 @@ class TrainJob(BaseModel):
                 "spec": {"task": "sst2", "method": "p_tuning_v2", "data": "/data/sst2/train.tsv"},
                 "inline_examples": 0,
                 "inline_dev_examples": 0,
-                "progress": {"step": 120, "steps": 1000, "loss": 0.41, "dev": {"accuracy": 0.86}},
+                "progress": {"step": 120, "steps": 1000, "loss": 0.41, "val": {"accuracy": 0.86}},
                 "result": None,
                 "error": None,
                 "worker": "trainer-1-17",

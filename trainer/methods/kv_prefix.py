@@ -61,10 +61,16 @@ class DirectKV(KVPrefix):
 class ReparamKV(KVPrefix):
     """Prefix-Tuning (Li & Liang): embedding -> Linear -> tanh -> Linear, reshaped to per-layer keys/values."""
 
-    def __init__(self, fp: BackboneFingerprint, P: int, mid: int = 512) -> None:
+    def __init__(self, fp: BackboneFingerprint, P: int, mid: int = 512, init: torch.Tensor | None = None) -> None:
         super().__init__()
         self.fp, self.P = fp, P
         self.embedding = nn.Embedding(P, fp.hidden_size)
+        if init is not None:  # (P, hidden): real tokens' input embeddings as the MLP's input
+            if tuple(init.shape) != (P, fp.hidden_size):
+                raise ValueError(
+                    f"prefix init: expected embeddings of shape {(P, fp.hidden_size)}, got {tuple(init.shape)}"
+                )
+            self.embedding.weight.data.copy_(init.detach().float())
         self.mlp = nn.Sequential(
             nn.Linear(fp.hidden_size, mid), nn.Tanh(), nn.Linear(mid, fp.num_layers * 2 * fp.num_kv_heads * fp.head_dim)
         )
@@ -84,13 +90,14 @@ def activation_kv(backbone: Backbone, ids: list[int]) -> torch.Tensor:
 
 
 def build(spec: TrainSpec, ctx: BuildContext) -> KVPrefix:
-    """The MLP when spec.reparam (the method's default says which), else free key/values started from real
-    tokens' (prefix_init "activations") or N(0, 1)."""
+    """The MLP when spec.reparam (the method's default says which), else free key/values. prefix_init "activations"
+    starts from real tokens (init_text's, else drawn from the training inputs): free key/values from the backbone's
+    keys/values of them, the MLP's input from their embeddings; "random" from N(0, 1). Unset: activations for free
+    key/values (Li & Liang sec. 7.2), random through the MLP (as PEFT starts it)."""
     fp, P = ctx.backbone.fingerprint, spec.num_virtual_tokens or 0
+    real = spec.prefix_init == "activations" or (spec.prefix_init is None and not spec.reparam)
+    ids = repeat_to(ctx.init_ids or ctx.sample_tokens(P), P) if real else None
     if spec.reparam:
-        return ReparamKV(fp, P, spec.reparam_hidden)
-    kv_init = None
-    if spec.prefix_init == "activations":
-        ids = ctx.init_ids or ctx.sample_tokens(P)
-        kv_init = activation_kv(ctx.backbone, repeat_to(ids, P))
-    return DirectKV(fp, P, kv_init)
+        embeds = ctx.backbone.embeddings(torch.tensor(ids, device=ctx.backbone.device)) if ids else None
+        return ReparamKV(fp, P, spec.reparam_hidden, None if embeds is None else embeds.detach().float().cpu())
+    return DirectKV(fp, P, activation_kv(ctx.backbone, ids) if ids else None)
