@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,10 @@ def test_lora_scenario_on_llama_adapts_q_and_v(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[2] / "shared" / "data" / "mrpc").is_dir(),
+    reason="shared/data is not beside the checkout",
+)
 def test_quality_protocol_smoke(tmp_path, capsys):
     """bench/quality.py's protocol end to end on a few MRPC examples with the real MiniLM: fine-tuning first, a grid
     chosen on validation, both budgets (the time budget is fine-tuning's wall-clock), resumed without retraining,
