@@ -125,14 +125,16 @@ def _cell(v: Any) -> str:
 
 def progress_bar(progress: dict[str, Any] | None, width: int = 30) -> str:
     step, steps = (progress or {}).get("step", 0), (progress or {}).get("steps") or 0
-    frac = min(1.0, step / steps) if steps else 0.0
+    done = (progress or {}).get("done")  # the share of the nearest limit: a budget in seconds has no step count
+    frac = min(1.0, step / steps) if steps else float(done) if isinstance(done, int | float) else 0.0
     bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
     extra = ""
     if progress and progress.get("loss") is not None:
         extra += f"  loss {progress['loss']:.4f}"
     dev = (progress or {}).get("val") or (progress or {}).get("dev") or {}  # the trainer's validation metrics
     extra += "".join(f"  {k} {v:.4f}" for k, v in dev.items() if isinstance(v, int | float))
-    return f"[{bar}] {step}/{steps or '?'}{extra}"
+    count = f"{step}/{steps}" if steps else f"{step} steps, {frac:.0%} of its time" if done is not None else f"{step}/?"
+    return f"[{bar}] {count}{extra}"
 
 
 # -- commands -----------------------------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ class Trainer:
     backbone: the frozen backbone, the same one the service runs.
     spec: the job.
     work_dir: checkpoints (`checkpoint.pt`, `best.safetensors`); a later run with the same dir resumes.
-    progress: told {"step", "steps", "loss"} at each step, and "val" (the validation metrics) at each evaluation.
+    progress: told {"step", "steps" (None for a budget in seconds only), "done" (0..1 of the nearest limit),
+        "loss"} at each step, and "val" (the validation metrics) at each evaluation.
     data_dirs: the directories data may be read from (a queued job: PREFIXSERVE_TRAIN_DATA_DIRS), checked again
         here, in the process that reads, before anything is opened; images too. None: any path (the local command
         line, run by an operator with their own file permissions).
@@ -443,7 +444,8 @@ class Trainer:
             loss_avg = state["loss_avg"] = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
-            self.progress({"step": state["step"], "steps": budget.max_steps, "loss": loss_avg})
+            done = budget.progress(state["step"], state["elapsed"])  # of the nearest limit: a time budget has no steps
+            self.progress({"step": state["step"], "steps": budget.max_steps, "done": round(done, 4), "loss": loss_avg})
             reason = budget.reached(state["step"], state["elapsed"])
             if self.data.val and (state["step"] % spec.eval_every == 0 or reason):
                 self._evaluate_and_keep(state, loss_avg)

@@ -204,3 +204,12 @@ async def _workers_alive(redis_url: str, ns: str) -> int:
         return await JobQueue(client, namespace=ns).workers_alive()
     finally:
         await client.aclose()
+
+
+def test_the_progress_bar_follows_steps_or_the_share_of_a_time_budget():
+    from service.cli import progress_bar
+
+    assert progress_bar({"step": 3, "steps": 10, "loss": 0.5}).startswith("[#########-----")
+    timed = progress_bar({"step": 3, "steps": None, "done": 0.5, "loss": 0.5})
+    assert timed.startswith("[" + "#" * 15 + "-" * 15 + "]") and "3 steps, 50% of its time" in timed
+    assert progress_bar(None) == "[" + "-" * 30 + "] 0/?"

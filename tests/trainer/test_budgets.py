@@ -102,8 +102,14 @@ def test_epochs_stop_the_run():
 
 
 def test_max_time_stops_the_run():
-    result = Trainer(_bert(), _spec(max_time=1.5, eval_every=1000, lr_schedule="cosine")).run()
+    seen: list[dict] = []
+    trainer = Trainer(_bert(), _spec(max_time=1.5, eval_every=1000, lr_schedule="cosine"), progress=seen.append)
+    result = trainer.run()
     assert result.stop["reason"] == "max_time" and result.stop["seconds"] >= 1.5 and result.steps > 1
+    steps = [p for p in seen if "val" not in p]  # the per-step reports (an evaluation reports "val")
+    assert all(p["steps"] is None for p in steps), "a budget in seconds has no step count"
+    done = [p["done"] for p in steps]  # the share of the time budget: what a progress bar shows
+    assert done == sorted(done) and 0 < done[0] < 1 and done[-1] >= 0.99
 
 
 def test_steps_win_when_nearer():

@@ -344,9 +344,11 @@ function watchJob(id) {
         job.dev = history.map((h) => [h.step, h[metric]]);
       }
     }
-    bar.max = p.steps ?? 1;
-    bar.value = p.step ?? 0;
-    let text = `${j.state}; step ${p.step ?? 0} of ${p.steps ?? j.spec.steps ?? "?"}; loss ${fmt(p.loss)}`;
+    const timed = p.steps == null && Number.isFinite(p.done); // a budget in seconds only: the share of it done
+    bar.max = timed ? 1 : p.steps ?? 1;
+    bar.value = timed ? p.done : p.step ?? 0;
+    const of = timed ? ` (${Math.round(100 * p.done)}% of its time)` : ` of ${p.steps ?? j.spec.steps ?? "?"}`;
+    let text = `${j.state}; step ${p.step ?? 0}${of}; loss ${fmt(p.loss)}`;
     if (p.val ?? p.dev) text += `; validation ${metrics(p.val ?? p.dev)}`;
     if (j.result?.published) text += `; published ${j.spec.task} version ${j.result.version}`;
     else if (j.result) text += "; not published";
