@@ -18,6 +18,9 @@ from the part between its first `{` and the next `}` (its hash tag) when it has 
   {N:train}:jobs:index          sorted set: job id -> when it was queued (unix seconds), the newest MAX_JOB_INDEX
                                 (listings; ids whose record expired are dropped as they are met)
   {N:train}:jobs:workers        sorted set: worker name -> when it was last seen (unix seconds)
+  {N:replicas}:index            sorted set: replica id -> when it last announced itself (unix seconds)
+  {N:replicas}:r:id             string: that replica's view (JSON: backbone, load, resident and pinned task
+                                versions), expiring unless announced again (replicas.py)
   {N:keys}:records              hash: API key name -> its record (JSON: scope, task globs, limits, priority,
                                 created_at, and the SHA-256 digest of its secret; never the secret)
   {N:keys}:digests              hash: secret digest -> key name (how a bearer key is looked up)
@@ -77,6 +80,8 @@ class KeyLayout:
         self.key_digests = f"{{{namespace}:keys}}:digests"
         self.key_names = f"{{{namespace}:keys}}:names"
         self.key_channel = f"{namespace}:key-events"
+        self.replicas = f"{{{namespace}:replicas}}:index"
+        self.replica_prefix = f"{{{namespace}:replicas}}:r:"
 
     def _tag(self, b: int) -> str:
         return f"{{{self.ns}:{b:04d}}}"

@@ -11,12 +11,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from prefix_store import REGISTRY, StoreUnavailable, open_store
+from prefix_store.replicas import ReplicaRegistry
 from prefix_store.tenants import KeyStore
 
 from .auth import KeyRing
 from .guard import RequestGuard
 from .http_errors import install_error_handlers
 from .metrics import Metrics
+from .replicas import announce, replica_id, replica_view
 from .request_ids import RequestIds
 from .routes import docs, health, inference, keys, openai, tasks, train, ui
 from .runtime import Backbone, build_serving, load_backbone
@@ -101,6 +103,12 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
                 if getattr(bb.tokenizer, "chat_template", None):  # chats will come: start the renderer meanwhile
                     await asyncio.get_running_loop().run_in_executor(None, services.templates.start)
             metrics.watch(scheduler, store, lambda: kept_warm.pinned)
+            registry, replica = ReplicaRegistry(store.client, namespace=settings.namespace), replica_id()
+            app.state.replica = replica
+            announcer = asyncio.create_task(
+                announce(registry, replica, lambda: replica_view(scheduler, bb.name), settings.replica_announce_s)
+            )
+            announcer.add_done_callback(_log_failure("announcing this replica"))
             app.state.services = services
             log.info(
                 "prefix-serve ready: backbone %s, store %s", bb.name, "embedded" if embedded else settings.redis_url
@@ -108,6 +116,9 @@ def create_app(settings: ServiceSettings | None = None, *, backbone: Backbone | 
             try:
                 yield
             finally:
+                announcer.cancel()
+                with contextlib.suppress(Exception):  # best effort: otherwise its view expires after its TTL
+                    await asyncio.wait_for(registry.withdraw(replica), 2)
                 await kept_warm.stop()
                 if graphs is not None:
                     graphs.cancel()

@@ -377,9 +377,9 @@ class _GatewayCollector:
     def collect(self) -> Iterator[Metric]:
         sched = self.scheduler
         cache = sched.engine.device_cache
-        entries: dict[VersionKey, DevicePrefix] = dict(_copy(lambda: list(cache.entries.items())))
-        in_use = {key for key, holders in _copy(lambda: list(cache.holders.items())) if holders}
-        in_use.update(key for _, key in _copy(lambda: list(cache.pins.items())))
+        entries: dict[VersionKey, DevicePrefix] = dict(snapshot(lambda: list(cache.entries.items())))
+        in_use = {key for key, holders in snapshot(lambda: list(cache.holders.items())) if holders}
+        in_use.update(key for _, key in snapshot(lambda: list(cache.pins.items())))
         waiting, running = sched.task_requests()
 
         yield GaugeMetricFamily(
@@ -418,7 +418,7 @@ class _GatewayCollector:
     def _pins(self, cache: DeviceCache) -> GaugeMetricFamily:
         """See PINNED_HELP: a pin stored but not held here (yet, or past this replica's budget) reads 0, a pin that
         lags the current version too (its new version waits for room)."""
-        here = {task: key[1] for task, key in _copy(lambda: list(cache.pins.items()))}
+        here = {task: key[1] for task, key in snapshot(lambda: list(cache.pins.items()))}
         stored = set(self.pinned()) if self.pinned is not None else set()
         current = self.scheduler.host_cache.current
         fam = GaugeMetricFamily(PINNED, PINNED_HELP, labels=["task"])
@@ -471,7 +471,7 @@ def _pool_columns(entry: DevicePrefix) -> int:
     return 0 if entry.index is None else PrefixPool.blocks_for(entry.num_virtual_tokens) * BLOCK
 
 
-def _copy(read: Callable[[], T]) -> T:
+def snapshot(read: Callable[[], T]) -> T:
     """`read` (a copy of a dict the engine's thread changes) again while it races a resize, which it seldom does:
     a step changes these dicts a few times at most."""
     for _ in range(9):

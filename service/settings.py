@@ -56,6 +56,13 @@ class ServiceSettings(RuntimeSettings):
     template_memory_bytes: int = Field(
         256 * 1024**2, gt=0, description="how much a chat template's render may grow its child process"
     )
+    replica_announce_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="how often this replica announces its view (load, resident and pinned task versions) in Redis "
+        "for the console's residency per replica; a view expires after three periods unannounced",
+    )
     max_step_failures: int = Field(
         3,
         ge=1,

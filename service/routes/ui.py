@@ -1,5 +1,6 @@
 """The operator's console: GET /ui (one static page, its script modules and style sheet, from service/ui/static) and
-GET /ui/api/load (admin), the live load as compact JSON.
+GET /ui/api/load (admin), the live load as compact JSON, and GET /ui/api/replicas (admin), every replica's view
+(service/replicas.py).
 
 The page and its assets hold no data, so they need no key (service.auth.required_scope opens /ui); the page asks for
 the admin key, keeps it in the tab's sessionStorage and sends it as a bearer header to the admin and inference
@@ -12,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 from prometheus_client.core import Metric
+
+from prefix_store.replicas import ReplicaRegistry
 
 from ..auth import AdminAuth, required_scope
 from ..metrics import KV_USAGE, PINNED, Metrics
@@ -109,6 +112,47 @@ LOAD_EXAMPLE = {
 )
 async def load(services: ServicesDep) -> dict[str, Any]:
     return await asyncio.to_thread(load_summary, services.metrics)
+
+
+REPLICAS_EXAMPLE = {
+    "replicas": [
+        {
+            "replica": "prefix-serve-7d9f-abcde:1",
+            "backbone": "gpt2",
+            "at": 1764990000.0,
+            "queue": 2,
+            "running": 6,
+            "resident_tasks": 120,
+            "pinned_tasks": 3,
+            "resident": [2, 3],
+            "pinned": 3,
+        }
+    ]
+}
+
+
+@api.get(
+    "/replicas",
+    summary="Every replica's view: load, and the versions of a task it holds resident and pinned",
+    description="Each service replica announces its view every PREFIXSERVE_REPLICA_ANNOUNCE_S seconds; a replica "
+    "silent for three periods is gone from the list. With `task`: its versions resident on each replica (`resident`) "
+    "and the one pinned there (`pinned`, or null); always: how many tasks each holds resident and pinned.",
+    responses={200: {"content": {"application/json": {"example": REPLICAS_EXAMPLE}}}},
+)
+async def replicas(
+    services: ServicesDep,
+    task: Annotated[str | None, Query(min_length=1, max_length=128, description="a task name")] = None,
+) -> dict[str, Any]:
+    views = await ReplicaRegistry(services.store.client, namespace=services.settings.namespace).views()
+    out = []
+    for v in views:
+        resident, pinned = v.get("resident") or {}, v.get("pinned") or {}
+        row = {k: v.get(k) for k in ("replica", "backbone", "at", "queue", "running")}
+        row.update(resident_tasks=len(resident), pinned_tasks=len(pinned))
+        if task is not None:
+            row.update(resident=resident.get(task, []), pinned=pinned.get(task))
+        out.append(row)
+    return {"replicas": out}
 
 
 def load_summary(metrics: Metrics) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The console over HTTP: its assets (types, security headers, nothing fetched from elsewhere), its admin JSON
 endpoint, and the task list's search and paging that it pages thousands of tasks with."""
 
+import asyncio
 import re
 import uuid
 
@@ -29,9 +30,13 @@ def bert():
     return tiny_model("bert-cls")
 
 
-def _app(redis_url, bert):
+def _app(redis_url, bert, namespace=None, **settings):
     s = ServiceSettings(
-        redis_url=redis_url, namespace=f"ui-{uuid.uuid4().hex[:8]}", api_keys=["user"], admin_keys=["root"]
+        redis_url=redis_url,
+        namespace=namespace or f"ui-{uuid.uuid4().hex[:8]}",
+        api_keys=["user"],
+        admin_keys=["root"],
+        **settings,
     )
     return create_app(s, backbone=wrap_model(bert.bert, None, name="tiny-bert"))
 
@@ -126,3 +131,38 @@ async def test_task_search_and_paging(redis_url, bert):
             r = await c.get("/v1/tasks", params=params, headers=ADMIN)
             assert r.status_code == 422 and said in r.json()["error"]["message"], (params, r.text)
         assert (await c.get("/v1/tasks", params={"limit": 5}, headers=USER)).status_code == 403
+
+
+async def test_residency_per_replica_from_every_replicas_announcements(redis_url, bert):
+    """Two replicas on one store: the task runs on one of them only, and either replica's /ui/api/replicas says so;
+    a replica that stops is gone from the list."""
+    ns = f"ui-{uuid.uuid4().hex[:8]}"
+    blob = encode(make_artifact("t", fp=BackboneFingerprint.from_config(bert.config), P=3, labels=["neg", "pos"]))
+    a, b = (_app(redis_url, bert, namespace=ns, replica_announce_s=0.2) for _ in range(2))
+
+    async def listed(c, want: int, **params) -> list[dict]:
+        for _ in range(100):
+            r = await c.get("/ui/api/replicas", params=params, headers=ADMIN)
+            assert r.status_code == 200, r.text
+            views = r.json()["replicas"]
+            if len(views) == want and all(v["resident_tasks"] == (v["replica"] == ids[0]) for v in views):
+                return views
+            await asyncio.sleep(0.1)
+        raise AssertionError(views)
+
+    async with asgi_client(a) as ca:
+        async with asgi_client(b) as cb:
+            r = await ca.put("/v1/tasks/t", files={"artifact": ("a.safetensors", blob)}, headers=ADMIN)
+            assert r.status_code == 201, r.text
+            r = await ca.post("/v1/classify", json={"task": "t", "input_ids": [5, 6, 7]}, headers=USER)
+            assert r.status_code == 200, r.text
+            ids = [a.state.replica, b.state.replica]
+            views = {v["replica"]: v for v in await listed(cb, 2, task="t")}
+            assert views[ids[0]]["resident"] == [1] and views[ids[1]]["resident"] == []
+            assert views[ids[0]]["backbone"] == "tiny-bert" and views[ids[0]]["pinned"] is None
+            assert (await cb.get("/ui/api/replicas", headers=USER)).status_code == 403
+            r = await cb.get("/ui/api/replicas", params={"task": "x" * 129}, headers=ADMIN)
+            assert r.status_code == 422 and "query.task" in r.text
+        views = (await ca.get("/ui/api/replicas", headers=ADMIN)).json()["replicas"]
+        assert [v["replica"] for v in views] == [ids[0]], "the stopped replica withdrew its view"
+        assert "resident" not in views[0], "without a task: counts only"

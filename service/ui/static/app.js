@@ -167,6 +167,19 @@ async function upload(event) {
   }
 }
 
+async function replicaResidency(task) {
+  const r = await attempt("Reading the replicas", () => json(`/ui/api/replicas?task=${encodeURIComponent(task)}`));
+  const list = $("task-replicas");
+  list.replaceChildren();
+  for (const v of r?.replicas ?? []) {
+    const item = document.createElement("li");
+    const held = v.resident.length ? `resident ${v.resident.map((n) => `v${n}`).join(", ")}` : "not resident";
+    item.textContent = `${v.replica}: ${held}${v.pinned ? `, pinned v${v.pinned}` : ""}; `
+      + `${v.queue} queued, ${v.running} running, ${v.resident_tasks} tasks resident`;
+    list.append(item);
+  }
+}
+
 async function openTask(name) {
   state.task = name;
   const t = await attempt("Reading the task", () => json(`/v1/tasks/${encodeURIComponent(name)}`));
@@ -180,6 +193,7 @@ async function openTask(name) {
   ]);
   $("task-residency").textContent = `This replica: current version ${t.resident ? "resident" : "not resident"}; `
     + `pinned in the store: ${t.pinned ? "yes" : "no"}; held pinned here: ${t.pinned_here ? "yes" : "no"}.`;
+  replicaResidency(t.task);
   const body = $("version-table").tBodies[0];
   body.replaceChildren();
   for (const v of t.history) {
