@@ -150,13 +150,12 @@ def import_peft_adapter(
                 f"soft prompt width: adapter has {flat.shape[1]}, backbone hidden size is {backbone.hidden_size}"
             )
         tensors_of["soft_prompt"] = flat
-    source = {k: cfg.get(k) for k in ("peft_type", "task_type", "peft_version", "base_model_name_or_path")}
     return PrefixArtifact(
         task=task,
         method=kind,
         fingerprint=backbone,
         head=head,
-        training={"source": {"format": "peft", **source}},
+        training={"source": _peft_source(cfg)},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         kv=tensors_of.get("kv"),
         soft_prompt=tensors_of.get("soft_prompt"),
@@ -386,13 +385,12 @@ def _import_weight_adapter(
         scales = {key: _channel_scale(key, parts["ia3_l"], cfg, patterns) for key, parts in modules.items()}
         paths, prefix = _base_paths(list(scales))
         adapted = {"scales": dict(zip(paths, scales.values(), strict=True))}
-    source = {k: cfg.get(k) for k in ("peft_type", "task_type", "peft_version", "base_model_name_or_path")}
     return PrefixArtifact(
         task=task,
         method=kind,
         fingerprint=backbone,
         head=head,
-        training={"source": {"format": "peft", **source}, "module_prefix": prefix},
+        training={"source": _peft_source(cfg), "module_prefix": prefix},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         **adapted,
     )
@@ -774,3 +772,9 @@ def _export_weight_adapter(
             tensors[f"{_ROOT}{prefix}{path}.ia3_l"] = s.vector.float().reshape(shape).contiguous()
     tensors.update(_export_head(artifact, root=_ROOT))
     return cfg, tensors
+
+
+def _peft_source(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Where an imported adapter came from, for its training metadata: PEFT's own record of its type and base."""
+    keys = ("peft_type", "task_type", "peft_version", "base_model_name_or_path")
+    return {"format": "peft", **{k: cfg.get(k) for k in keys}}
