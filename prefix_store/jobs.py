@@ -326,7 +326,11 @@ class TrainSpec(BaseModel):
     )
     epochs: float | None = Field(None, gt=0, le=10_000, description="stop after this many passes over the train split")
     max_time: float | None = Field(
-        None, gt=0, le=30 * 86_400, description="stop after this many seconds of training (evaluations included)"
+        None,
+        gt=0,
+        le=30 * 86_400,
+        description="train for at most this many seconds, evaluations included: the run stops when one more step "
+        "and its closing evaluation would no longer fit",
     )
     batch_size: int = Field(16, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=1024)

@@ -102,12 +102,15 @@ class Budget:
         limits = [n for n in (self.steps, self.epoch_steps) if n is not None]
         return min(limits) if limits else None
 
-    def reached(self, step: int, elapsed: float) -> str | None:
+    def reached(self, step: int, elapsed: float, reserve: float = 0.0) -> str | None:
+        """The limit reached, or None. `reserve`: the seconds still to spend before the run could end (one more step
+        and the closing evaluation): a time budget stops when they would no longer fit, so the run, its last
+        evaluation included, ends within the budget rather than one step and one evaluation past it."""
         if self.steps is not None and step >= self.steps:
             return "max_steps"
         if self.epoch_steps is not None and step >= self.epoch_steps:
             return "epochs"
-        if self.seconds is not None and elapsed >= self.seconds:
+        if self.seconds is not None and elapsed + reserve >= self.seconds:
             return "max_time"
         return None
 
@@ -418,6 +421,7 @@ class Trainer:
         bar = tqdm(total=budget.max_steps, initial=state["step"], desc=f"train {spec.task}", disable=None)
         loss_avg = state["loss_avg"]
         reason = budget.reached(state["step"], state["elapsed"]) or self._early_stop(state)
+        step_s = eval_s = 0.0  # the last step's and the last evaluation's seconds: what a time budget reserves
         while reason is None:
             model.train()
             self.bb.model.train()  # frozen weights, but dropout on, as in P-Tuning v2
@@ -438,6 +442,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             state["step"] += 1
+            step_s = time.monotonic() - started - state["elapsed"]
             state["elapsed"] = time.monotonic() - started
             value = loss.item() * spec.grad_accum
             state["window"].append(value)
@@ -446,11 +451,16 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_avg:.4f}")
             done = budget.progress(state["step"], state["elapsed"])  # of the nearest limit: a time budget has no steps
             self.progress({"step": state["step"], "steps": budget.max_steps, "done": round(done, 4), "loss": loss_avg})
-            reason = budget.reached(state["step"], state["elapsed"])
+            reason = budget.reached(state["step"], state["elapsed"], step_s + eval_s)
             if self.data.val and (state["step"] % spec.eval_every == 0 or reason):
                 self._evaluate_and_keep(state, loss_avg)
+                eval_s = time.monotonic() - started - state["elapsed"]
                 state["elapsed"] = time.monotonic() - started
-                reason = reason or self._early_stop(state) or budget.reached(state["step"], state["elapsed"])
+                reason = (
+                    reason
+                    or self._early_stop(state)
+                    or budget.reached(state["step"], state["elapsed"], step_s + eval_s)
+                )
             if state["step"] % spec.checkpoint_every == 0:
                 self._checkpoint(opt, state)
         bar.close()

@@ -48,6 +48,8 @@ def test_budget_stops_at_the_first_limit_reached():
     assert b.max_steps == 7
     assert [b.reached(6, 1.0), b.reached(7, 1.0), b.reached(3, 100.0)] == [None, "epochs", "max_time"]
     assert Budget(10, None, None).reached(10, 1e9) == "max_steps"  # no time limit given: none applies
+    # a time budget keeps room for one more step and the closing evaluation: it stops when they would not fit
+    assert [Budget(None, None, 10.0).reached(5, 7.0, r) for r in (2.9, 3.0)] == [None, "max_time"]
     assert Budget(None, None, 50.0).progress(0, 25.0) == 0.5  # a budget in seconds: the schedule follows time
     assert Budget(100, None, 50.0).progress(10, 25.0) == 0.5  # the nearer limit sets the pace
 
@@ -105,11 +107,15 @@ def test_max_time_stops_the_run():
     seen: list[dict] = []
     trainer = Trainer(_bert(), _spec(max_time=1.5, eval_every=1000, lr_schedule="cosine"), progress=seen.append)
     result = trainer.run()
-    assert result.stop["reason"] == "max_time" and result.stop["seconds"] >= 1.5 and result.steps > 1
+    assert result.stop["reason"] == "max_time" and result.steps > 1
+    # it ends inside the budget, closing evaluation included (a step's jitter aside), rather than a step past it
+    assert result.stop["seconds"] <= 1.5 + 0.5
     steps = [p for p in seen if "val" not in p]  # the per-step reports (an evaluation reports "val")
     assert all(p["steps"] is None for p in steps), "a budget in seconds has no step count"
     done = [p["done"] for p in steps]  # the share of the time budget: what a progress bar shows
-    assert done == sorted(done) and 0 < done[0] < 1 and done[-1] >= 0.99
+    # the last report is one step and the closing evaluation short of the whole budget (on a loaded core a step of
+    # this tiny model can take a third of it)
+    assert done == sorted(done) and 0 < done[0] < done[-1] <= 1 and done[-1] >= 0.5
 
 
 def test_steps_win_when_nearer():
