@@ -8,9 +8,11 @@ The protocol (issue 30):
 - **Selection**: per dataset and method, a small grid (GRIDS: learning rate, prompt length, reparametrisation,
   pooling, prefix start) trained once with seed 0 at the step budget; the configuration with the best validation
   accuracy is used for every seed and budget. Full fine-tuning and the probe keep their one configuration.
+  --grid small (SMALL_GRIDS) keeps P-Tuning v2's prompt length and reparametrisation only, for a few CPU hours.
 - **Two budgets, three seeds.** `steps`: every method --steps steps (early stopping on patience). `time`: full
   fine-tuning is run first per dataset and seed, its training wall-clock (validation evaluations included) recorded,
-  and every other method gets that wall-clock as --max-time (early stopping too). Mean and standard deviation over
+  and every other method gets that wall-clock as --max-time (early stopping too), which a run keeps to: it stops
+  when one more step and its closing evaluation would no longer fit. Mean and standard deviation over
   the seeds, training time and trainable parameters per method.
 - **Resumable and splittable.** Results go to `<out>/quality-<dataset>.json` after every run (a file lock guards
   the read-modify-write, so runs split by dataset, method or seed may share it); a run found there is not trained
@@ -101,6 +103,12 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "lora": _grid(lr=[1e-3, 5e-3]),
     "ia3": _grid(lr=[1e-2, 3e-2]),
 }
+# --grid small, for a run that must fit a few CPU hours: P-Tuning v2's prompt length (the paper's lever per task, at
+# the trainer's learning rate) and its reparametrisation; every other method keeps the trainer's defaults.
+SMALL_GRIDS: dict[str, list[dict[str, Any]]] = {
+    "p_tuning_v2": _grid(num_virtual_tokens=[16, 64, 128], lr=[2e-2])
+    + _grid(num_virtual_tokens=[64], lr=[5e-4], reparam=[True]),
+}
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -126,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=8, help="evaluations without improvement before stopping")
     p.add_argument("--val-max", type=int, default=1000, help="validation examples at most (10%% of train)")
     p.add_argument("--no-select", action="store_true", help="skip the grids: the trainer's method defaults")
+    p.add_argument("--grid", choices=["full", "small"], default="full", help="GRIDS, or SMALL_GRIDS")
     p.add_argument("--train-limit", type=int, default=None, help="read the first N training examples")
     p.add_argument("--dev-limit", type=int, default=None, help="report on the first N dev examples")
     p.add_argument("--few-shot", type=int, default=None, help="train on N random examples per seed")
@@ -255,7 +264,7 @@ def baseline(kind: str, data: Dataset, args: argparse.Namespace, seed: int, leng
     order: list[int] = []
     start = time.monotonic()
     step, best, bad, best_step, best_s, best_state, history = 0, -math.inf, 0, 0, 0.0, None, []
-    reason = None
+    reason, step_s, eval_s = None, 0.0, 0.0  # the last step's and evaluation's seconds, reserved as the trainer does
     while reason is None:
         elapsed = time.monotonic() - start
         for group in opt.param_groups:
@@ -272,9 +281,12 @@ def baseline(kind: str, data: Dataset, args: argparse.Namespace, seed: int, leng
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        reason = budget.reached(step, time.monotonic() - start)
+        step_s = time.monotonic() - start - elapsed
+        reason = budget.reached(step, time.monotonic() - start, step_s + eval_s)
         if step % args.eval_every == 0 or reason:
+            evaluated = time.monotonic()
             acc = accuracy(model, head, data.val, labels, length)
+            eval_s = time.monotonic() - evaluated
             history.append({"step": step, "accuracy": acc, "train_loss": loss.item()})
             if acc > best:
                 best, bad, best_step, best_s = acc, 0, step, time.monotonic() - start
@@ -282,7 +294,7 @@ def baseline(kind: str, data: Dataset, args: argparse.Namespace, seed: int, leng
             else:
                 bad += 1
             reason = reason or ("converged" if best >= 1.0 else None) or ("patience" if bad >= args.patience else None)
-            reason = reason or budget.reached(step, time.monotonic() - start)
+            reason = reason or budget.reached(step, time.monotonic() - start, step_s + eval_s)
     seconds = time.monotonic() - start
     assert best_state is not None, "an evaluation always runs before the end"
     if tuned:
@@ -366,7 +378,8 @@ def run_one(method: str, dataset: str, data: Dataset, args, seed: int, backbone,
 def select(method: str, dataset: str, args, backbone, path: Path, meta: dict) -> dict[str, Any]:
     """The method's configuration: the grid's best validation accuracy (seed 0, the step budget), each grid run
     recorded as it ends; {} (the trainer's defaults) for the baselines and with --no-select."""
-    grid = [] if args.no_select or method in BASELINES else GRIDS.get(method, [])
+    grids = SMALL_GRIDS if args.grid == "small" else GRIDS
+    grid = [] if args.no_select or method in BASELINES else grids.get(method, [])
     if args.smoke:
         grid = grid[:1]
     if not grid:
@@ -407,6 +420,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "eval_every": args.eval_every,
             "patience": args.patience,
+            "grid": "none" if args.no_select else args.grid,
             "torch_threads": torch.get_num_threads(),
         }
         print(
@@ -475,7 +489,10 @@ def table(results: dict[str, Any]) -> str:
     ds = results.get("dataset", "?")
     lines = [
         f"**{ds.upper()}** ({results.get('n_train', 0):,} train, {results.get('n_val', 0):,} validation carved from "
-        f"train, {results.get('n_dev', 0):,} dev; majority class {results.get('majority_dev', 0):.2%})",
+        f"train, {results.get('n_dev', 0):,} dev; majority class {results.get('majority_dev', 0):.2%}; equal steps = "
+        f"{results.get('steps', '?')} of {results.get('batch_size', '?')}, validation every "
+        f"{results.get('eval_every', '?')} steps, patience {results.get('patience', '?')}, selection grid "
+        f"{results.get('grid', '?')})",
         "",
         "| method | budget | dev accuracy, mean ± std | seeds | val accuracy | train time (s) | steps | stopped by | "
         "trainable parameters | chosen on validation |",

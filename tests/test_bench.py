@@ -77,4 +77,5 @@ def test_quality_protocol_smoke(tmp_path, capsys):
     quality.main(quality.parse_args([*argv, "--report"]))
     out = capsys.readouterr().out
     assert "| P-Tuning v2 | steps |" in out and "| full fine-tuning | equal steps" in out
+    assert "selection grid full" in out  # the table says which grid chose the configurations
     assert (tmp_path / "quality-time.png").exists()
