@@ -281,8 +281,9 @@ def baseline(kind: str, data: Dataset, args: argparse.Namespace, seed: int, leng
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        step_s = time.monotonic() - start - elapsed
-        reason = budget.reached(step, time.monotonic() - start, step_s + eval_s)
+        now = time.monotonic() - start
+        step_s = now - elapsed
+        reason = budget.reached(step, now, step_s + eval_s)
         if step % args.eval_every == 0 or reason:
             evaluated = time.monotonic()
             acc = accuracy(model, head, data.val, labels, length)

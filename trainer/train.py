@@ -442,8 +442,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             state["step"] += 1
-            step_s = time.monotonic() - started - state["elapsed"]
-            state["elapsed"] = time.monotonic() - started
+            now = time.monotonic() - started
+            step_s, state["elapsed"] = now - state["elapsed"], now
             value = loss.item() * spec.grad_accum
             state["window"].append(value)
             loss_avg = state["loss_avg"] = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
@@ -454,8 +454,8 @@ class Trainer:
             reason = budget.reached(state["step"], state["elapsed"], step_s + eval_s)
             if self.data.val and (state["step"] % spec.eval_every == 0 or reason):
                 self._evaluate_and_keep(state, loss_avg)
-                eval_s = time.monotonic() - started - state["elapsed"]
-                state["elapsed"] = time.monotonic() - started
+                now = time.monotonic() - started
+                eval_s, state["elapsed"] = now - state["elapsed"], now
                 reason = (
                     reason
                     or self._early_stop(state)
