@@ -56,7 +56,7 @@ from prefix_store.jobs import TrainSpec
 from service.runtime import DEFAULT_BACKBONE, load_backbone, resolve_source
 from trainer.data import Dataset, Example, carve_validation, load_dataset
 from trainer.sweep import served_parameters
-from trainer.train import Budget, Trainer, lr_factor, majority_noise
+from trainer.train import Budget, Reserve, Trainer, lr_factor, majority_noise
 
 log = logging.getLogger("bench.quality")
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,7 +264,7 @@ def baseline(kind: str, data: Dataset, args: argparse.Namespace, seed: int, leng
     order: list[int] = []
     start = time.monotonic()
     step, best, bad, best_step, best_s, best_state, history = 0, -math.inf, 0, 0, 0.0, None, []
-    reason, step_s, eval_s = None, 0.0, 0.0  # the last step's and evaluation's seconds, reserved as the trainer does
+    reason, reserve = None, Reserve()  # a time budget keeps back what the trainer does
     while reason is None:
         elapsed = time.monotonic() - start
         for group in opt.param_groups:
@@ -282,12 +282,12 @@ def baseline(kind: str, data: Dataset, args: argparse.Namespace, seed: int, leng
         opt.step()
         step += 1
         now = time.monotonic() - start
-        step_s = now - elapsed
-        reason = budget.reached(step, now, step_s + eval_s)
+        reserve.steps.append(now - elapsed)
+        reason = budget.reached(step, now, reserve.seconds)
         if step % args.eval_every == 0 or reason:
             evaluated = time.monotonic()
             acc = accuracy(model, head, data.val, labels, length)
-            eval_s = time.monotonic() - evaluated
+            reserve.evals.append(time.monotonic() - evaluated)
             history.append({"step": step, "accuracy": acc, "train_loss": loss.item()})
             if acc > best:
                 best, bad, best_step, best_s = acc, 0, step, time.monotonic() - start
@@ -295,7 +295,7 @@ def baseline(kind: str, data: Dataset, args: argparse.Namespace, seed: int, leng
             else:
                 bad += 1
             reason = reason or ("converged" if best >= 1.0 else None) or ("patience" if bad >= args.patience else None)
-            reason = reason or budget.reached(step, time.monotonic() - start, step_s + eval_s)
+            reason = reason or budget.reached(step, time.monotonic() - start, reserve.seconds)
     seconds = time.monotonic() - start
     assert best_state is not None, "an evaluation always runs before the end"
     if tuned:

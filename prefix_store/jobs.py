@@ -330,7 +330,7 @@ class TrainSpec(BaseModel):
         gt=0,
         le=30 * 86_400,
         description="train for at most this many seconds, evaluations included: the run stops when one more step "
-        "and its closing evaluation would no longer fit",
+        "and its closing evaluation (each timed as the slowest of the last ten) would no longer fit",
     )
     batch_size: int = Field(16, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=1024)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -120,6 +121,20 @@ class Budget:
         if self.seconds:
             done.append(elapsed / self.seconds)
         return min(1.0, max(done))
+
+
+class Reserve:
+    """What a time budget keeps back (Budget.reached's `reserve`): one more step and the closing evaluation, each the
+    slowest of the recent ones. Batches pad to different lengths, so the last step alone can understate the next and
+    a run would end a fraction of a second past its budget; the first step's one-off costs age out of the window."""
+
+    def __init__(self, window: int = 10) -> None:
+        self.steps: deque[float] = deque(maxlen=window)
+        self.evals: deque[float] = deque(maxlen=window)
+
+    @property
+    def seconds(self) -> float:
+        return max(self.steps, default=0.0) + max(self.evals, default=0.0)
 
 
 def lr_factor(progress: float, warmup: float, schedule: str) -> float:
@@ -421,7 +436,7 @@ class Trainer:
         bar = tqdm(total=budget.max_steps, initial=state["step"], desc=f"train {spec.task}", disable=None)
         loss_avg = state["loss_avg"]
         reason = budget.reached(state["step"], state["elapsed"]) or self._early_stop(state)
-        step_s = eval_s = 0.0  # the last step's and the last evaluation's seconds: what a time budget reserves
+        reserve = Reserve()
         while reason is None:
             model.train()
             self.bb.model.train()  # frozen weights, but dropout on, as in P-Tuning v2
@@ -443,7 +458,8 @@ class Trainer:
             opt.step()
             state["step"] += 1
             now = time.monotonic() - started
-            step_s, state["elapsed"] = now - state["elapsed"], now
+            reserve.steps.append(now - state["elapsed"])
+            state["elapsed"] = now
             value = loss.item() * spec.grad_accum
             state["window"].append(value)
             loss_avg = state["loss_avg"] = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
@@ -451,15 +467,16 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_avg:.4f}")
             done = budget.progress(state["step"], state["elapsed"])  # of the nearest limit: a time budget has no steps
             self.progress({"step": state["step"], "steps": budget.max_steps, "done": round(done, 4), "loss": loss_avg})
-            reason = budget.reached(state["step"], state["elapsed"], step_s + eval_s)
+            reason = budget.reached(state["step"], state["elapsed"], reserve.seconds)
             if self.data.val and (state["step"] % spec.eval_every == 0 or reason):
                 self._evaluate_and_keep(state, loss_avg)
                 now = time.monotonic() - started
-                eval_s, state["elapsed"] = now - state["elapsed"], now
+                reserve.evals.append(now - state["elapsed"])
+                state["elapsed"] = now
                 reason = (
                     reason
                     or self._early_stop(state)
-                    or budget.reached(state["step"], state["elapsed"], step_s + eval_s)
+                    or budget.reached(state["step"], state["elapsed"], reserve.seconds)
                 )
             if state["step"] % spec.checkpoint_every == 0:
                 self._checkpoint(opt, state)

@@ -18,7 +18,7 @@ from trainer.__main__ import main as cli
 from trainer.data import Example, carve_validation, load_dataset
 from trainer.settings import TrainerSettings
 from trainer.sweep import configs
-from trainer.train import Budget, Trainer, lr_factor, majority_noise
+from trainer.train import Budget, Reserve, Trainer, lr_factor, majority_noise
 from trainer.worker import run_job
 
 # Separable: the first word says the label. Random: the label is a seeded coin flip, unrelated to the text.
@@ -52,6 +52,21 @@ def test_budget_stops_at_the_first_limit_reached():
     assert [Budget(None, None, 10.0).reached(5, 7.0, r) for r in (2.9, 3.0)] == [None, "max_time"]
     assert Budget(None, None, 50.0).progress(0, 25.0) == 0.5  # a budget in seconds: the schedule follows time
     assert Budget(100, None, 50.0).progress(10, 25.0) == 0.5  # the nearer limit sets the pace
+
+
+def test_reserve_keeps_back_the_slowest_recent_step_and_evaluation():
+    r = Reserve(window=3)
+    assert r.seconds == 0.0  # nothing measured yet: nothing kept back
+    for s in (5.0, 1.0, 2.0):  # a slow first step (one-off costs), then short and long batches
+        r.steps.append(s)
+    r.evals.append(4.0)
+    assert r.seconds == 5.0 + 4.0  # the slowest, not the last (2.0): a longer batch may come next
+    r.steps.append(1.5)
+    assert r.seconds == 2.0 + 4.0  # the first step's one-off cost has aged out of the window
+    wrong = Reserve(window=1)  # negative control: the last step alone understates a longer one still to come
+    for s in (1.0, 2.0, 1.0):
+        wrong.steps.append(s)
+    assert wrong.seconds < 2.0
 
 
 def test_budget_of_a_spec():
