@@ -12,8 +12,8 @@ The protocol (issue 30):
 - **Two budgets, three seeds.** `steps`: every method --steps steps (early stopping on patience). `time`: full
   fine-tuning is run first per dataset and seed, its training wall-clock (validation evaluations included) recorded,
   and every other method gets that wall-clock as --max-time (early stopping too), which a run keeps to: it stops
-  when one more step and its closing evaluation would no longer fit. Mean and standard deviation over
-  the seeds, training time and trainable parameters per method.
+  when one more step and its closing evaluation (each timed as the slowest of the last ten) would no longer fit.
+  Mean and standard deviation over the seeds, training time and trainable parameters per method.
 - **Resumable and splittable.** Results go to `<out>/quality-<dataset>.json` after every run (a file lock guards
   the read-modify-write, so runs split by dataset, method or seed may share it); a run found there is not trained
   again. `--report` rebuilds the table (printed, and written into README.md between its quality-table markers with
