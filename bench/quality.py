@@ -519,7 +519,7 @@ def plot(all_results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(all_results), figsize=(7 * len(all_results), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(all_results), figsize=(8.5 * len(all_results), 4.5), squeeze=False)
     for ax, results in zip(axes[0], all_results, strict=True):
         for r in summarize(results):
             color = f"C{ALL_METHODS.index(r['method']) % 10}"
@@ -539,7 +539,7 @@ def plot(all_results: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("training time, s (log; validation evaluations included)")
         ax.set_ylabel("dev accuracy (%)")
         ax.set_title(f"{results.get('dataset', '?').upper()} (all-MiniLM-L6-v2): o equal steps, □ FT's wall-clock")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: points fill every corner
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
